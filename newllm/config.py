@@ -1,0 +1,321 @@
+"""Structured configs (typed schemas for every conf/ group) and value checks, in one place.
+
+Every YAML option in conf/ extends one of these dataclasses through its defaults list, so a
+misspelt key or a wrong type fails at compose time with Hydra's own message. Ranges that a type
+cannot express are checked by `validate`, which names the bad value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import hydra
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from newllm.errors import NewllmError
+
+
+class ConfigError(NewllmError, ValueError):
+    """A config value outside what newllm allows (one clear line, raised before any work)."""
+
+
+# Hydra 1.4 asks which `_target_`s config may name; ours live in the newllm package.
+TRUSTED_TARGETS = ("newllm.*",)
+
+
+def instantiate(node: Any, **kwargs: Any) -> Any:
+    """hydra.utils.instantiate restricted to newllm's own classes."""
+    return hydra.utils.instantiate(node, _execution_whitelist_=TRUSTED_TARGETS, **kwargs)
+
+
+# ----------------------------------------------------------------------------- model
+@dataclass
+class GatedUpdaterConfig:
+    _target_: str = "newllm.models.updaters.GatedUpdater"
+    _partial_: bool = True
+
+
+@dataclass
+class ResidualUpdaterConfig:
+    _target_: str = "newllm.models.updaters.ResidualUpdater"
+    _partial_: bool = True
+    # c <- (1-m)(c+dc) + m*LN(c+dc); m=1 is plain LayerNorm, m=0 lets norms grow freely.
+    layernorm_mix: float = 1.0
+
+
+@dataclass
+class ContextModelConfig:
+    _target_: str = "newllm.models.context_lm.ContextLM"
+    architecture: str = "layerwise"  # sequential | layerwise
+    layers: int = 2
+    context_dim: int = 128
+    embed_dim: int = 96
+    # null: derived (residual updater needs context_dim + embed_dim; gated uses context_dim).
+    hidden_dim: int | None = None
+    init_std: float = 0.02
+    dropout: float = 0.0
+    updater: Any = MISSING
+
+
+@dataclass
+class GRUConfig:
+    _target_: str = "newllm.models.baselines.GRULM"
+    layers: int = 2
+    context_dim: int = 128  # GRU hidden size
+    embed_dim: int = 96
+    hidden_dim: int | None = None  # unused; kept so sweeps over the same keys compose
+    init_std: float = 0.02
+    dropout: float = 0.0
+
+
+@dataclass
+class TransformerConfig:
+    _target_: str = "newllm.models.baselines.TransformerLM"
+    layers: int = 2
+    context_dim: int = 128  # d_model
+    embed_dim: int = 96  # token embedding, projected to d_model
+    hidden_dim: int | None = None  # feed-forward width; null = 4 * context_dim
+    init_std: float = 0.02
+    dropout: float = 0.0
+    heads: int = 4
+    max_len: int = 4096
+
+
+# ----------------------------------------------------------------------------- data
+@dataclass
+class TokenizerConfig:
+    vocab_size: int = 4096
+    min_frequency: int = 2
+    # A hub tokenizer name (needs network); null trains a byte-level BPE locally.
+    pretrained: str | None = None
+
+
+@dataclass
+class DataConfig:
+    name: str = "chatterbot"  # chatterbot | ultrachat | text | repetition
+    path: str | None = None  # local file in the source's schema (ultrachat: JSON/JSONL/Parquet)
+    files: list[str] = field(default_factory=list)  # data=text: plain-text files
+    num_conversations: int | None = None  # cap on conversations/documents read (null = all)
+    max_train_tokens: int | None = None
+    max_val_tokens: int | None = None
+    val_fraction: float = 0.1
+    # by_conversation: disjoint held-out conversations (default). subset_of_train: the original
+    # research protocol (validation = last 20 % of the training stream) -- labelled in metrics.
+    val_protocol: str = "by_conversation"
+    loss_on: str = "assistant"  # assistant | all  (which tokens Phase 2 predicts)
+    # data=repetition
+    phrase_lengths: list[int] = field(default_factory=lambda: [1, 2, 3])
+    repetitions: int = 20
+    phrases_per_stage: int = 8
+
+
+# ----------------------------------------------------------------------------- training
+@dataclass
+class DiversityConfig:
+    _target_: str = "newllm.training.diversity.FrobeniusDeviation"
+
+
+@dataclass
+class DimUsageConfig(DiversityConfig):
+    _target_: str = "newllm.training.diversity.DimUsage"
+
+
+@dataclass
+class EMAVarianceConfig(DiversityConfig):
+    _target_: str = "newllm.training.diversity.EMAVariance"
+    momentum: float = 0.99
+
+
+@dataclass
+class VICRegConfig(DiversityConfig):
+    _target_: str = "newllm.training.diversity.VICReg"
+    std_target: float = 1.0
+    covariance_weight: float = 1.0
+
+
+@dataclass
+class NoDiversityConfig(DiversityConfig):
+    _target_: str = "newllm.training.diversity.NoDiversity"
+
+
+@dataclass
+class Phase1Config:
+    enabled: bool = True
+    mode: str = "stream"  # stream (Jacobi fixed point of the whole stream) | per_token
+    untrained: bool = False  # measure only: no optimizer step
+    max_tokens: int = 8192  # training tokens Phase 1 reads (the stream it iterates over)
+    num_streams: int = 1  # the stream is cut into this many parallel streams
+    max_iterations: int = 40
+    min_iterations: int = 5
+    convergence_threshold: float = 0.01  # per-token MSE(C_t, P_t) below this => converged
+    convergence_target: float = 0.95  # stop once this fraction of tokens converged
+    lr: float = 1e-3
+    grad_clip: float = 1.0
+    context_noise: float = 0.0  # std of Gaussian noise on the input contexts during training
+    chunk_size: int = 16384  # positions per forward/backward chunk (gradients accumulated)
+    init: str = "sequential"  # sequential | zeros | chunked: how pass 0 builds the first contexts
+    init_chunks: int = 16  # init=chunked: slices of the stream run through pass 0 at once
+    val_iterations: int = 10  # Jacobi sweeps (no optimizer) when measuring the validation stream
+    erank_samples: int = 4096  # rows sampled for the effective-rank SVD (fixed across runs)
+    erank_every: int = 5  # effective rank in the history every N iterations (and the last)
+
+
+@dataclass
+class Phase2Config:
+    enabled: bool = True
+    context: str = "propagate"  # propagate (recurrent, truncated BPTT) | fixed (Phase-1 contexts)
+    freeze_updater: bool = False
+    seq_len: int = 64
+    batch_size: int = 32
+    epochs: int = 4
+    max_steps_per_epoch: int | None = None
+    lr: float = 3e-3
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    patience: int = 2  # early stop after this many epochs without val-loss improvement
+    reconstruction_weight: float = 0.0  # lambda of the c_t -> [c_{t-1}; x_t] decoder loss
+    max_val_tokens: int | None = None
+
+
+@dataclass
+class TrainingConfig:
+    dist_reg_weight: float = 0.5  # w in (1-w)*MSE + w*L_div
+    diversity: Any = MISSING
+    phase1: Phase1Config = field(default_factory=Phase1Config)
+    phase2: Phase2Config = field(default_factory=Phase2Config)
+    precision: str = "fp32"  # fp32 | bf16 (autocast; a no-op where unsupported)
+    compile: bool = False
+
+
+# ----------------------------------------------------------------------------- loggers
+@dataclass
+class LoggerConfig:
+    _target_: str = "newllm.tracking.CSVLogger"
+
+
+# ----------------------------------------------------------------------------- root
+@dataclass
+class PathsConfig:
+    output_root: str = "outputs"
+    cache_dir: str = "outputs/cache"
+
+
+@dataclass
+class Config:
+    model: Any = MISSING
+    data: DataConfig = field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    logger: Any = field(default_factory=dict)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    seed: int = 42
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    objectives: list[str] = field(
+        default_factory=lambda: ["phase1/convergence_rate", "phase2/val_ppl"]
+    )
+    save_checkpoint: bool = True
+    save_contexts: bool = True  # Phase-1 validation contexts (for spectra in notebooks)
+    progress: bool = True  # tqdm bars
+
+
+def register_configs() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="config_schema", node=Config)
+    cs.store(group="model", name="context_model_schema", node=ContextModelConfig)
+    cs.store(group="model", name="gru_schema", node=GRUConfig)
+    cs.store(group="model", name="transformer_schema", node=TransformerConfig)
+    cs.store(group="model/updater", name="gated_schema", node=GatedUpdaterConfig)
+    cs.store(group="model/updater", name="residual_schema", node=ResidualUpdaterConfig)
+    cs.store(group="training/diversity", name="frobenius_schema", node=DiversityConfig)
+    cs.store(group="training/diversity", name="dim_usage_schema", node=DimUsageConfig)
+    cs.store(group="training/diversity", name="ema_variance_schema", node=EMAVarianceConfig)
+    cs.store(group="training/diversity", name="vicreg_schema", node=VICRegConfig)
+    cs.store(group="training/diversity", name="none_schema", node=NoDiversityConfig)
+    cs.store(group="logger", name="logger_schema", node=LoggerConfig)
+
+
+# ----------------------------------------------------------------------------- value checks
+def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}={value!r} is not allowed: expected {allowed}")
+
+
+def _choice(key: str, value: Any, options: tuple[str, ...]) -> None:
+    _check(value in options, key, value, "one of " + ", ".join(options))
+
+
+def _positive_int(key: str, value: Any) -> None:
+    _check(isinstance(value, int) and value > 0, key, value, "a positive integer")
+
+
+def _unit_interval(key: str, value: Any, *, open_right: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and math.isfinite(value) and value >= 0.0
+    ok = ok and (value < 1.0 if open_right else value <= 1.0)
+    _check(ok, key, value, "a number in [0, 1)" if open_right else "a number in [0, 1]")
+
+
+def validate(cfg: DictConfig) -> None:
+    """Check value ranges the types cannot express. Raises ConfigError naming the key."""
+    m = cfg.model
+    for key in ("layers", "context_dim", "embed_dim"):
+        _positive_int(f"model.{key}", m[key])
+    if m.get("hidden_dim") is not None:
+        _positive_int("model.hidden_dim", m.hidden_dim)
+    _check(m.init_std > 0, "model.init_std", m.init_std, "a positive number")
+    _unit_interval("model.dropout", m.dropout, open_right=True)
+    if "architecture" in m:
+        _choice("model.architecture", m.architecture, ("sequential", "layerwise"))
+        if "layernorm_mix" in m.updater:
+            _unit_interval("model.updater.layernorm_mix", m.updater.layernorm_mix)
+    if "heads" in m:
+        _positive_int("model.heads", m.heads)
+        _check(m.context_dim % m.heads == 0, "model.heads", m.heads, "a divisor of model.context_dim")
+
+    d = cfg.data
+    _choice("data.name", d.name, ("chatterbot", "ultrachat", "text", "repetition"))
+    _choice("data.val_protocol", d.val_protocol, ("by_conversation", "subset_of_train"))
+    _choice("data.loss_on", d.loss_on, ("assistant", "all"))
+    _check(0.0 < d.val_fraction < 1.0, "data.val_fraction", d.val_fraction, "a number in (0, 1)")
+    for key in ("num_conversations", "max_train_tokens", "max_val_tokens"):
+        if d[key] is not None:
+            _positive_int(f"data.{key}", d[key])
+    _positive_int("tokenizer.vocab_size", cfg.tokenizer.vocab_size)
+
+    t = cfg.training
+    _unit_interval("training.dist_reg_weight", t.dist_reg_weight)
+    _choice("training.precision", t.precision, ("fp32", "bf16"))
+    p1 = t.phase1
+    _choice("training.phase1.mode", p1.mode, ("stream", "per_token"))
+    _choice("training.phase1.init", p1.init, ("sequential", "zeros", "chunked"))
+    for key in ("max_tokens", "num_streams", "max_iterations", "chunk_size", "init_chunks",
+                "erank_samples", "erank_every"):
+        _positive_int(f"training.phase1.{key}", p1[key])
+    _check(0 <= p1.min_iterations <= p1.max_iterations, "training.phase1.min_iterations",
+           p1.min_iterations, f"an integer in [0, max_iterations={p1.max_iterations}]")
+    _check(p1.convergence_threshold > 0, "training.phase1.convergence_threshold",
+           p1.convergence_threshold, "a positive number")
+    _unit_interval("training.phase1.convergence_target", p1.convergence_target)
+    _check(p1.lr > 0, "training.phase1.lr", p1.lr, "a positive number")
+    _check(p1.context_noise >= 0, "training.phase1.context_noise", p1.context_noise, "a number >= 0")
+    p2 = t.phase2
+    _choice("training.phase2.context", p2.context, ("propagate", "fixed"))
+    for key in ("seq_len", "batch_size", "epochs"):
+        _positive_int(f"training.phase2.{key}", p2[key])
+    _check(p2.seq_len >= 2, "training.phase2.seq_len", p2.seq_len, "an integer >= 2")
+    _check(p2.lr > 0, "training.phase2.lr", p2.lr, "a positive number")
+    _check(p2.reconstruction_weight >= 0, "training.phase2.reconstruction_weight",
+           p2.reconstruction_weight, "a number >= 0")
+    is_context_model = "architecture" in m
+    _check(is_context_model or p2.context == "propagate", "training.phase2.context", p2.context,
+           "propagate for baseline models (fixed contexts need a context model)")
+
+    _check(cfg.device == "auto" or cfg.device == "cpu" or str(cfg.device).startswith("cuda"),
+           "device", cfg.device, "auto, cpu, cuda or cuda:N")
+    _check(len(cfg.objectives) > 0, "objectives", list(cfg.objectives), "a non-empty list of metric keys")
+
+
+def to_container(cfg: DictConfig) -> dict:
+    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]

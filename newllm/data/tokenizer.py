@@ -1,0 +1,75 @@
+"""Byte-level BPE trained locally with `tokenizers`, cached by corpus content and settings."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from newllm.errors import DataError
+
+IM_START, IM_END, END_OF_TEXT, PAD = "<|im_start|>", "<|im_end|>", "<|endoftext|>", "<|pad|>"
+SPECIAL_TOKENS = [PAD, END_OF_TEXT, IM_START, IM_END]
+
+
+def cache_key(texts: list[str], **settings: object) -> str:
+    h = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
+    for t in texts:
+        h.update(t.encode("utf-8", "surrogatepass"))
+        h.update(b"\0")
+    return h.hexdigest()[:16]
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write via a temp file in the same folder + rename: readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int, min_frequency: int) -> Tokenizer:
+    if vocab_size <= len(SPECIAL_TOKENS) + 256:
+        raise DataError(
+            f"tokenizer.vocab_size={vocab_size} is too small: a byte-level BPE needs more than "
+            f"{len(SPECIAL_TOKENS)} special tokens + 256 byte symbols = {len(SPECIAL_TOKENS) + 256}"
+        )
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    return tok
+
+
+def load_or_train(
+    texts: list[str], vocab_size: int, min_frequency: int, cache_dir: Path
+) -> tuple[Tokenizer, Path, bool]:
+    """(tokenizer, its JSON path, cache hit?). A corrupt cache file is rebuilt, never used."""
+    key = cache_key(texts, vocab_size=vocab_size, min_frequency=min_frequency, kind="bytelevel-bpe",
+                    special=SPECIAL_TOKENS)
+    path = cache_dir / "tokenizers" / f"bpe-{key}.json"
+    if path.exists():
+        try:
+            tok = Tokenizer.from_file(str(path))
+            if all(tok.token_to_id(s) is not None for s in SPECIAL_TOKENS):
+                return tok, path, True
+        except Exception:  # noqa: BLE001 -- any parse failure means a corrupt entry: rebuild it
+            pass
+        path.unlink(missing_ok=True)
+    tok = train_bpe(texts, vocab_size, min_frequency)
+    atomic_write_text(path, tok.to_str())
+    return tok, path, False

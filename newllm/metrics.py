@@ -1,0 +1,122 @@
+"""Pure metric functions on tensors. No training state, no I/O: each is unit-tested by hand.
+
+Conventions: a context matrix is (N, C), one row per position. Convergence uses the SAME
+per-token MSE as the Phase-1 loss (the original mixed MSE for training and L2 for the check).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+
+
+def sample_rows(contexts: torch.Tensor, max_rows: int, seed: int = 0) -> torch.Tensor:
+    """At most `max_rows` rows, chosen with a fixed seed so runs compare on the same count."""
+    contexts = contexts.reshape(-1, contexts.shape[-1])
+    if contexts.shape[0] <= max_rows:
+        return contexts
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(contexts.shape[0], generator=g)[:max_rows]
+    return contexts[idx.to(contexts.device)]
+
+
+def singular_values(contexts: torch.Tensor, max_rows: int = 4096, centered: bool = False) -> torch.Tensor:
+    m = sample_rows(contexts.detach().float(), max_rows)
+    if centered:
+        m = m - m.mean(dim=0, keepdim=True)
+    return torch.linalg.svdvals(m.double().cpu()).float()
+
+
+def effective_rank_from_singular_values(s: torch.Tensor) -> float:
+    """Roy & Vetterli (2007): exp of the entropy of the normalised singular values."""
+    s = s[s > 0]
+    if s.numel() == 0:
+        return 0.0
+    p = s / s.sum()
+    return math.exp(float(-(p * p.log()).sum()))
+
+
+def effective_rank(contexts: torch.Tensor, max_rows: int = 4096, centered: bool = False) -> float:
+    """Effective rank of the (N, C) context matrix, on at most `max_rows` sampled rows.
+
+    Uncentred by default, as the original research measured it; `centered=True` removes the
+    mean row first (then a constant offset shared by all contexts no longer counts as a direction).
+    """
+    return effective_rank_from_singular_values(singular_values(contexts, max_rows, centered))
+
+
+def participation_ratio(contexts: torch.Tensor, max_rows: int = 4096, centered: bool = True) -> float:
+    """(sum lambda)^2 / sum lambda^2 over the eigenvalues lambda = s^2 (centred by default)."""
+    lam = singular_values(contexts, max_rows, centered).double() ** 2
+    denom = float((lam**2).sum())
+    return float(lam.sum() ** 2 / denom) if denom > 0 else 0.0
+
+
+def per_token_mse(new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+    """mean_d (new_t - old_t)^2 for every position: shape new.shape[:-1]."""
+    return (new - old).pow(2).mean(dim=-1)
+
+
+def convergence_rate(new: torch.Tensor, old: torch.Tensor, threshold: float) -> float:
+    """Fraction of positions whose per-token MSE to the previous sweep is below `threshold`."""
+    return float((per_token_mse(new, old) < threshold).float().mean())
+
+
+def mean_residual(new: torch.Tensor, old: torch.Tensor) -> float:
+    """Mean L2 norm ||f(c) - c|| over positions."""
+    return float((new - old).norm(dim=-1).mean())
+
+
+def identity_mapping_score(update: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                           context_dim: int, embed_dim: int, n: int = 256, seed: int = 0,
+                           device: torch.device | str = "cpu") -> float:
+    """Mean cos(c, f(c, x)) on random (c, x); above ~0.95 f learned a (near) identity map."""
+    g = torch.Generator().manual_seed(seed)
+    c = torch.randn(n, context_dim, generator=g).to(device)
+    x = torch.randn(n, embed_dim, generator=g).to(device)
+    with torch.no_grad():
+        out = update(c, x)
+    return float(torch.nn.functional.cosine_similarity(c, out, dim=-1).mean())
+
+
+def collapse_stats(contexts: torch.Tensor, token_ids: torch.Tensor | None = None,
+                   max_pairs: int = 4096, seed: int = 0) -> dict[str, float]:
+    """Global-attractor / collapse diagnostics on (N, C) contexts.
+
+    mean_norm: mean ||c||; spread: mean ||c - mean(c)||; pairwise_distance: mean ||c_i - c_j||
+    over random pairs of positions holding *different* tokens (when ids are given).
+    All near 0 means every context fell onto one point.
+    """
+    m = contexts.detach().float().reshape(-1, contexts.shape[-1])
+    stats = {
+        "mean_norm": float(m.norm(dim=-1).mean()),
+        "spread": float((m - m.mean(0, keepdim=True)).norm(dim=-1).mean()),
+    }
+    g = torch.Generator().manual_seed(seed)
+    i = torch.randint(0, m.shape[0], (max_pairs,), generator=g)
+    j = torch.randint(0, m.shape[0], (max_pairs,), generator=g)
+    keep = i != j
+    if token_ids is not None:
+        ids = token_ids.reshape(-1).cpu()
+        keep &= ids[i] != ids[j]
+    i, j = i[keep].to(m.device), j[keep].to(m.device)
+    stats["pairwise_distance"] = float((m[i] - m[j]).norm(dim=-1).mean()) if i.numel() else 0.0
+    return stats
+
+
+def perplexity(mean_cross_entropy: float) -> float:
+    """exp(mean CE over predicted tokens), inf past float range instead of an overflow error."""
+    return math.exp(mean_cross_entropy) if mean_cross_entropy < 700 else math.inf
+
+
+def masked_token_stats(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> tuple[float, int, int]:
+    """(sum of CE, number of correct top-1 predictions, number of predicted tokens) over mask."""
+    mask = mask.bool()
+    logits, targets = logits[mask], targets[mask]
+    if targets.numel() == 0:
+        return 0.0, 0, 0
+    ce = torch.nn.functional.cross_entropy(logits.float(), targets, reduction="sum")
+    correct = int((logits.argmax(-1) == targets).sum())
+    return float(ce), correct, int(targets.numel())

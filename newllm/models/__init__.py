@@ -1,0 +1,21 @@
+"""Models: context updaters, the context LM (sequential / layer-wise) and baselines."""
+
+from __future__ import annotations
+
+from omegaconf import DictConfig
+from torch import nn
+
+from newllm.config import instantiate
+
+
+def build_model(model_cfg: DictConfig, vocab_size: int) -> nn.Module:
+    """Instantiate conf/model/<name>.yaml for a tokenizer of `vocab_size` tokens."""
+    return instantiate(model_cfg, vocab_size=vocab_size)
+
+
+def count_parameters(model: nn.Module) -> dict[str, int]:
+    total = sum(p.numel() for p in model.parameters())
+    embedding = model.embedding.weight.numel()
+    head = sum(p.numel() for p in model.head.parameters())
+    return {"params": total, "params_embedding": embedding, "params_head": head,
+            "params_core": total - embedding - head}

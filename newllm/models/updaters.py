@@ -1,0 +1,80 @@
+"""Context updaters: how a hidden vector h (computed from [c; x]) changes the context.
+
+Both map (context c: (..., C), token stream x: (..., E), hidden h: (..., H)) -> (c', x').
+They act position-wise, so the same call updates one position or a whole stream at once.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class GatedUpdater(nn.Module):
+    """LSTM-like damped update: c' = LN(sigmoid(W_f h) * c + sigmoid(W_i h) * tanh(W_u h)).
+
+    The gates damp each step, which makes fixed points easy to reach even before training.
+    The token stream passes through unchanged.
+    """
+
+    init_std: float | None = None  # use the model's init
+
+    def __init__(self, context_dim: int, embed_dim: int, hidden_dim: int) -> None:
+        super().__init__()
+        self.forget = nn.Linear(hidden_dim, context_dim)
+        self.input = nn.Linear(hidden_dim, context_dim)
+        self.update = nn.Linear(hidden_dim, context_dim)
+        self.norm = nn.LayerNorm(context_dim)
+
+    @staticmethod
+    def hidden_dim(context_dim: int, embed_dim: int, requested: int | None) -> int:
+        return requested if requested is not None else context_dim
+
+    def forward(self, c: torch.Tensor, x: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        forget = torch.sigmoid(self.forget(h))
+        inp = torch.sigmoid(self.input(h))
+        delta = torch.tanh(self.update(h))
+        return self.norm(forget * c + inp * delta), x
+
+
+class ResidualUpdater(nn.Module):
+    """The "CVFP layer": h = ReLU(Linear([c; x])) is split into (dc, dx);
+    c' = (1-m)(c + dc) + m LN(c + dc), x' = LN(x + dx). Both context and token stream change.
+
+    Needs hidden_dim = C + E (the increment has one entry per context and token dimension).
+    """
+
+    init_std: float | None = 0.1  # smaller inits drift toward identity maps (original research)
+
+    def __init__(self, context_dim: int, embed_dim: int, hidden_dim: int, layernorm_mix: float = 1.0) -> None:
+        super().__init__()
+        if hidden_dim != context_dim + embed_dim:
+            raise ValueError(
+                f"model.hidden_dim={hidden_dim} is not allowed with the residual updater: "
+                f"expected context_dim + embed_dim = {context_dim + embed_dim} (or null)"
+            )
+        self.context_dim = context_dim
+        self.layernorm_mix = layernorm_mix
+        self.context_norm = nn.LayerNorm(context_dim)
+        self.token_norm = nn.LayerNorm(embed_dim)
+
+    @staticmethod
+    def hidden_dim(context_dim: int, embed_dim: int, requested: int | None) -> int:
+        return context_dim + embed_dim if requested is None else requested
+
+    def forward(self, c: torch.Tensor, x: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        dc, dx = h[..., : self.context_dim], h[..., self.context_dim :]
+        c = c + dc
+        m = self.layernorm_mix
+        c = self.context_norm(c) if m == 1.0 else (1 - m) * c + m * self.context_norm(c)
+        return c, self.token_norm(x + dx)
+
+
+def relu_fnn(in_dim: int, hidden_dim: int, depth: int, dropout: float) -> nn.Sequential:
+    """Linear(in->H), ReLU, then depth-1 x (Linear(H->H), ReLU)."""
+    layers: list[nn.Module] = []
+    for i in range(depth):
+        layers += [nn.Linear(in_dim if i == 0 else hidden_dim, hidden_dim), nn.ReLU()]
+        if dropout > 0:
+            layers.append(nn.Dropout(dropout))
+    return nn.Sequential(*layers)

@@ -1,0 +1,133 @@
+"""What a run leaves behind: metrics.json, history.csv, curves.png, checkpoint.pt, and loggers.
+
+`RunTracker.log(row)` is the single place per-iteration/epoch rows go through: it keeps the
+history, forwards rows to the configured experiment loggers and to report hooks (a sweeper's
+pruning callback registers one).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from omegaconf import DictConfig
+
+from newllm.config import instantiate
+
+
+def _atomic(path: Path, write: Callable[[str], None]) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # "nan"/"inf": valid JSON, read back by float()
+    return value
+
+
+def save_json(path: Path, data: dict) -> None:
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            json.dump({k: _json_safe(v) for k, v in data.items()}, f, indent=2, sort_keys=True)
+    _atomic(path, write)
+
+
+def save_checkpoint(path: Path, payload: dict) -> None:
+    _atomic(path, lambda tmp: torch.save(payload, tmp))
+
+
+class CSVLogger:
+    """history.csv is always written by RunTracker; this logger adds nothing else."""
+
+    def __init__(self, run_dir: str | Path | None = None) -> None:
+        self.run_dir = run_dir
+
+    def log_params(self, params: dict) -> None: ...
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
+    def log_artifact(self, path: Path) -> None: ...
+    def close(self) -> None: ...
+
+
+class RunTracker:
+    def __init__(self, run_dir: Path, logger_cfg: DictConfig | dict | None = None) -> None:
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.history: list[dict] = []
+        self.hooks: list[Callable[[dict], None]] = []
+        self.loggers = [instantiate(c, run_dir=str(self.run_dir))
+                        for c in (logger_cfg or {}).values() if c is not None]
+
+    def log(self, row: dict) -> None:
+        self.history.append(row)
+        step = int(row.get("step", len(self.history)))
+        numeric = {k: float(v) for k, v in row.items() if isinstance(v, (int, float)) and k not in ("phase", "step")}
+        for lg in self.loggers:
+            lg.log_metrics(numeric, step)
+        for hook in self.hooks:
+            hook(row)
+
+    def log_params(self, params: dict) -> None:
+        for lg in self.loggers:
+            lg.log_params(params)
+
+    def write_history(self) -> Path:
+        path = self.run_dir / "history.csv"
+        _atomic(path, lambda tmp: pd.DataFrame(self.history).to_csv(tmp, index=False))
+        return path
+
+    def finish(self, metrics: dict) -> None:
+        save_json(self.run_dir / "metrics.json", metrics)
+        self.write_history()
+        curves = plot_curves(self.history, self.run_dir / "curves.png")
+        for lg in self.loggers:
+            lg.log_metrics({k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}, step=0)
+            for artifact in (self.run_dir / "metrics.json", curves):
+                lg.log_artifact(artifact)
+            lg.close()
+
+
+def plot_curves(history: list[dict], path: Path) -> Path:
+    """Loss, convergence, effective rank (Phase 1) and perplexity (Phase 2) against step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    df = pd.DataFrame(history)
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.4))
+    panels = [
+        ("Phase 1 loss", ["phase1/cvfp_loss", "phase1/diversity_loss"], 1),
+        ("Phase 1 convergence rate", ["phase1/convergence_rate"], 1),
+        ("Phase 1 effective rank", ["phase1/effective_rank"], 1),
+        ("Phase 2 perplexity", ["phase2/train_ppl", "phase2/val_ppl"], 2),
+    ]
+    for ax, (title, cols, phase) in zip(axes, panels, strict=True):
+        part = df[df["phase"] == phase] if "phase" in df else df.iloc[0:0]
+        for col in cols:
+            if col in part and part[col].notna().any():
+                s = part[["step", col]].dropna()
+                ax.plot(s["step"], s[col], marker="." if len(s) < 30 else None, label=col.split("/")[1])
+        ax.set_title(title)
+        ax.set_xlabel("iteration" if phase == 1 else "step")
+        if ax.lines:
+            ax.legend(fontsize=8)
+        if phase == 2 and ax.lines:
+            ax.set_yscale("log")
+    fig.tight_layout()
+    _atomic(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
+    plt.close(fig)
+    return path

@@ -1,0 +1,175 @@
+"""Phase 2 -- next-token prediction, the same code for context models and baselines.
+
+The stream is cut into windows of seq_len + 1 tokens; every model reads a window from a fresh
+state (c = 0 for context models) and position t predicts token t+1, where the target's loss
+mask is set (assistant tokens for dialogue). Evaluation uses the same windows on validation,
+so perplexities of all models are measured identically.
+
+context=propagate: run f over each window (truncated BPTT over seq_len), train head and f
+                   (f frozen with freeze_updater).
+context=fixed:     contexts computed once by the Phase-1 f (no grad), head trained on them in
+                   parallel -- "contexts as features".
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from omegaconf import DictConfig
+from torch import nn
+from torch.nn import functional as F
+from tqdm.auto import tqdm
+
+from newllm import metrics
+from newllm.errors import DataError, TrainingError
+
+
+@dataclass
+class Phase2Result:
+    history: list[dict] = field(default_factory=list)
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def make_windows(ids: torch.Tensor, mask: torch.Tensor, seq_len: int, what: str) -> tuple[torch.Tensor, ...]:
+    """(inputs (W, T), targets (W, T), target mask (W, T)) from non-overlapping windows."""
+    w = (ids.numel() - 1) // seq_len
+    if w < 1:
+        raise DataError(f"the {what} stream has {ids.numel()} tokens, fewer than one window of "
+                        f"training.phase2.seq_len + 1 = {seq_len + 1}")
+    span = w * seq_len
+    inputs = ids[:span].reshape(w, seq_len)
+    targets = ids[1 : span + 1].reshape(w, seq_len)
+    target_mask = mask[1 : span + 1].reshape(w, seq_len)
+    return inputs, targets, target_mask
+
+
+class ReconstructionDecoder(nn.Module):
+    """c_t -> [c_{t-1}; x_t]: Linear(C -> C+E), ReLU, Linear(C+E -> C+E) (the autoencoder idea)."""
+
+    def __init__(self, context_dim: int, embed_dim: int) -> None:
+        super().__init__()
+        d = context_dim + embed_dim
+        self.net = nn.Sequential(nn.Linear(context_dim, d), nn.ReLU(), nn.Linear(d, d))
+
+    def loss(self, contexts: torch.Tensor, embedded: torch.Tensor) -> torch.Tensor:
+        previous = torch.cat([torch.zeros_like(contexts[:, :1]), contexts[:, :-1]], dim=1)
+        target = torch.cat([previous, embedded], dim=-1).detach()
+        return F.mse_loss(self.net(contexts), target)
+
+
+def _masked_ce(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    ce = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="none")
+    m = mask.flatten().float()
+    return (ce * m).sum() / m.sum().clamp(min=1)
+
+
+@torch.no_grad()
+def contexts_of(model: nn.Module, inputs: torch.Tensor, batch_size: int) -> torch.Tensor:
+    return torch.cat([model.contexts_window(inputs[i : i + batch_size])
+                      for i in range(0, inputs.shape[0], batch_size)])
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, windows: tuple[torch.Tensor, ...], batch_size: int) -> dict[str, float]:
+    """Masked CE, perplexity and top-1 accuracy over all windows (fresh state per window)."""
+    model.eval()
+    inputs, targets, mask = windows
+    ce_sum, correct, count = 0.0, 0, 0
+    for i in range(0, inputs.shape[0], batch_size):
+        logits = model.head(model.contexts_window(inputs[i : i + batch_size]))
+        s, c, n = metrics.masked_token_stats(logits, targets[i : i + batch_size], mask[i : i + batch_size])
+        ce_sum, correct, count = ce_sum + s, correct + c, count + n
+    loss = ce_sum / max(count, 1)
+    return {"loss": loss, "ppl": metrics.perplexity(loss), "acc": correct / max(count, 1), "tokens": count}
+
+
+def train_phase2(model: nn.Module, data, cfg: DictConfig, device: torch.device, seed: int,
+                 on_epoch: Callable[[dict], None] | None = None, progress: bool = True) -> Phase2Result:
+    train_w = [t.to(device) for t in make_windows(data.train_ids, data.train_mask, cfg.seq_len, "training")]
+    val_ids, val_mask = data.val_ids, data.val_mask
+    if cfg.max_val_tokens:
+        val_ids, val_mask = val_ids[: cfg.max_val_tokens + 1], val_mask[: cfg.max_val_tokens + 1]
+    val_w = [t.to(device) for t in make_windows(val_ids, val_mask, cfg.seq_len, "validation")]
+    if int(val_w[2].sum()) == 0:
+        raise DataError("the validation windows hold no tokens to predict (loss mask all false); "
+                        "use data.loss_on=all or more validation data")
+
+    is_context = getattr(model, "is_context_model", False)
+    fixed = cfg.context == "fixed"
+    freeze = is_context and (cfg.freeze_updater or fixed)
+    for p in (model.updater_parameters() if is_context else []):
+        p.requires_grad_(not freeze)
+    decoder = None
+    if cfg.reconstruction_weight > 0 and is_context and not freeze:
+        decoder = ReconstructionDecoder(model.context_dim, model.embed_dim).to(device)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if decoder is not None:
+        trainable += list(decoder.parameters())
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+    train_contexts = contexts_of(model, train_w[0], cfg.batch_size * 4) if fixed else None
+    g = torch.Generator().manual_seed(seed)
+    result = Phase2Result()
+    best = {"loss": math.inf}
+    best_state = copy.deepcopy(model.state_dict())
+    bad_epochs, step, n_seen = 0, 0, 0
+    t0 = time.perf_counter()
+    for epoch in range(1, cfg.epochs + 1):
+        model.train()
+        order = torch.randperm(train_w[0].shape[0], generator=g).to(device)
+        batches = order.split(cfg.batch_size)
+        if cfg.max_steps_per_epoch:
+            batches = batches[: cfg.max_steps_per_epoch]
+        ce_sum, correct, count = 0.0, 0, 0
+        for idx in tqdm(batches, desc=f"phase2 epoch {epoch}", disable=not progress, leave=False):
+            inputs, targets, mask = (t[idx] for t in train_w)
+            contexts = train_contexts[idx] if fixed else model.contexts_window(inputs)
+            logits = model.head(contexts)
+            loss = _masked_ce(logits, targets, mask)
+            if decoder is not None:
+                loss = loss + cfg.reconstruction_weight * decoder.loss(contexts, model.embed(inputs))
+            if not torch.isfinite(loss):
+                raise TrainingError(f"phase 2 loss became non-finite at epoch {epoch}, step {step}; "
+                                    "lower training.phase2.lr")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
+            optimizer.step()
+            step += 1
+            n_seen += inputs.numel()
+            s, c, n = metrics.masked_token_stats(logits.detach(), targets, mask)
+            ce_sum, correct, count = ce_sum + s, correct + c, count + n
+        train_loss = ce_sum / max(count, 1)
+        val = evaluate(model, val_w, cfg.batch_size * 4)
+        row = {"phase": 2, "step": step, "epoch": epoch, "phase2/train_loss": train_loss,
+               "phase2/train_ppl": metrics.perplexity(train_loss), "phase2/train_acc": correct / max(count, 1),
+               "phase2/val_loss": val["loss"], "phase2/val_ppl": val["ppl"], "phase2/val_acc": val["acc"],
+               "phase2/time_s": time.perf_counter() - t0}
+        result.history.append(row)
+        if on_epoch is not None:
+            on_epoch(row)
+        if val["loss"] < best["loss"]:
+            best, best_epoch, bad_epochs = val, epoch, 0
+            best_state = copy.deepcopy(model.state_dict())
+        else:
+            bad_epochs += 1
+            if bad_epochs >= cfg.patience:
+                break
+    train_time = time.perf_counter() - t0
+    model.load_state_dict(best_state)  # report (and keep) the best validation epoch
+    last = result.history[-1]
+    result.metrics = {
+        "phase2/val_loss": best["loss"], "phase2/val_ppl": best["ppl"], "phase2/val_acc": best["acc"],
+        "phase2/val_tokens": best["tokens"], "phase2/best_epoch": best_epoch,
+        "phase2/epochs": len(result.history), "phase2/steps": step,
+        "phase2/train_loss": last["phase2/train_loss"], "phase2/train_ppl": last["phase2/train_ppl"],
+        "phase2/train_acc": last["phase2/train_acc"], "phase2/uniform_ppl": float(model.vocab_size),
+        "phase2/train_time_s": train_time, "phase2/tokens_per_s": n_seen / max(train_time, 1e-9),
+        "phase2/tokens_seen": n_seen,
+    }
+    return result
