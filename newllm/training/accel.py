@@ -33,7 +33,7 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
     return torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=False)
 
 
-def maybe_compile(model: nn.Module, enabled: bool) -> nn.Module:
+def maybe_compile(model: nn.Module, enabled: bool, backend: str = "inductor") -> nn.Module:
     """Compile the per-token modules in place (nn.Module.compile keeps names and state dicts).
 
     Inductor needs a C compiler on CPU; without one this is a logged no-op. Shapes differ
@@ -48,6 +48,6 @@ def maybe_compile(model: nn.Module, enabled: bool) -> nn.Module:
     for name in COMPILE_TARGETS:
         target = getattr(model, name, None)
         for module in (target if isinstance(target, nn.ModuleList) else [target] if target is not None else []):
-            module.compile(dynamic=True)
+            module.compile(dynamic=True, backend=backend)
     log.info("training.compile=true: compiled %s", ", ".join(n for n in COMPILE_TARGETS if hasattr(model, n)))
     return model
