@@ -49,9 +49,9 @@ from newllm.training.solvers import sequential_pass, shifted_inputs
 VOCAB, EMBED = 4096, 96
 
 
-def make_model(c: int, layers: int, device: torch.device, seed: int = 0) -> ContextLM:
+def make_model(c: int, layers: int, device: torch.device, seed: int = 0, vocab: int = VOCAB) -> ContextLM:
     torch.manual_seed(seed)
-    return ContextLM(VOCAB, "layerwise", layers, c, EMBED, None, 0.02, 0.0,
+    return ContextLM(vocab, "layerwise", layers, c, EMBED, None, 0.02, 0.0,
                      functools.partial(GatedUpdater)).to(device)
 
 
@@ -149,9 +149,7 @@ def init_comparison(args, device: torch.device) -> list[dict]:
     n = min(args.init_tokens, data.train_ids.numel())
     rows = []
     for init in ("sequential", "zeros", "chunked"):
-        model = make_model(256, 2, device) if not args.quick else make_model(64, 2, device)
-        model.embedding = torch.nn.Embedding(data.vocab_size, EMBED).to(device)
-        torch.nn.init.normal_(model.embedding.weight, 0.0, 0.02)
+        model = make_model(64 if args.quick else 256, 2, device, vocab=data.vocab_size)
         cfg = OmegaConf.structured(Phase1Config(max_tokens=n, max_iterations=args.init_iterations, init=init,
                                                 erank_every=10**9))
         t0 = time.perf_counter()
