@@ -55,7 +55,8 @@ class ContextModelConfig:
     embed_dim: int = 96
     # null: derived (residual updater needs context_dim + embed_dim; gated uses context_dim).
     hidden_dim: int | None = None
-    init_std: float = 0.02
+    # std of f's weights (embedding and head: 0.02). At 0.02 f is ~identity: a trivial fixed point.
+    init_std: float = 0.1
     dropout: float = 0.0
     updater: Any = MISSING
 
@@ -159,6 +160,9 @@ class Phase1Config:
     init: str = "sequential"  # sequential | zeros | chunked: how pass 0 builds the first contexts
     init_chunks: int = 16  # init=chunked: slices of the stream run through pass 0 at once
     val_iterations: int = 10  # Jacobi sweeps (no optimizer) when measuring the validation stream
+    # How validation sweeps start. zeros: the rate then measures contraction onto the steady state;
+    # sequential starts AT the fixed point of the frozen f, so its rate is ~1 whatever f is.
+    val_init: str = "zeros"  # zeros | sequential | chunked
     erank_samples: int = 4096  # rows sampled for the effective-rank SVD (fixed across runs)
     erank_every: int = 5  # effective rank in the history every N iterations (and the last)
 
@@ -290,6 +294,7 @@ def validate(cfg: DictConfig) -> None:
     p1 = t.phase1
     _choice("training.phase1.mode", p1.mode, ("stream", "per_token"))
     _choice("training.phase1.init", p1.init, ("sequential", "zeros", "chunked"))
+    _choice("training.phase1.val_init", p1.val_init, ("sequential", "zeros", "chunked"))
     for key in ("max_tokens", "num_streams", "max_iterations", "chunk_size", "init_chunks",
                 "erank_samples", "erank_every"):
         _positive_int(f"training.phase1.{key}", p1[key])

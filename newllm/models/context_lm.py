@@ -50,13 +50,18 @@ class ContextLM(nn.Module):
             Block(context_dim, embed_dim, self.hidden_dim, depth, updater, dropout) for depth in depths
         )
         self.head = nn.Linear(context_dim, vocab_size)
-        self._init_weights(init_std, updater_cls.init_std)
+        self._init_weights(init_std)
 
-    def _init_weights(self, std: float, block_std: float | None) -> None:
+    def _init_weights(self, block_std: float) -> None:
+        """f's weights ~ N(0, init_std); embedding and head ~ N(0, 0.02) (GPT-2's init).
+
+        f's std matters: at 0.02 the gates sit at 0.5 and the update is tiny, so f(c, x) ~ LN(c):
+        a near-identity map whose fixed point is trivial (identity_score ~0.99). The original
+        research used N(0, 0.1) for its fixed-point layers for this reason.
+        """
         for name, module in self.named_modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
-                in_block = name.startswith("blocks.")
-                nn.init.normal_(module.weight, 0.0, block_std if (in_block and block_std) else std)
+                nn.init.normal_(module.weight, 0.0, block_std if name.startswith("blocks.") else 0.02)
                 if getattr(module, "bias", None) is not None:
                     nn.init.zeros_(module.bias)
 

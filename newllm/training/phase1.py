@@ -44,11 +44,12 @@ def as_streams(ids: torch.Tensor, num_streams: int) -> torch.Tensor:
     return ids[: n * num_streams].reshape(num_streams, n)
 
 
-def initial_contexts(model: torch.nn.Module, x: torch.Tensor, cfg: DictConfig) -> torch.Tensor:
+def initial_contexts(model: torch.nn.Module, x: torch.Tensor, cfg: DictConfig, init: str | None = None) -> torch.Tensor:
     """Pass 0: the first guess P that the sweeps improve (the fixed point does not depend on it)."""
-    if cfg.mode == "per_token" or cfg.init == "zeros":
+    init = init or cfg.init
+    if cfg.mode == "per_token" or init == "zeros":
         return zeros_init(model.update, x)
-    if cfg.init == "chunked":
+    if init == "chunked":
         return chunked_pass(model.update, x, cfg.init_chunks)
     return sequential_pass(model.update, x)
 
@@ -160,13 +161,19 @@ def train_phase1(model: torch.nn.Module, train_ids: torch.Tensor, val_ids: torch
 @torch.no_grad()
 def evaluate_phase1(model: torch.nn.Module, val_ids: torch.Tensor, cfg: DictConfig, device: torch.device,
                     result: Phase1Result | None = None) -> dict[str, float]:
-    """The same iteration on the validation stream, without optimizer steps."""
+    """The same iteration on the validation stream, without optimizer steps.
+
+    It starts from `cfg.val_init` (default zeros), not from a sequential pass: a sequential pass
+    already IS the fixed point of a fixed f (up to the carried-over first position), so sweeps
+    started there converge trivially whatever f is. From zeros, the rate after val_iterations
+    sweeps measures whether f contracts onto the stream's steady state.
+    """
     if cfg.mode == "per_token":
         ids = unique_tokens(val_ids[: cfg.max_tokens], cfg.max_tokens).to(device)
     else:
         ids = as_streams(val_ids[: cfg.max_tokens], cfg.num_streams).to(device)
     x = model.embed(ids)
-    p = initial_contexts(model, x, cfg)
+    p = initial_contexts(model, x, cfg, cfg.get("val_init", "zeros"))
     rate, residual = 0.0, math.nan
     for _ in range(cfg.val_iterations):
         new = model.update(sweep_inputs(p, cfg.mode), x)

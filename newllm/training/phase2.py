@@ -117,7 +117,7 @@ def train_phase2(model: nn.Module, data, cfg: DictConfig, device: torch.device, 
     result = Phase2Result()
     best = {"loss": math.inf}
     best_state = copy.deepcopy(model.state_dict())
-    bad_epochs, step, n_seen = 0, 0, 0
+    bad_epochs, step, n_seen, best_epoch = 0, 0, 0, 0
     t0 = time.perf_counter()
     for epoch in range(1, cfg.epochs + 1):
         model.train()
@@ -161,6 +161,8 @@ def train_phase2(model: nn.Module, data, cfg: DictConfig, device: torch.device, 
             if bad_epochs >= cfg.patience:
                 break
     train_time = time.perf_counter() - t0
+    if best_epoch == 0:
+        raise TrainingError("phase 2 validation loss was never finite; lower training.phase2.lr")
     model.load_state_dict(best_state)  # report (and keep) the best validation epoch
     last = result.history[-1]
     result.metrics = {
