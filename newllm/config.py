@@ -185,11 +185,23 @@ class Phase2Config:
 
 
 @dataclass
+class RepetitionConfig:
+    """training=repetition (with data=repetition): staged cycle loss MSE(c_t, c_{t-p})."""
+
+    enabled: bool = False
+    steps_per_stage: int = 60  # optimizer steps per phrase length p (all phrases of a stage per step)
+    lr: float = 1e-3
+    grad_clip: float = 1.0
+    ce_weight: float = 0.0  # optional small next-token cross-entropy weight
+
+
+@dataclass
 class TrainingConfig:
     dist_reg_weight: float = 0.5  # w in (1-w)*MSE + w*L_div
     diversity: Any = MISSING
     phase1: Phase1Config = field(default_factory=Phase1Config)
     phase2: Phase2Config = field(default_factory=Phase2Config)
+    repetition: RepetitionConfig = field(default_factory=RepetitionConfig)
     precision: str = "fp32"  # fp32 | bf16 (autocast; a no-op where unsupported)
     compile: bool = False
 
@@ -311,6 +323,10 @@ def validate(cfg: DictConfig) -> None:
         _positive_int(f"training.phase2.{key}", p2[key])
     _check(p2.seq_len >= 2, "training.phase2.seq_len", p2.seq_len, "an integer >= 2")
     _check(p2.lr > 0, "training.phase2.lr", p2.lr, "a positive number")
+    rep = t.repetition
+    _positive_int("training.repetition.steps_per_stage", rep.steps_per_stage)
+    _check(rep.lr > 0, "training.repetition.lr", rep.lr, "a positive number")
+    _check(rep.ce_weight >= 0, "training.repetition.ce_weight", rep.ce_weight, "a number >= 0")
     _check(p2.reconstruction_weight >= 0, "training.phase2.reconstruction_weight",
            p2.reconstruction_weight, "a number >= 0")
     is_context_model = "architecture" in m

@@ -20,13 +20,14 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from newllm.config import TRUSTED_TARGETS, instantiate, register_configs, to_container, validate
+from newllm.config import TRUSTED_TARGETS, ConfigError, instantiate, register_configs, to_container, validate
 from newllm.data import load_data
 from newllm.errors import NewllmError
 from newllm.models import build_model, count_parameters
 from newllm.tracking import RunTracker, save_checkpoint
 from newllm.training.phase1 import train_phase1
 from newllm.training.phase2 import train_phase2
+from newllm.training.repetition import train_repetition
 
 log = logging.getLogger("newllm")
 register_configs()
@@ -94,6 +95,18 @@ def run(cfg: DictConfig, run_dir: str | Path) -> tuple[dict, float | list[float]
         log.info("phase 1: convergence %.3f after %d iterations, effective rank %.1f/%d (val conv %.3f)",
                  p1.metrics["phase1/convergence_rate"], p1.metrics["phase1/iterations"],
                  p1.metrics["phase1/effective_rank"], model.context_dim, p1.metrics["phase1/val_convergence_rate"])
+    if cfg.training.repetition.enabled:
+        stages = getattr(data, "stages", None)
+        if not stages:
+            raise ConfigError(f"training.repetition.enabled=true needs phrase stages: use data=repetition "
+                              f"(got data={cfg.data.name})")
+        rep = train_repetition(model, stages, cfg.training.repetition, cfg.training.dist_reg_weight,
+                               instantiate(cfg.training.diversity).to(device), device, on_step=tracker.log,
+                               progress=cfg.progress)
+        metrics.update(rep.metrics)
+        log.info("repetition: %s", ", ".join(f"p={s.phrase_length} cycle_distance "
+                                            f"{rep.metrics[f'repetition/p{s.phrase_length}/cycle_distance']:.3f}"
+                                            for s in stages))
     if cfg.training.phase2.enabled:
         p2 = train_phase2(model, data, cfg.training.phase2, device, cfg.seed, on_epoch=tracker.log,
                           progress=cfg.progress)

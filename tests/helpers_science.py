@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from functools import partial
 
+import pytest
 import torch
 from omegaconf import OmegaConf
 
@@ -25,3 +26,12 @@ def phase1_cfg(**overrides):
 
 def phase2_cfg(**overrides):
     return OmegaConf.merge(OmegaConf.structured(Phase2Config), overrides)
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models on a shared 2-core machine: intra-op threads only add synchronisation cost."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -8,6 +8,9 @@ import pytest
 import torch
 
 from newllm import metrics
+from tests.helpers_science import one_thread  # noqa: F401
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_effective_rank_identity_is_full_and_rank_one_is_one():

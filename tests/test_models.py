@@ -8,7 +8,9 @@ import torch
 from newllm.models import count_parameters
 from newllm.models.baselines import GRULM, TransformerLM
 from newllm.training.solvers import sequential_pass
-from tests.helpers_science import context_lm
+from tests.helpers_science import context_lm, one_thread  # noqa: F401
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("architecture", ["sequential", "layerwise"])

@@ -13,9 +13,11 @@ from newllm.errors import TrainingError
 from newllm.training.diversity import FrobeniusDeviation, NoDiversity
 from newllm.training.phase1 import train_phase1
 from newllm.training.solvers import jacobi_solve, sequential_pass, shifted_inputs
-from tests.helpers_science import context_lm, phase1_cfg
+from tests.helpers_science import context_lm, one_thread, phase1_cfg  # noqa: F401
 
 CPU = torch.device("cpu")
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Contraction(nn.Module):

@@ -9,10 +9,12 @@ from newllm.data import TokenData
 from newllm.errors import DataError
 from newllm.models.baselines import GRULM, TransformerLM
 from newllm.training.phase2 import make_windows, train_phase2
-from tests.helpers_science import context_lm, phase2_cfg
+from tests.helpers_science import context_lm, one_thread, phase2_cfg  # noqa: F401
 
 CPU = torch.device("cpu")
 V = 16
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def pattern_data(n_train: int = 1024, n_val: int = 256, seed: int = 0) -> TokenData:
