@@ -182,6 +182,14 @@ class Phase2Config:
     patience: int = 2  # early stop after this many epochs without val-loss improvement
     reconstruction_weight: float = 0.0  # lambda of the c_t -> [c_{t-1}; x_t] decoder loss
     max_val_tokens: int | None = None
+    # context=propagate: how each window's recurrence is evaluated in training. sequential: a loop
+    # over positions (exact, full BPTT). jacobi: parallel sweeps until the max per-token change
+    # <= jacobi_tol (at most jacobi_sweeps; null = seq_len, exact for any f), then
+    # jacobi_grad_sweeps sweeps with gradient (a truncated BPTT of that depth).
+    solver: str = "sequential"
+    jacobi_sweeps: int | None = None
+    jacobi_tol: float = 1e-6
+    jacobi_grad_sweeps: int = 1
 
 
 @dataclass
@@ -327,6 +335,11 @@ def validate(cfg: DictConfig) -> None:
     _positive_int("training.repetition.steps_per_stage", rep.steps_per_stage)
     _check(rep.lr > 0, "training.repetition.lr", rep.lr, "a positive number")
     _check(rep.ce_weight >= 0, "training.repetition.ce_weight", rep.ce_weight, "a number >= 0")
+    _choice("training.phase2.solver", p2.solver, ("sequential", "jacobi"))
+    if p2.jacobi_sweeps is not None:
+        _positive_int("training.phase2.jacobi_sweeps", p2.jacobi_sweeps)
+    _positive_int("training.phase2.jacobi_grad_sweeps", p2.jacobi_grad_sweeps)
+    _check(p2.jacobi_tol >= 0, "training.phase2.jacobi_tol", p2.jacobi_tol, "a number >= 0")
     _check(p2.reconstruction_weight >= 0, "training.phase2.reconstruction_weight",
            p2.reconstruction_weight, "a number >= 0")
     is_context_model = "architecture" in m

@@ -25,6 +25,7 @@ from newllm.data import load_data
 from newllm.errors import NewllmError
 from newllm.models import build_model, count_parameters
 from newllm.tracking import RunTracker, save_checkpoint
+from newllm.training.accel import autocast, maybe_compile
 from newllm.training.phase1 import train_phase1
 from newllm.training.phase2 import train_phase2
 from newllm.training.repetition import train_repetition
@@ -80,15 +81,16 @@ def run(cfg: DictConfig, run_dir: str | Path) -> tuple[dict, float | list[float]
     data.tokenizer.save(str(run_dir / "tokenizer.json"))
     log.info("data: %d train / %d val tokens, vocab %d", len(data.train_ids), len(data.val_ids), data.vocab_size)
 
-    model = build_model(cfg.model, data.vocab_size).to(device)
+    model = maybe_compile(build_model(cfg.model, data.vocab_size).to(device), cfg.training.compile)
     metrics: dict = {"seed": cfg.seed, "device": str(device), **data.info,
                      **{f"model/{k}": v for k, v in count_parameters(model).items()}}
     log.info("model: %s, %d parameters", type(model).__name__, metrics["model/params"])
 
     if cfg.training.phase1.enabled and getattr(model, "is_context_model", False):
         diversity = instantiate(cfg.training.diversity).to(device)
-        p1 = train_phase1(model, data.train_ids, data.val_ids, cfg.training.phase1, cfg.training.dist_reg_weight,
-                          diversity, device, on_iteration=tracker.log, progress=cfg.progress)
+        with autocast(device, cfg.training.precision):
+            p1 = train_phase1(model, data.train_ids, data.val_ids, cfg.training.phase1, cfg.training.dist_reg_weight,
+                              diversity, device, on_iteration=tracker.log, progress=cfg.progress)
         metrics.update(p1.metrics)
         if cfg.save_contexts and p1.val_contexts is not None:
             torch.save(p1.val_contexts, run_dir / "phase1_val_contexts.pt")
@@ -108,8 +110,9 @@ def run(cfg: DictConfig, run_dir: str | Path) -> tuple[dict, float | list[float]
                                             f"{rep.metrics[f'repetition/p{s.phrase_length}/cycle_distance']:.3f}"
                                             for s in stages))
     if cfg.training.phase2.enabled:
-        p2 = train_phase2(model, data, cfg.training.phase2, device, cfg.seed, on_epoch=tracker.log,
-                          progress=cfg.progress)
+        with autocast(device, cfg.training.precision):
+            p2 = train_phase2(model, data, cfg.training.phase2, device, cfg.seed, on_epoch=tracker.log,
+                              progress=cfg.progress)
         metrics.update(p2.metrics)
         log.info("phase 2: val ppl %.2f (uniform %d), val acc %.3f", p2.metrics["phase2/val_ppl"],
                  data.vocab_size, p2.metrics["phase2/val_acc"])

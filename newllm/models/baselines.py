@@ -74,3 +74,43 @@ class TransformerLM(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self.head(self.contexts_window(ids))
+
+    # ------------------------------------------------------------------ incremental decoding (KV cache)
+    def new_cache(self, batch: int, capacity: int) -> list[torch.Tensor]:
+        """One preallocated (2, B, heads, capacity, d) key/value buffer per layer: memory grows with length."""
+        first = self.decoder.layers[0].self_attn
+        d = self.context_dim // first.num_heads
+        w = self.head.weight
+        return [w.new_zeros(2, batch, first.num_heads, capacity, d) for _ in self.decoder.layers]
+
+    def step(self, ids: torch.Tensor, t: int, cache: list[torch.Tensor]) -> torch.Tensor:
+        """Logits (B, V) for tokens `ids` (B,) at position t, attending to cached positions 0..t."""
+        h = self.proj(self.embedding(ids)) + self.pos.weight[t]
+        for layer, kv in zip(self.decoder.layers, cache, strict=True):
+            attn = layer.self_attn
+            q, k, v = nn.functional.linear(layer.norm1(h), attn.in_proj_weight, attn.in_proj_bias).chunk(3, -1)
+            b, nh = h.shape[0], attn.num_heads
+            kv[0, :, :, t], kv[1, :, :, t] = k.view(b, nh, -1), v.view(b, nh, -1)
+            a = nn.functional.scaled_dot_product_attention(q.view(b, nh, 1, -1), kv[0, :, :, : t + 1],
+                                                           kv[1, :, :, : t + 1])
+            h = h + attn.out_proj(a.reshape(b, -1))
+            h = h + layer.linear2(layer.activation(layer.linear1(layer.norm2(h))))
+        return self.head(self.norm(h))
+
+    @torch.no_grad()
+    def generate(self, prompt: torch.Tensor, n: int, temperature: float = 1.0,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+        """Sample n tokens after a 1-D prompt with a KV cache (the standard O(length) memory decoder)."""
+        total = prompt.numel() + n
+        if prompt.numel() == 0 or total > self.max_len:
+            raise ValueError(f"generate: need 1 <= prompt + n = {total} <= model.max_len={self.max_len}")
+        cache = self.new_cache(1, total)
+        for t, tok in enumerate(prompt.tolist()):
+            logits = self.step(torch.tensor([tok], device=self.head.weight.device), t, cache)
+        out = []
+        for t in range(prompt.numel(), total):
+            tok = torch.multinomial(torch.softmax(logits[0] / max(temperature, 1e-6), -1), 1, generator=generator)
+            out.append(int(tok))
+            if t + 1 < total:
+                logits = self.step(tok, t, cache)
+        return torch.tensor(out, dtype=torch.long)

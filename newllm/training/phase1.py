@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from newllm import metrics
 from newllm.errors import TrainingError
 from newllm.training.diversity import Diversity
-from newllm.training.solvers import chunked_pass, sequential_pass, shifted_inputs, zeros_init
+from newllm.training.solvers import chunked_pass, sequential_pass, shifted_inputs, shifted_into, zeros_init
 
 
 @dataclass
@@ -84,15 +84,18 @@ def train_phase1(model: torch.nn.Module, train_ids: torch.Tensor, val_ids: torch
     t0 = time.perf_counter()
     bar = tqdm(range(1, cfg.max_iterations + 1), desc="phase1", disable=not progress, leave=False)
     rate, residual = 0.0, math.nan
+    # Preallocated once: the sweep's inputs and its output (swapped with p after every sweep).
+    new, c_in_all = torch.empty_like(p), (p if cfg.mode == "per_token" else torch.empty_like(p))
+    zero = torch.zeros((), device=device)
     for k in bar:
         diversity.reset()
         optimizer.zero_grad(set_to_none=True)
-        new = torch.empty_like(p)
         sums = torch.zeros(3, device=device)  # mse, diversity, converged count
         n_pos = p.shape[1]
+        c_in_all = p if cfg.mode == "per_token" else shifted_into(c_in_all, p)
         for a in range(0, n_pos, cfg.chunk_size):
             b = min(n_pos, a + cfg.chunk_size)
-            c_in = sweep_inputs(p, cfg.mode)[:, a:b]
+            c_in = c_in_all[:, a:b]
             if train and cfg.context_noise > 0:
                 c_in = c_in + cfg.context_noise * torch.randn_like(c_in)
             with torch.set_grad_enabled(train):
@@ -108,18 +111,19 @@ def train_phase1(model: torch.nn.Module, train_ids: torch.Tensor, val_ids: torch
                 sums += torch.stack([mse * (b - a), div * (b - a),
                                      (token_mse < cfg.convergence_threshold).sum()])
                 new[:, a:b] = c.detach()
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip) if train else zero
         if train:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
             optimizer.step()
-        else:
-            grad_norm = 0.0
-        mse_v, div_v, conv = (sums / torch.tensor([n_pos, n_pos, n_tokens], device=device)).tolist()
+        # The one host-device sync of the iteration: every scalar the history needs, at once.
+        res_t = (new - p).norm(dim=-1).mean()  # == metrics.mean_residual(new, p), kept on device
+        scalars = torch.cat([sums / torch.tensor([n_pos, n_pos, n_tokens], device=device),
+                             torch.stack([res_t, grad_norm.to(res_t.dtype)])])
+        mse_v, div_v, conv, residual, grad_norm = scalars.tolist()
         if not math.isfinite(mse_v) or not math.isfinite(div_v):
             raise TrainingError(f"phase 1 loss became non-finite at iteration {k} (mse={mse_v}, "
                                 f"diversity={div_v}); lower training.phase1.lr or training.dist_reg_weight")
-        residual = metrics.mean_residual(new, p)
         rate = conv
-        p = new
+        p, new = new, p
         row = {"phase": 1, "step": k, "phase1/cvfp_loss": mse_v, "phase1/diversity_loss": div_v,
                "phase1/loss": (1 - w) * mse_v + w * div_v, "phase1/convergence_rate": rate,
                "phase1/residual": residual, "phase1/grad_norm": grad_norm,

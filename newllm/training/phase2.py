@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from newllm import metrics
 from newllm.errors import DataError, TrainingError
+from newllm.training.solvers import jacobi_window
 
 
 @dataclass
@@ -66,6 +67,17 @@ def _masked_ce(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) 
     ce = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="none")
     m = mask.flatten().float()
     return (ce * m).sum() / m.sum().clamp(min=1)
+
+
+def train_contexts_window(model: nn.Module, inputs: torch.Tensor, cfg: DictConfig) -> torch.Tensor:
+    """Training-time contexts of (B, T) windows: the sequential loop, or Jacobi sweeps (solver=jacobi)."""
+    if cfg.get("solver", "sequential") != "jacobi" or not getattr(model, "is_context_model", False):
+        return model.contexts_window(inputs)
+    x = model.embed(inputs)
+    sweeps = cfg.jacobi_sweeps or inputs.shape[1]
+    contexts, _ = jacobi_window(model.update, x, model.initial_context(inputs.shape[0]), sweeps,
+                                cfg.jacobi_tol, cfg.jacobi_grad_sweeps)
+    return contexts
 
 
 @torch.no_grad()
@@ -128,7 +140,7 @@ def train_phase2(model: nn.Module, data, cfg: DictConfig, device: torch.device, 
         ce_sum, correct, count = 0.0, 0, 0
         for idx in tqdm(batches, desc=f"phase2 epoch {epoch}", disable=not progress, leave=False):
             inputs, targets, mask = (t[idx] for t in train_w)
-            contexts = train_contexts[idx] if fixed else model.contexts_window(inputs)
+            contexts = train_contexts[idx] if fixed else train_contexts_window(model, inputs, cfg)
             logits = model.head(contexts)
             loss = _masked_ce(logits, targets, mask)
             if decoder is not None:

@@ -19,9 +19,12 @@ def sequential_pass(update: Update, x: torch.Tensor, c0: torch.Tensor | None = N
     s, n, _ = x.shape
     c = c0 if c0 is not None else x.new_zeros(s, _context_dim(update, x))
     out = x.new_empty(s, n, c.shape[-1])
-    for t in range(n):
-        c = update(c, x[:, t])
-        out[:, t] = c
+    # Matrix-vector steps are latency-bound: autocast would re-cast every weight at every token
+    # (no weight cache under no_grad), so pass 0 stays fp32 even under training.precision=bf16.
+    with torch.autocast(x.device.type, enabled=False):
+        for t in range(n):
+            c = update(c, x[:, t])
+            out[:, t] = c
     return out
 
 
@@ -77,6 +80,28 @@ def jacobi_solve(update: Update, x: torch.Tensor, contexts: torch.Tensor, sweeps
         if residuals[-1] <= tol:
             break
     return contexts, residuals
+
+
+def jacobi_window(update: Update, x: torch.Tensor, c0: torch.Tensor, max_sweeps: int, tol: float,
+                  grad_sweeps: int = 1) -> tuple[torch.Tensor, int]:
+    """The open-chain recurrence of a window from c0 (B, C) by parallel sweeps: contexts (B, T, C).
+
+    No-grad sweeps until the max per-token change is <= tol (or `max_sweeps`; T sweeps are exact
+    for any f), then `grad_sweeps` sweeps that keep the graph: the gradient is that of a
+    `grad_sweeps`-step truncated BPTT around the converged trajectory. Returns (contexts, sweeps).
+    """
+    start = c0.unsqueeze(1).expand(-1, x.shape[1], -1)
+    contexts, residuals = jacobi_solve(update, x, start, max_sweeps, first=c0, tol=tol)
+    for _ in range(grad_sweeps):
+        contexts = jacobi_sweep(update, contexts, x, c0)
+    return contexts, len(residuals) + grad_sweeps
+
+
+def shifted_into(out: torch.Tensor, contexts: torch.Tensor) -> torch.Tensor:
+    """`shifted_inputs(contexts)` written into a preallocated `out` (no new (S, N, C) tensor)."""
+    out[:, 0] = contexts[:, -1]
+    out[:, 1:] = contexts[:, :-1]
+    return out
 
 
 def _context_dim(update: Update, x: torch.Tensor) -> int:
