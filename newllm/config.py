@@ -47,6 +47,14 @@ class ResidualUpdaterConfig:
 
 
 @dataclass
+class EmbeddingConfig:
+    # A hub model name (e.g. gpt2) or a local directory in the hub layout: its token embedding
+    # matrix is copied row by row for the tokens its tokenizer shares with ours (newllm.models.pretrained).
+    pretrained: str | None = None
+    freeze: bool = False  # keep the embedding fixed in both phases
+
+
+@dataclass
 class ContextModelConfig:
     _target_: str = "newllm.models.context_lm.ContextLM"
     architecture: str = "layerwise"  # sequential | layerwise
@@ -59,6 +67,7 @@ class ContextModelConfig:
     init_std: float = 0.1
     dropout: float = 0.0
     updater: Any = MISSING
+    embedding: EmbeddingConfig = field(default_factory=EmbeddingConfig)
 
 
 @dataclass
@@ -165,6 +174,9 @@ class Phase1Config:
     val_init: str = "zeros"  # zeros | sequential | chunked
     erank_samples: int = 4096  # rows sampled for the effective-rank SVD (fixed across runs)
     erank_every: int = 5  # effective rank in the history every N iterations (and the last)
+    checkpoint_every: int = 10  # resume checkpoint every N iterations (0: only at the phase boundary)
+    # A run dir (or its checkpoints/phase1.pt): skip Phase 1, start Phase 2 from that run's Phase-1 weights.
+    from_run: str | None = None
 
 
 @dataclass
@@ -190,6 +202,8 @@ class Phase2Config:
     jacobi_sweeps: int | None = None
     jacobi_tol: float = 1e-6
     jacobi_grad_sweeps: int = 1
+
+    checkpoint_every: int = 1  # resume checkpoint every N epochs (0: none inside Phase 2)
 
 
 @dataclass
@@ -243,9 +257,16 @@ class Config:
     save_checkpoint: bool = True
     save_contexts: bool = True  # Phase-1 validation contexts (for spectra in notebooks)
     progress: bool = True  # tqdm bars
+    # A run dir: continue that interrupted run from its last checkpoint, with its own config.
+    resume: str | None = None
 
 
 def register_configs() -> None:
+    # hydra.run.dir / output_subdir of a resume=<run dir> invocation: the interrupted run's own dir,
+    # with this invocation's Hydra files under .hydra/resume (the original .hydra/ stays as it was).
+    if not OmegaConf.has_resolver("newllm.run_dir"):
+        OmegaConf.register_resolver("newllm.run_dir", lambda resume, default: resume or default)
+        OmegaConf.register_resolver("newllm.hydra_subdir", lambda resume: ".hydra/resume" if resume else ".hydra")
     cs = ConfigStore.instance()
     cs.store(name="config_schema", node=Config)
     cs.store(group="model", name="context_model_schema", node=ContextModelConfig)
@@ -325,6 +346,9 @@ def validate(cfg: DictConfig) -> None:
     _unit_interval("training.phase1.convergence_target", p1.convergence_target)
     _check(p1.lr > 0, "training.phase1.lr", p1.lr, "a positive number")
     _check(p1.context_noise >= 0, "training.phase1.context_noise", p1.context_noise, "a number >= 0")
+    for key, node in (("training.phase1.checkpoint_every", p1), ("training.phase2.checkpoint_every", t.phase2)):
+        every = node.checkpoint_every
+        _check(isinstance(every, int) and every >= 0, key, every, "an integer >= 0 (0: only at phase boundaries)")
     p2 = t.phase2
     _choice("training.phase2.context", p2.context, ("propagate", "fixed"))
     for key in ("seq_len", "batch_size", "epochs"):
@@ -343,6 +367,8 @@ def validate(cfg: DictConfig) -> None:
     _check(p2.reconstruction_weight >= 0, "training.phase2.reconstruction_weight",
            p2.reconstruction_weight, "a number >= 0")
     is_context_model = "architecture" in m
+    _check(is_context_model or p1.from_run is None, "training.phase1.from_run", p1.from_run,
+           "null for baseline models (they have no Phase 1)")
     _check(is_context_model or p2.context == "propagate", "training.phase2.context", p2.context,
            "propagate for baseline models (fixed contexts need a context model)")
 

@@ -24,6 +24,7 @@ from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 from newllm import metrics
+from newllm.checkpoint import load_module_state, module_state, rng_state, set_rng_state
 from newllm.errors import TrainingError
 from newllm.training.diversity import Diversity
 from newllm.training.solvers import chunked_pass, sequential_pass, shifted_inputs, shifted_into, zeros_init
@@ -65,8 +66,13 @@ def unique_tokens(ids: torch.Tensor, limit: int) -> torch.Tensor:
 
 def train_phase1(model: torch.nn.Module, train_ids: torch.Tensor, val_ids: torch.Tensor, cfg: DictConfig,
                  dist_reg_weight: float, diversity: Diversity, device: torch.device,
-                 on_iteration: Callable[[dict], None] | None = None, progress: bool = True) -> Phase1Result:
-    """Train f towards a diverse fixed point of the training stream; measure it on validation."""
+                 on_iteration: Callable[[dict], None] | None = None, progress: bool = True,
+                 state: dict | None = None, checkpoint: Callable[[dict], None] | None = None) -> Phase1Result:
+    """Train f towards a diverse fixed point of the training stream; measure it on validation.
+
+    `checkpoint(loop_state)` is called every training.phase1.checkpoint_every iterations; passing
+    that loop state back as `state` continues from there exactly (model weights restored by the caller).
+    """
     w = dist_reg_weight
     if cfg.mode == "per_token":
         ids = unique_tokens(train_ids[: cfg.max_tokens], cfg.max_tokens).to(device)
@@ -79,11 +85,20 @@ def train_phase1(model: torch.nn.Module, train_ids: torch.Tensor, val_ids: torch
     n_tokens = ids.numel()
 
     model.train(train)
-    with torch.no_grad():
-        p = initial_contexts(model, model.embed(ids), cfg)
+    rate, residual, start = 0.0, math.nan, 1
+    if state is None:
+        with torch.no_grad():
+            p = initial_contexts(model, model.embed(ids), cfg)
+    else:
+        p, start = state["contexts"].to(device), state["iteration"] + 1
+        optimizer.load_state_dict(state["optimizer"])
+        load_module_state(diversity, state["diversity"])
+        result.history = list(state["history"])
+        rate, residual = result.history[-1]["phase1/convergence_rate"], result.history[-1]["phase1/residual"]
+        set_rng_state(state["rng"])
+    every = cfg.get("checkpoint_every", 0)
     t0 = time.perf_counter()
-    bar = tqdm(range(1, cfg.max_iterations + 1), desc="phase1", disable=not progress, leave=False)
-    rate, residual = 0.0, math.nan
+    bar = tqdm(range(start, cfg.max_iterations + 1), desc="phase1", disable=not progress, leave=False)
     # Preallocated once: the sweep's inputs and its output (swapped with p after every sweep).
     new, c_in_all = torch.empty_like(p), (p if cfg.mode == "per_token" else torch.empty_like(p))
     zero = torch.zeros((), device=device)
@@ -137,6 +152,9 @@ def train_phase1(model: torch.nn.Module, train_ids: torch.Tensor, val_ids: torch
         bar.set_postfix(loss=f"{row['phase1/loss']:.4f}", conv=f"{rate:.3f}")
         if last:
             break
+        if checkpoint is not None and every and k % every == 0:
+            checkpoint({"iteration": k, "contexts": p, "optimizer": optimizer.state_dict(),
+                        "diversity": module_state(diversity), "history": result.history, "rng": rng_state()})
     train_time = time.perf_counter() - t0
     model.eval()
 
