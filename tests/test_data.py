@@ -33,11 +33,11 @@ def tok_cfg(**kw):
 
 def write_wiki(path: Path, paragraphs: int) -> Path:
     """A WikiText-style file from chatterbot utterances: headings, paragraphs, blank lines holding a space."""
-    sentences = [t["content"] for c in chatterbot_conversations() for t in c]
+    sentences = [" ".join(t["content"].split()) for c in chatterbot_conversations() for t in c]
     lines = []
     for i in range(paragraphs):
-        if i % 4 == 0:
-            lines += [f" = Section {i // 4} = ", " "]
+        if i % 10 == 0:
+            lines += [f" = Section {i // 10} = ", " "]
         lines += [" " + " ".join(sentences[6 * i : 6 * i + 6]), " "]
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
@@ -215,7 +215,7 @@ def test_text_paragraphs_lines_and_files(tmp_path):
 def test_text_held_out_paragraphs(tmp_path):
     path = write_wiki(tmp_path / "wiki.txt", 40)
     data = load_data(data_cfg(name="text", files=[str(path)], loss_on="all"), tok_cfg(), tmp_path, seed=0)
-    assert (data.info["data/documents"], data.info["data/val_documents"]) == (50, 5)
+    assert (data.info["data/documents"], data.info["data/val_documents"]) == (44, 4)
     assert data.info["data/train_loss_tokens"] == data.info["data/train_tokens"] > 1000
 
 
