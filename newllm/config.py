@@ -106,17 +106,18 @@ class TokenizerConfig:
 @dataclass
 class DataConfig:
     name: str = "chatterbot"  # chatterbot | ultrachat | text | repetition
-    path: str | None = None  # local file in the source's schema (ultrachat: JSON/JSONL/Parquet)
+    path: str | None = None  # data=ultrachat: a local JSON/JSONL/Parquet file with a `messages` column
     files: list[str] = field(default_factory=list)  # data=text: plain-text files
+    split_by: str = "paragraph"  # data=text: documents are paragraphs (blank lines) | line | file
     num_conversations: int | None = None  # cap on conversations/documents read (null = all)
-    max_train_tokens: int | None = None
+    max_train_tokens: int | None = None  # caps (at most); the counts used land in metrics as data/*
     max_val_tokens: int | None = None
-    val_fraction: float = 0.1
-    # by_conversation: disjoint held-out conversations (default). subset_of_train: the original
-    # research protocol (validation = last 20 % of the training stream) -- labelled in metrics.
+    val_fraction: float = 0.1  # share of documents held out (repetition: extra held-out phrases per stage)
+    # by_conversation: disjoint held-out conversations/documents/phrases (default). subset_of_train:
+    # the original research protocol (validation = last 20 % of the training stream), labelled in metrics.
     val_protocol: str = "by_conversation"
     loss_on: str = "assistant"  # assistant | all  (which tokens Phase 2 predicts)
-    # data=repetition
+    # data=repetition: phrases of p distinct tokens, each repeated `repetitions` times, one stage per p
     phrase_lengths: list[int] = field(default_factory=lambda: [1, 2, 3])
     repetitions: int = 20
     phrases_per_stage: int = 8
@@ -324,9 +325,15 @@ def validate(cfg: DictConfig) -> None:
     _choice("data.val_protocol", d.val_protocol, ("by_conversation", "subset_of_train"))
     _choice("data.loss_on", d.loss_on, ("assistant", "all"))
     _check(0.0 < d.val_fraction < 1.0, "data.val_fraction", d.val_fraction, "a number in (0, 1)")
+    _choice("data.split_by", d.split_by, ("paragraph", "line", "file"))
     for key in ("num_conversations", "max_train_tokens", "max_val_tokens"):
         if d[key] is not None:
             _positive_int(f"data.{key}", d[key])
+    _check(len(d.phrase_lengths) > 0 and all(isinstance(p, int) and p > 0 for p in d.phrase_lengths),
+           "data.phrase_lengths", list(d.phrase_lengths), "a non-empty list of positive integers")
+    _check(isinstance(d.repetitions, int) and d.repetitions >= 2, "data.repetitions", d.repetitions,
+           "an integer >= 2 (a phrase must recur to have a cycle)")
+    _positive_int("data.phrases_per_stage", d.phrases_per_stage)
     _positive_int("tokenizer.vocab_size", cfg.tokenizer.vocab_size)
 
     t = cfg.training

@@ -90,7 +90,8 @@ def run(cfg: DictConfig, run_dir: str | Path) -> tuple[dict, float | list[float]
     if resumed is not None:
         tracker.history = list(resumed["history"])
 
-    data = load_data(cfg.data, cfg.tokenizer, cfg.paths.cache_dir, cfg.seed)
+    data = load_data(cfg.data, cfg.tokenizer, cfg.paths.cache_dir, cfg.seed,
+                     min_tokens=cfg.training.phase2.seq_len + 1)
     data.tokenizer.save(str(run_dir / "tokenizer.json"))
     log.info("data: %d train / %d val tokens, vocab %d", len(data.train_ids), len(data.val_ids), data.vocab_size)
 
