@@ -24,6 +24,7 @@ from newllm.config import TRUSTED_TARGETS, instantiate, register_configs, to_con
 from newllm.data import load_data
 from newllm.errors import NewllmError
 from newllm.models import build_model, count_parameters
+from newllm.sweeping import attach_trial
 from newllm.tracking import RunTracker, save_checkpoint
 from newllm.training.phase1 import train_phase1
 from newllm.training.phase2 import train_phase2
@@ -83,6 +84,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> tuple[dict, float | list[float]
     metrics: dict = {"seed": cfg.seed, "device": str(device), **data.info,
                      **{f"model/{k}": v for k, v in count_parameters(model).items()}}
     log.info("model: %s, %d parameters", type(model).__name__, metrics["model/params"])
+    attach_trial(tracker.hooks, cfg, model)  # reports to its Optuna trial when the newllm_optuna sweeper runs it
 
     if cfg.training.phase1.enabled and getattr(model, "is_context_model", False):
         diversity = instantiate(cfg.training.diversity).to(device)
