@@ -8,12 +8,14 @@ early-stop rule says so; the sweeper then records the trial as PRUNED with the r
 
 Intermediate values (single-objective studies only; Optuna forbids report() with several):
   Phase 1 iteration k -> step k, value 1 - convergence_rate (maximize studies: convergence_rate)
-  Phase 2 epoch e -> step phase1.max_iterations + 1 + e, value val_loss (maximize: -val_loss)
-so every trial of a study reports each phase at the same steps and pruners compare like with like.
+  Phase 2 epoch e -> step phase1.max_iterations + 1 + e (epochs count from 1), value val_loss (maximize: -val_loss)
+so every trial of a study reports each phase at the same steps, and PhaseWisePruner lets the
+configured pruner see only the current phase of the trial: pruners compare like with like.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 from collections.abc import Callable
@@ -33,6 +35,25 @@ IN_PROCESS_STUDIES: dict[str, Any] = {}  # studies without storage, reachable on
 
 class TrialPruned(optuna.TrialPruned):
     """Stop this trial; the sweeper records it PRUNED with this message as `pruned_reason`."""
+
+
+class PhaseWisePruner(optuna.pruners.BasePruner):
+    """The configured pruner, shown only the current phase's intermediate values of this trial.
+
+    Pruners such as MedianPruner compare a trial's *best* value so far with other trials at the
+    current step; Phase-1 values (1 - convergence, in [0, 1]) would always beat Phase-2 losses.
+    Other trials are compared at the same step, hence within the same phase already.
+    """
+
+    def __init__(self, pruner: optuna.pruners.BasePruner, phase2_start: int) -> None:
+        self.pruner, self.phase2_start = pruner, phase2_start
+
+    def prune(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> bool:
+        in_phase2 = (trial.last_step or 0) >= self.phase2_start
+        trial = copy.deepcopy(trial)
+        trial.intermediate_values = {s: v for s, v in trial.intermediate_values.items()
+                                     if (s >= self.phase2_start) == in_phase2}
+        return self.pruner.prune(study, trial)
 
 
 def early_stop_reason(row: dict, rules: dict, context_dim: int, identity_score: Callable[[], float]) -> str | None:
@@ -56,6 +77,11 @@ def early_stop_reason(row: dict, rules: dict, context_dim: int, identity_score: 
     return None
 
 
+def phase2_start(cfg: DictConfig) -> int:
+    """Step of Phase-2 epoch 0: after every possible Phase-1 iteration, the same in every trial."""
+    return int(cfg.training.phase1.max_iterations) + 1
+
+
 class TrialReporter:
     """RunTracker hook bound to one Optuna trial."""
 
@@ -67,7 +93,7 @@ class TrialReporter:
         self.sign = -1.0 if directions[0].name == "MAXIMIZE" else 1.0
         self.single = len(directions) == 1
         self.context_dim = int(getattr(model, "context_dim", 0) or cfg.model.context_dim)
-        self.phase2_offset = int(cfg.training.phase1.max_iterations) + 1
+        self.phase2_offset = phase2_start(cfg)
         self.model = model
 
     def identity_score(self) -> float:
@@ -84,7 +110,7 @@ class TrialReporter:
             return
         self.trial.report(value, step)
         if self.trial.should_prune():
-            pruner = type(self.trial.study.pruner).__name__
+            pruner = type(getattr(self.trial.study.pruner, "pruner", self.trial.study.pruner)).__name__
             raise TrialPruned(f"{pruner}: intermediate value {value:.4g} at step {step} "
                               f"(phase {row['phase']}) is worse than the trials it was compared with")
 
@@ -107,5 +133,6 @@ def attach_trial(hooks: list[Callable[[dict], None]], cfg: DictConfig, model: to
     spec = storage.get_trial_system_attrs(int(trial_id)).get(SPEC_ATTR, {})
     pruner = hydra.utils.instantiate(spec.get("pruner") or {"_target_": "optuna.pruners.NopPruner"},
                                      _execution_whitelist_=("optuna.pruners.*",))
+    pruner = PhaseWisePruner(pruner, phase2_start(cfg))
     study = optuna.load_study(study_name=name, storage=storage, pruner=pruner)
     hooks.append(TrialReporter(optuna.trial.Trial(study, int(trial_id)), spec, cfg, model))

@@ -74,6 +74,8 @@ class NewllmOptunaSweeperConf(OptunaSweeperConf):
     study_name: str | None = "newllm"
     # n_trials counts COMPLETE + PRUNED trials in the whole study (re-running continues it).
     n_trials: int = 20
+    # This run stops once more than max_failure_rate x n_trials of its trials failed (0.0: the first).
+    max_failure_rate: float = 0.0
     n_jobs: int = 1  # trials per batch (run in parallel by the joblib/submitit launchers)
     # Job folder under hydra.sweep.dir, named by trial number so re-runs never overwrite one.
     subdir: str = "trial_{number}"

@@ -4,8 +4,9 @@ Reused from hydra-optuna-sweeper: config schema, sampler configs and instantiati
 grammar (`create_params_from_overrides`), trial configuration and grid handling. Added:
   - pruning: each job gets its study/storage/trial id (env, via hydra.job.env_set) and reports
     intermediate values itself (newllm.sweeping); a job that stops raises TrialPruned -> PRUNED;
-  - failures: raising or NaN/inf-returning jobs are FAIL with `fail_reason`; the sweep stops when
-    this run's failure rate exceeds max_failure_rate; every result is told before anything raises;
+  - failures: raising or NaN/inf-returning jobs are FAIL with `fail_reason` and are replaced; the sweep
+    stops once this run has more than max_failure_rate x n_trials failures; every result is stored
+    before anything raises;
   - resume: n_trials counts COMPLETE + PRUNED (+ running) trials of the whole study, and each job
     folder is named by its trial number, so a re-run continues and never overwrites;
   - traceability: run_dir, overrides and every metric of metrics.json in each trial's user attrs.
@@ -90,11 +91,11 @@ class NewllmOptunaSweeperImpl(OptunaSweeperImpl):
             for trial, ret in zip(trials, returns, strict=True):
                 failures += self._tell(study, trial, ret, len(directions)) == TrialState.FAIL
             launched += len(returns)
-            if failures / launched > self.max_failure_rate or failures >= self.n_trials:
+            if failures > self.max_failure_rate * self.n_trials:
                 self._save_results(study, directions)
-                raise SweepAborted(f"sweep stopped: {failures} of {launched} trials failed in this run "
-                                   f"(hydra.sweeper.max_failure_rate={self.max_failure_rate}); reasons are in the "
-                                   f"trials' user attr fail_reason of study {study.study_name!r}")
+                raise SweepAborted(f"sweep stopped: {failures} of {launched} trials failed in this run, more than "
+                                   f"max_failure_rate={self.max_failure_rate} x n_trials={self.n_trials}; reasons "
+                                   f"are in user attr fail_reason of study {study.study_name!r}")
         self._save_results(study, directions)
 
     # ------------------------------------------------------------------ study and trials
@@ -160,7 +161,11 @@ class NewllmOptunaSweeperImpl(OptunaSweeperImpl):
         values, problem = _objective_values(ret.return_value, n_objectives)
         if problem:
             return self._tell_fail(study, trial, problem)
-        study.tell(trial, values)
+        try:
+            study.tell(trial, values)
+        except RuntimeError as err:  # GridSampler calls study.stop() once the grid is done; the trial is stored
+            if "Study.stop" not in str(err):
+                raise
         return TrialState.COMPLETE
 
     @staticmethod
@@ -206,9 +211,9 @@ def _quote(value: str) -> str:
 
 def _absolute_sqlite(url: str | None) -> str | None:
     """sqlite:///rel/path -> sqlite:////abs/path (jobs may run elsewhere); creates the parent folder."""
-    if not url or not str(url).startswith("sqlite:///") or str(url).startswith("sqlite:////"):
+    if not url or not str(url).startswith("sqlite:///"):
         return url
-    path = Path(str(url).removeprefix("sqlite:///")).resolve()
+    path = Path(str(url).removeprefix("sqlite:///")).resolve()  # sqlite:////abs keeps its leading /
     path.parent.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{path}"
 
