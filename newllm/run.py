@@ -25,6 +25,7 @@ from newllm.config import TRUSTED_TARGETS, ConfigError, instantiate, register_co
 from newllm.data import load_data
 from newllm.errors import NewllmError
 from newllm.models import build_model, count_parameters
+from newllm.sweeping import attach_trial
 from newllm.tracking import RunTracker
 from newllm.training.accel import autocast, maybe_compile
 from newllm.training.phase1 import train_phase1
@@ -99,6 +100,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> tuple[dict, float | list[float]
     metrics: dict = {"seed": cfg.seed, "device": str(device), **data.info,
                      **{f"model/{k}": v for k, v in count_parameters(model).items()}}
     log.info("model: %s, %d parameters", type(model).__name__, metrics["model/params"])
+    attach_trial(tracker.hooks, cfg, model)  # reports to its Optuna trial when the newllm_optuna sweeper runs it
 
     stage = resumed["stage"] if resumed is not None else "phase1"
     if resumed is not None:
