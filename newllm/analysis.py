@@ -262,6 +262,14 @@ def select_sweep(runs: pd.DataFrame, sweep_id: str | None = None) -> pd.DataFram
     return part.sort_values("job").reset_index(drop=True)
 
 
+def compare_architectures(runs: pd.DataFrame, metric: str = "phase2/val_ppl",
+                          index: Sequence[str] = ("model.layers", "model.context_dim"),
+                          arch: str = "choices/model") -> pd.DataFrame:
+    """Completed runs as a table: one row per size, one column per architecture (mean over repeats)."""
+    done = runs[runs["status"] == "completed"]
+    return done.pivot_table(index=list(index), columns=arch, values=metric, aggfunc="mean")
+
+
 def latest_run(runs: pd.DataFrame) -> Path:
     done = runs[runs["status"] == "completed"]
     if done.empty:
