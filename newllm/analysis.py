@@ -21,18 +21,19 @@ import warnings
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import optuna
 import pandas as pd
-import torch
 import yaml
-from matplotlib.figure import Figure
 from omegaconf import OmegaConf
 
 from newllm.errors import NewllmError
-from newllm.metrics import effective_rank_from_singular_values, singular_values
+
+if TYPE_CHECKING:  # torch and matplotlib load lazily: `analyze runs` answers in about a second
+    import torch
+    from matplotlib.figure import Figure
 
 CACHE_NAME = ".runs_cache.parquet"
 # Columns every runs table starts with; metrics follow, then the flattened config.
@@ -292,18 +293,23 @@ def load_history(run_dir: str | Path) -> pd.DataFrame:
 
 def load_contexts(run_dir: str | Path) -> torch.Tensor:
     """The (N, C) validation contexts Phase 1 converged to (phase1_val_contexts.pt)."""
+    import torch
+
     path = _need(Path(run_dir) / "phase1_val_contexts.pt", "run with save_contexts=true and Phase 1 enabled")
     return torch.load(path, weights_only=True)
 
 
 def context_spectrum(run_dir: str | Path, centered: bool = False) -> tuple[np.ndarray, float]:
     """Singular values of a run's contexts (descending) and their effective rank."""
+    from newllm.metrics import effective_rank_from_singular_values, singular_values
+
     s = singular_values(load_contexts(run_dir), centered=centered)
     return s.numpy(), effective_rank_from_singular_values(s)
 
 
 def load_model(run_dir: str | Path, device: str = "cpu"):
     """(model, tokenizer) of a finished run, rebuilt from checkpoint.pt's config and tokenizer.json."""
+    import torch
     from tokenizers import Tokenizer
 
     from newllm.models import build_model
@@ -320,6 +326,8 @@ def load_model(run_dir: str | Path, device: str = "cpu"):
 def generate_text(run_dir: str | Path, prompt: str, n: int = 40, temperature: float = 0.8, top_k: int | None = 20,
                   seed: int = 0) -> str:
     """Sample `n` tokens after `prompt` with a run's model (ContextLM.generate); returns the decoded sample."""
+    import torch
+
     model, tokenizer = load_model(run_dir)
     if not hasattr(model, "generate"):
         raise AnalysisError(f"{type(model).__name__} has no generate(): only context models sample here")
