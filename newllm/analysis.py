@@ -356,9 +356,10 @@ def load_studies(storage: str | Sequence[str], names: Sequence[str] | None = Non
     return studies
 
 
-def objective_names(study: optuna.Study) -> list[str]:
-    """study.metric_names if the sweeper set them, else the study's 'objectives' user attr, else objective_i."""
-    names = study.metric_names or study.user_attrs.get("objectives")
+def objective_names(study: optuna.Study, names: Sequence[str] | None = None) -> list[str]:
+    """`names` if given, else study.metric_names if the sweeper set them, else the study's 'objectives'
+    user attr, else objective_i."""
+    names = names or study.metric_names or study.user_attrs.get("objectives")
     if names and len(names) == len(study.directions):
         return list(names)
     return [f"objective_{i}" for i in range(len(study.directions))]
@@ -378,9 +379,9 @@ def _complete(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
     return study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
 
 
-def pareto_front(study: optuna.Study) -> pd.DataFrame:
+def pareto_front(study: optuna.Study, names: Sequence[str] | None = None) -> pd.DataFrame:
     """The best trials (the Pareto front when multi-objective), sorted by the first objective."""
-    names = objective_names(study)
+    names = objective_names(study, names)
     rows = [{"study": study.study_name, "number": t.number, **dict(zip(names, t.values, strict=True)),
              **{f"params_{k}": v for k, v in t.params.items()}} for t in study.best_trials]
     return pd.DataFrame(rows).sort_values(names[0]).reset_index(drop=True) if rows else pd.DataFrame()
@@ -412,7 +413,8 @@ def hypervolume(study: optuna.Study, reference: np.ndarray) -> float:
     return float(compute_hypervolume(losses, reference)) if len(losses) else 0.0
 
 
-def compare_studies(studies: Sequence[optuna.Study], reference: Sequence[float] | None = None) -> pd.DataFrame:
+def compare_studies(studies: Sequence[optuna.Study], reference: Sequence[float] | None = None,
+                    names: Sequence[str] | None = None) -> pd.DataFrame:
     """One row per study: trials by state, best value per objective, #best trials, hypervolume.
 
     Hypervolume is given for multi-objective studies; studies with the same directions share one
@@ -433,7 +435,7 @@ def compare_studies(studies: Sequence[optuna.Study], reference: Sequence[float] 
         for state in optuna.trial.TrialState:
             row[state.name.lower()] = sum(t.state == state for t in trials)
         done = _complete(s)
-        for i, (name, d) in enumerate(zip(objective_names(s), s.directions, strict=True)):
+        for i, (name, d) in enumerate(zip(objective_names(s, names), s.directions, strict=True)):
             vals = [t.values[i] for t in done if math.isfinite(t.values[i])]
             pick = min if d == optuna.study.StudyDirection.MINIMIZE else max
             row[f"best {name}"] = pick(vals) if vals else math.nan
@@ -456,6 +458,11 @@ def param_importances(study: optuna.Study, objective: int = 0) -> pd.Series:
     return pd.Series(imp, name=objective_names(study)[objective], dtype=float)
 
 
+def _labels(run_dirs: Sequence[str | Path], labels: Sequence[str] | None) -> list[str]:
+    """Given labels, else the last two parts of each run dir (e.g. 'grid/3')."""
+    return list(labels) if labels is not None else ["/".join(Path(d).parts[-2:]) for d in run_dirs]
+
+
 # ----------------------------------------------------------------------------- plots (matplotlib, offline)
 def _figure(nrows: int = 1, ncols: int = 1, size: tuple[float, float] = (5.0, 3.6)):
     import matplotlib.pyplot as plt
@@ -465,7 +472,7 @@ def _figure(nrows: int = 1, ncols: int = 1, size: tuple[float, float] = (5.0, 3.
 
 
 def _label(objective: int, study: optuna.Study, names: Sequence[str] | None) -> str:
-    return names[objective] if names else objective_names(study)[objective]
+    return objective_names(study, names)[objective]
 
 
 def plot_metric_vs_context_dim(runs: pd.DataFrame, metrics: Sequence[str] = ("phase2/val_ppl",),
@@ -560,7 +567,7 @@ def plot_training_curves(run_dirs: Sequence[str | Path], labels: Sequence[str] |
                                                    "phase2/val_ppl")) -> Figure:
     """history.csv of several runs overlaid: one panel per column, x = step within its phase."""
     fig, axes = _figure(1, len(columns))
-    labels = list(labels) if labels is not None else [Path(d).name for d in run_dirs]
+    labels = _labels(run_dirs, labels)
     for run_dir, label in zip(run_dirs, labels, strict=True):
         hist = load_history(run_dir)
         for ax, col in zip(axes[0], columns, strict=True):
@@ -583,7 +590,7 @@ def plot_context_spectrum(run_dirs: Sequence[str | Path], labels: Sequence[str] 
     """Normalised singular values s_i / s_1 of each run's Phase-1 contexts (log scale), effective rank in the legend."""
     fig, axes = _figure(size=(6.0, 4.0))
     ax = axes[0][0]
-    labels = list(labels) if labels is not None else [Path(d).name for d in run_dirs]
+    labels = _labels(run_dirs, labels)
     for run_dir, label in zip(run_dirs, labels, strict=True):
         s, erank = context_spectrum(run_dir, centered)
         ax.plot(np.arange(1, len(s) + 1), s / s[0], marker=".", label=f"{label} (eff. rank {erank:.1f}/{len(s)})")
