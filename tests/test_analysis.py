@@ -74,7 +74,10 @@ def test_runs_cache_rereads_only_changed_dirs(analysis_outputs, tmp_path):
     metrics_path.write_text(json.dumps({**metrics, "phase2/val_ppl": 123.5}))
     shutil.copytree(root / "multirun/grid/1", root / "multirun/grid/7")
     shutil.rmtree(root / "multirun/grid/2")
+    (root / "multirun/grid/3/metrics.json").unlink()  # as if killed before the end: no metrics, no error
     again = analysis.load_runs(root).set_index("run")
+    assert list(again["status"].sort_index()) == ["completed", "completed", "incomplete", "completed"]
+    assert math.isnan(again.loc["multirun/grid/3", "phase2/val_ppl"])
     assert sorted(again.index) == ["multirun/grid/0", "multirun/grid/1", "multirun/grid/3", "multirun/grid/7"]
     assert again.loc["multirun/grid/0", "phase2/val_ppl"] == 123.5
     assert again.loc["multirun/grid/7", "phase2/val_ppl"] == again.loc["multirun/grid/1", "phase2/val_ppl"]
