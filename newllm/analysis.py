@@ -356,10 +356,19 @@ def load_studies(storage: str | Sequence[str], names: Sequence[str] | None = Non
     return studies
 
 
+def _objectives_of_trial_runs(study: optuna.Study) -> list[str] | None:
+    """`objectives` from the config of a trial's run dir (hydra/sweeper=newllm_optuna stores `run_dir`)."""
+    for t in _complete(study):
+        config = Path(str(t.user_attrs.get("run_dir", ""))) / ".hydra" / "config.yaml"
+        if t.user_attrs.get("run_dir") and config.is_file():
+            return (yaml.safe_load(config.read_text()) or {}).get("objectives")
+    return None
+
+
 def objective_names(study: optuna.Study, names: Sequence[str] | None = None) -> list[str]:
     """`names` if given, else study.metric_names if the sweeper set them, else the study's 'objectives'
-    user attr, else objective_i."""
-    names = names or study.metric_names or study.user_attrs.get("objectives")
+    user attr, else the `objectives` its trials' runs returned (newllm_optuna sweeper), else objective_i."""
+    names = names or study.metric_names or study.user_attrs.get("objectives") or _objectives_of_trial_runs(study)
     if names and len(names) == len(study.directions):
         return list(names)
     return [f"objective_{i}" for i in range(len(study.directions))]

@@ -131,6 +131,16 @@ def test_compare_studies_one_row_per_study(studies, analysis_outputs):
     assert summary["hv_reference"].nunique() == 1  # same directions => one shared reference point
 
 
+def test_objective_names_come_from_a_trial_run_dir(runs, analysis_outputs):
+    study = optuna.create_study(directions=["maximize", "minimize"], study_name="linked")
+    assert analysis.objective_names(study) == ["objective_0", "objective_1"]
+    run_dir = analysis.select_sweep(runs, analysis_outputs["grid"])["run_dir"].iloc[0]
+    study.add_trial(optuna.trial.create_trial(values=[0.5, 100.0], user_attrs={"run_dir": run_dir}))
+    assert analysis.objective_names(study) == ["phase1/convergence_rate", "phase2/val_ppl"]  # conf/config.yaml
+    assert list(analysis.pareto_front(study).columns[2:4]) == ["phase1/convergence_rate", "phase2/val_ppl"]
+    assert analysis.objective_names(study, ["a", "b"]) == ["a", "b"]
+
+
 def test_hypervolume_matches_hand_computation():
     study = optuna.create_study(directions=["maximize", "minimize"], study_name="hand")
     dists = {"x": optuna.distributions.FloatDistribution(0, 1)}
