@@ -21,18 +21,19 @@ import warnings
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import optuna
 import pandas as pd
-import torch
 import yaml
-from matplotlib.figure import Figure
 from omegaconf import OmegaConf
 
 from newllm.errors import NewllmError
-from newllm.metrics import effective_rank_from_singular_values, singular_values
+
+if TYPE_CHECKING:  # torch and matplotlib load lazily: `analyze runs` answers in about a second
+    import torch
+    from matplotlib.figure import Figure
 
 CACHE_NAME = ".runs_cache.parquet"
 # Columns every runs table starts with; metrics follow, then the flattened config.
@@ -292,18 +293,23 @@ def load_history(run_dir: str | Path) -> pd.DataFrame:
 
 def load_contexts(run_dir: str | Path) -> torch.Tensor:
     """The (N, C) validation contexts Phase 1 converged to (phase1_val_contexts.pt)."""
+    import torch
+
     path = _need(Path(run_dir) / "phase1_val_contexts.pt", "run with save_contexts=true and Phase 1 enabled")
     return torch.load(path, weights_only=True)
 
 
 def context_spectrum(run_dir: str | Path, centered: bool = False) -> tuple[np.ndarray, float]:
     """Singular values of a run's contexts (descending) and their effective rank."""
+    from newllm.metrics import effective_rank_from_singular_values, singular_values
+
     s = singular_values(load_contexts(run_dir), centered=centered)
     return s.numpy(), effective_rank_from_singular_values(s)
 
 
 def load_model(run_dir: str | Path, device: str = "cpu"):
     """(model, tokenizer) of a finished run, rebuilt from checkpoint.pt's config and tokenizer.json."""
+    import torch
     from tokenizers import Tokenizer
 
     from newllm.models import build_model
@@ -320,6 +326,8 @@ def load_model(run_dir: str | Path, device: str = "cpu"):
 def generate_text(run_dir: str | Path, prompt: str, n: int = 40, temperature: float = 0.8, top_k: int | None = 20,
                   seed: int = 0) -> str:
     """Sample `n` tokens after `prompt` with a run's model (ContextLM.generate); returns the decoded sample."""
+    import torch
+
     model, tokenizer = load_model(run_dir)
     if not hasattr(model, "generate"):
         raise AnalysisError(f"{type(model).__name__} has no generate(): only context models sample here")
@@ -348,9 +356,19 @@ def load_studies(storage: str | Sequence[str], names: Sequence[str] | None = Non
     return studies
 
 
-def objective_names(study: optuna.Study) -> list[str]:
-    """study.metric_names if the sweeper set them, else the study's 'objectives' user attr, else objective_i."""
-    names = study.metric_names or study.user_attrs.get("objectives")
+def _objectives_of_trial_runs(study: optuna.Study) -> list[str] | None:
+    """`objectives` from the config of a trial's run dir (hydra/sweeper=newllm_optuna stores `run_dir`)."""
+    for t in _complete(study):
+        config = Path(str(t.user_attrs.get("run_dir", ""))) / ".hydra" / "config.yaml"
+        if t.user_attrs.get("run_dir") and config.is_file():
+            return (yaml.safe_load(config.read_text()) or {}).get("objectives")
+    return None
+
+
+def objective_names(study: optuna.Study, names: Sequence[str] | None = None) -> list[str]:
+    """`names` if given, else study.metric_names if the sweeper set them, else the study's 'objectives'
+    user attr, else the `objectives` its trials' runs returned (newllm_optuna sweeper), else objective_i."""
+    names = names or study.metric_names or study.user_attrs.get("objectives") or _objectives_of_trial_runs(study)
     if names and len(names) == len(study.directions):
         return list(names)
     return [f"objective_{i}" for i in range(len(study.directions))]
@@ -370,9 +388,9 @@ def _complete(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
     return study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
 
 
-def pareto_front(study: optuna.Study) -> pd.DataFrame:
+def pareto_front(study: optuna.Study, names: Sequence[str] | None = None) -> pd.DataFrame:
     """The best trials (the Pareto front when multi-objective), sorted by the first objective."""
-    names = objective_names(study)
+    names = objective_names(study, names)
     rows = [{"study": study.study_name, "number": t.number, **dict(zip(names, t.values, strict=True)),
              **{f"params_{k}": v for k, v in t.params.items()}} for t in study.best_trials]
     return pd.DataFrame(rows).sort_values(names[0]).reset_index(drop=True) if rows else pd.DataFrame()
@@ -404,7 +422,8 @@ def hypervolume(study: optuna.Study, reference: np.ndarray) -> float:
     return float(compute_hypervolume(losses, reference)) if len(losses) else 0.0
 
 
-def compare_studies(studies: Sequence[optuna.Study], reference: Sequence[float] | None = None) -> pd.DataFrame:
+def compare_studies(studies: Sequence[optuna.Study], reference: Sequence[float] | None = None,
+                    names: Sequence[str] | None = None) -> pd.DataFrame:
     """One row per study: trials by state, best value per objective, #best trials, hypervolume.
 
     Hypervolume is given for multi-objective studies; studies with the same directions share one
@@ -425,7 +444,7 @@ def compare_studies(studies: Sequence[optuna.Study], reference: Sequence[float] 
         for state in optuna.trial.TrialState:
             row[state.name.lower()] = sum(t.state == state for t in trials)
         done = _complete(s)
-        for i, (name, d) in enumerate(zip(objective_names(s), s.directions, strict=True)):
+        for i, (name, d) in enumerate(zip(objective_names(s, names), s.directions, strict=True)):
             vals = [t.values[i] for t in done if math.isfinite(t.values[i])]
             pick = min if d == optuna.study.StudyDirection.MINIMIZE else max
             row[f"best {name}"] = pick(vals) if vals else math.nan
@@ -448,6 +467,11 @@ def param_importances(study: optuna.Study, objective: int = 0) -> pd.Series:
     return pd.Series(imp, name=objective_names(study)[objective], dtype=float)
 
 
+def _labels(run_dirs: Sequence[str | Path], labels: Sequence[str] | None) -> list[str]:
+    """Given labels, else the last two parts of each run dir (e.g. 'grid/3')."""
+    return list(labels) if labels is not None else ["/".join(Path(d).parts[-2:]) for d in run_dirs]
+
+
 # ----------------------------------------------------------------------------- plots (matplotlib, offline)
 def _figure(nrows: int = 1, ncols: int = 1, size: tuple[float, float] = (5.0, 3.6)):
     import matplotlib.pyplot as plt
@@ -457,7 +481,7 @@ def _figure(nrows: int = 1, ncols: int = 1, size: tuple[float, float] = (5.0, 3.
 
 
 def _label(objective: int, study: optuna.Study, names: Sequence[str] | None) -> str:
-    return names[objective] if names else objective_names(study)[objective]
+    return objective_names(study, names)[objective]
 
 
 def plot_metric_vs_context_dim(runs: pd.DataFrame, metrics: Sequence[str] = ("phase2/val_ppl",),
@@ -552,7 +576,7 @@ def plot_training_curves(run_dirs: Sequence[str | Path], labels: Sequence[str] |
                                                    "phase2/val_ppl")) -> Figure:
     """history.csv of several runs overlaid: one panel per column, x = step within its phase."""
     fig, axes = _figure(1, len(columns))
-    labels = list(labels) if labels is not None else [Path(d).name for d in run_dirs]
+    labels = _labels(run_dirs, labels)
     for run_dir, label in zip(run_dirs, labels, strict=True):
         hist = load_history(run_dir)
         for ax, col in zip(axes[0], columns, strict=True):
@@ -575,7 +599,7 @@ def plot_context_spectrum(run_dirs: Sequence[str | Path], labels: Sequence[str] 
     """Normalised singular values s_i / s_1 of each run's Phase-1 contexts (log scale), effective rank in the legend."""
     fig, axes = _figure(size=(6.0, 4.0))
     ax = axes[0][0]
-    labels = list(labels) if labels is not None else [Path(d).name for d in run_dirs]
+    labels = _labels(run_dirs, labels)
     for run_dir, label in zip(run_dirs, labels, strict=True):
         s, erank = context_spectrum(run_dir, centered)
         ax.plot(np.arange(1, len(s) + 1), s / s[0], marker=".", label=f"{label} (eff. rank {erank:.1f}/{len(s)})")

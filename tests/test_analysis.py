@@ -74,7 +74,10 @@ def test_runs_cache_rereads_only_changed_dirs(analysis_outputs, tmp_path):
     metrics_path.write_text(json.dumps({**metrics, "phase2/val_ppl": 123.5}))
     shutil.copytree(root / "multirun/grid/1", root / "multirun/grid/7")
     shutil.rmtree(root / "multirun/grid/2")
+    (root / "multirun/grid/3/metrics.json").unlink()  # as if killed before the end: no metrics, no error
     again = analysis.load_runs(root).set_index("run")
+    assert list(again["status"].sort_index()) == ["completed", "completed", "incomplete", "completed"]
+    assert math.isnan(again.loc["multirun/grid/3", "phase2/val_ppl"])
     assert sorted(again.index) == ["multirun/grid/0", "multirun/grid/1", "multirun/grid/3", "multirun/grid/7"]
     assert again.loc["multirun/grid/0", "phase2/val_ppl"] == 123.5
     assert again.loc["multirun/grid/7", "phase2/val_ppl"] == again.loc["multirun/grid/1", "phase2/val_ppl"]
@@ -126,6 +129,16 @@ def test_compare_studies_one_row_per_study(studies, analysis_outputs):
             assert not dominated.any()
         assert row["hypervolume"] > 0
     assert summary["hv_reference"].nunique() == 1  # same directions => one shared reference point
+
+
+def test_objective_names_come_from_a_trial_run_dir(runs, analysis_outputs):
+    study = optuna.create_study(directions=["maximize", "minimize"], study_name="linked")
+    assert analysis.objective_names(study) == ["objective_0", "objective_1"]
+    run_dir = analysis.select_sweep(runs, analysis_outputs["grid"])["run_dir"].iloc[0]
+    study.add_trial(optuna.trial.create_trial(values=[0.5, 100.0], user_attrs={"run_dir": run_dir}))
+    assert analysis.objective_names(study) == ["phase1/convergence_rate", "phase2/val_ppl"]  # conf/config.yaml
+    assert list(analysis.pareto_front(study).columns[2:4]) == ["phase1/convergence_rate", "phase2/val_ppl"]
+    assert analysis.objective_names(study, ["a", "b"]) == ["a", "b"]
 
 
 def test_hypervolume_matches_hand_computation():
