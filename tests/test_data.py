@@ -217,6 +217,11 @@ def test_text_held_out_paragraphs(tmp_path):
     data = load_data(data_cfg(name="text", files=[str(path)], loss_on="all"), tok_cfg(), tmp_path, seed=0)
     assert (data.info["data/documents"], data.info["data/val_documents"]) == (44, 4)
     assert data.info["data/train_loss_tokens"] == data.info["data/train_tokens"] > 1000
+    built = list((tmp_path / "datasets").rglob("*.arrow"))  # the text builder's own cache entry
+    assert len(built) == 1
+    built[0].write_bytes(b"garbage")  # a corrupt entry is rebuilt, not used
+    again = load_data(data_cfg(name="text", files=[str(path)], loss_on="all"), tok_cfg(), tmp_path, seed=0)
+    assert torch.equal(again.train_ids, data.train_ids) and again.info["data/tokens_cache_hit"]
 
 
 def _bad_text_inputs(tmp_path: Path) -> list[tuple[list[str], str]]:
@@ -298,11 +303,10 @@ def test_repetition_stages_cycles_and_held_out_phrases(tmp_path):
         assert all(WORD_TOKEN.match(data.tokenizer.id_to_token(int(i))) for i in ids.unique())
     assert torch.equal(data.train_ids, torch.cat([s.ids.reshape(-1) for s in data.stages]))
     assert len(data.val_ids) == 5 * 3 * (1 + 2 + 4)  # round(6 * 0.5) = 3 held-out phrases per stage
-    offset = 0
-    for p in (1, 2, 4):
-        block = data.val_ids[offset : offset + 3 * 5 * p].reshape(3, 5 * p)
-        val_phrases |= {tuple(r[:p].tolist()) for r in block}
-        offset += block.numel()
+    assert torch.equal(data.val_ids, torch.cat([s.ids.reshape(-1) for s in data.val_stages]))
+    for stage in data.val_stages:
+        assert stage.ids.shape == (3, 5 * stage.phrase_length)
+        val_phrases |= {tuple(r[: stage.phrase_length].tolist()) for r in stage.ids}
     assert len(train_phrases) == 18 and len(val_phrases) == 9 and not train_phrases & val_phrases
     again = load_data(d, tok_cfg(), tmp_path, seed=1)
     other = load_data(d, tok_cfg(), tmp_path, seed=2)

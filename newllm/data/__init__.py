@@ -36,6 +36,7 @@ class TokenData:
     tokenizer: Tokenizer
     info: dict = field(default_factory=dict)  # counts, protocol, cache hits -> metrics.json
     stages: list[RepetitionStage] | None = None  # data=repetition: the training phrases, one stage per p
+    val_stages: list[RepetitionStage] | None = None  # data=repetition: the held-out phrases (val stream)
 
     @property
     def vocab_size(self) -> int:
@@ -108,7 +109,8 @@ def _check_sizes(d: DictConfig, train_ids: torch.Tensor, val_ids: torch.Tensor, 
 
 def _finish(d: DictConfig, tokenizer: Tokenizer, train: tuple[torch.Tensor, torch.Tensor],
             val: tuple[torch.Tensor, torch.Tensor], min_tokens: int, info: dict,
-            stages: list[RepetitionStage] | None = None) -> TokenData:
+            stages: tuple[list[RepetitionStage], list[RepetitionStage]] | tuple[None, None] = (None, None)
+            ) -> TokenData:
     """Budgets, loss masks, size checks and the counts every option reports."""
     (train_ids, train_mask), (val_ids, val_mask) = train, val
     train_ids, train_mask = train_ids[: d.max_train_tokens], train_mask[: d.max_train_tokens]
@@ -129,7 +131,7 @@ def _finish(d: DictConfig, tokenizer: Tokenizer, train: tuple[torch.Tensor, torc
         "data/vocab_size": tokenizer.get_vocab_size(),
         **info,
     }
-    return TokenData(train_ids, train_mask, val_ids, val_mask, tokenizer, info, stages)
+    return TokenData(train_ids, train_mask, val_ids, val_mask, tokenizer, info, *stages)
 
 
 def _load_repetition(d: DictConfig, tok: DictConfig, cache_dir: Path, seed: int, min_tokens: int) -> TokenData:
@@ -143,7 +145,7 @@ def _load_repetition(d: DictConfig, tok: DictConfig, cache_dir: Path, seed: int,
             "data/train_phrases_per_stage": d.phrases_per_stage, "data/val_phrases_per_stage": n_val, **tok_info}
     ones = torch.ones_like
     return _finish(d, tokenizer, (train_ids, ones(train_ids, dtype=torch.bool)),
-                   (val_ids, ones(val_ids, dtype=torch.bool)), min_tokens, info, stages=train)
+                   (val_ids, ones(val_ids, dtype=torch.bool)), min_tokens, info, stages=(train, val))
 
 
 def load_data(data_cfg: DictConfig, tok_cfg: DictConfig, cache_dir: str | Path, seed: int,
