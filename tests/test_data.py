@@ -182,13 +182,18 @@ def test_ultrachat_offline_fails_at_once_with_one_clear_line(tmp_path):
          "unknown role 'robot': expected one of system, user, assistant"),
         ({"messages": [{"role": "user", "content": 3}]}, "string 'content'"),
         ({"chat": [{"role": "user", "content": "hi"}]}, "has no 'messages' column (columns: chat)"),
+        ('{"messages": [{"role": "user", "content": "caf\xe9"}]}', "bad.jsonl has bytes that are not UTF-8 (at byte "),
+        ("not json", "bad.jsonl as json (ArrowInvalid: JSON parse error"),
     ],
 )
 def test_bad_messages_files_name_the_problem(tmp_path, line, expected):
     path = tmp_path / "bad.jsonl"
-    good = json.loads(ULTRACHAT_SAMPLE.read_text(encoding="utf-8").splitlines()[0])
-    rows = [good, line] if "messages" in line else [line]
-    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n", encoding="utf-8")
+    if isinstance(line, str):  # raw bytes: latin-1 keeps \xe9 a single non-UTF-8 byte
+        path.write_bytes(line.encode("latin-1") + b"\n")
+    else:
+        good = json.loads(ULTRACHAT_SAMPLE.read_text(encoding="utf-8").splitlines()[0])
+        rows = [good, line] if "messages" in line else [line]
+        path.write_text("\n".join(json.dumps(r) for r in rows) + "\n", encoding="utf-8")
     with pytest.raises(DataError) as e:
         load_data(data_cfg(name="ultrachat", path=str(path)), tok_cfg(), tmp_path, seed=0)
     assert expected in one_line_error(e)
@@ -319,3 +324,29 @@ def test_repetition_asking_for_more_phrases_than_the_vocabulary_holds(tmp_path):
     with pytest.raises(DataError) as e:
         load_data(d, tok_cfg(), tmp_path, seed=0)
     assert "cannot draw 5500 distinct phrases (training + held-out) of 1 distinct tokens from 16" in one_line_error(e)
+
+
+def test_pretrained_tokenizer_from_the_local_hub_cache_gains_our_special_tokens(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    hub_tok = Tokenizer(models.BPE())
+    hub_tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hub_tok.decoder = decoders.ByteLevel()
+    texts = [render_chatml(c)[0] for c in chatterbot_conversations(100)]
+    hub_tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=300, show_progress=False,
+                                                           initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    hub_tok.enable_truncation(8)  # a hub file may truncate: whole documents must still come through
+    snapshot = tmp_path / "hub" / "models--acme--tiny" / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    hub_tok.save(str(snapshot / "tokenizer.json"))
+    (tmp_path / "hub" / "models--acme--tiny" / "refs").mkdir()
+    (tmp_path / "hub" / "models--acme--tiny" / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+
+    data = load_data(data_cfg(num_conversations=100, val_protocol="subset_of_train"),
+                     tok_cfg(pretrained="acme/tiny"), tmp_path, seed=0)
+    assert data.info["data/tokenizer"] == "acme/tiny" and "data/tokenizer_cache_hit" not in data.info
+    assert data.vocab_size == hub_tok.get_vocab_size() + 4  # <|pad|>, <|endoftext|>, <|im_start|>, <|im_end|>
+    decoded = data.tokenizer.decode(data.train_ids.tolist(), skip_special_tokens=False)
+    assert decoded == "".join(texts)
