@@ -124,6 +124,9 @@ def ultrachat_conversations(path: str | None, limit: int | None, cache_dir: Path
             rows = list(stream.take(limit) if limit else stream)
         except ConnectionError as err:
             raise DataError(offline) from err
+        except Exception as err:  # noqa: BLE001 -- gated, renamed, interrupted...: one line, not a traceback
+            raise DataError(f"data=ultrachat could not stream {ULTRACHAT!r} ({_first_line(err)}): use "
+                            "data=chatterbot, or data.path=<local JSON/JSONL/Parquet file>") from err
         where = f"{ULTRACHAT}[{ULTRACHAT_SPLIT}]"
     return [check_conversation(r["messages"], f"{where} conversation {i}") for i, r in enumerate(rows)]
 
