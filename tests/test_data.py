@@ -284,6 +284,8 @@ def test_too_little_data_for_a_window_or_for_validation(tmp_path, kw, min_tokens
         ({}, {"pretrained": "gpt2"}, "tokenizer.pretrained='gpt2' cannot be loaded: the Hugging Face Hub is "
          "unreachable"),
         ({"name": "ultrachat", "path": "chats.csv"}, {}, "data.path='chats.csv' does not exist"),
+        ({"name": "wikipedia"}, {}, "data.name='wikipedia' is not allowed: expected one of chatterbot, ultrachat, "
+         "text, repetition"),
     ],
 )
 def test_conflicting_options_and_tokenizer_errors(tmp_path, kw, tok, expected):

@@ -24,6 +24,7 @@ from newllm.data.tokenizer import check_vocab_size, load_or_train, load_pretrain
 from newllm.errors import DataError
 
 DIALOGUE = ("chatterbot", "ultrachat")
+SOURCES = (*DIALOGUE, "text", "repetition")
 SUBSET_OF_TRAIN_FRACTION = 0.2  # val_protocol=subset_of_train: validation = this tail of the training stream
 
 
@@ -45,6 +46,8 @@ class TokenData:
 
 def check_options(d: DictConfig, tok: DictConfig) -> None:
     """Combinations that would silently do something else than asked (before any work)."""
+    if d.name not in SOURCES:
+        raise DataError(f"data.name={d.name!r} is not allowed: expected one of {', '.join(SOURCES)}")
     if not tok.pretrained:
         check_vocab_size(tok.vocab_size)
     if d.name not in DIALOGUE and d.loss_on == "assistant":
@@ -140,7 +143,7 @@ def _load_repetition(d: DictConfig, tok: DictConfig, cache_dir: Path, seed: int,
     n_val = max(1, round(d.phrases_per_stage * d.val_fraction))
     train, val = repetition.make_stages(tokenizer, list(d.phrase_lengths), d.repetitions, d.phrases_per_stage,
                                         n_val, seed)
-    train_ids, val_ids = repetition.stream(train), repetition.stream(val)
+    train_ids, val_ids = repetition.stream(train), repetition.stream(val)  # max_*_tokens cap these, not stages
     info = {"data/phrase_lengths": ",".join(map(str, d.phrase_lengths)), "data/repetitions": d.repetitions,
             "data/train_phrases_per_stage": d.phrases_per_stage, "data/val_phrases_per_stage": n_val, **tok_info}
     ones = torch.ones_like
