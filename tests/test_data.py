@@ -182,13 +182,18 @@ def test_ultrachat_offline_fails_at_once_with_one_clear_line(tmp_path):
          "unknown role 'robot': expected one of system, user, assistant"),
         ({"messages": [{"role": "user", "content": 3}]}, "string 'content'"),
         ({"chat": [{"role": "user", "content": "hi"}]}, "has no 'messages' column (columns: chat)"),
+        ('{"messages": [{"role": "user", "content": "caf\xe9"}]}', "bad.jsonl has bytes that are not UTF-8 (at byte "),
+        ("not json", "bad.jsonl as json (ArrowInvalid: JSON parse error"),
     ],
 )
 def test_bad_messages_files_name_the_problem(tmp_path, line, expected):
     path = tmp_path / "bad.jsonl"
-    good = json.loads(ULTRACHAT_SAMPLE.read_text(encoding="utf-8").splitlines()[0])
-    rows = [good, line] if "messages" in line else [line]
-    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n", encoding="utf-8")
+    if isinstance(line, str):  # raw bytes: latin-1 keeps \xe9 a single non-UTF-8 byte
+        path.write_bytes(line.encode("latin-1") + b"\n")
+    else:
+        good = json.loads(ULTRACHAT_SAMPLE.read_text(encoding="utf-8").splitlines()[0])
+        rows = [good, line] if "messages" in line else [line]
+        path.write_text("\n".join(json.dumps(r) for r in rows) + "\n", encoding="utf-8")
     with pytest.raises(DataError) as e:
         load_data(data_cfg(name="ultrachat", path=str(path)), tok_cfg(), tmp_path, seed=0)
     assert expected in one_line_error(e)
@@ -217,6 +222,11 @@ def test_text_held_out_paragraphs(tmp_path):
     data = load_data(data_cfg(name="text", files=[str(path)], loss_on="all"), tok_cfg(), tmp_path, seed=0)
     assert (data.info["data/documents"], data.info["data/val_documents"]) == (44, 4)
     assert data.info["data/train_loss_tokens"] == data.info["data/train_tokens"] > 1000
+    built = list((tmp_path / "datasets").rglob("*.arrow"))  # the text builder's own cache entry
+    assert len(built) == 1
+    built[0].write_bytes(b"garbage")  # a corrupt entry is rebuilt, not used
+    again = load_data(data_cfg(name="text", files=[str(path)], loss_on="all"), tok_cfg(), tmp_path, seed=0)
+    assert torch.equal(again.train_ids, data.train_ids) and again.info["data/tokens_cache_hit"]
 
 
 def _bad_text_inputs(tmp_path: Path) -> list[tuple[list[str], str]]:
@@ -274,6 +284,8 @@ def test_too_little_data_for_a_window_or_for_validation(tmp_path, kw, min_tokens
         ({}, {"pretrained": "gpt2"}, "tokenizer.pretrained='gpt2' cannot be loaded: the Hugging Face Hub is "
          "unreachable"),
         ({"name": "ultrachat", "path": "chats.csv"}, {}, "data.path='chats.csv' does not exist"),
+        ({"name": "wikipedia"}, {}, "data.name='wikipedia' is not allowed: expected one of chatterbot, ultrachat, "
+         "text, repetition"),
     ],
 )
 def test_conflicting_options_and_tokenizer_errors(tmp_path, kw, tok, expected):
@@ -298,11 +310,10 @@ def test_repetition_stages_cycles_and_held_out_phrases(tmp_path):
         assert all(WORD_TOKEN.match(data.tokenizer.id_to_token(int(i))) for i in ids.unique())
     assert torch.equal(data.train_ids, torch.cat([s.ids.reshape(-1) for s in data.stages]))
     assert len(data.val_ids) == 5 * 3 * (1 + 2 + 4)  # round(6 * 0.5) = 3 held-out phrases per stage
-    offset = 0
-    for p in (1, 2, 4):
-        block = data.val_ids[offset : offset + 3 * 5 * p].reshape(3, 5 * p)
-        val_phrases |= {tuple(r[:p].tolist()) for r in block}
-        offset += block.numel()
+    assert torch.equal(data.val_ids, torch.cat([s.ids.reshape(-1) for s in data.val_stages]))
+    for stage in data.val_stages:
+        assert stage.ids.shape == (3, 5 * stage.phrase_length)
+        val_phrases |= {tuple(r[: stage.phrase_length].tolist()) for r in stage.ids}
     assert len(train_phrases) == 18 and len(val_phrases) == 9 and not train_phrases & val_phrases
     again = load_data(d, tok_cfg(), tmp_path, seed=1)
     other = load_data(d, tok_cfg(), tmp_path, seed=2)
@@ -315,3 +326,29 @@ def test_repetition_asking_for_more_phrases_than_the_vocabulary_holds(tmp_path):
     with pytest.raises(DataError) as e:
         load_data(d, tok_cfg(), tmp_path, seed=0)
     assert "cannot draw 5500 distinct phrases (training + held-out) of 1 distinct tokens from 16" in one_line_error(e)
+
+
+def test_pretrained_tokenizer_from_the_local_hub_cache_gains_our_special_tokens(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    hub_tok = Tokenizer(models.BPE())
+    hub_tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hub_tok.decoder = decoders.ByteLevel()
+    texts = [render_chatml(c)[0] for c in chatterbot_conversations(100)]
+    hub_tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=300, show_progress=False,
+                                                           initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    hub_tok.enable_truncation(8)  # a hub file may truncate: whole documents must still come through
+    snapshot = tmp_path / "hub" / "models--acme--tiny" / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    hub_tok.save(str(snapshot / "tokenizer.json"))
+    (tmp_path / "hub" / "models--acme--tiny" / "refs").mkdir()
+    (tmp_path / "hub" / "models--acme--tiny" / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+
+    data = load_data(data_cfg(num_conversations=100, val_protocol="subset_of_train"),
+                     tok_cfg(pretrained="acme/tiny"), tmp_path, seed=0)
+    assert data.info["data/tokenizer"] == "acme/tiny" and "data/tokenizer_cache_hit" not in data.info
+    assert data.vocab_size == hub_tok.get_vocab_size() + 4  # <|pad|>, <|endoftext|>, <|im_start|>, <|im_end|>
+    decoded = data.tokenizer.decode(data.train_ids.tolist(), skip_special_tokens=False)
+    assert decoded == "".join(texts)

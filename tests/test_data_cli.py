@@ -13,7 +13,8 @@ from tests.test_data import write_wiki
 def test_text_run_end_to_end(tiny_run, tmp_path):
     wiki = write_wiki(tmp_path / "wiki.txt", 30)
     run_dir, _ = tiny_run("text", "data=text", f"data.files=[{wiki}]", "training.phase1.max_iterations=2",
-                          "training.phase2.max_steps_per_epoch=5", "save_checkpoint=false", "save_contexts=false")
+                          "training.phase1.max_tokens=256", "training.phase2.max_steps_per_epoch=5",
+                          "save_checkpoint=false", "save_contexts=false")
     m = read_metrics(run_dir)
     assert m["data/name"] == "text" and m["data/val_protocol"] == "by_conversation"
     assert (m["data/documents"], m["data/val_documents"]) == (33, 3)  # 30 paragraphs + 3 headings
@@ -30,7 +31,8 @@ def test_repetition_runs_phase1_and_phase2(tmp_path):
     overrides = [o for o in TINY if not o.startswith("data.num_conversations")]
     with initialize_config_dir(config_dir=str(REPO / "conf")):
         cfg = compose("config", [*overrides, "data=repetition", f"paths.output_root={tmp_path}",
-                                 "training.phase1.max_iterations=2", "training.phase2.max_steps_per_epoch=3",
+                                 "training.phase1.max_iterations=2", "training.phase1.max_tokens=256",
+                                 "training.phase2.max_steps_per_epoch=3",
                                  "save_checkpoint=false", "save_contexts=false"])
     m, _ = run(cfg, tmp_path / "rep")
     assert m["data/name"] == "repetition" and m["data/phrase_lengths"] == "1,2,3"

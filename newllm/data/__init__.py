@@ -24,6 +24,7 @@ from newllm.data.tokenizer import check_vocab_size, load_or_train, load_pretrain
 from newllm.errors import DataError
 
 DIALOGUE = ("chatterbot", "ultrachat")
+SOURCES = (*DIALOGUE, "text", "repetition")
 SUBSET_OF_TRAIN_FRACTION = 0.2  # val_protocol=subset_of_train: validation = this tail of the training stream
 
 
@@ -36,6 +37,7 @@ class TokenData:
     tokenizer: Tokenizer
     info: dict = field(default_factory=dict)  # counts, protocol, cache hits -> metrics.json
     stages: list[RepetitionStage] | None = None  # data=repetition: the training phrases, one stage per p
+    val_stages: list[RepetitionStage] | None = None  # data=repetition: the held-out phrases (val stream)
 
     @property
     def vocab_size(self) -> int:
@@ -44,6 +46,8 @@ class TokenData:
 
 def check_options(d: DictConfig, tok: DictConfig) -> None:
     """Combinations that would silently do something else than asked (before any work)."""
+    if d.name not in SOURCES:
+        raise DataError(f"data.name={d.name!r} is not allowed: expected one of {', '.join(SOURCES)}")
     if not tok.pretrained:
         check_vocab_size(tok.vocab_size)
     if d.name not in DIALOGUE and d.loss_on == "assistant":
@@ -108,7 +112,8 @@ def _check_sizes(d: DictConfig, train_ids: torch.Tensor, val_ids: torch.Tensor, 
 
 def _finish(d: DictConfig, tokenizer: Tokenizer, train: tuple[torch.Tensor, torch.Tensor],
             val: tuple[torch.Tensor, torch.Tensor], min_tokens: int, info: dict,
-            stages: list[RepetitionStage] | None = None) -> TokenData:
+            stages: tuple[list[RepetitionStage], list[RepetitionStage]] | tuple[None, None] = (None, None)
+            ) -> TokenData:
     """Budgets, loss masks, size checks and the counts every option reports."""
     (train_ids, train_mask), (val_ids, val_mask) = train, val
     train_ids, train_mask = train_ids[: d.max_train_tokens], train_mask[: d.max_train_tokens]
@@ -129,7 +134,7 @@ def _finish(d: DictConfig, tokenizer: Tokenizer, train: tuple[torch.Tensor, torc
         "data/vocab_size": tokenizer.get_vocab_size(),
         **info,
     }
-    return TokenData(train_ids, train_mask, val_ids, val_mask, tokenizer, info, stages)
+    return TokenData(train_ids, train_mask, val_ids, val_mask, tokenizer, info, *stages)
 
 
 def _load_repetition(d: DictConfig, tok: DictConfig, cache_dir: Path, seed: int, min_tokens: int) -> TokenData:
@@ -138,12 +143,12 @@ def _load_repetition(d: DictConfig, tok: DictConfig, cache_dir: Path, seed: int,
     n_val = max(1, round(d.phrases_per_stage * d.val_fraction))
     train, val = repetition.make_stages(tokenizer, list(d.phrase_lengths), d.repetitions, d.phrases_per_stage,
                                         n_val, seed)
-    train_ids, val_ids = repetition.stream(train), repetition.stream(val)
+    train_ids, val_ids = repetition.stream(train), repetition.stream(val)  # max_*_tokens cap these, not stages
     info = {"data/phrase_lengths": ",".join(map(str, d.phrase_lengths)), "data/repetitions": d.repetitions,
             "data/train_phrases_per_stage": d.phrases_per_stage, "data/val_phrases_per_stage": n_val, **tok_info}
     ones = torch.ones_like
     return _finish(d, tokenizer, (train_ids, ones(train_ids, dtype=torch.bool)),
-                   (val_ids, ones(val_ids, dtype=torch.bool)), min_tokens, info, stages=train)
+                   (val_ids, ones(val_ids, dtype=torch.bool)), min_tokens, info, stages=(train, val))
 
 
 def load_data(data_cfg: DictConfig, tok_cfg: DictConfig, cache_dir: str | Path, seed: int,

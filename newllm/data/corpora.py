@@ -110,7 +110,10 @@ def ultrachat_conversations(path: str | None, limit: int | None, cache_dir: Path
         ds = load_local(builder, [p], "data.path", cache_dir)
         if "messages" not in ds.column_names:
             raise DataError(f"data.path={path!r} has no 'messages' column (columns: {', '.join(ds.column_names)})")
-        rows, where = ds.select(range(min(limit, len(ds)))) if limit else ds, str(p)
+        try:  # pyarrow's JSON reader lets bad UTF-8 into string columns; it surfaces when rows are read
+            rows, where = list(ds.select(range(min(limit, len(ds)))) if limit else ds), str(p)
+        except UnicodeDecodeError as err:
+            raise DataError(f"data.path: {_find_bad_utf8([p]) or f'{p} has text that is not UTF-8'}") from err
     else:
         offline = (f"data=ultrachat cannot reach {ULTRACHAT!r} on the Hugging Face Hub (offline): use "
                    "data=chatterbot, or data.path=<local JSON/JSONL/Parquet file with a 'messages' column>")
@@ -121,6 +124,9 @@ def ultrachat_conversations(path: str | None, limit: int | None, cache_dir: Path
             rows = list(stream.take(limit) if limit else stream)
         except ConnectionError as err:
             raise DataError(offline) from err
+        except Exception as err:  # noqa: BLE001 -- gated, renamed, interrupted...: one line, not a traceback
+            raise DataError(f"data=ultrachat could not stream {ULTRACHAT!r} ({_first_line(err)}): use "
+                            "data=chatterbot, or data.path=<local JSON/JSONL/Parquet file>") from err
         where = f"{ULTRACHAT}[{ULTRACHAT_SPLIT}]"
     return [check_conversation(r["messages"], f"{where} conversation {i}") for i, r in enumerate(rows)]
 
