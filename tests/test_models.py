@@ -98,3 +98,20 @@ def test_transformer_is_causal():
     with torch.no_grad():
         a, b = m.contexts_window(ids), m.contexts_window(changed)
     assert torch.allclose(a[:, :7], b[:, :7], atol=1e-5) and not torch.allclose(a[:, 7:], b[:, 7:])
+
+
+@pytest.mark.parametrize("schema", ["GRUConfig", "TransformerConfig"])
+def test_match_width_picks_the_closest_baseline_size(schema):
+    from omegaconf import OmegaConf
+
+    import newllm.config as config
+    from newllm.models.sizing import match_width, params_of
+
+    base = OmegaConf.structured(getattr(config, schema)(layers=1, embed_dim=16))
+    target = count_parameters(context_lm("layerwise", vocab=40))["params_core"]
+    width, got = match_width(base, target, 40, max_width=256)
+    assert got == params_of(OmegaConf.merge(base, {"context_dim": width}), 40)
+    step = base.get("heads", 1)
+    neighbours = [params_of(OmegaConf.merge(base, {"context_dim": w}), 40) for w in (width - step, width + step)]
+    assert all(abs(got - target) <= abs(n - target) for n in neighbours)
+    assert abs(got - target) / target < 0.15
