@@ -121,20 +121,15 @@ def test_match_width_picks_the_closest_baseline_size(schema):
 def test_default_init_is_not_a_near_identity_map(name):
     """At init_std 0.02 the gates sit at 0.5 and the update is tiny: f(c, x) ~ LN(c), whose fixed
     point is trivial (identity score ~0.99). The shipped default must start well away from that."""
-    from hydra import compose, initialize_config_dir
-
-    from newllm.config import register_configs
     from newllm.metrics import identity_mapping_score
     from newllm.models import build_model
-    from newllm.models.sizing import CONF
+    from newllm.models.sizing import compose_model
 
-    register_configs()
-    with initialize_config_dir(config_dir=str(CONF), version_base=None):
-        cfg = compose("config", overrides=[f"model={name}"])
+    model_cfg, _ = compose_model([f"model={name}"])
     torch.manual_seed(0)
-    default = build_model(cfg.model, 512)
-    cfg.model.init_std = 0.02
-    small = build_model(cfg.model, 512)
+    default = build_model(model_cfg, 512)
+    model_cfg.init_std = 0.02
+    small = build_model(model_cfg, 512)
     score = identity_mapping_score(default.update, default.context_dim, default.embed_dim)
     assert identity_mapping_score(small.update, small.context_dim, small.embed_dim) > 0.95
     assert score < 0.9

@@ -17,6 +17,7 @@ import argparse
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
+from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, open_dict
 
 from newllm.config import register_configs
@@ -53,7 +54,10 @@ def match_width(baseline_cfg: DictConfig, target: int, vocab_size: int, key: str
     return best, count(best)
 
 
-def _model_cfg(overrides: list[str]) -> tuple[DictConfig, int]:
+def compose_model(overrides: list[str]) -> tuple[DictConfig, int]:
+    """(model config, nominal tokenizer.vocab_size) composed from conf/ with these overrides."""
+    if "config_schema.yaml" not in ConfigStore.instance().repo:  # register once per process
+        register_configs()
     with initialize_config_dir(config_dir=str(CONF), version_base=None):
         cfg = compose("config", overrides=overrides)
     return cfg.model, cfg.tokenizer.vocab_size
@@ -65,9 +69,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--baseline", nargs="+", required=True, help="overrides of the baseline, e.g. model=gru")
     parser.add_argument("--match", choices=("params_core", "params"), default="params_core")
     args = parser.parse_args(argv)
-    register_configs()
-    ref_cfg, vocab = _model_cfg(args.reference)
-    base_cfg, _ = _model_cfg(args.baseline)
+    ref_cfg, vocab = compose_model(args.reference)
+    base_cfg, _ = compose_model(args.baseline)
     target = params_of(ref_cfg, vocab, args.match)
     width, got = match_width(base_cfg, target, vocab, args.match)
     print(f"reference {' '.join(args.reference)}: {args.match}={target}")
