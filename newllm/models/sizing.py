@@ -58,7 +58,7 @@ def compose_model(overrides: list[str]) -> tuple[DictConfig, int]:
     """(model config, nominal tokenizer.vocab_size) composed from conf/ with these overrides."""
     if "config_schema.yaml" not in ConfigStore.instance().repo:  # register once per process
         register_configs()
-    with initialize_config_dir(config_dir=str(CONF), version_base=None):
+    with initialize_config_dir(config_dir=str(CONF)):
         cfg = compose("config", overrides=overrides)
     return cfg.model, cfg.tokenizer.vocab_size
 
