@@ -47,7 +47,9 @@ def test_spread_regularisers_push_contexts_apart(reg):
 
 def test_frobenius_value_by_hand():
     c = torch.tensor([[1.0, 0.0], [-1.0, 0.0], [0.0, 2.0], [0.0, -2.0]])
-    assert float(FrobeniusDeviation()(c)) == pytest.approx(-(10.0**0.5) / 4)
+    assert float(FrobeniusDeviation()(c)) == pytest.approx(-(10.0**0.5) / 8**0.5)  # ||.||_F / sqrt(N * C)
+    # the same spread on a 10x longer stream gives the same value (the original's / N did not)
+    assert float(FrobeniusDeviation()(c.repeat(10, 1))) == pytest.approx(float(FrobeniusDeviation()(c)))
 
 
 def test_dim_usage_rewards_rarely_used_dimensions():

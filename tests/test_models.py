@@ -98,3 +98,38 @@ def test_transformer_is_causal():
     with torch.no_grad():
         a, b = m.contexts_window(ids), m.contexts_window(changed)
     assert torch.allclose(a[:, :7], b[:, :7], atol=1e-5) and not torch.allclose(a[:, 7:], b[:, 7:])
+
+
+@pytest.mark.parametrize("schema", ["GRUConfig", "TransformerConfig"])
+def test_match_width_picks_the_closest_baseline_size(schema):
+    from omegaconf import OmegaConf
+
+    import newllm.config as config
+    from newllm.models.sizing import match_width, params_of
+
+    base = OmegaConf.structured(getattr(config, schema)(layers=1, embed_dim=16))
+    target = count_parameters(context_lm("layerwise", vocab=40))["params_core"]
+    width, got = match_width(base, target, 40, max_width=256)
+    assert got == params_of(OmegaConf.merge(base, {"context_dim": width}), 40)
+    step = base.get("heads", 1)
+    neighbours = [params_of(OmegaConf.merge(base, {"context_dim": w}), 40) for w in (width - step, width + step)]
+    assert all(abs(got - target) <= abs(n - target) for n in neighbours)
+    assert abs(got - target) / target < 0.15
+
+
+@pytest.mark.parametrize("name", ["layerwise", "sequential"])
+def test_default_init_is_not_a_near_identity_map(name):
+    """At init_std 0.02 the gates sit at 0.5 and the update is tiny: f(c, x) ~ LN(c), whose fixed
+    point is trivial (identity score ~0.99). The shipped default must start well away from that."""
+    from newllm.metrics import identity_mapping_score
+    from newllm.models import build_model
+    from newllm.models.sizing import compose_model
+
+    model_cfg, _ = compose_model([f"model={name}"])
+    torch.manual_seed(0)
+    default = build_model(model_cfg, 512)
+    model_cfg.init_std = 0.02
+    small = build_model(model_cfg, 512)
+    score = identity_mapping_score(default.update, default.context_dim, default.embed_dim)
+    assert identity_mapping_score(small.update, small.context_dim, small.embed_dim) > 0.95
+    assert score < 0.9

@@ -173,3 +173,30 @@ def test_validation_stream_too_short_fails_loudly():
     with pytest.raises(TrainingError, match="cannot form"):
         train_phase1(m, torch.randint(0, 40, (64,)), torch.randint(0, 40, (1,)),
                      phase1_cfg(max_iterations=1, min_iterations=0), 0.0, NoDiversity(), CPU, progress=False)
+
+
+def test_architecture_by_training_multirun_cli(tmp_path, monkeypatch):
+    """'sequential vs layer-wise x trained vs untrained' is one multirun (per-token fixed point)."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # tiny models: extra threads only contend
+    import csv
+
+    from omegaconf import OmegaConf
+
+    from tests.conftest import TINY, read_metrics, run_cli
+
+    out = tmp_path / "out"
+    run_cli(["-m", *TINY, "model=sequential,layerwise", "training.phase1.untrained=true,false",
+             "training.phase1.mode=per_token", "training.phase2.enabled=false", f"paths.output_root={out}",
+             f"hydra.sweep.dir={out}/sweep"], cwd=tmp_path)
+    seen = set()
+    for job in sorted((out / "sweep").glob("[0-9]*")):
+        cfg = OmegaConf.load(job / ".hydra" / "config.yaml")
+        arch, untrained = cfg.model.architecture, cfg.training.phase1.untrained
+        m = read_metrics(job)
+        with open(job / "history.csv") as f:
+            grads = [float(r["phase1/grad_norm"]) for r in csv.DictReader(f) if r["phase"] == "1"]
+        assert len(grads) == m["phase1/iterations"]
+        assert all(g == 0 for g in grads) if untrained else all(g > 0 for g in grads)
+        assert 0 <= m["phase1/identity_score"] <= 1 and m["phase1/val_tokens"] > 0
+        seen.add((arch, untrained))
+    assert len(seen) == 4

@@ -69,7 +69,8 @@ def test_next_token_weight_trains_the_head():
     assert "repetition/ce" in r.history[0] and not torch.equal(head, m.head.weight)
 
 
-def test_repetition_without_stages_fails_in_the_cli(tiny_run):
+def test_repetition_without_stages_fails_in_the_cli(tiny_run, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
     _, proc = tiny_run("rep", "training=repetition", check=False)
     assert proc.returncode == 2
     assert "needs phrase stages: use data=repetition" in proc.stderr
