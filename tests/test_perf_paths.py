@@ -85,7 +85,7 @@ def test_phase2_jacobi_solver_matches_sequential_and_trains():
     assert all(p.grad is not None for p in model.blocks.parameters())
 
 
-def _train_head(model: torch.nn.Module, ids: torch.Tensor, precision: str, steps: int = 12) -> list[float]:
+def _train_head(model: torch.nn.Module, ids: torch.Tensor, precision: str, steps: int = 8) -> list[float]:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     losses = []
     with autocast(CPU, precision):
@@ -101,7 +101,7 @@ def _train_head(model: torch.nn.Module, ids: torch.Tensor, precision: str, steps
 
 def test_bf16_autocast_learns_like_fp32_on_cpu():
     """A bf16 context spanning the loop must see the optimizer's updates (no stale weight cache)."""
-    ids = torch.randint(0, 16, (8, 13), generator=torch.Generator().manual_seed(5))
+    ids = torch.randint(0, 16, (8, 7), generator=torch.Generator().manual_seed(5))
     fp32 = _train_head(context_model(), ids, "fp32")
     bf16 = _train_head(context_model(), ids, "bf16")
     assert fp32[-1] < fp32[0] - 0.5
@@ -131,3 +131,21 @@ def test_transformer_kv_cache_steps_equal_full_forward():
         steps = torch.stack([model.step(ids[:, t], t, cache) for t in range(10)], dim=1)
         torch.testing.assert_close(steps, full, atol=1e-5, rtol=1e-4)
         assert model.generate(ids[0, :3], 5).shape == (5,)
+
+
+def test_solver_and_precision_values_are_validated():
+    from pathlib import Path
+
+    from hydra import compose, initialize_config_dir
+
+    from newllm.config import ConfigError, register_configs, validate
+
+    register_configs()
+    conf = str(Path(__file__).resolve().parents[1] / "conf")
+    for override, message in (("training.phase2.solver=newton", "training.phase2.solver='newton'"),
+                              ("training.precision=fp8", "training.precision='fp8'"),
+                              ("training.phase2.jacobi_sweeps=0", "training.phase2.jacobi_sweeps=0")):
+        with initialize_config_dir(conf, version_base=None):
+            cfg = compose("config", overrides=[override])
+        with pytest.raises(ConfigError, match=message.replace("[", r"\[")):
+            validate(cfg)

@@ -36,8 +36,9 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
 def maybe_compile(model: nn.Module, enabled: bool, backend: str = "inductor") -> nn.Module:
     """Compile the per-token modules in place (nn.Module.compile keeps names and state dicts).
 
-    Inductor needs a C compiler on CPU; without one this is a logged no-op. Shapes differ
-    between pass 0 (one position) and the sweeps (all positions), so shapes are marked dynamic.
+    Inductor needs a C compiler on CPU; without one this is a logged no-op. Measured on the 2-core
+    CPU (benchmarks/README numbers): ~1 min of compilation and slower sweeps than eager, so it is
+    off by default; it is meant for GPUs.
     """
     if not enabled:
         return model
@@ -48,6 +49,6 @@ def maybe_compile(model: nn.Module, enabled: bool, backend: str = "inductor") ->
     for name in COMPILE_TARGETS:
         target = getattr(model, name, None)
         for module in (target if isinstance(target, nn.ModuleList) else [target] if target is not None else []):
-            module.compile(dynamic=True, backend=backend)
+            module.compile(backend=backend)  # static shapes first; dynamo re-traces dynamic if needed
     log.info("training.compile=true: compiled %s", ", ".join(n for n in COMPILE_TARGETS if hasattr(model, n)))
     return model

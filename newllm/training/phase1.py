@@ -101,11 +101,11 @@ def train_phase1(model: torch.nn.Module, train_ids: torch.Tensor, val_ids: torch
     bar = tqdm(range(start, cfg.max_iterations + 1), desc="phase1", disable=not progress, leave=False)
     # Preallocated once: the sweep's inputs and its output (swapped with p after every sweep).
     new, c_in_all = torch.empty_like(p), (p if cfg.mode == "per_token" else torch.empty_like(p))
-    zero = torch.zeros((), device=device)
+    zero, c_dim = torch.zeros((), device=device), p.shape[-1]
     for k in bar:
         diversity.reset()
         optimizer.zero_grad(set_to_none=True)
-        sums = torch.zeros(3, device=device)  # mse, diversity, converged count
+        sums = torch.zeros(4, device=device)  # mse, diversity, converged count, residual norms
         n_pos = p.shape[1]
         c_in_all = p if cfg.mode == "per_token" else shifted_into(c_in_all, p)
         for a in range(0, n_pos, cfg.chunk_size):
@@ -116,23 +116,23 @@ def train_phase1(model: torch.nn.Module, train_ids: torch.Tensor, val_ids: torch
             with torch.set_grad_enabled(train):
                 c = model.update(c_in, model.embed(ids[:, a:b]))
                 target = p[:, a:b]  # the previous sweep: never overwritten before the loss
-                mse = (c - target).pow(2).mean()
+                token_mse = metrics.per_token_mse(c, target)  # one pass feeds loss, convergence, residual
+                mse = token_mse.mean()
                 div = diversity(c)
                 loss = ((1 - w) * mse + w * div) * ((b - a) / n_pos)
             if train:
                 loss.backward()
             with torch.no_grad():
-                token_mse = metrics.per_token_mse(c, target)
-                sums += torch.stack([mse * (b - a), div * (b - a),
-                                     (token_mse < cfg.convergence_threshold).sum()])
+                token_mse = token_mse.detach()
+                sums += torch.stack([mse * (b - a), div * (b - a), (token_mse < cfg.convergence_threshold).sum(),
+                                     (token_mse * c_dim).sqrt().sum()])  # sum of ||C_t - P_t|| (L2)
                 new[:, a:b] = c.detach()
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip) if train else zero
         if train:
             optimizer.step()
         # The one host-device sync of the iteration: every scalar the history needs, at once.
-        res_t = (new - p).norm(dim=-1).mean()  # == metrics.mean_residual(new, p), kept on device
-        scalars = torch.cat([sums / torch.tensor([n_pos, n_pos, n_tokens], device=device),
-                             torch.stack([res_t, grad_norm.to(res_t.dtype)])])
+        scalars = torch.cat([sums / torch.tensor([n_pos, n_pos, n_tokens, n_tokens], device=device),
+                             grad_norm.to(sums.dtype).reshape(1)])
         mse_v, div_v, conv, residual, grad_norm = scalars.tolist()
         if not math.isfinite(mse_v) or not math.isfinite(div_v):
             raise TrainingError(f"phase 1 loss became non-finite at iteration {k} (mse={mse_v}, "

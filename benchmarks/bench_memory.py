@@ -1,0 +1,122 @@
+"""Peak memory of generating 1k/10k/100k tokens: context model (one C-vector of state) against the
+transformer baseline decoding with a KV cache (state grows with every token).
+
+    python -m benchmarks.bench_memory --quick
+    python -m benchmarks.bench_memory --tokens 1000,10000,100000 --cap 120
+
+How it is measured (CPU): each case runs in a fresh child process. After building the model and
+a short warm-up, the child resets the kernel's peak-RSS mark (`echo 5 > /proc/self/clear_refs`)
+and reads the resident set; after generating it reads the peak (VmHWM). `peak_mb` is peak minus
+the resident set before generation: every byte the generation touched, torch's C++ buffers
+included. (tracemalloc sees only Python's own heap, not torch tensors, and torch keeps no peak
+statistics for CPU memory; on CUDA `torch.cuda.max_memory_allocated` is used instead.)
+The transformer's cache is allocated for the whole length up front (the cheapest KV cache: no
+re-allocation). Generation stops after --cap seconds; `generated` says how many tokens were made
+then. For a capped transformer run the cache for all N tokens is already allocated and counted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.common import device_of, ints, parser, report, setup
+from newllm.models.baselines import TransformerLM
+from newllm.models.context_lm import ContextLM
+from newllm.models.updaters import GatedUpdater
+
+VOCAB, EMBED = 4096, 96
+
+
+def rss_kb(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status (Linux only)")
+
+
+def child(kind: str, n: int, c: int, layers: int, cap: float, device: torch.device) -> dict:
+    torch.manual_seed(0)
+    prompt = torch.tensor([1, 2, 3])
+    if kind == "context":
+        model = ContextLM(VOCAB, "layerwise", layers, c, EMBED, None, 0.02, 0.0, functools.partial(GatedUpdater))
+    else:
+        model = TransformerLM(VOCAB, layers, c, EMBED, None, 0.02, 0.0, heads=4, max_len=n + prompt.numel() + 1)
+    model = model.to(device).eval()
+    model.generate(prompt.to(device), 8)  # warm-up: one-off allocations are not generation memory
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+    Path("/proc/self/clear_refs").write_text("5")
+    rss0 = rss_kb("VmRSS")
+    t0 = time.perf_counter()
+    generated = generate_capped(model, prompt.to(device), n, cap)
+    seconds = time.perf_counter() - t0
+    if device.type == "cuda":
+        peak_mb = (torch.cuda.max_memory_allocated(device) - base) / 2**20
+    else:
+        peak_mb = (rss_kb("VmHWM") - rss0) / 1024
+    kv_mb = 2 * layers * (n + prompt.numel()) * c * 4 / 2**20 if kind == "transformer" else 0.0
+    return {"model": kind, "N": n, "C": c, "L": layers, "generated": generated, "seconds": seconds,
+            "tok_s": generated / seconds, "peak_mb": peak_mb, "kv_cache_mb_theory": kv_mb}
+
+
+@torch.no_grad()
+def generate_capped(model: torch.nn.Module, prompt: torch.Tensor, n: int, cap: float) -> int:
+    """The models' own sampling steps, stopped after `cap` seconds; returns tokens generated."""
+    g = torch.Generator(device=prompt.device).manual_seed(0)
+    t_end = time.perf_counter() + cap
+    if isinstance(model, ContextLM):
+        step = 1024  # ContextLM.generate in slices (its state is one vector: slicing changes nothing)
+        done = 0
+        while done < n and time.perf_counter() < t_end:
+            model.generate(prompt, min(step, n - done), generator=g)
+            done += min(step, n - done)
+        return done
+    cache = model.new_cache(1, n + prompt.numel())
+    for t, tok in enumerate(prompt.tolist()):
+        logits = model.step(torch.tensor([tok], device=prompt.device), t, cache)
+    for i in range(n):
+        if time.perf_counter() > t_end:
+            return i
+        tok = torch.multinomial(torch.softmax(logits[0], -1), 1, generator=g)
+        logits = model.step(tok, prompt.numel() + i, cache)
+    return n
+
+
+def main() -> None:
+    p = parser(__doc__)
+    p.add_argument("--tokens", type=ints, default=None, help="lengths (default 1000,10000,100000)")
+    p.add_argument("--dim", type=int, default=256)
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--cap", type=float, default=120.0, help="seconds of generation per case at most")
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)  # internal: one case
+    args = p.parse_args()
+    device = setup(args)
+    if args.child:
+        kind, n = args.child.split(":")
+        print(json.dumps(child(kind, int(n), args.dim, args.layers, args.cap, device)))
+        return
+    tokens = args.tokens or ([1000, 10000] if args.quick else [1000, 10000, 100000])
+    rows = []
+    for n in tokens:
+        for kind in ("context", "transformer"):
+            cmd = [sys.executable, "-m", "benchmarks.bench_memory", "--child", f"{kind}:{n}", "--dim", str(args.dim),
+                   "--layers", str(args.layers), "--cap", str(args.cap), "--device", str(device)]
+            if args.threads:
+                cmd += ["--threads", str(args.threads)]
+            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+            rows.append(json.loads(out.strip().splitlines()[-1]))
+    report(rows, "memory", device_of(str(device)), args.out,
+           ["model", "N", "C", "L", "generated", "seconds", "tok_s", "peak_mb", "kv_cache_mb_theory"])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,202 @@
+"""Phase 1 speed: the parallel Jacobi sweeps of newllm against a naive per-token loop, and the floor.
+
+    python -m benchmarks.bench_phase1 --quick
+    python -m benchmarks.bench_phase1 --dims 256 --layers 2 --tokens 10000,100000
+
+For each (context_dim C, layers L, stream length N), same model (layer-wise, gated, E=96,
+random init, seed 0), same random token stream, one stream, objective = CVFP MSE only (w = 0):
+- parallel: newllm's train_phase1 (init=zeros, so only sweeps are timed), seconds per iteration;
+- naive: the same objective with a Python loop over positions, one f call per token (graph kept,
+  one backward, one Adam step). When a full naive iteration would exceed --naive-budget seconds it
+  runs on a prefix of the stream and its per-token rate is used (`naive_tokens` says how many:
+  the cost per token does not depend on N, but this is an extrapolation);
+- matmul floor: the forward and both backward matmuls of the model's Linear shapes at the same
+  rows, timed in the same run: the machine's practical limit for the FLOPs an iteration must do;
+- pass 0 (the sequential no-grad pass), measured (or on a prefix, same rule as naive);
+- `--whole C:L:N` runs the complete train_phase1 (init=sequential, pass 0 included, --iterations
+  sweeps) and compares it with the floor. `--inits` compares init=sequential|zeros|chunked on real
+  data (chatterbot, default objective) for time, convergence and effective rank.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import time
+
+import torch
+from omegaconf import OmegaConf
+
+from benchmarks.common import (
+    interleaved,
+    ints,
+    linear_shapes,
+    matmul_seconds,
+    parser,
+    report,
+    setup,
+    timed,
+    timed_value,
+    train_flops,
+)
+from newllm.config import DataConfig, Phase1Config, TokenizerConfig
+from newllm.models.context_lm import ContextLM
+from newllm.models.updaters import GatedUpdater
+from newllm.training.diversity import FrobeniusDeviation, NoDiversity
+from newllm.training.phase1 import train_phase1
+from newllm.training.solvers import sequential_pass, shifted_inputs
+
+VOCAB, EMBED = 4096, 96
+
+
+def make_model(c: int, layers: int, device: torch.device, seed: int = 0, vocab: int = VOCAB) -> ContextLM:
+    torch.manual_seed(seed)
+    return ContextLM(vocab, "layerwise", layers, c, EMBED, None, 0.02, 0.0,
+                     functools.partial(GatedUpdater)).to(device)
+
+
+def phase1_cfg(n: int, iterations: int, **kw) -> object:
+    base = dict(max_tokens=n, max_iterations=iterations, min_iterations=iterations, convergence_target=1.0,
+                convergence_threshold=1e-30, erank_every=10**9, erank_samples=256, val_iterations=1)
+    return OmegaConf.structured(Phase1Config(**{**base, **kw}))
+
+
+def parallel_seconds_per_iteration(model: ContextLM, ids: torch.Tensor, iterations: int,
+                                   device: torch.device) -> float:
+    """Median seconds of one train_phase1 iteration (init=zeros: no pass 0 in the timed loop)."""
+    res = train_phase1(model, ids, ids[:64], phase1_cfg(ids.numel(), iterations, init="zeros"), 0.0,
+                       NoDiversity(), device, progress=False)
+    t = [0.0] + [row["phase1/time_s"] for row in res.history]
+    return sorted(b - a for a, b in zip(t, t[1:], strict=False))[len(t[1:]) // 2]
+
+
+def naive_iteration(model: ContextLM, ids: torch.Tensor, optimizer: torch.optim.Optimizer) -> None:
+    """The reference: the same CVFP step with a Python loop over positions, one f call per token."""
+    x = model.embed(ids.unsqueeze(0))
+    with torch.no_grad():
+        p = torch.zeros(1, ids.numel(), model.context_dim, device=ids.device)
+        c_in = shifted_inputs(p)
+    optimizer.zero_grad(set_to_none=True)
+    loss = x.new_zeros(())
+    for t in range(ids.numel()):
+        c = model.update(c_in[:, t], x[:, t])
+        loss = loss + (c - p[:, t]).pow(2).mean()
+    (loss / ids.numel()).backward()
+    torch.nn.utils.clip_grad_norm_(model.updater_parameters(), 1.0)
+    optimizer.step()
+
+
+def prefix_for_budget(per_token_s: float, n: int, budget_s: float) -> int:
+    return max(64, min(n, int(budget_s / max(per_token_s, 1e-9))))
+
+
+def bench_case(c: int, layers: int, n: int, args, device: torch.device) -> dict:
+    model = make_model(c, layers, device)
+    ids = torch.randint(0, VOCAB, (n,), generator=torch.Generator().manual_seed(0)).to(device)
+    opt = torch.optim.Adam(model.updater_parameters(), lr=1e-3)
+    shapes = linear_shapes(model.blocks)
+    flops = train_flops(shapes, n)
+    rows = min(n, Phase1Config.chunk_size)
+    mm_rate = train_flops(shapes, rows) / matmul_seconds(shapes, rows, device)
+
+    calib = timed(lambda: naive_iteration(model, ids[:64], opt), device) / 64
+    m = prefix_for_budget(calib, n, args.naive_budget)
+    x = model.embed(ids.unsqueeze(0)).detach()
+    calib0 = timed(lambda: sequential_pass(model.update, x[:, :64]), device) / 64
+    m0 = prefix_for_budget(calib0, n, args.naive_budget)
+    iters = max(2, min(args.iterations, math.ceil(2e10 / flops)))  # fewer sweeps for the big cases
+    med = interleaved({
+        "naive": lambda: naive_iteration(model, ids[:m], opt),
+        "parallel": lambda: parallel_seconds_per_iteration(model, ids, iters, device),
+        "pass0": lambda: sequential_pass(model.update, x[:, :m0]),
+    }, args.reps, device)
+    naive_tok_s, par_tok_s = m / med["naive"], n / med["parallel"]
+    return {"C": c, "L": layers, "N": n, "naive_tokens": m, "naive_tok_it_s": naive_tok_s,
+            "parallel_tok_it_s": par_tok_s, "speedup": par_tok_s / naive_tok_s,
+            "sweep_s": med["parallel"], "gflop_per_it": flops / 1e9,
+            "achieved_gflops": flops / med["parallel"] / 1e9, "matmul_gflops": mm_rate / 1e9,
+            "efficiency": flops / med["parallel"] / mm_rate, "pass0_tokens": m0,
+            "pass0_s": med["pass0"] * n / m0, "sweeps_timed": iters}
+
+
+def whole_run(spec: str, args, device: torch.device) -> dict:
+    """Complete train_phase1 (pass 0 + `--iterations` sweeps + final metrics) against the matmul floor."""
+    c, layers, n = (int(float(v)) for v in spec.split(":"))
+    model = make_model(c, layers, device)
+    ids = torch.randint(0, VOCAB, (n,), generator=torch.Generator().manual_seed(0)).to(device)
+    shapes = linear_shapes(model.blocks)
+    rows = min(n, Phase1Config.chunk_size)
+    mm_rate = train_flops(shapes, rows) / matmul_seconds(shapes, rows, device)
+    floor = args.iterations * train_flops(shapes, n) / mm_rate
+    out = {}
+    for init in args.whole_inits.split(","):
+        wall, res = timed_value(lambda init=init: train_phase1(
+            make_model(c, layers, device), ids, ids[:64], phase1_cfg(n, args.iterations, init=init), 0.0,
+            NoDiversity(), device, progress=False), device)
+        sweeps = res.metrics["phase1/train_time_s"]
+        out[init] = {"C": c, "L": layers, "N": n, "init": init, "iterations": args.iterations, "whole_s": wall,
+                     "sweeps_s": sweeps, "pass0_and_metrics_s": wall - sweeps, "floor_s": floor,
+                     "whole_over_floor": wall / floor, "sweep_efficiency": floor / sweeps}
+    return list(out.values())
+
+
+def init_comparison(args, device: torch.device) -> list[dict]:
+    """init=sequential|zeros|chunked on real data with the default objective: same fixed point, other start."""
+    from newllm.data import load_data
+
+    data = load_data(OmegaConf.structured(DataConfig()), OmegaConf.structured(TokenizerConfig()),
+                     "outputs/cache", 42)
+    n = min(args.init_tokens, data.train_ids.numel())
+    rows = []
+    for init in ("sequential", "zeros", "chunked"):
+        model = make_model(64 if args.quick else 256, 2, device, vocab=data.vocab_size)
+        cfg = OmegaConf.structured(Phase1Config(max_tokens=n, max_iterations=args.init_iterations, init=init,
+                                                erank_every=10**9))
+        t0 = time.perf_counter()
+        res = train_phase1(model, data.train_ids, data.val_ids, cfg, 0.5, FrobeniusDeviation().to(device), device,
+                           progress=False)
+        wall = time.perf_counter() - t0
+        m = res.metrics
+        rows.append({"init": init, "C": model.context_dim, "L": len(model.blocks), "N": n, "wall_s": wall,
+                     "sweeps_s": m["phase1/train_time_s"], "iterations": m["phase1/iterations"],
+                     "convergence": m["phase1/convergence_rate"], "residual": m["phase1/residual"],
+                     "erank": m["phase1/effective_rank"], "erank_ratio": m["phase1/effective_rank_ratio"],
+                     "val_convergence": m["phase1/val_convergence_rate"]})
+    return rows
+
+
+def main() -> None:
+    p = parser(__doc__)
+    p.add_argument("--dims", type=ints, default=None, help="context_dim list (default 64,256,768)")
+    p.add_argument("--layers", type=ints, default=None, help="layers list (default 2,6)")
+    p.add_argument("--tokens", type=ints, default=None, help="stream lengths (default 1000,10000,100000)")
+    p.add_argument("--iterations", type=int, default=10, help="sweeps per timed run")
+    p.add_argument("--naive-budget", type=float, default=10.0, help="seconds a naive/pass-0 case may take")
+    p.add_argument("--whole", default=None, help="C:L:N specs for the whole-run check (default 256:2:100000)")
+    p.add_argument("--whole-inits", default="sequential,chunked")
+    p.add_argument("--inits", action="store_true", help="also compare training.phase1.init on real data")
+    p.add_argument("--init-tokens", type=int, default=16384)
+    p.add_argument("--init-iterations", type=int, default=40)
+    args = p.parse_args()
+    device = setup(args)
+    q = args.quick
+    dims = args.dims or ([64, 256] if q else [64, 256, 768])
+    layers = args.layers or ([2] if q else [2, 6])
+    tokens = args.tokens or ([1000, 10000] if q else [1000, 10000, 100000])
+    whole = args.whole if args.whole is not None else ("256:2:10000" if q else "256:2:100000")
+
+    rows = [bench_case(c, lay, n, args, device) for c in dims for lay in layers for n in tokens]
+    report(rows, "phase1_speed", device, args.out, ["C", "L", "N", "naive_tokens", "naive_tok_it_s",
+           "parallel_tok_it_s", "speedup", "sweep_s", "gflop_per_it", "achieved_gflops", "matmul_gflops",
+           "efficiency", "pass0_s", "pass0_tokens"])
+    if whole:
+        rows = [r for spec in whole.split(",") for r in whole_run(spec, args, device)]
+        report(rows, "phase1_whole", device, None, ["C", "L", "N", "init", "iterations", "whole_s", "sweeps_s",
+               "pass0_and_metrics_s", "floor_s", "whole_over_floor", "sweep_efficiency"])
+    if args.inits:
+        report(init_comparison(args, device), "phase1_inits", device, None, ["init", "C", "L", "N", "wall_s",
+               "sweeps_s", "iterations", "convergence", "residual", "erank", "erank_ratio", "val_convergence"])
+
+
+if __name__ == "__main__":
+    main()
