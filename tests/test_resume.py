@@ -154,6 +154,11 @@ def test_truncated_and_foreign_checkpoints_are_one_clear_error(reference, tmp_pa
         ckpt.load(pickled)  # weights_only=True refuses arbitrary objects
     with pytest.raises(ckpt.CheckpointError, match="'final' checkpoint"):
         ckpt.load_phase1(reference / "checkpoint.pt", {}, None)
+    # killed before its first checkpoint: resume starts over with the config Hydra saved at the start
+    (tmp_path / "early" / ".hydra").mkdir(parents=True)
+    (tmp_path / "early" / ".hydra" / "config.yaml").write_text((reference / ".hydra" / "config.yaml").read_text())
+    cfg, state = ckpt.resume_config(tmp_path / "early")
+    assert state is None and cfg.training.phase1.checkpoint_every == 2
     # through the CLI: a run whose resume checkpoint was cut short -> one line, exit 2, no traceback
     (tmp_path / "run" / "checkpoints").mkdir(parents=True)
     (tmp_path / "run" / ckpt.RESUME_FILE).write_bytes(good[:1000])
