@@ -24,7 +24,7 @@ from newllm import checkpoint as ckpt
 from newllm.config import TRUSTED_TARGETS, ConfigError, instantiate, register_configs, to_container, validate
 from newllm.data import load_data
 from newllm.errors import NewllmError
-from newllm.models import build_model, count_parameters
+from newllm.models import build_model, count_parameters, pretrained
 from newllm.sweeping import attach_trial
 from newllm.tracking import RunTracker
 from newllm.training.accel import autocast, maybe_compile
@@ -81,6 +81,12 @@ def run(cfg: DictConfig, run_dir: str | Path) -> tuple[dict, float | list[float]
         stored, resumed = ckpt.resume_config(run_dir)
         stored.device, stored.progress, stored.resume = cfg.device, cfg.progress, None
         cfg = stored
+    embedding = cfg.model.get("embedding") or {}
+    pretrained_files = None
+    if embedding.get("pretrained"):  # fetched first: offline, this fails before any work
+        pretrained_files = pretrained.fetch(embedding["pretrained"])
+        if not cfg.tokenizer.pretrained:
+            cfg.tokenizer.pretrained = embedding["pretrained"]  # its vocabulary is what the matrix indexes
     validate(cfg)
     run_dir = Path(run_dir)
     t_start = time.perf_counter()
@@ -99,6 +105,8 @@ def run(cfg: DictConfig, run_dir: str | Path) -> tuple[dict, float | list[float]
     model = maybe_compile(build_model(cfg.model, data.vocab_size).to(device), cfg.training.compile)
     metrics: dict = {"seed": cfg.seed, "device": str(device), **data.info,
                      **{f"model/{k}": v for k, v in count_parameters(model).items()}}
+    if pretrained_files is not None:
+        metrics.update(pretrained.apply_pretrained(model, embedding["pretrained"], pretrained_files, data.tokenizer))
     log.info("model: %s, %d parameters", type(model).__name__, metrics["model/params"])
     attach_trial(tracker.hooks, cfg, model)  # reports to its Optuna trial when the newllm_optuna sweeper runs it
 
