@@ -20,11 +20,13 @@ import logging
 import math
 import os
 import socket
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import optuna
+import sqlalchemy
 from hydra.core.utils import JobReturn, JobStatus
 from hydra_plugins.hydra_optuna_sweeper._impl import OptunaSweeperImpl, create_params_from_overrides
 from hydra_plugins.hydra_optuna_sweeper.optuna_sweeper import OptunaSweeper
@@ -93,16 +95,24 @@ class NewllmOptunaSweeperImpl(OptunaSweeperImpl):
             launched += len(returns)
             if failures > self.max_failure_rate * self.n_trials:
                 self._save_results(study, directions)
+                last = study._storage.get_trial(trials[-1]._trial_id).user_attrs.get("fail_reason")
                 raise SweepAborted(f"sweep stopped: {failures} of {launched} trials failed in this run, more than "
-                                   f"max_failure_rate={self.max_failure_rate} x n_trials={self.n_trials}; reasons "
-                                   f"are in user attr fail_reason of study {study.study_name!r}")
+                                   f"max_failure_rate={self.max_failure_rate} x n_trials={self.n_trials} (last: "
+                                   f"{last}); every reason is in user attr fail_reason of study {study.study_name!r}")
         self._save_results(study, directions)
 
     # ------------------------------------------------------------------ study and trials
     def _open_study(self, directions: list[str]) -> optuna.Study:
         self.storage = _absolute_sqlite(self.storage)
-        study = optuna.create_study(study_name=self.study_name, storage=self.storage, sampler=self.sampler,
-                                    directions=directions, load_if_exists=True)
+        for attempt in range(5):
+            try:
+                study = optuna.create_study(study_name=self.study_name, storage=self.storage, sampler=self.sampler,
+                                            directions=directions, load_if_exists=True)
+                break
+            except sqlalchemy.exc.IntegrityError:  # another worker is creating the same empty schema right now
+                if attempt == 4:
+                    raise
+                time.sleep(1.0 + attempt)
         have = [d.name.lower() for d in study.directions]
         if have != list(directions):
             raise ValueError(f"hydra.sweeper.direction={list(directions)} does not match study "
