@@ -199,6 +199,8 @@ def test_presets_compose():
         cvfp = compose("config", ["+sweep=optuna_cvfp_quick"], return_hydra_config=True)
         arch = compose("config", ["+sweep=arch_sizes_quick"], return_hydra_config=True)
         cmp = compose("config", ["+sweep=compare_architectures", "model=sequential"], return_hydra_config=True)
+        slurm = compose("config", ["+sweep=[optuna_cvfp,on_slurm]"], return_hydra_config=True)
+        local = compose("config", ["+sweep=[optuna_ppl,on_joblib]"], return_hydra_config=True)
     assert ppl.hydra.sweeper._target_.endswith("NewllmOptunaSweeper")
     assert ppl.hydra.sweeper.pruner._target_ == "optuna.pruners.MedianPruner"
     assert list(ppl.objectives) == ["phase2/val_ppl"] and ppl.hydra.sweeper.direction == "minimize"
@@ -209,6 +211,9 @@ def test_presets_compose():
     assert dict(arch.hydra.sweeper.params) == {"model": "sequential,layerwise", "model.layers": "1,2",
                                                "model.context_dim": "32,64"}
     assert cmp.hydra.sweeper.study_name == "compare_sequential"
+    assert slurm.hydra.launcher._target_.endswith("SlurmLauncher") and slurm.hydra.sweeper.n_jobs == 8
+    assert slurm.hydra.sweeper.study_name == "optuna_cvfp" and slurm.device == "cuda"
+    assert local.hydra.launcher._target_.endswith("JoblibLauncher") and local.hydra.launcher.n_jobs == 2
 
 
 def free_port() -> int:

@@ -33,6 +33,7 @@ from hydra_plugins.hydra_optuna_sweeper.optuna_sweeper import OptunaSweeper
 from omegaconf import DictConfig, OmegaConf
 from optuna.trial import TrialState
 
+from hydra_plugins.newllm_sweeper import config as _config  # noqa: F401  (registers configs + presets)
 from newllm import sweeping
 from newllm.errors import NewllmError
 
