@@ -59,13 +59,13 @@ def test_official_optuna_sweeper_multi_objective(tmp_path):
 JOBLIB = ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "hydra.sweeper.n_jobs=2"]
 
 
-@pytest.mark.parametrize("launcher", [[], JOBLIB], ids=["in_process", "joblib_2_workers"])
-def test_median_pruner_stops_bad_trials(tmp_path, launcher):
-    """A trial whose Phase-2 val loss lags the median is PRUNED after its first epoch, not FAIL."""
+def test_median_pruner_stops_bad_trials_in_joblib_workers(tmp_path):
+    """A trial whose Phase-2 val loss lags the median is PRUNED after its first epoch, not FAIL, though it
+    runs in a joblib worker process and reports through the shared storage."""
     study, proc = sweep(tmp_path, OURS, "hydra/sweeper/pruner=median", "hydra.sweeper.pruner.n_startup_trials=1",
                         "hydra/sweeper/sampler=random", "hydra.sweeper.sampler.seed=11", "objectives=[phase2/val_ppl]",
                         "hydra.sweeper.direction=minimize", "hydra.sweeper.n_trials=3", "training.phase2.epochs=2",
-                        "training.phase2.patience=5", "training.phase2.lr=choice(0.003,0.0000001)", *launcher)
+                        "training.phase2.patience=5", "training.phase2.lr=choice(0.003,0.0000001)", *JOBLIB)
     # seed 11 proposes lr 0.003, 1e-7, 1e-7. Phase-1 iteration k reports at step k, Phase-2 epoch e at
     # phase1.max_iterations + 1 + e = 7 + e (training=quick).
     def phase2_steps(t):
@@ -91,9 +91,9 @@ def test_median_pruner_stops_bad_trials(tmp_path, launcher):
 ])
 def test_multi_objective_early_stop_rules_prune(tmp_path, rules, reason):
     """Multi-objective studies cannot report(); the rules stop trials instead, recorded PRUNED with the rule."""
-    study, proc = sweep(tmp_path, OURS, "hydra.sweeper.direction=[maximize,minimize]", "hydra.sweeper.n_trials=2",
+    study, proc = sweep(tmp_path, OURS, "hydra.sweeper.direction=[maximize,minimize]", "hydra.sweeper.n_trials=1",
                         "hydra.sweeper.early_stop.grace_iterations=0", "model.layers=choice(1,2)", *rules)
-    assert states(study) == ["PRUNED", "PRUNED"]  # and the sweep exited 0: pruned trials are not failures
+    assert states(study) == ["PRUNED"]  # and the sweep exited 0: pruned trials are not failures
     for t in study.trials:
         assert t.user_attrs["pruned_reason"].startswith(reason)
         assert t.intermediate_values == {}
@@ -182,10 +182,10 @@ def test_resume_continues_to_n_trials_in_total_and_keeps_every_job_dir(tmp_path)
 @pytest.mark.skipif(sys.platform != "linux", reason="submitit_local forks local worker processes (Linux)")
 def test_submitit_local_launcher(tmp_path):
     study, _ = sweep(tmp_path, OURS, "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=5",
-                     "hydra.sweeper.n_trials=2", "hydra.sweeper.n_jobs=2", "model.layers=choice(1,2)",
+                     "hydra.sweeper.n_trials=1", "model.layers=choice(1,2)", "objectives=[phase2/val_ppl]",
                      "hydra/sweeper/pruner=median", "hydra.sweeper.pruner.n_startup_trials=0")
-    assert states(study) == ["COMPLETE"] * 2
-    assert all(t.intermediate_values for t in study.trials)  # reported from the submitit worker processes
+    assert states(study) == ["COMPLETE"]
+    assert study.trials[0].intermediate_values  # reported from the submitit worker process
 
 
 def test_presets_compose():
@@ -199,6 +199,8 @@ def test_presets_compose():
         cvfp = compose("config", ["+sweep=optuna_cvfp_quick"], return_hydra_config=True)
         arch = compose("config", ["+sweep=arch_sizes_quick"], return_hydra_config=True)
         cmp = compose("config", ["+sweep=compare_architectures", "model=sequential"], return_hydra_config=True)
+        slurm = compose("config", ["+sweep=[optuna_cvfp,on_slurm]"], return_hydra_config=True)
+        local = compose("config", ["+sweep=[optuna_ppl,on_joblib]"], return_hydra_config=True)
     assert ppl.hydra.sweeper._target_.endswith("NewllmOptunaSweeper")
     assert ppl.hydra.sweeper.pruner._target_ == "optuna.pruners.MedianPruner"
     assert list(ppl.objectives) == ["phase2/val_ppl"] and ppl.hydra.sweeper.direction == "minimize"
@@ -209,6 +211,9 @@ def test_presets_compose():
     assert dict(arch.hydra.sweeper.params) == {"model": "sequential,layerwise", "model.layers": "1,2",
                                                "model.context_dim": "32,64"}
     assert cmp.hydra.sweeper.study_name == "compare_sequential"
+    assert slurm.hydra.launcher._target_.endswith("SlurmLauncher") and slurm.hydra.sweeper.n_jobs == 8
+    assert slurm.hydra.sweeper.study_name == "optuna_cvfp" and slurm.device == "cuda"
+    assert local.hydra.launcher._target_.endswith("JoblibLauncher") and local.hydra.launcher.n_jobs == 2
 
 
 def free_port() -> int:
@@ -251,13 +256,14 @@ def postgres_url():
 
 
 def test_two_sweep_processes_share_one_postgres_study(tmp_path, postgres_url):
-    n = 6
+    n = 4
     procs = []
     for worker in (1, 2):
         args = ["-m", *TINY, f"paths.output_root={tmp_path / 'outputs'}", f"hydra.sweep.dir={tmp_path / f'w{worker}'}",
                 OURS, f"hydra.sweeper.storage={postgres_url}", "hydra.sweeper.study_name=shared",
                 f"hydra.sweeper.n_trials={n}", "hydra/sweeper/sampler=random", f"hydra.sweeper.sampler.seed={worker}",
-                "training.dist_reg_weight=interval(0.0,1.0)", "model.layers=choice(1,2)"]
+                "training.dist_reg_weight=interval(0.0,1.0)", "model.layers=choice(1,2)",
+                "objectives=[phase2/val_ppl]"]
         procs.append(subprocess.Popen([sys.executable, "-m", "newllm.run", *args], cwd=tmp_path, env=cli_env(),
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     outs = [p.communicate(timeout=600) for p in procs]

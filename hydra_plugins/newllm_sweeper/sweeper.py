@@ -20,17 +20,20 @@ import logging
 import math
 import os
 import socket
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import optuna
+import sqlalchemy
 from hydra.core.utils import JobReturn, JobStatus
 from hydra_plugins.hydra_optuna_sweeper._impl import OptunaSweeperImpl, create_params_from_overrides
 from hydra_plugins.hydra_optuna_sweeper.optuna_sweeper import OptunaSweeper
 from omegaconf import DictConfig, OmegaConf
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 
+from hydra_plugins.newllm_sweeper import config as _config  # noqa: F401  (registers configs + presets)
 from newllm import sweeping
 from newllm.errors import NewllmError
 
@@ -57,6 +60,7 @@ class NewllmOptunaSweeperImpl(OptunaSweeperImpl):
         super().__init__(sampler, **official)
         self.task_spec = {"pruner": _plain(pruner), "early_stop": _plain(early_stop), "report": list(report)}
         self.subdir = subdir
+        self.last_failure = ""
         if self.n_trials < 1:
             raise ValueError(f"hydra.sweeper.n_trials={self.n_trials} is not allowed: expected an integer >= 1")
 
@@ -68,8 +72,9 @@ class NewllmOptunaSweeperImpl(OptunaSweeperImpl):
         for name in fixed_params:
             space.pop(name, None)
         if isinstance(self.sampler, functools.partial) and self.sampler.func is optuna.samplers.GridSampler:
-            self.sampler = self.sampler({k: self._to_grid_sampler_choices(d) for k, d in space.items()})
-            self.n_trials = min(self.n_trials, math.prod(len(v) for v in self.sampler._search_space.values()))
+            grid = {k: self._to_grid_sampler_choices(d) for k, d in space.items()}
+            self.sampler = self.sampler(grid)
+            self.n_trials = min(self.n_trials, math.prod(len(v) for v in grid.values()))
         directions = self._get_directions()
         study = self._open_study(directions)
         self._fail_abandoned(study)
@@ -93,16 +98,24 @@ class NewllmOptunaSweeperImpl(OptunaSweeperImpl):
             launched += len(returns)
             if failures > self.max_failure_rate * self.n_trials:
                 self._save_results(study, directions)
-                raise SweepAborted(f"sweep stopped: {failures} of {launched} trials failed in this run, more than "
-                                   f"max_failure_rate={self.max_failure_rate} x n_trials={self.n_trials}; reasons "
-                                   f"are in user attr fail_reason of study {study.study_name!r}")
+                raise SweepAborted(
+                    f"sweep stopped: {failures} of {launched} trials failed in this run, more than max_failure_rate="
+                    f"{self.max_failure_rate} x n_trials={self.n_trials} (last: {self.last_failure}); every reason "
+                    f"is in user attr fail_reason of study {study.study_name!r}")
         self._save_results(study, directions)
 
     # ------------------------------------------------------------------ study and trials
     def _open_study(self, directions: list[str]) -> optuna.Study:
         self.storage = _absolute_sqlite(self.storage)
-        study = optuna.create_study(study_name=self.study_name, storage=self.storage, sampler=self.sampler,
-                                    directions=directions, load_if_exists=True)
+        for attempt in range(5):
+            try:
+                study = optuna.create_study(study_name=self.study_name, storage=self.storage, sampler=self.sampler,
+                                            directions=directions, load_if_exists=True)
+                break
+            except sqlalchemy.exc.IntegrityError:  # another worker is creating the same empty schema right now
+                if attempt == 4:
+                    raise
+                time.sleep(1.0 + attempt)
         have = [d.name.lower() for d in study.directions]
         if have != list(directions):
             raise ValueError(f"hydra.sweeper.direction={list(directions)} does not match study "
@@ -168,11 +181,11 @@ class NewllmOptunaSweeperImpl(OptunaSweeperImpl):
                 raise
         return TrialState.COMPLETE
 
-    @staticmethod
-    def _tell_fail(study: optuna.Study, trial: optuna.Trial | optuna.trial.FrozenTrial, reason: str) -> TrialState:
+    def _tell_fail(self, study: optuna.Study, trial: optuna.Trial | FrozenTrial, reason: str) -> TrialState:
         study._storage.set_trial_user_attr(trial._trial_id, "fail_reason", reason)
         study.tell(trial.number, state=TrialState.FAIL)
         log.warning("Trial %d failed: %s", trial.number, reason)
+        self.last_failure = reason
         return TrialState.FAIL
 
     def _save_results(self, study: optuna.Study, directions: list[str]) -> None:
