@@ -205,6 +205,8 @@ def main(cfg: DictConfig) -> float | list[float]:
     hc = HydraConfig.get()
     try:
         if cfg.get("resume"):
+            if hc.mode == RunMode.MULTIRUN:
+                raise ConfigError(f"resume={cfg.resume!r} continues one run: drop -m/--multirun")
             check_resume_overrides(list(hc.overrides.task))
         _, objectives = run(cfg, hc.runtime.output_dir)
     except NewllmError as err:
