@@ -87,7 +87,9 @@ def load_pretrained(name: str) -> Tokenizer:
     or one clear error, at once instead of after the hub client's retries.
     """
     try:
-        if hub_reachable():
+        if Path(name).is_dir():  # a local model directory in the hub layout
+            tok = Tokenizer.from_file(str(Path(name) / "tokenizer.json"))
+        elif hub_reachable():
             tok = Tokenizer.from_pretrained(name)
         else:
             from huggingface_hub import try_to_load_from_cache

@@ -11,15 +11,13 @@ Offline, a model missing from the local hub cache is one clear error at once.
 from __future__ import annotations
 
 import json
-import os
-import socket
 from pathlib import Path
-from urllib.parse import urlparse
 
 import torch
 from tokenizers import Tokenizer
 from torch import nn
 
+from newllm.data.hub import hub_reachable
 from newllm.errors import NewllmError
 
 # Names of the token-embedding weight in common architectures (GPT-2, Llama/Mistral/Qwen, BERT, T5, ...).
@@ -29,21 +27,6 @@ EMBEDDING_KEYS = ("wte.weight", "embed_tokens.weight", "word_embeddings.weight",
 
 class PretrainedError(NewllmError):
     """A pretrained model that cannot be fetched or does not fit this model."""
-
-
-def _hub_reachable(timeout_s: float = 3.0) -> bool:
-    from huggingface_hub import constants
-
-    if constants.HF_HUB_OFFLINE:
-        return False
-    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
-        return True  # only the proxy knows: let huggingface_hub try
-    url = urlparse(constants.ENDPOINT)
-    try:
-        with socket.create_connection((url.hostname, url.port or 443), timeout=timeout_s):
-            return True
-    except OSError:
-        return False
 
 
 def _fetch(name: str, filename: str, offline: bool) -> Path | None:
@@ -72,7 +55,7 @@ def _fetch(name: str, filename: str, offline: bool) -> Path | None:
 
 def fetch(name: str) -> dict[str, Path]:
     """{'tokenizer': tokenizer.json, 'weights': the safetensors file holding the token embedding}."""
-    offline = not Path(name).is_dir() and not _hub_reachable()
+    offline = not Path(name).is_dir() and not hub_reachable()
     tokenizer = _fetch(name, "tokenizer.json", offline)
     if tokenizer is None:
         raise PretrainedError(f"model.embedding.pretrained={name!r} has no tokenizer.json (a fast tokenizer is needed)")
