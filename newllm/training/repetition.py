@@ -100,7 +100,7 @@ def train_repetition(model: nn.Module, stages: list[RepetitionStage], cfg: DictC
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             optimizer.step()
             step += 1
-            row = {"phase": "repetition", "step": step, "repetition/stage": p, "repetition/loss": float(loss),
+            row = {"phase": "repetition", "step": step, "repetition/stage": p, "repetition/loss": float(loss.detach()),
                    **{f"repetition/{k}": v for k, v in parts.items()}, "repetition/time_s": time.perf_counter() - t0}
             result.history.append(row)
             if on_step is not None:
