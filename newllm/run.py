@@ -154,7 +154,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> tuple[dict, float | list[float]
                               f"(got data={cfg.data.name})")
         rep = train_repetition(model, stages, cfg.training.repetition, cfg.training.dist_reg_weight,
                                instantiate(cfg.training.diversity).to(device), device, on_step=tracker.log,
-                               progress=cfg.progress)
+                               progress=cfg.progress, val_stages=getattr(data, "val_stages", None))
         metrics.update(rep.metrics)
         log.info("repetition: %s", ", ".join(f"p={s.phrase_length} cycle_distance "
                                             f"{rep.metrics[f'repetition/p{s.phrase_length}/cycle_distance']:.3f}"

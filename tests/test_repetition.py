@@ -51,7 +51,10 @@ def test_cycle_stats_by_hand():
 def test_staged_training_lowers_the_cycle_loss_per_stage():
     m = context_lm("layerwise", init_std=0.1)
     cfg = OmegaConf.structured(RepetitionConfig(enabled=True, steps_per_stage=25, lr=3e-3))
-    r = train_repetition(m, stages(), cfg, 0.1, FrobeniusDeviation(), torch.device("cpu"), progress=False)
+    held_out = stages(phrases=2, vocab=40)[1:]  # p = 2 only
+    r = train_repetition(m, stages(), cfg, 0.1, FrobeniusDeviation(), torch.device("cpu"), progress=False,
+                         val_stages=held_out)
+    assert "repetition/val/p2/cycle_distance" in r.metrics and "repetition/val/p1/cycle_distance" not in r.metrics
     for p in (1, 2):
         before, after = r.metrics[f"repetition/p{p}/conv_loss_initial"], r.metrics[f"repetition/p{p}/conv_loss"]
         assert after < 0.5 * before, (p, before, after)

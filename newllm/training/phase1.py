@@ -10,6 +10,11 @@ Jacobi sweep over ALL positions at once:
 
 `mode=per_token` is the earliest variant: each token repeated forever from c = 0, i.e. the
 sweep input of a position is its own previous context.
+
+Reading the rates: pass 0 (init=sequential) already IS the fixed point of the frozen f except at
+the carried-over first position, so the training rate measures how far each optimizer step moves
+the trajectory (untrained: ~1 by construction). Whether f contracts onto the steady state is what
+the validation rate measures, from zeros (val_init).
 """
 
 from __future__ import annotations

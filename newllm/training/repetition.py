@@ -13,7 +13,8 @@ one point" from being a perfect solution; without it, watch change_rate fall to 
 
 Metrics (on a stage's phrases, no grad): conv_loss = MSE(c_t, c_{t-p}), change_rate = mean
 ||c_t - c_{t-1}||, cycle_distance = mean ||c_t - c_{t-p}||. For each stage they are measured
-before it trains, after it trains, and once more after all stages (what later stages undid).
+before it trains, after it trains, and once more after all stages (what later stages undid);
+with held-out `val_stages` (phrases never trained on) also on those, as repetition/val/p{p}/*.
 """
 
 from __future__ import annotations
@@ -77,7 +78,7 @@ def measure(model: nn.Module, stage: RepetitionStage, device: torch.device) -> d
 
 def train_repetition(model: nn.Module, stages: list[RepetitionStage], cfg: DictConfig, dist_reg_weight: float,
                      diversity: Diversity, device: torch.device, on_step: Callable[[dict], None] | None = None,
-                     progress: bool = True) -> RepetitionResult:
+                     progress: bool = True, val_stages: list[RepetitionStage] | None = None) -> RepetitionResult:
     if not stages:
         raise TrainingError("repetition training needs phrase stages: use data=repetition")
     params = [p for p in model.parameters() if p.requires_grad]
@@ -100,12 +101,14 @@ def train_repetition(model: nn.Module, stages: list[RepetitionStage], cfg: DictC
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             optimizer.step()
             step += 1
-            row = {"phase": "repetition", "step": step, "repetition/stage": p, "repetition/loss": float(loss),
+            row = {"phase": "repetition", "step": step, "repetition/stage": p, "repetition/loss": float(loss.detach()),
                    **{f"repetition/{k}": v for k, v in parts.items()}, "repetition/time_s": time.perf_counter() - t0}
             result.history.append(row)
             if on_step is not None:
                 on_step(row)
         result.metrics.update({f"{key}/{k}": v for k, v in measure(model, stage, device).items()})
+        for val in [v for v in val_stages or [] if v.phrase_length == p]:  # held-out phrases of this p
+            result.metrics.update({f"repetition/val/p{p}/{k}": v for k, v in measure(model, val, device).items()})
     for stage in stages:  # after every stage: how much of the earlier cycles survived
         end = measure(model, stage, device)
         result.metrics.update({f"repetition/end/p{stage.phrase_length}/{k}": v for k, v in end.items()})
