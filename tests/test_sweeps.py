@@ -193,7 +193,7 @@ def test_presets_compose():
     assert ppl.hydra.sweeper.params["model.context_dim"] == "choice(32, 64, 128, 256, 512)"
     assert list(cvfp.hydra.sweeper.direction) == ["maximize", "minimize"]
     assert cvfp.hydra.sweeper.sampler._target_.endswith("create_nsgaii_sampler")
-    assert cvfp.training.phase1.max_iterations == 6 and cvfp.hydra.sweeper.n_trials == 8
+    assert cvfp.training.phase1.max_iterations == 6 and cvfp.hydra.sweeper.n_trials == 6
     assert dict(arch.hydra.sweeper.params) == {"model": "sequential,layerwise", "model.layers": "1,2",
                                                "model.context_dim": "32,64"}
     assert cmp.hydra.sweeper.study_name == "compare_sequential"
