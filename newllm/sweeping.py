@@ -27,6 +27,7 @@ import torch
 from omegaconf import DictConfig
 
 from newllm import metrics
+from newllm.errors import NewllmError
 
 ENV_STORAGE, ENV_STUDY, ENV_TRIAL = "NEWLLM_OPTUNA_STORAGE", "NEWLLM_OPTUNA_STUDY", "NEWLLM_OPTUNA_TRIAL_ID"
 SPEC_ATTR = "newllm:task"  # trial system attr: {"pruner": cfg, "early_stop": rules, "report": [phases]}
@@ -129,6 +130,9 @@ def attach_trial(hooks: list[Callable[[dict], None]], cfg: DictConfig, model: to
     if not trial_id:
         return
     url, name = os.environ.get(ENV_STORAGE, ""), os.environ[ENV_STUDY]
+    if not url and name not in IN_PROCESS_STUDIES:
+        raise NewllmError("hydra.sweeper.storage=null keeps the study inside the sweep process; trials run by "
+                          "another process (joblib, submitit) need a storage URL such as sqlite:///outputs/optuna.db")
     storage = optuna.storages.get_storage(url) if url else IN_PROCESS_STUDIES[name]._storage
     spec = storage.get_trial_system_attrs(int(trial_id)).get(SPEC_ATTR, {})
     pruner = hydra.utils.instantiate(spec.get("pruner") or {"_target_": "optuna.pruners.NopPruner"},
