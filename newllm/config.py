@@ -268,19 +268,23 @@ def register_configs() -> None:
     if not OmegaConf.has_resolver("newllm.run_dir"):
         OmegaConf.register_resolver("newllm.run_dir", lambda resume, default: resume or default)
         OmegaConf.register_resolver("newllm.hydra_subdir", lambda resume: ".hydra/resume" if resume else ".hydra")
+    schemas = [
+        (None, "config_schema", Config),
+        ("model", "context_model_schema", ContextModelConfig),
+        ("model", "gru_schema", GRUConfig),
+        ("model", "transformer_schema", TransformerConfig),
+        ("model/updater", "gated_schema", GatedUpdaterConfig),
+        ("model/updater", "residual_schema", ResidualUpdaterConfig),
+        ("training/diversity", "frobenius_schema", DiversityConfig),
+        ("training/diversity", "dim_usage_schema", DimUsageConfig),
+        ("training/diversity", "ema_variance_schema", EMAVarianceConfig),
+        ("training/diversity", "vicreg_schema", VICRegConfig),
+        ("training/diversity", "none_schema", NoDiversityConfig),
+        ("logger", "logger_schema", LoggerConfig),
+    ]
     cs = ConfigStore.instance()
-    cs.store(name="config_schema", node=Config)
-    cs.store(group="model", name="context_model_schema", node=ContextModelConfig)
-    cs.store(group="model", name="gru_schema", node=GRUConfig)
-    cs.store(group="model", name="transformer_schema", node=TransformerConfig)
-    cs.store(group="model/updater", name="gated_schema", node=GatedUpdaterConfig)
-    cs.store(group="model/updater", name="residual_schema", node=ResidualUpdaterConfig)
-    cs.store(group="training/diversity", name="frobenius_schema", node=DiversityConfig)
-    cs.store(group="training/diversity", name="dim_usage_schema", node=DimUsageConfig)
-    cs.store(group="training/diversity", name="ema_variance_schema", node=EMAVarianceConfig)
-    cs.store(group="training/diversity", name="vicreg_schema", node=VICRegConfig)
-    cs.store(group="training/diversity", name="none_schema", node=NoDiversityConfig)
-    cs.store(group="logger", name="logger_schema", node=LoggerConfig)
+    for group, name, node in schemas:  # replace=True: registering twice (tests, notebooks) is harmless
+        cs.store(group=group, name=name, node=node, replace=True)
 
 
 # ----------------------------------------------------------------------------- value checks

@@ -18,7 +18,7 @@ pytest.importorskip("mlflow")
 
 def composed_loggers(*overrides: str) -> dict:
     register_configs()
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
+    with initialize_config_dir(config_dir=str(REPO / "conf")):
         cfg = compose("config", overrides=list(overrides))
     return {name: node["_target_"].rsplit(".", 1)[1] for name, node in cfg.logger.items()}
 
