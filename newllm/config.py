@@ -47,6 +47,14 @@ class ResidualUpdaterConfig:
 
 
 @dataclass
+class EmbeddingConfig:
+    # A hub model name (e.g. gpt2) or a local directory in the hub layout: its token embedding
+    # matrix is copied row by row for the tokens its tokenizer shares with ours (newllm.models.pretrained).
+    pretrained: str | None = None
+    freeze: bool = False  # keep the embedding fixed in both phases
+
+
+@dataclass
 class ContextModelConfig:
     _target_: str = "newllm.models.context_lm.ContextLM"
     architecture: str = "layerwise"  # sequential | layerwise
@@ -55,9 +63,11 @@ class ContextModelConfig:
     embed_dim: int = 96
     # null: derived (residual updater needs context_dim + embed_dim; gated uses context_dim).
     hidden_dim: int | None = None
-    init_std: float = 0.02
+    # std of f's weights (embedding and head: 0.02). At 0.02 f is ~identity: a trivial fixed point.
+    init_std: float = 0.1
     dropout: float = 0.0
     updater: Any = MISSING
+    embedding: EmbeddingConfig = field(default_factory=EmbeddingConfig)
 
 
 @dataclass
@@ -96,17 +106,18 @@ class TokenizerConfig:
 @dataclass
 class DataConfig:
     name: str = "chatterbot"  # chatterbot | ultrachat | text | repetition
-    path: str | None = None  # local file in the source's schema (ultrachat: JSON/JSONL/Parquet)
+    path: str | None = None  # data=ultrachat: a local JSON/JSONL/Parquet file with a `messages` column
     files: list[str] = field(default_factory=list)  # data=text: plain-text files
+    split_by: str = "paragraph"  # data=text: documents are paragraphs (blank lines) | line | file
     num_conversations: int | None = None  # cap on conversations/documents read (null = all)
-    max_train_tokens: int | None = None
+    max_train_tokens: int | None = None  # caps (at most); the counts used land in metrics as data/*
     max_val_tokens: int | None = None
-    val_fraction: float = 0.1
-    # by_conversation: disjoint held-out conversations (default). subset_of_train: the original
-    # research protocol (validation = last 20 % of the training stream) -- labelled in metrics.
+    val_fraction: float = 0.1  # share of documents held out (repetition: extra held-out phrases per stage)
+    # by_conversation: disjoint held-out conversations/documents/phrases (default). subset_of_train:
+    # the original research protocol (validation = last 20 % of the training stream), labelled in metrics.
     val_protocol: str = "by_conversation"
     loss_on: str = "assistant"  # assistant | all  (which tokens Phase 2 predicts)
-    # data=repetition
+    # data=repetition: phrases of p distinct tokens, each repeated `repetitions` times, one stage per p
     phrase_lengths: list[int] = field(default_factory=lambda: [1, 2, 3])
     repetitions: int = 20
     phrases_per_stage: int = 8
@@ -159,8 +170,14 @@ class Phase1Config:
     init: str = "sequential"  # sequential | zeros | chunked: how pass 0 builds the first contexts
     init_chunks: int = 16  # init=chunked: slices of the stream run through pass 0 at once
     val_iterations: int = 10  # Jacobi sweeps (no optimizer) when measuring the validation stream
+    # How validation sweeps start. zeros: the rate then measures contraction onto the steady state;
+    # sequential starts AT the fixed point of the frozen f, so its rate is ~1 whatever f is.
+    val_init: str = "zeros"  # zeros | sequential | chunked
     erank_samples: int = 4096  # rows sampled for the effective-rank SVD (fixed across runs)
     erank_every: int = 5  # effective rank in the history every N iterations (and the last)
+    checkpoint_every: int = 10  # resume checkpoint every N iterations (0: only at the phase boundary)
+    # A run dir (or its checkpoints/phase1.pt): skip Phase 1, start Phase 2 from that run's Phase-1 weights.
+    from_run: str | None = None
 
 
 @dataclass
@@ -187,6 +204,19 @@ class Phase2Config:
     jacobi_tol: float = 1e-6
     jacobi_grad_sweeps: int = 1
 
+    checkpoint_every: int = 1  # resume checkpoint every N epochs (0: none inside Phase 2)
+
+
+@dataclass
+class RepetitionConfig:
+    """training=repetition (with data=repetition): staged cycle loss MSE(c_t, c_{t-p})."""
+
+    enabled: bool = False
+    steps_per_stage: int = 60  # optimizer steps per phrase length p (all phrases of a stage per step)
+    lr: float = 1e-3
+    grad_clip: float = 1.0
+    ce_weight: float = 0.0  # optional small next-token cross-entropy weight
+
 
 @dataclass
 class TrainingConfig:
@@ -194,6 +224,7 @@ class TrainingConfig:
     diversity: Any = MISSING
     phase1: Phase1Config = field(default_factory=Phase1Config)
     phase2: Phase2Config = field(default_factory=Phase2Config)
+    repetition: RepetitionConfig = field(default_factory=RepetitionConfig)
     precision: str = "fp32"  # fp32 | bf16 (autocast; a no-op where unsupported)
     compile: bool = False
 
@@ -227,22 +258,33 @@ class Config:
     save_checkpoint: bool = True
     save_contexts: bool = True  # Phase-1 validation contexts (for spectra in notebooks)
     progress: bool = True  # tqdm bars
+    # A run dir: continue that interrupted run from its last checkpoint, with its own config.
+    resume: str | None = None
 
 
 def register_configs() -> None:
+    # hydra.run.dir / output_subdir of a resume=<run dir> invocation: the interrupted run's own dir,
+    # with this invocation's Hydra files under .hydra/resume (the original .hydra/ stays as it was).
+    if not OmegaConf.has_resolver("newllm.run_dir"):
+        OmegaConf.register_resolver("newllm.run_dir", lambda resume, default: resume or default)
+        OmegaConf.register_resolver("newllm.hydra_subdir", lambda resume: ".hydra/resume" if resume else ".hydra")
+    schemas = [
+        (None, "config_schema", Config),
+        ("model", "context_model_schema", ContextModelConfig),
+        ("model", "gru_schema", GRUConfig),
+        ("model", "transformer_schema", TransformerConfig),
+        ("model/updater", "gated_schema", GatedUpdaterConfig),
+        ("model/updater", "residual_schema", ResidualUpdaterConfig),
+        ("training/diversity", "frobenius_schema", DiversityConfig),
+        ("training/diversity", "dim_usage_schema", DimUsageConfig),
+        ("training/diversity", "ema_variance_schema", EMAVarianceConfig),
+        ("training/diversity", "vicreg_schema", VICRegConfig),
+        ("training/diversity", "none_schema", NoDiversityConfig),
+        ("logger", "logger_schema", LoggerConfig),
+    ]
     cs = ConfigStore.instance()
-    cs.store(name="config_schema", node=Config)
-    cs.store(group="model", name="context_model_schema", node=ContextModelConfig)
-    cs.store(group="model", name="gru_schema", node=GRUConfig)
-    cs.store(group="model", name="transformer_schema", node=TransformerConfig)
-    cs.store(group="model/updater", name="gated_schema", node=GatedUpdaterConfig)
-    cs.store(group="model/updater", name="residual_schema", node=ResidualUpdaterConfig)
-    cs.store(group="training/diversity", name="frobenius_schema", node=DiversityConfig)
-    cs.store(group="training/diversity", name="dim_usage_schema", node=DimUsageConfig)
-    cs.store(group="training/diversity", name="ema_variance_schema", node=EMAVarianceConfig)
-    cs.store(group="training/diversity", name="vicreg_schema", node=VICRegConfig)
-    cs.store(group="training/diversity", name="none_schema", node=NoDiversityConfig)
-    cs.store(group="logger", name="logger_schema", node=LoggerConfig)
+    for group, name, node in schemas:  # replace=True: registering twice (tests, notebooks) is harmless
+        cs.store(group=group, name=name, node=node, replace=True)
 
 
 # ----------------------------------------------------------------------------- value checks
@@ -287,9 +329,15 @@ def validate(cfg: DictConfig) -> None:
     _choice("data.val_protocol", d.val_protocol, ("by_conversation", "subset_of_train"))
     _choice("data.loss_on", d.loss_on, ("assistant", "all"))
     _check(0.0 < d.val_fraction < 1.0, "data.val_fraction", d.val_fraction, "a number in (0, 1)")
+    _choice("data.split_by", d.split_by, ("paragraph", "line", "file"))
     for key in ("num_conversations", "max_train_tokens", "max_val_tokens"):
         if d[key] is not None:
             _positive_int(f"data.{key}", d[key])
+    _check(len(d.phrase_lengths) > 0 and all(isinstance(p, int) and p > 0 for p in d.phrase_lengths),
+           "data.phrase_lengths", list(d.phrase_lengths), "a non-empty list of positive integers")
+    _check(isinstance(d.repetitions, int) and d.repetitions >= 2, "data.repetitions", d.repetitions,
+           "an integer >= 2 (a phrase must recur to have a cycle)")
+    _positive_int("data.phrases_per_stage", d.phrases_per_stage)
     _positive_int("tokenizer.vocab_size", cfg.tokenizer.vocab_size)
 
     t = cfg.training
@@ -298,6 +346,7 @@ def validate(cfg: DictConfig) -> None:
     p1 = t.phase1
     _choice("training.phase1.mode", p1.mode, ("stream", "per_token"))
     _choice("training.phase1.init", p1.init, ("sequential", "zeros", "chunked"))
+    _choice("training.phase1.val_init", p1.val_init, ("sequential", "zeros", "chunked"))
     for key in ("max_tokens", "num_streams", "max_iterations", "chunk_size", "init_chunks",
                 "erank_samples", "erank_every"):
         _positive_int(f"training.phase1.{key}", p1[key])
@@ -308,12 +357,19 @@ def validate(cfg: DictConfig) -> None:
     _unit_interval("training.phase1.convergence_target", p1.convergence_target)
     _check(p1.lr > 0, "training.phase1.lr", p1.lr, "a positive number")
     _check(p1.context_noise >= 0, "training.phase1.context_noise", p1.context_noise, "a number >= 0")
+    for key, node in (("training.phase1.checkpoint_every", p1), ("training.phase2.checkpoint_every", t.phase2)):
+        every = node.checkpoint_every
+        _check(isinstance(every, int) and every >= 0, key, every, "an integer >= 0 (0: only at phase boundaries)")
     p2 = t.phase2
     _choice("training.phase2.context", p2.context, ("propagate", "fixed"))
     for key in ("seq_len", "batch_size", "epochs"):
         _positive_int(f"training.phase2.{key}", p2[key])
     _check(p2.seq_len >= 2, "training.phase2.seq_len", p2.seq_len, "an integer >= 2")
     _check(p2.lr > 0, "training.phase2.lr", p2.lr, "a positive number")
+    rep = t.repetition
+    _positive_int("training.repetition.steps_per_stage", rep.steps_per_stage)
+    _check(rep.lr > 0, "training.repetition.lr", rep.lr, "a positive number")
+    _check(rep.ce_weight >= 0, "training.repetition.ce_weight", rep.ce_weight, "a number >= 0")
     _choice("training.phase2.solver", p2.solver, ("sequential", "jacobi"))
     if p2.jacobi_sweeps is not None:
         _positive_int("training.phase2.jacobi_sweeps", p2.jacobi_sweeps)
@@ -322,6 +378,8 @@ def validate(cfg: DictConfig) -> None:
     _check(p2.reconstruction_weight >= 0, "training.phase2.reconstruction_weight",
            p2.reconstruction_weight, "a number >= 0")
     is_context_model = "architecture" in m
+    _check(is_context_model or p1.from_run is None, "training.phase1.from_run", p1.from_run,
+           "null for baseline models (they have no Phase 1)")
     _check(is_context_model or p2.context == "propagate", "training.phase2.context", p2.context,
            "propagate for baseline models (fixed contexts need a context model)")
 

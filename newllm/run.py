@@ -20,14 +20,17 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from newllm.config import TRUSTED_TARGETS, instantiate, register_configs, to_container, validate
+from newllm import checkpoint as ckpt
+from newllm.config import TRUSTED_TARGETS, ConfigError, instantiate, register_configs, to_container, validate
 from newllm.data import load_data
 from newllm.errors import NewllmError
-from newllm.models import build_model, count_parameters
-from newllm.tracking import RunTracker, save_checkpoint
+from newllm.models import build_model, count_parameters, pretrained
+from newllm.sweeping import attach_trial
+from newllm.tracking import RunTracker
 from newllm.training.accel import autocast, maybe_compile
 from newllm.training.phase1 import train_phase1
 from newllm.training.phase2 import train_phase2
+from newllm.training.repetition import train_repetition
 
 log = logging.getLogger("newllm")
 register_configs()
@@ -67,7 +70,23 @@ def objective_values(metrics: dict, names: list[str]) -> float | list[float]:
 
 
 def run(cfg: DictConfig, run_dir: str | Path) -> tuple[dict, float | list[float]]:
-    """The whole experiment in one call (used by the CLI and by tests in-process)."""
+    """The whole experiment in one call (used by the CLI and by tests in-process).
+
+    With cfg.resume=<run dir>, that run continues in its own dir with its own config (device and
+    progress may change) from its last checkpoint.
+    """
+    resumed = None
+    if cfg.get("resume"):
+        run_dir = Path(cfg.resume)
+        stored, resumed = ckpt.resume_config(run_dir)
+        stored.device, stored.progress, stored.resume = cfg.device, cfg.progress, None
+        cfg = stored
+    embedding = cfg.model.get("embedding") or {}
+    pretrained_files = None
+    if embedding.get("pretrained"):  # fetched first: offline, this fails before any work
+        pretrained_files = pretrained.fetch(embedding["pretrained"])
+        if not cfg.tokenizer.pretrained:
+            cfg.tokenizer.pretrained = embedding["pretrained"]  # its vocabulary is what the matrix indexes
     validate(cfg)
     run_dir = Path(run_dir)
     t_start = time.perf_counter()
@@ -75,49 +94,120 @@ def run(cfg: DictConfig, run_dir: str | Path) -> tuple[dict, float | list[float]
     seed_everything(cfg.seed)
     tracker = RunTracker(run_dir, cfg.logger)
     tracker.log_params(flatten(to_container(cfg)))
+    if resumed is not None:
+        tracker.history = list(resumed["history"])
 
-    data = load_data(cfg.data, cfg.tokenizer, cfg.paths.cache_dir, cfg.seed)
+    data = load_data(cfg.data, cfg.tokenizer, cfg.paths.cache_dir, cfg.seed,
+                     min_tokens=cfg.training.phase2.seq_len + 1)
     data.tokenizer.save(str(run_dir / "tokenizer.json"))
     log.info("data: %d train / %d val tokens, vocab %d", len(data.train_ids), len(data.val_ids), data.vocab_size)
 
     model = maybe_compile(build_model(cfg.model, data.vocab_size).to(device), cfg.training.compile)
     metrics: dict = {"seed": cfg.seed, "device": str(device), **data.info,
                      **{f"model/{k}": v for k, v in count_parameters(model).items()}}
+    if pretrained_files is not None:
+        metrics.update(pretrained.apply_pretrained(model, embedding["pretrained"], pretrained_files, data.tokenizer))
     log.info("model: %s, %d parameters", type(model).__name__, metrics["model/params"])
+    attach_trial(tracker.hooks, cfg, model)  # reports to its Optuna trial when the newllm_optuna sweeper runs it
 
-    if cfg.training.phase1.enabled and getattr(model, "is_context_model", False):
+    stage = resumed["stage"] if resumed is not None else "phase1"
+    if resumed is not None:
+        model.load_state_dict(resumed["model"])
+        metrics.update(resumed["metrics"])
+        log.info("resuming %s from %s", stage, run_dir / ckpt.RESUME_FILE)
+
+    def save_resume(stage: str, loop: dict | None) -> None:
+        ckpt.save(run_dir / ckpt.RESUME_FILE, "resume", {
+            "stage": stage, "loop": loop, "config": to_container(cfg), "model": model.state_dict(),
+            "metrics": ckpt.primitive(metrics), "history": tracker.history, "rng": ckpt.rng_state()})
+
+    p1_cfg = cfg.training.phase1
+    contexts_dir = run_dir / "checkpoints"  # fixed-mode Phase-2 contexts are cached next to the Phase-1 weights
+    if p1_cfg.from_run:
+        contexts_dir = ckpt.phase1_checkpoint_path(p1_cfg.from_run).parent
+    if stage == "phase1" and p1_cfg.from_run:
+        source = ckpt.load_phase1(p1_cfg.from_run, to_container(cfg.model), data.tokenizer)
+        model.load_state_dict({k: v for k, v in source["model"].items() if not k.startswith("head.")}, strict=False)
+        metrics.update(source["metrics"])
+        metrics["phase1/from_run"] = str(ckpt.phase1_checkpoint_path(p1_cfg.from_run))
+        log.info("phase 1: skipped, weights from %s", metrics["phase1/from_run"])
+    elif stage == "phase1" and p1_cfg.enabled and getattr(model, "is_context_model", False):
         diversity = instantiate(cfg.training.diversity).to(device)
         with autocast(device, cfg.training.precision):
-            p1 = train_phase1(model, data.train_ids, data.val_ids, cfg.training.phase1, cfg.training.dist_reg_weight,
-                              diversity, device, on_iteration=tracker.log, progress=cfg.progress)
+            p1 = train_phase1(model, data.train_ids, data.val_ids, p1_cfg, cfg.training.dist_reg_weight,
+                              diversity, device, on_iteration=tracker.log, progress=cfg.progress,
+                              state=resumed["loop"] if resumed is not None else None,
+                              checkpoint=lambda loop: save_resume("phase1", loop))
         metrics.update(p1.metrics)
         if cfg.save_contexts and p1.val_contexts is not None:
             torch.save(p1.val_contexts, run_dir / "phase1_val_contexts.pt")
+        ckpt.save(run_dir / ckpt.PHASE1_FILE, "phase1", {
+            "config": to_container(cfg), "model": model.state_dict(), "metrics": ckpt.primitive(p1.metrics),
+            "tokenizer_hash": ckpt.tokenizer_hash(data.tokenizer), "vocab_size": data.vocab_size})
         log.info("phase 1: convergence %.3f after %d iterations, effective rank %.1f/%d (val conv %.3f)",
                  p1.metrics["phase1/convergence_rate"], p1.metrics["phase1/iterations"],
                  p1.metrics["phase1/effective_rank"], model.context_dim, p1.metrics["phase1/val_convergence_rate"])
+    if stage == "phase1" and cfg.training.repetition.enabled:
+        stages = getattr(data, "stages", None)
+        if not stages:
+            raise ConfigError(f"training.repetition.enabled=true needs phrase stages: use data=repetition "
+                              f"(got data={cfg.data.name})")
+        rep = train_repetition(model, stages, cfg.training.repetition, cfg.training.dist_reg_weight,
+                               instantiate(cfg.training.diversity).to(device), device, on_step=tracker.log,
+                               progress=cfg.progress, val_stages=getattr(data, "val_stages", None))
+        metrics.update(rep.metrics)
+        log.info("repetition: %s", ", ".join(f"p={s.phrase_length} cycle_distance "
+                                            f"{rep.metrics[f'repetition/p{s.phrase_length}/cycle_distance']:.3f}"
+                                            for s in stages))
+    if stage == "phase1":
+        save_resume("phase2", None)
+    elif resumed is not None and resumed["loop"] is None:
+        ckpt.set_rng_state(resumed["rng"])  # killed before Phase 2's first checkpoint: its start state
+
+    def contexts_cache(inputs: torch.Tensor, compute) -> torch.Tensor:
+        weights = [v for k, v in model.state_dict().items() if not k.startswith("head.")]
+        return ckpt.cached_contexts(contexts_dir, ckpt.tensor_hash(inputs, *weights), compute)
+
     if cfg.training.phase2.enabled:
         with autocast(device, cfg.training.precision):
             p2 = train_phase2(model, data, cfg.training.phase2, device, cfg.seed, on_epoch=tracker.log,
-                              progress=cfg.progress)
+                              progress=cfg.progress, checkpoint=lambda loop: save_resume("phase2", loop),
+                              state=resumed["loop"] if stage == "phase2" else None,
+                              contexts_cache=contexts_cache)
         metrics.update(p2.metrics)
         log.info("phase 2: val ppl %.2f (uniform %d), val acc %.3f", p2.metrics["phase2/val_ppl"],
                  data.vocab_size, p2.metrics["phase2/val_acc"])
 
     metrics["time/wall_s"] = time.perf_counter() - t_start
     if cfg.save_checkpoint:
-        save_checkpoint(run_dir / "checkpoint.pt", {
+        ckpt.save(run_dir / "checkpoint.pt", "final", {
             "model": model.state_dict(), "config": to_container(cfg), "vocab_size": data.vocab_size,
             "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float, str, bool))},
         })
     tracker.finish(metrics)
+    (run_dir / ckpt.RESUME_FILE).unlink(missing_ok=True)  # finished: nothing left to resume
     return metrics, objective_values(metrics, list(cfg.objectives))
+
+
+RESUME_OVERRIDABLE = ("resume=", "device=", "progress=", "hydra.", "paths.")
+
+
+def check_resume_overrides(overrides: list[str]) -> None:
+    """resume= continues a run with the config it started with: other overrides would be silently lost."""
+    other = [o for o in overrides if not o.lstrip("+~").startswith(RESUME_OVERRIDABLE)]
+    if other:
+        raise ConfigError(f"resume= continues a run with its own config; drop the overrides {other} "
+                          f"(allowed with resume: device, progress, paths.*, hydra.*)")
 
 
 @hydra.main(config_path="../conf", config_name="config", execution_whitelist=TRUSTED_TARGETS)
 def main(cfg: DictConfig) -> float | list[float]:
     hc = HydraConfig.get()
     try:
+        if cfg.get("resume"):
+            if hc.mode == RunMode.MULTIRUN:
+                raise ConfigError(f"resume={cfg.resume!r} continues one run: drop -m/--multirun")
+            check_resume_overrides(list(hc.overrides.task))
         _, objectives = run(cfg, hc.runtime.output_dir)
     except NewllmError as err:
         if hc.mode == RunMode.MULTIRUN:

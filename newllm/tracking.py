@@ -11,6 +11,7 @@ import json
 import math
 import os
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -62,6 +63,104 @@ class CSVLogger:
     def close(self) -> None: ...
 
 
+def _param_value(value: Any) -> str | int | float | bool:
+    return value if isinstance(value, (str, int, float, bool)) else str(value)
+
+
+class TensorBoardLogger:
+    """Event files under <run dir>/<subdir>: scalars, the config (HParams plugin + a text table),
+    curves.png as an image and metrics.json as text. `tensorboard --logdir outputs` shows every run."""
+
+    def __init__(self, run_dir: str | Path, subdir: str = "tensorboard") -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(log_dir=str(Path(run_dir) / subdir))
+        self.params: dict = {}
+        self.final: dict[str, float] = {}
+
+    def log_params(self, params: dict) -> None:
+        self.params = {k: _param_value(v) for k, v in params.items()}
+        table = "\n".join(f"| {k} | {v} |" for k, v in self.params.items())
+        self.writer.add_text("config", "| key | value |\n| --- | --- |\n" + table, 0)
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        for k, v in metrics.items():
+            self.writer.add_scalar(k, v, step)
+        self.final.update({k: v for k, v in metrics.items() if k.startswith("final/")})
+
+    def log_artifact(self, path: Path) -> None:
+        path = Path(path)
+        if path.suffix == ".png":
+            import matplotlib.image
+
+            self.writer.add_image(path.stem, matplotlib.image.imread(path)[..., :3], 0, dataformats="HWC")
+        else:
+            self.writer.add_text(path.name, "```\n" + path.read_text() + "\n```", 0)
+
+    def close(self) -> None:
+        if self.params:  # HParams plugin: this run's config against its final/* scalars (already written)
+            from torch.utils.tensorboard.summary import hparams
+
+            for summary in hparams(self.params, self.final):
+                self.writer.file_writer.add_summary(summary)
+        self.writer.close()
+
+
+class MLflowLogger:
+    """One MLflow run per newllm run: params (flattened config), metrics with steps, and artifacts.
+
+    Default store: a local SQLite file under outputs/ (MLflow 3 refuses the old `file:` store unless
+    MLFLOW_ALLOW_FILE_STORE=true); any tracking URI works. A resumed run logs into the same MLflow run.
+    """
+
+    def __init__(self, run_dir: str | Path, tracking_uri: str, experiment_name: str = "newllm",
+                 artifact_location: str | None = None, run_name: str | None = None) -> None:
+        from mlflow.tracking import MlflowClient
+
+        self.client = MlflowClient(tracking_uri)
+        id_file = Path(run_dir) / ".mlflow_run_id"
+        if id_file.is_file():
+            self.run_id = id_file.read_text().strip()
+            self.client.update_run(self.run_id, status="RUNNING")
+            return
+        experiment = self.client.get_experiment_by_name(experiment_name)
+        if experiment is None:
+            location = artifact_location
+            if location and "://" not in location:
+                location = Path(location).resolve().as_uri()
+            try:
+                experiment_id = self.client.create_experiment(experiment_name, artifact_location=location)
+            except Exception:  # noqa: BLE001 -- a parallel job created it first
+                experiment_id = self.client.get_experiment_by_name(experiment_name).experiment_id
+        else:
+            experiment_id = experiment.experiment_id
+        run = self.client.create_run(experiment_id, run_name=run_name or Path(run_dir).name,
+                                     tags={"newllm.run_dir": str(Path(run_dir).resolve())})
+        self.run_id = run.info.run_id
+        _atomic(id_file, lambda tmp: Path(tmp).write_text(self.run_id))
+
+    def log_params(self, params: dict) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+        for i in range(0, len(items), 100):  # MLflow's per-batch limit
+            self.client.log_batch(self.run_id, params=items[i : i + 100])
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [Metric(k, v, now, step) for k, v in metrics.items()]
+        for i in range(0, len(items), 1000):
+            self.client.log_batch(self.run_id, metrics=items[i : i + 1000])
+
+    def log_artifact(self, path: Path) -> None:
+        self.client.log_artifact(self.run_id, str(path))
+
+    def close(self) -> None:
+        self.client.set_terminated(self.run_id)
+
+
 class RunTracker:
     def __init__(self, run_dir: Path, logger_cfg: DictConfig | dict | None = None) -> None:
         self.run_dir = Path(run_dir)
@@ -94,7 +193,8 @@ class RunTracker:
         self.write_history()
         curves = plot_curves(self.history, self.run_dir / "curves.png")
         for lg in self.loggers:
-            lg.log_metrics({k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}, step=0)
+            # under final/: the history's own keys (phase2/val_ppl per epoch...) keep clean curves
+            lg.log_metrics({f"final/{k}": float(v) for k, v in metrics.items() if isinstance(v, (int, float))}, step=0)
             for artifact in (self.run_dir / "metrics.json", curves):
                 lg.log_artifact(artifact)
             lg.close()

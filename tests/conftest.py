@@ -24,6 +24,8 @@ TINY = [
 
 def cli_env() -> dict[str, str]:
     env = dict(os.environ)
+    # One intra-op thread: tiny CLI runs on a busy 2-core box are ~3x faster without thread contention.
+    env.setdefault("OMP_NUM_THREADS", "1")
     env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONUNBUFFERED="1",
                PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep))
     return env
@@ -53,3 +55,38 @@ def tiny_run(tmp_path: Path):
         return run_dir, proc
 
     return _run
+
+
+# ----------------------------------------------------------------------------- analysis (issue 6)
+# Even smaller than TINY (context_dim is swept): a job takes ~1-2 s, so a grid, a failing run and two
+# studies fit in ~30 s.
+FAST = [*(o for o in TINY if not o.startswith("model.context_dim=")), "training.phase1.max_iterations=3",
+        "training.phase2.max_steps_per_epoch=3", "training.phase2.max_val_tokens=512"]
+STUDY_PARAMS = ["model.context_dim=choice(16,32)", "training.dist_reg_weight=interval(0.0,1.0)"]
+
+
+@pytest.fixture(scope="session")
+def analysis_outputs(tmp_path_factory) -> dict:
+    """A real outputs/ folder: a 4-job grid (sequential/layerwise x context_dim 16/32), a single run that
+    failed, and two 4-trial Optuna studies (official sweeper, SQLite) whose trials are runs too."""
+    tmp = tmp_path_factory.mktemp("analysis")
+    out = tmp / "outputs"
+    common = [*FAST, f"paths.output_root={out}"]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("OMP_NUM_THREADS", "1")  # one thread per tiny job: 3x faster on a shared, loaded 2-core box
+        _make_analysis_outputs(tmp, out, common)
+    return {"tmp": tmp, "outputs": out, "storage": f"sqlite:///{out}/optuna.db", "grid": "multirun/grid",
+            "crashed": "runs/crashed", "studies": ["sequential", "layerwise"]}
+
+
+def _make_analysis_outputs(tmp: Path, out: Path, common: list[str]) -> None:
+    run_cli(["-m", *common, "model=sequential,layerwise", "model.context_dim=16,32",
+             f"hydra.sweep.dir={out}/multirun/grid"], cwd=tmp)
+    failed = run_cli([*common, "model.context_dim=-4", f"hydra.run.dir={out}/runs/crashed"], cwd=tmp, check=False)
+    assert failed.returncode == 2, failed.stderr
+    storage = f"sqlite:///{out}/optuna.db"
+    for arch in ("sequential", "layerwise"):
+        run_cli(["-m", *common, f"model={arch}", "hydra/sweeper=optuna", "hydra.sweeper.n_trials=4",
+                 "hydra.sweeper.direction=[maximize,minimize]", f"hydra.sweeper.storage={storage}",
+                 f"hydra.sweeper.study_name={arch}", "hydra.sweeper.sampler.seed=0", *STUDY_PARAMS,
+                 f"hydra.sweep.dir={out}/multirun/study_{arch}"], cwd=tmp)

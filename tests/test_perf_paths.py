@@ -145,7 +145,7 @@ def test_solver_and_precision_values_are_validated():
     for override, message in (("training.phase2.solver=newton", "training.phase2.solver='newton'"),
                               ("training.precision=fp8", "training.precision='fp8'"),
                               ("training.phase2.jacobi_sweeps=0", "training.phase2.jacobi_sweeps=0")):
-        with initialize_config_dir(conf, version_base=None):
+        with initialize_config_dir(conf):
             cfg = compose("config", overrides=[override])
         with pytest.raises(ConfigError, match=message.replace("[", r"\[")):
             validate(cfg)

@@ -1,17 +1,33 @@
 """Raw sources -> conversations (lists of {role, content}) or documents (plain strings).
 
 A conversation is rendered to ChatML by `streams.render_chatml`; documents are used as they are.
+Files are read with `datasets` builders (json / parquet / text), cached under <cache_dir>/datasets.
 """
 
 from __future__ import annotations
 
+import re
 from importlib import resources
+from pathlib import Path
 
+import datasets
 import yaml
 
+from newllm.data.hub import hub_reachable
+from newllm.data.tokenizer import END_OF_TEXT
 from newllm.errors import DataError
 
 Conversation = list[dict[str, str]]
+ROLES = ("system", "user", "assistant")
+ULTRACHAT = "HuggingFaceH4/ultrachat_200k"
+ULTRACHAT_SPLIT = "train_sft"
+MESSAGE_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+# data=text: how a file is cut into documents (the unit held out for validation) and the
+# separator that joins them back into a stream -- the one that cut them.
+TEXT_UNITS = {"paragraph": "\n\n", "line": "\n", "file": END_OF_TEXT}
+BLANK_LINES = re.compile(r"\n[ \t\r\f\v]*\n\s*")  # WikiText's blank lines hold a space
+
+datasets.disable_progress_bars()
 
 
 def chatterbot_conversations(limit: int | None = None) -> list[Conversation]:
@@ -31,3 +47,105 @@ def chatterbot_conversations(limit: int | None = None) -> list[Conversation]:
     if not conversations:
         raise DataError(f"chatterbot-corpus has no English conversations under {folder}")
     return conversations[:limit] if limit else conversations
+
+
+def check_conversation(messages: object, where: str) -> Conversation:
+    """A list of {role, content} with known roles and string content, or a DataError naming `where`."""
+    if not isinstance(messages, list) or not messages:
+        raise DataError(f"{where}: 'messages' must be a non-empty list of {{role, content}}, got {messages!r:.80}")
+    for turn in messages:
+        if not isinstance(turn, dict) or not isinstance(turn.get("content"), str):
+            raise DataError(f"{where}: every message needs a 'role' and a string 'content', got {turn!r:.80}")
+        if turn.get("role") not in ROLES:
+            raise DataError(f"{where}: unknown role {turn.get('role')!r}: expected one of {', '.join(ROLES)}")
+    return [{"role": t["role"], "content": t["content"]} for t in messages]
+
+
+def check_file(path: str, key: str) -> Path:
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"{key}={path!r} does not exist (or is not a file)")
+    if p.stat().st_size == 0:
+        raise DataError(f"{key}={path!r} is empty")
+    return p
+
+
+def _first_line(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
+
+
+def _find_bad_utf8(paths: list[Path]) -> str:
+    """Which file holds non-UTF-8 bytes, and where (read only once a build has failed)."""
+    for p in paths:
+        try:
+            p.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as err:
+            return f"{p} has bytes that are not UTF-8 (at byte {err.start}: {err.object[err.start:err.start + 4]!r})"
+    return ""
+
+
+def load_local(builder: str, paths: list[Path], key: str, cache_dir: Path, **kwargs) -> datasets.Dataset:
+    """load_dataset(builder, data_files=paths) with one-line errors; a corrupt cached build is rebuilt once."""
+    for mode in ("reuse_dataset_if_exists", "force_redownload"):
+        try:
+            return datasets.load_dataset(builder, data_files=[str(p) for p in paths], split="train",
+                                         cache_dir=str(cache_dir / "datasets"), download_mode=mode, **kwargs)
+        except datasets.exceptions.DatasetGenerationError as err:  # the files themselves are bad
+            bad = _find_bad_utf8(paths)
+            raise DataError(f"{key}: {bad}" if bad else f"{key}: cannot read {', '.join(map(str, paths))} "
+                            f"as {builder} ({_first_line(err.__cause__ or err)})") from err
+        except Exception as err:  # noqa: BLE001 -- anything else may be a damaged cache: rebuild once
+            last = err
+    raise DataError(f"{key}: cannot read {', '.join(map(str, paths))} as {builder} ({_first_line(last)})") from last
+
+
+def ultrachat_conversations(path: str | None, limit: int | None, cache_dir: Path) -> list[Conversation]:
+    """UltraChat-schema conversations: the hub dataset (streamed), or a local JSON/JSONL/Parquet file."""
+    if path:
+        p = check_file(path, "data.path")
+        builder = MESSAGE_FORMATS.get(p.suffix.lower())
+        if builder is None:
+            raise DataError(f"data.path={path!r} has an unknown format: expected one of {', '.join(MESSAGE_FORMATS)}")
+        ds = load_local(builder, [p], "data.path", cache_dir)
+        if "messages" not in ds.column_names:
+            raise DataError(f"data.path={path!r} has no 'messages' column (columns: {', '.join(ds.column_names)})")
+        try:  # pyarrow's JSON reader lets bad UTF-8 into string columns; it surfaces when rows are read
+            rows, where = list(ds.select(range(min(limit, len(ds)))) if limit else ds), str(p)
+        except UnicodeDecodeError as err:
+            raise DataError(f"data.path: {_find_bad_utf8([p]) or f'{p} has text that is not UTF-8'}") from err
+    else:
+        offline = (f"data=ultrachat cannot reach {ULTRACHAT!r} on the Hugging Face Hub (offline): use "
+                   "data=chatterbot, or data.path=<local JSON/JSONL/Parquet file with a 'messages' column>")
+        if not hub_reachable():
+            raise DataError(offline)
+        try:  # streamed: a few thousand conversations need not download the whole split
+            stream = datasets.load_dataset(ULTRACHAT, split=ULTRACHAT_SPLIT, streaming=True)
+            rows = list(stream.take(limit) if limit else stream)
+        except ConnectionError as err:
+            raise DataError(offline) from err
+        except Exception as err:  # noqa: BLE001 -- gated, renamed, interrupted...: one line, not a traceback
+            raise DataError(f"data=ultrachat could not stream {ULTRACHAT!r} ({_first_line(err)}): use "
+                            "data=chatterbot, or data.path=<local JSON/JSONL/Parquet file>") from err
+        where = f"{ULTRACHAT}[{ULTRACHAT_SPLIT}]"
+    return [check_conversation(r["messages"], f"{where} conversation {i}") for i, r in enumerate(rows)]
+
+
+def text_documents(files: list[str], unit: str, limit: int | None, cache_dir: Path) -> list[str]:
+    """Plain-text files -> documents: paragraphs (split at blank lines), lines, or whole files."""
+    if not files:
+        raise DataError("data=text needs data.files=[path, ...]: one or more UTF-8 plain-text files")
+    paths = [check_file(f, "data.files") for f in files]
+    ds = load_local("text", paths, "data.files", cache_dir, sample_by="document")
+    documents: list[str] = []
+    for path, text in zip(paths, ds["text"], strict=True):  # one row per file, in order
+        if not text.strip():
+            raise DataError(f"data.files: {str(path)!r} holds only whitespace")
+        if unit == "paragraph":
+            pieces = BLANK_LINES.split(text)
+        elif unit == "line":
+            pieces = text.splitlines()
+        else:
+            pieces = [text]
+        documents.extend(p.strip() for p in pieces if p.strip())
+    return documents[:limit] if limit else documents

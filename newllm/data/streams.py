@@ -1,33 +1,47 @@
-"""Conversations/documents -> token id streams and per-token loss masks.
+"""Documents -> token id streams and per-token loss masks, tokenized once and cached by `datasets`.
 
 The assistant mask comes from exact character spans of the assistant turns, mapped through the
 tokenizer's offsets -- never by matching decoded text.
+
+Cache: one Arrow file per (tokenizer, documents) under <cache_dir>/tokens/, written by
+`Dataset.map(cache_file_name=...)`, which writes a temp file and moves it into place only when the
+whole map succeeded. A file that does not read back as the expected table is deleted and rebuilt.
 """
 
 from __future__ import annotations
 
+import hashlib
+import logging
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pyarrow.compute as pc
 import torch
 from tokenizers import Tokenizer
 
 from newllm.data.corpora import Conversation
 from newllm.data.tokenizer import END_OF_TEXT, IM_END, IM_START
-from newllm.errors import DataError
 
-ROLES = ("system", "user", "assistant")
+log = logging.getLogger(__name__)
+Spans = list[tuple[int, int]]
+FEATURES = datasets.Features({"ids": datasets.List(datasets.Value("int32")),
+                              "mask": datasets.List(datasets.Value("bool"))})
+CACHE_VERSION = "tokens-v1"  # bump when the encoding below changes
 
 
-def render_chatml(conversation: Conversation) -> tuple[str, list[tuple[int, int]]]:
-    """ChatML text and the [start, end) character spans to learn (assistant content + <|im_end|>)."""
+def render_chatml(conversation: Conversation) -> tuple[str, Spans]:
+    """ChatML text and the [start, end) character spans to learn (assistant content + <|im_end|>).
+
+    Roles are checked where the conversation is read (corpora.check_conversation).
+    """
     parts: list[str] = []
-    spans: list[tuple[int, int]] = []
+    spans: Spans = []
     pos = 0
     for turn in conversation:
-        role, content = turn["role"], turn["content"]
-        if role not in ROLES:
-            raise DataError(f"unknown role {role!r} in a conversation: expected one of {', '.join(ROLES)}")
-        head = f"{IM_START}{role}\n"
-        body = f"{content}{IM_END}"
-        if role == "assistant":
+        head = f"{IM_START}{turn['role']}\n"
+        body = f"{turn['content']}{IM_END}"
+        if turn["role"] == "assistant":
             spans.append((pos + len(head), pos + len(head) + len(body)))
         piece = head + body + "\n"
         parts.append(piece)
@@ -35,22 +49,64 @@ def render_chatml(conversation: Conversation) -> tuple[str, list[tuple[int, int]
     return "".join(parts) + END_OF_TEXT, spans
 
 
-def spans_to_mask(offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> list[bool]:
-    """True for tokens lying inside any span (offsets and spans sorted, [start, end))."""
-    mask, k = [], 0
-    for start, end in offsets:
-        while k < len(spans) and spans[k][1] <= start:
-            k += 1
-        mask.append(k < len(spans) and spans[k][0] <= start and end <= spans[k][1] and end > start)
-    return mask
+def spans_to_mask(offsets: np.ndarray, spans: np.ndarray) -> np.ndarray:
+    """True for tokens lying wholly inside one span. offsets (T, 2), spans (S, 2): sorted, [start, end)."""
+    if len(spans) == 0 or len(offsets) == 0:
+        return np.zeros(len(offsets), dtype=bool)
+    start, end = offsets[:, 0], offsets[:, 1]
+    k = np.searchsorted(spans[:, 1], start, side="right")  # first span ending after the token starts
+    inside = k < len(spans)
+    k = np.minimum(k, len(spans) - 1)
+    return inside & (spans[k, 0] <= start) & (end <= spans[k, 1]) & (end > start)
 
 
-def encode_documents(tokenizer: Tokenizer, texts: list[str], spans: list[list[tuple[int, int]]] | None
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Concatenate encoded documents: ids (N,) long, mask (N,) bool (all True without spans)."""
-    ids: list[int] = []
-    mask: list[bool] = []
-    for i, enc in enumerate(tokenizer.encode_batch(texts, add_special_tokens=False)):
-        ids.extend(enc.ids)
-        mask.extend(spans_to_mask(enc.offsets, spans[i]) if spans is not None else [True] * len(enc.ids))
-    return torch.tensor(ids, dtype=torch.long), torch.tensor(mask, dtype=torch.bool)
+def _encode_batch(tokenizer: Tokenizer, batch: dict) -> dict:
+    encodings = tokenizer.encode_batch(batch["text"], add_special_tokens=False)
+    masks = [spans_to_mask(np.asarray(enc.offsets, dtype=np.int64).reshape(-1, 2),
+                           np.asarray(spans, dtype=np.int64).reshape(-1, 2))
+             for enc, spans in zip(encodings, batch["spans"], strict=True)]
+    return {"ids": [enc.ids for enc in encodings], "mask": masks}
+
+
+def _content_key(tokenizer: Tokenizer, texts: list[str], spans: list[Spans]) -> str:
+    h = hashlib.sha256(CACHE_VERSION.encode())
+    h.update(tokenizer.to_str().encode())
+    for text, sp in zip(texts, spans, strict=True):
+        h.update(b"\0" + text.encode("utf-8", "surrogatepass") + b"\0" + repr(sp).encode())
+    return h.hexdigest()[:20]
+
+
+def _read_cached(path: Path, n_docs: int) -> datasets.Dataset | None:
+    """The cached table, or None (and the file removed) when it is missing, unreadable or not ours."""
+    if not path.exists():
+        return None
+    try:
+        ds = datasets.Dataset.from_file(str(path))
+        ids, mask = (pc.list_flatten(ds.data.column(c)) for c in ("ids", "mask"))
+        if ds.features == FEATURES and ds.num_rows == n_docs and len(ids) == len(mask):
+            return ds
+    except Exception as err:  # noqa: BLE001 -- any read failure means a corrupt entry: rebuild it
+        log.warning("tokenized-data cache %s is unreadable (%s): rebuilding it", path, type(err).__name__)
+    else:
+        log.warning("tokenized-data cache %s does not match its documents: rebuilding it", path)
+    path.unlink(missing_ok=True)
+    return None
+
+
+def encode_cached(tokenizer: Tokenizer, texts: list[str], spans: list[Spans], cache_dir: Path
+                  ) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """Concatenated documents: ids (N,) long, assistant mask (N,) bool, and whether the cache served them."""
+    if not texts:
+        return torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.bool), True
+    path = Path(cache_dir) / "tokens" / f"{_content_key(tokenizer, texts, spans)}.arrow"
+    ds = _read_cached(path, len(texts))
+    hit = ds is not None
+    if ds is None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        docs = datasets.Dataset.from_dict({"text": texts, "spans": [[list(s) for s in sp] for sp in spans]})
+        ds = docs.map(lambda b: _encode_batch(tokenizer, b), batched=True, batch_size=256,
+                      remove_columns=["text", "spans"], features=FEATURES, cache_file_name=str(path),
+                      load_from_cache_file=False, new_fingerprint=path.stem)
+    ids = pc.list_flatten(ds.data.column("ids")).to_numpy().astype(np.int64)
+    mask = pc.list_flatten(ds.data.column("mask")).to_numpy(zero_copy_only=False)
+    return torch.from_numpy(ids), torch.from_numpy(mask.astype(bool)), hit

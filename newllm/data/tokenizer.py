@@ -11,6 +11,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from newllm.data.hub import hub_reachable
 from newllm.errors import DataError
 
 IM_START, IM_END, END_OF_TEXT, PAD = "<|im_start|>", "<|im_end|>", "<|endoftext|>", "<|pad|>"
@@ -38,12 +39,16 @@ def atomic_write_text(path: Path, text: str) -> None:
         raise
 
 
-def train_bpe(texts: Iterable[str], vocab_size: int, min_frequency: int) -> Tokenizer:
+def check_vocab_size(vocab_size: int) -> None:
     if vocab_size <= len(SPECIAL_TOKENS) + 256:
         raise DataError(
             f"tokenizer.vocab_size={vocab_size} is too small: a byte-level BPE needs more than "
             f"{len(SPECIAL_TOKENS)} special tokens + 256 byte symbols = {len(SPECIAL_TOKENS) + 256}"
         )
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int, min_frequency: int) -> Tokenizer:
+    check_vocab_size(vocab_size)
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -73,3 +78,35 @@ def load_or_train(
     tok = train_bpe(texts, vocab_size, min_frequency)
     atomic_write_text(path, tok.to_str())
     return tok, path, False
+
+
+def load_pretrained(name: str) -> Tokenizer:
+    """A hub tokenizer (tokenizer.json) plus our ChatML/pad special tokens where it lacks them.
+
+    Online: Tokenizer.from_pretrained (cached by huggingface_hub). Offline: huggingface_hub's cache
+    or one clear error, at once instead of after the hub client's retries.
+    """
+    try:
+        if Path(name).is_dir():  # a local model directory in the hub layout
+            tok = Tokenizer.from_file(str(Path(name) / "tokenizer.json"))
+        elif hub_reachable():
+            tok = Tokenizer.from_pretrained(name)
+        else:
+            from huggingface_hub import try_to_load_from_cache
+
+            path = try_to_load_from_cache(name, "tokenizer.json")
+            if not isinstance(path, str):
+                raise DataError(f"tokenizer.pretrained={name!r} cannot be loaded: the Hugging Face Hub is "
+                                "unreachable and it is not in the local hub cache; use tokenizer.pretrained=null "
+                                "to train a byte-level BPE locally")
+            tok = Tokenizer.from_file(path)
+    except DataError:
+        raise
+    except Exception as err:  # noqa: BLE001 -- hub/network/parse errors of all kinds: one line
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise DataError(f"tokenizer.pretrained={name!r} could not be loaded ({type(err).__name__}: {first}); "
+                        "use tokenizer.pretrained=null to train a byte-level BPE locally") from err
+    tok.add_special_tokens(SPECIAL_TOKENS)
+    tok.no_truncation()  # some hub files truncate to the model's max length: we encode whole documents
+    tok.no_padding()
+    return tok

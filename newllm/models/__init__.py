@@ -14,8 +14,10 @@ def build_model(model_cfg: DictConfig, vocab_size: int) -> nn.Module:
 
 
 def count_parameters(model: nn.Module) -> dict[str, int]:
+    """Total, embedding tables (tokens, and positions for the transformer), head, and the rest
+    ("core": the sequence model itself -- what baselines are matched on)."""
     total = sum(p.numel() for p in model.parameters())
-    embedding = model.embedding.weight.numel()
+    embedding = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Embedding))
     head = sum(p.numel() for p in model.head.parameters())
     return {"params": total, "params_embedding": embedding, "params_head": head,
             "params_core": total - embedding - head}

@@ -10,7 +10,7 @@ which is what lets Phase 1 sweep every position in parallel.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import torch
 from torch import nn
@@ -35,7 +35,7 @@ class ContextLM(nn.Module):
 
     def __init__(self, vocab_size: int, architecture: str, layers: int, context_dim: int, embed_dim: int,
                  hidden_dim: int | None, init_std: float, dropout: float,
-                 updater: Callable[..., nn.Module]) -> None:
+                 updater: Callable[..., nn.Module], embedding: Mapping | None = None) -> None:
         super().__init__()
         if architecture not in ("sequential", "layerwise"):
             raise ValueError(f"model.architecture={architecture!r} is not allowed: expected sequential or layerwise")
@@ -50,13 +50,22 @@ class ContextLM(nn.Module):
             Block(context_dim, embed_dim, self.hidden_dim, depth, updater, dropout) for depth in depths
         )
         self.head = nn.Linear(context_dim, vocab_size)
-        self._init_weights(init_std, updater_cls.init_std)
+        self._init_weights(init_std)
+        # model.embedding.freeze: a (pretrained) embedding neither phase trains; the matrix itself is
+        # copied in by newllm.models.pretrained after the tokenizer is known.
+        self.freeze_embedding = bool(embedding and embedding.get("freeze"))
+        self.embedding.weight.requires_grad_(not self.freeze_embedding)
 
-    def _init_weights(self, std: float, block_std: float | None) -> None:
+    def _init_weights(self, block_std: float) -> None:
+        """f's weights ~ N(0, init_std); embedding and head ~ N(0, 0.02) (GPT-2's init).
+
+        f's std matters: at 0.02 the gates sit at 0.5 and the update is tiny, so f(c, x) ~ LN(c):
+        a near-identity map whose fixed point is trivial (identity_score ~0.99). The original
+        research used N(0, 0.1) for its fixed-point layers for this reason.
+        """
         for name, module in self.named_modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
-                in_block = name.startswith("blocks.")
-                nn.init.normal_(module.weight, 0.0, block_std if (in_block and block_std) else std)
+                nn.init.normal_(module.weight, 0.0, block_std if name.startswith("blocks.") else 0.02)
                 if getattr(module, "bias", None) is not None:
                     nn.init.zeros_(module.bias)
 
@@ -120,4 +129,5 @@ class ContextLM(nn.Module):
 
     def updater_parameters(self) -> list[nn.Parameter]:
         """Everything except the output head: what Phase 1 trains and freeze_updater freezes."""
-        return [p for n, p in self.named_parameters() if not n.startswith("head.")]
+        return [p for n, p in self.named_parameters()
+                if not n.startswith("head.") and not (self.freeze_embedding and n.startswith("embedding."))]

@@ -17,8 +17,6 @@ class GatedUpdater(nn.Module):
     The token stream passes through unchanged.
     """
 
-    init_std: float | None = None  # use the model's init
-
     def __init__(self, context_dim: int, embed_dim: int, hidden_dim: int) -> None:
         super().__init__()
         self.forget = nn.Linear(hidden_dim, context_dim)
@@ -43,8 +41,6 @@ class ResidualUpdater(nn.Module):
 
     Needs hidden_dim = C + E (the increment has one entry per context and token dimension).
     """
-
-    init_std: float | None = 0.1  # smaller inits drift toward identity maps (original research)
 
     def __init__(self, context_dim: int, embed_dim: int, hidden_dim: int, layernorm_mix: float = 1.0) -> None:
         super().__init__()

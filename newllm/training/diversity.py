@@ -25,11 +25,16 @@ class Diversity(nn.Module):
 
 
 class FrobeniusDeviation(Diversity):
-    """L = -||C - mean_rows(C)||_F / N: pushes contexts away from their mean."""
+    """L = -||C - mean_rows(C)||_F / sqrt(N * C_dim): the RMS deviation from the mean context.
+
+    The original divided by N, which makes the term ~1/sqrt(N): the same dist_reg_weight then meant
+    a 3x weaker regulariser at 8k than at 1k tokens (and depended on the chunk size). This scale is
+    per element like the MSE it is blended with, and lies in [-1, 0] for LayerNorm'd contexts.
+    """
 
     def forward(self, contexts: torch.Tensor) -> torch.Tensor:
         m = _rows(contexts)
-        return -(m - m.mean(dim=0, keepdim=True)).norm() / m.shape[0]
+        return -(m - m.mean(dim=0, keepdim=True)).norm() / m.numel() ** 0.5
 
 
 class DimUsage(Diversity):

@@ -10,6 +10,11 @@ Jacobi sweep over ALL positions at once:
 
 `mode=per_token` is the earliest variant: each token repeated forever from c = 0, i.e. the
 sweep input of a position is its own previous context.
+
+Reading the rates: pass 0 (init=sequential) already IS the fixed point of the frozen f except at
+the carried-over first position, so the training rate measures how far each optimizer step moves
+the trajectory (untrained: ~1 by construction). Whether f contracts onto the steady state is what
+the validation rate measures, from zeros (val_init).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 from newllm import metrics
+from newllm.checkpoint import load_module_state, module_state, rng_state, set_rng_state
 from newllm.errors import TrainingError
 from newllm.training.diversity import Diversity
 from newllm.training.solvers import chunked_pass, sequential_pass, shifted_inputs, shifted_into, zeros_init
@@ -44,11 +50,12 @@ def as_streams(ids: torch.Tensor, num_streams: int) -> torch.Tensor:
     return ids[: n * num_streams].reshape(num_streams, n)
 
 
-def initial_contexts(model: torch.nn.Module, x: torch.Tensor, cfg: DictConfig) -> torch.Tensor:
+def initial_contexts(model: torch.nn.Module, x: torch.Tensor, cfg: DictConfig, init: str | None = None) -> torch.Tensor:
     """Pass 0: the first guess P that the sweeps improve (the fixed point does not depend on it)."""
-    if cfg.mode == "per_token" or cfg.init == "zeros":
+    init = init or cfg.init
+    if cfg.mode == "per_token" or init == "zeros":
         return zeros_init(model.update, x)
-    if cfg.init == "chunked":
+    if init == "chunked":
         return chunked_pass(model.update, x, cfg.init_chunks)
     return sequential_pass(model.update, x)
 
@@ -64,8 +71,13 @@ def unique_tokens(ids: torch.Tensor, limit: int) -> torch.Tensor:
 
 def train_phase1(model: torch.nn.Module, train_ids: torch.Tensor, val_ids: torch.Tensor, cfg: DictConfig,
                  dist_reg_weight: float, diversity: Diversity, device: torch.device,
-                 on_iteration: Callable[[dict], None] | None = None, progress: bool = True) -> Phase1Result:
-    """Train f towards a diverse fixed point of the training stream; measure it on validation."""
+                 on_iteration: Callable[[dict], None] | None = None, progress: bool = True,
+                 state: dict | None = None, checkpoint: Callable[[dict], None] | None = None) -> Phase1Result:
+    """Train f towards a diverse fixed point of the training stream; measure it on validation.
+
+    `checkpoint(loop_state)` is called every training.phase1.checkpoint_every iterations; passing
+    that loop state back as `state` continues from there exactly (model weights restored by the caller).
+    """
     w = dist_reg_weight
     if cfg.mode == "per_token":
         ids = unique_tokens(train_ids[: cfg.max_tokens], cfg.max_tokens).to(device)
@@ -78,11 +90,20 @@ def train_phase1(model: torch.nn.Module, train_ids: torch.Tensor, val_ids: torch
     n_tokens = ids.numel()
 
     model.train(train)
-    with torch.no_grad():
-        p = initial_contexts(model, model.embed(ids), cfg)
+    rate, residual, start = 0.0, math.nan, 1
+    if state is None:
+        with torch.no_grad():
+            p = initial_contexts(model, model.embed(ids), cfg)
+    else:
+        p, start = state["contexts"].to(device), state["iteration"] + 1
+        optimizer.load_state_dict(state["optimizer"])
+        load_module_state(diversity, state["diversity"])
+        result.history = list(state["history"])
+        rate, residual = result.history[-1]["phase1/convergence_rate"], result.history[-1]["phase1/residual"]
+        set_rng_state(state["rng"])
+    every = cfg.get("checkpoint_every", 0)
     t0 = time.perf_counter()
-    bar = tqdm(range(1, cfg.max_iterations + 1), desc="phase1", disable=not progress, leave=False)
-    rate, residual = 0.0, math.nan
+    bar = tqdm(range(start, cfg.max_iterations + 1), desc="phase1", disable=not progress, leave=False)
     # Preallocated once: the sweep's inputs and its output (swapped with p after every sweep).
     new, c_in_all = torch.empty_like(p), (p if cfg.mode == "per_token" else torch.empty_like(p))
     zero, c_dim = torch.zeros((), device=device), p.shape[-1]
@@ -136,6 +157,9 @@ def train_phase1(model: torch.nn.Module, train_ids: torch.Tensor, val_ids: torch
         bar.set_postfix(loss=f"{row['phase1/loss']:.4f}", conv=f"{rate:.3f}")
         if last:
             break
+        if checkpoint is not None and every and k % every == 0:
+            checkpoint({"iteration": k, "contexts": p, "optimizer": optimizer.state_dict(),
+                        "diversity": module_state(diversity), "history": result.history, "rng": rng_state()})
     train_time = time.perf_counter() - t0
     model.eval()
 
@@ -164,13 +188,19 @@ def train_phase1(model: torch.nn.Module, train_ids: torch.Tensor, val_ids: torch
 @torch.no_grad()
 def evaluate_phase1(model: torch.nn.Module, val_ids: torch.Tensor, cfg: DictConfig, device: torch.device,
                     result: Phase1Result | None = None) -> dict[str, float]:
-    """The same iteration on the validation stream, without optimizer steps."""
+    """The same iteration on the validation stream, without optimizer steps.
+
+    It starts from `cfg.val_init` (default zeros), not from a sequential pass: a sequential pass
+    already IS the fixed point of a fixed f (up to the carried-over first position), so sweeps
+    started there converge trivially whatever f is. From zeros, the rate after val_iterations
+    sweeps measures whether f contracts onto the stream's steady state.
+    """
     if cfg.mode == "per_token":
         ids = unique_tokens(val_ids[: cfg.max_tokens], cfg.max_tokens).to(device)
     else:
         ids = as_streams(val_ids[: cfg.max_tokens], cfg.num_streams).to(device)
     x = model.embed(ids)
-    p = initial_contexts(model, x, cfg)
+    p = initial_contexts(model, x, cfg, cfg.get("val_init", "zeros"))
     rate, residual = 0.0, math.nan
     for _ in range(cfg.val_iterations):
         new = model.update(sweep_inputs(p, cfg.mode), x)

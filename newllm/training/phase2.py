@@ -26,6 +26,7 @@ from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from newllm import metrics
+from newllm.checkpoint import rng_state, set_rng_state
 from newllm.errors import DataError, TrainingError
 from newllm.training.solvers import jacobi_window
 
@@ -101,7 +102,13 @@ def evaluate(model: nn.Module, windows: tuple[torch.Tensor, ...], batch_size: in
 
 
 def train_phase2(model: nn.Module, data, cfg: DictConfig, device: torch.device, seed: int,
-                 on_epoch: Callable[[dict], None] | None = None, progress: bool = True) -> Phase2Result:
+                 on_epoch: Callable[[dict], None] | None = None, progress: bool = True,
+                 state: dict | None = None, checkpoint: Callable[[dict], None] | None = None,
+                 contexts_cache: Callable[[torch.Tensor, Callable[[], torch.Tensor]], torch.Tensor] | None = None,
+                 ) -> Phase2Result:
+    """Train next-token prediction. `checkpoint(loop_state)` is called every
+    training.phase2.checkpoint_every epochs; passing it back as `state` continues exactly (model weights
+    restored by the caller). `contexts_cache(inputs, compute)` may serve the fixed-mode contexts."""
     train_w = [t.to(device) for t in make_windows(data.train_ids, data.train_mask, cfg.seq_len, "training")]
     val_ids, val_mask = data.val_ids, data.val_mask
     if cfg.max_val_tokens:
@@ -124,14 +131,27 @@ def train_phase2(model: nn.Module, data, cfg: DictConfig, device: torch.device, 
         trainable += list(decoder.parameters())
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
-    train_contexts = contexts_of(model, train_w[0], cfg.batch_size * 4) if fixed else None
+    compute = lambda: contexts_of(model, train_w[0], cfg.batch_size * 4)
+    train_contexts = None
+    if fixed:
+        train_contexts = (compute() if contexts_cache is None else contexts_cache(train_w[0], compute)).to(device)
     g = torch.Generator().manual_seed(seed)
     result = Phase2Result()
     best = {"loss": math.inf}
     best_state = copy.deepcopy(model.state_dict())
-    bad_epochs, step, n_seen = 0, 0, 0
+    bad_epochs, step, n_seen, start, best_epoch = 0, 0, 0, 1, 0
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        if decoder is not None:
+            decoder.load_state_dict(state["decoder"])
+        g.set_state(state["generator"])
+        result.history = list(state["history"])
+        best, best_epoch, best_state = dict(state["best"]), state["best_epoch"], state["best_state"]
+        bad_epochs, step, n_seen, start = state["bad_epochs"], state["step"], state["n_seen"], state["epoch"] + 1
+        set_rng_state(state["rng"])
+    every = cfg.get("checkpoint_every", 0)
     t0 = time.perf_counter()
-    for epoch in range(1, cfg.epochs + 1):
+    for epoch in range(start, cfg.epochs + 1):
         model.train()
         order = torch.randperm(train_w[0].shape[0], generator=g).to(device)
         batches = order.split(cfg.batch_size)
@@ -172,7 +192,14 @@ def train_phase2(model: nn.Module, data, cfg: DictConfig, device: torch.device, 
             bad_epochs += 1
             if bad_epochs >= cfg.patience:
                 break
+        if checkpoint is not None and every and epoch % every == 0 and epoch < cfg.epochs:
+            checkpoint({"epoch": epoch, "optimizer": optimizer.state_dict(), "generator": g.get_state(),
+                        "decoder": decoder.state_dict() if decoder is not None else None,
+                        "history": result.history, "best": best, "best_epoch": best_epoch, "best_state": best_state,
+                        "bad_epochs": bad_epochs, "step": step, "n_seen": n_seen, "rng": rng_state()})
     train_time = time.perf_counter() - t0
+    if best_epoch == 0:
+        raise TrainingError("phase 2 validation loss was never finite; lower training.phase2.lr")
     model.load_state_dict(best_state)  # report (and keep) the best validation epoch
     last = result.history[-1]
     result.metrics = {

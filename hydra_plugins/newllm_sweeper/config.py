@@ -1,0 +1,99 @@
+"""Config schema of `hydra/sweeper=newllm_optuna`: the official OptunaSweeperConf plus pruning,
+early-stop rules and newllm's defaults; pruner options; and the sweep presets in sweeps/.
+
+Imported by Hydra's plugin scan at every start-up, so it stays light (no optuna, no torch).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from hydra_plugins.hydra_optuna_sweeper.config import OptunaSweeperConf
+from omegaconf import MISSING, OmegaConf
+
+
+@dataclass
+class PrunerConfig:
+    _target_: str = MISSING
+
+
+@dataclass
+class NopPrunerConfig(PrunerConfig):
+    _target_: str = "optuna.pruners.NopPruner"
+
+
+@dataclass
+class MedianPrunerConfig(PrunerConfig):
+    """https://optuna.readthedocs.io/en/stable/reference/generated/optuna.pruners.MedianPruner.html"""
+
+    _target_: str = "optuna.pruners.MedianPruner"
+    n_startup_trials: int = 5
+    n_warmup_steps: int = 0
+    interval_steps: int = 1
+    n_min_trials: int = 1
+
+
+@dataclass
+class HyperbandPrunerConfig(PrunerConfig):
+    """https://optuna.readthedocs.io/en/stable/reference/generated/optuna.pruners.HyperbandPruner.html"""
+
+    _target_: str = "optuna.pruners.HyperbandPruner"
+    min_resource: int = 1
+    max_resource: Any = "auto"
+    reduction_factor: int = 3
+
+
+@dataclass
+class EarlyStopConfig:
+    """Rules checked on every logged row, in single- and multi-objective studies alike.
+
+    A rule that fires stops the trial, which is recorded PRUNED with the rule in `pruned_reason`.
+    """
+
+    nan_loss: bool = True  # a non-finite *loss value in a history row
+    # Phase-1 effective rank / context_dim below this (0 = off): contexts collapsed onto few directions.
+    min_effective_rank_ratio: float = 0.0
+    # identity_mapping_score(f) above this (null = off): the update learned c_t ~ c_{t-1}, ignoring x_t.
+    max_identity_score: float | None = None
+    grace_iterations: int = 2  # Phase-1 iterations before the rank/identity rules apply
+
+
+@dataclass
+class NewllmOptunaSweeperConf(OptunaSweeperConf):
+    _target_: str = "hydra_plugins.newllm_sweeper.sweeper.NewllmOptunaSweeper"
+    defaults: list[Any] = field(default_factory=lambda: [{"sampler": "tpe"}, {"pruner": "none"}])
+    pruner: PrunerConfig = MISSING
+    early_stop: EarlyStopConfig = field(default_factory=EarlyStopConfig)
+    # Which phases report intermediate values to the pruner (single objective only).
+    report: list[str] = field(default_factory=lambda: ["phase1", "phase2"])
+    # A SQLite file under outputs/ so studies outlive the process; any SQLAlchemy URL works.
+    storage: Any | None = "sqlite:///${paths.output_root}/optuna.db"
+    study_name: str | None = "newllm"
+    # n_trials counts COMPLETE + PRUNED trials in the whole study (re-running continues it).
+    n_trials: int = 20
+    # This run stops once more than max_failure_rate x n_trials of its trials failed (0.0: the first).
+    max_failure_rate: float = 0.0
+    n_jobs: int = 1  # trials per batch (run in parallel by the joblib/submitit launchers)
+    # Job folder under hydra.sweep.dir, named by trial number so re-runs never overwrite one.
+    subdir: str = "trial_{number}"
+
+
+def sweeps_dir() -> Path:
+    return Path(__file__).resolve().parents[2] / "sweeps"
+
+
+def register() -> None:
+    cs = ConfigStore.instance()
+    cs.store(group="hydra/sweeper", name="newllm_optuna", node=NewllmOptunaSweeperConf, provider="newllm")
+    for name, node in [("none", NopPrunerConfig), ("median", MedianPrunerConfig),
+                       ("hyperband", HyperbandPrunerConfig)]:
+        cs.store(group="hydra/sweeper/pruner", name=name, node=node, provider="newllm")
+    # Presets: sweeps/<name>.yaml becomes `+sweep=<name>` (a global package, like `# @package _global_`).
+    for path in sorted(sweeps_dir().glob("*.yaml")):
+        cs.store(group="sweep", name=path.stem, node=OmegaConf.load(path), package="_global_", provider="newllm")
+
+
+register()

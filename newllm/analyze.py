@@ -1,0 +1,100 @@
+"""`python -m newllm.analyze`: the runs table and the Optuna study comparison on the command line.
+
+    python -m newllm.analyze runs outputs/ --sort phase2/val_ppl --csv runs.csv
+    python -m newllm.analyze studies --storage sqlite:///outputs/optuna.db --out outputs/analysis
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+from newllm import analysis
+from newllm.errors import NewllmError
+
+
+def _print_table(df: pd.DataFrame) -> None:
+    with pd.option_context("display.max_rows", None, "display.max_columns", None, "display.width", 250,
+                           "display.float_format", "{:.4g}".format, "display.max_colwidth", 60):
+        print(df.to_string(index=False))
+
+
+def cmd_runs(args: argparse.Namespace) -> None:
+    runs = analysis.load_runs(args.root, cache=not args.no_cache)
+    if args.status:
+        runs = runs[runs["status"] == args.status]
+    if args.sort:
+        if args.sort not in runs:
+            raise analysis.AnalysisError(f"--sort {args.sort!r} is not a column; e.g. {analysis.KEY_METRICS}")
+        runs = runs.sort_values(args.sort, ascending=not args.desc, na_position="last")
+    if args.csv:
+        runs.to_csv(args.csv, index=False)
+        print(f"wrote {len(runs)} runs x {runs.shape[1]} columns to {args.csv}", file=sys.stderr)
+    cols = args.columns.split(",") if args.columns else analysis.summary_columns(runs)
+    unknown = [c for c in cols if c not in runs]
+    if unknown:
+        raise analysis.AnalysisError(f"--columns {unknown} not in the runs table (see --csv for all columns)")
+    counts = runs["status"].value_counts().to_dict()
+    print(f"{len(runs)} runs under {args.root} ({', '.join(f'{n} {s}' for s, n in counts.items())})")
+    _print_table(runs[cols])
+
+
+def cmd_studies(args: argparse.Namespace) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    studies = analysis.load_studies(args.storage, args.study)
+    print("studies:")
+    _print_table(analysis.compare_studies(studies))
+    for s in studies:
+        print(f"\nbest trials of {s.study_name}:")
+        _print_table(analysis.pareto_front(s))
+    out = Path(args.out)
+    plots = {"optimization_history.png": analysis.plot_optimization_history(studies)}
+    multi = [s for s in studies if len(s.directions) >= 2]
+    if multi:
+        plots["pareto_fronts.png"] = analysis.plot_pareto_fronts(multi)
+    for k in range(max(len(s.directions) for s in studies)):
+        plots[f"importances_objective{k}.png"] = analysis.plot_param_importances(
+            [s for s in studies if len(s.directions) > k], objective=k)
+    for name, fig in plots.items():
+        analysis.save_figure(fig, out / name)
+    print(f"\nwrote {len(plots)} plots to {out}/: {', '.join(plots)}")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m newllm.analyze", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("runs", help="one table of every run below a folder")
+    r.add_argument("root", nargs="?", default="outputs", help="folder holding runs/ and multirun/ (default outputs)")
+    r.add_argument("--sort", help="column to sort by, e.g. phase2/val_ppl (ascending)")
+    r.add_argument("--desc", action="store_true", help="sort descending")
+    r.add_argument("--status", choices=["completed", "failed", "incomplete"], help="only runs with this status")
+    r.add_argument("--columns", help="comma-separated columns to print (default: ids, what varied, key metrics)")
+    r.add_argument("--csv", help="also write the full table (every column) to this CSV file")
+    r.add_argument("--no-cache", action="store_true", help=f"re-read every run dir (ignore {analysis.CACHE_NAME})")
+    r.set_defaults(func=cmd_runs)
+    s = sub.add_parser("studies", help="compare the Optuna studies in a storage and plot them")
+    s.add_argument("--storage", required=True, nargs="+", help="Optuna storage URL(s), e.g. sqlite:///outputs/optuna.db")
+    s.add_argument("--study", nargs="+", help="only these study names (default: all)")
+    s.add_argument("--out", default="outputs/analysis", help="folder for the plots (default outputs/analysis)")
+    s.set_defaults(func=cmd_studies)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        args.func(args)
+    except NewllmError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

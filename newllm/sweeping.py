@@ -1,0 +1,142 @@
+"""Trial side of `hydra/sweeper=newllm_optuna`: report intermediate values, prune, stop by rules.
+
+The sweeper hands each job its study, storage and trial id through environment variables (set
+per job with hydra.job.env_set, so they reach joblib/submitit workers too). `attach_trial`
+re-attaches to that trial through the shared storage and registers a RunTracker hook, which sees
+every Phase-1 iteration and Phase-2 epoch row. It raises `TrialPruned` when the pruner or an
+early-stop rule says so; the sweeper then records the trial as PRUNED with the reason.
+
+Intermediate values (single-objective studies only; Optuna forbids report() with several):
+  Phase 1 iteration k -> step k, value 1 - convergence_rate (maximize studies: convergence_rate)
+  Phase 2 epoch e -> step phase1.max_iterations + 1 + e (epochs count from 1), value val_loss (maximize: -val_loss)
+so every trial of a study reports each phase at the same steps, and PhaseWisePruner lets the
+configured pruner see only the current phase of the trial: pruners compare like with like.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+from collections.abc import Callable
+from typing import Any
+
+import hydra
+import optuna
+import torch
+from omegaconf import DictConfig
+
+from newllm import metrics
+from newllm.errors import NewllmError
+
+ENV_STORAGE, ENV_STUDY, ENV_TRIAL = "NEWLLM_OPTUNA_STORAGE", "NEWLLM_OPTUNA_STUDY", "NEWLLM_OPTUNA_TRIAL_ID"
+SPEC_ATTR = "newllm:task"  # trial system attr: {"pruner": cfg, "early_stop": rules, "report": [phases]}
+IN_PROCESS_STUDIES: dict[str, Any] = {}  # studies without storage, reachable only by in-process jobs
+
+
+class TrialPruned(optuna.TrialPruned):
+    """Stop this trial; the sweeper records it PRUNED with this message as `pruned_reason`."""
+
+
+class PhaseWisePruner(optuna.pruners.BasePruner):
+    """The configured pruner, shown only the current phase's intermediate values of this trial.
+
+    Pruners such as MedianPruner compare a trial's *best* value so far with other trials at the
+    current step; Phase-1 values (1 - convergence, in [0, 1]) would always beat Phase-2 losses.
+    Other trials are compared at the same step, hence within the same phase already.
+    """
+
+    def __init__(self, pruner: optuna.pruners.BasePruner, phase2_start: int) -> None:
+        self.pruner, self.phase2_start = pruner, phase2_start
+
+    def prune(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> bool:
+        in_phase2 = (trial.last_step or 0) >= self.phase2_start
+        trial = copy.deepcopy(trial)
+        trial.intermediate_values = {s: v for s, v in trial.intermediate_values.items()
+                                     if (s >= self.phase2_start) == in_phase2}
+        return self.pruner.prune(study, trial)
+
+
+def early_stop_reason(row: dict, rules: dict, context_dim: int, identity_score: Callable[[], float]) -> str | None:
+    """The first early-stop rule this history row breaks, as a one-line reason (None: carry on)."""
+    if rules.get("nan_loss", True):
+        bad = {k: v for k, v in row.items() if k.endswith("loss") and isinstance(v, float) and not math.isfinite(v)}
+        if bad:
+            return f"nan_loss: {bad} at phase {row.get('phase')} step {row.get('step')}"
+    if row.get("phase") != 1 or row.get("step", 0) < rules.get("grace_iterations", 0):
+        return None
+    ratio, erank = rules.get("min_effective_rank_ratio") or 0.0, row.get("phase1/effective_rank")
+    if erank is not None and erank / context_dim < ratio:
+        return (f"effective_rank_collapse: effective rank {erank:.2f}/{context_dim} = {erank / context_dim:.3f} "
+                f"< min_effective_rank_ratio={ratio} at iteration {row['step']}")
+    limit = rules.get("max_identity_score")
+    if limit is not None and erank is not None:  # checked with the rank, every erank_every iterations
+        score = identity_score()
+        if score > limit:
+            return (f"identity_mapping: identity score {score:.3f} > max_identity_score={limit} "
+                    f"at iteration {row['step']}")
+    return None
+
+
+def phase2_start(cfg: DictConfig) -> int:
+    """Step of Phase-2 epoch 0: after every possible Phase-1 iteration, the same in every trial."""
+    return int(cfg.training.phase1.max_iterations) + 1
+
+
+class TrialReporter:
+    """RunTracker hook bound to one Optuna trial."""
+
+    def __init__(self, trial: Any, spec: dict, cfg: DictConfig, model: torch.nn.Module) -> None:
+        self.trial = trial
+        self.rules = spec.get("early_stop") or {}
+        self.report = set(spec.get("report") or [])
+        directions = trial.study.directions
+        self.sign = -1.0 if directions[0].name == "MAXIMIZE" else 1.0
+        self.single = len(directions) == 1
+        self.context_dim = int(getattr(model, "context_dim", 0) or cfg.model.context_dim)
+        self.phase2_offset = phase2_start(cfg)
+        self.model = model
+
+    def identity_score(self) -> float:
+        m = self.model
+        return metrics.identity_mapping_score(m.update, m.context_dim, m.embed_dim,
+                                              device=next(m.parameters()).device)
+
+    def __call__(self, row: dict) -> None:
+        reason = early_stop_reason(row, self.rules, self.context_dim, self.identity_score)
+        if reason:
+            raise TrialPruned(reason)
+        value, step = self.intermediate(row)
+        if not self.single or value is None or not math.isfinite(value):
+            return
+        self.trial.report(value, step)
+        if self.trial.should_prune():
+            pruner = type(getattr(self.trial.study.pruner, "pruner", self.trial.study.pruner)).__name__
+            raise TrialPruned(f"{pruner}: intermediate value {value:.4g} at step {step} "
+                              f"(phase {row['phase']}) is worse than the trials it was compared with")
+
+    def intermediate(self, row: dict) -> tuple[float | None, int]:
+        if row.get("phase") == 1 and "phase1" in self.report and "phase1/convergence_rate" in row:
+            rate = float(row["phase1/convergence_rate"])
+            return (1.0 - rate if self.sign > 0 else rate), int(row["step"])
+        if row.get("phase") == 2 and "phase2" in self.report and "phase2/val_loss" in row:
+            return self.sign * float(row["phase2/val_loss"]), self.phase2_offset + int(row.get("epoch", 0))
+        return None, 0
+
+
+def attach_trial(hooks: list[Callable[[dict], None]], cfg: DictConfig, model: torch.nn.Module) -> None:
+    """Register the reporter when the newllm_optuna sweeper launched this run (no-op otherwise)."""
+    trial_id = os.environ.get(ENV_TRIAL)
+    if not trial_id:
+        return
+    url, name = os.environ.get(ENV_STORAGE, ""), os.environ[ENV_STUDY]
+    if not url and name not in IN_PROCESS_STUDIES:
+        raise NewllmError("hydra.sweeper.storage=null keeps the study inside the sweep process; trials run by "
+                          "another process (joblib, submitit) need a storage URL such as sqlite:///outputs/optuna.db")
+    storage = optuna.storages.get_storage(url) if url else IN_PROCESS_STUDIES[name]._storage
+    spec = storage.get_trial_system_attrs(int(trial_id)).get(SPEC_ATTR, {})
+    pruner = hydra.utils.instantiate(spec.get("pruner") or {"_target_": "optuna.pruners.NopPruner"},
+                                     _execution_whitelist_=("optuna.pruners.*",))
+    pruner = PhaseWisePruner(pruner, phase2_start(cfg))
+    study = optuna.load_study(study_name=name, storage=storage, pruner=pruner)
+    hooks.append(TrialReporter(optuna.trial.Trial(study, int(trial_id)), spec, cfg, model))

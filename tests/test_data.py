@@ -1,0 +1,354 @@
+"""The data layer in-process: sources, splits, masks, budgets, caches and bad input (one-line errors)."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from newllm.config import DataConfig, TokenizerConfig
+from newllm.data import _split, load_data
+from newllm.data.corpora import chatterbot_conversations
+from newllm.data.repetition import WORD_TOKEN
+from newllm.data.streams import encode_cached, render_chatml, spans_to_mask
+from newllm.data.tokenizer import IM_END, train_bpe
+from newllm.errors import DataError
+
+FIXTURES = Path(__file__).parent / "fixtures"
+ULTRACHAT_SAMPLE = FIXTURES / "ultrachat_sample.jsonl"
+
+
+def data_cfg(**kw):
+    return OmegaConf.merge(OmegaConf.structured(DataConfig), kw)
+
+
+def tok_cfg(**kw):
+    return OmegaConf.merge(OmegaConf.structured(TokenizerConfig), {"vocab_size": 320, **kw})
+
+
+def write_wiki(path: Path, paragraphs: int) -> Path:
+    """A WikiText-style file from chatterbot utterances: headings, paragraphs, blank lines holding a space."""
+    sentences = [" ".join(t["content"].split()) for c in chatterbot_conversations() for t in c]
+    lines = []
+    for i in range(paragraphs):
+        if i % 10 == 0:
+            lines += [f" = Section {i // 10} = ", " "]
+        lines += [" " + " ".join(sentences[6 * i : 6 * i + 6]), " "]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def one_line_error(excinfo) -> str:
+    msg = str(excinfo.value)
+    assert "\n" not in msg, msg
+    return msg
+
+
+# ----------------------------------------------------------------------------- chatterbot, splits, masks
+def test_chatterbot_split_is_disjoint_seeded_and_streams_decode_to_the_documents(tmp_path):
+    d = data_cfg(num_conversations=120)
+    data = load_data(d, tok_cfg(), tmp_path, seed=3)
+    texts = [render_chatml(c)[0] for c in chatterbot_conversations(120)]
+    train_idx, val_idx = _split(len(texts), 0.1, seed=3)
+    assert len(val_idx) == 12 and not set(train_idx) & set(val_idx)
+    dec = lambda ids: data.tokenizer.decode(ids.tolist(), skip_special_tokens=False)
+    assert dec(data.train_ids) == "".join(texts[i] for i in train_idx)
+    assert dec(data.val_ids) == "".join(texts[i] for i in val_idx)
+    info = data.info
+    assert (info["data/train_documents"], info["data/val_documents"]) == (108, 12)
+    assert info["data/train_tokens"] == len(data.train_ids) and info["data/val_protocol"] == "by_conversation"
+    assert 0 < info["data/train_loss_tokens"] < info["data/train_tokens"]
+    other = load_data(d, tok_cfg(), tmp_path, seed=4)
+    assert not torch.equal(other.val_ids[:50], data.val_ids[:50])  # another seed holds out others
+
+
+def test_assistant_mask_covers_exactly_the_assistant_turns(tmp_path):
+    conversations = chatterbot_conversations(40)
+    rendered = [render_chatml(c) for c in conversations]
+    tok = train_bpe([t for t, _ in rendered], 320, 2)
+    ids, mask, _ = encode_cached(tok, [t for t, _ in rendered], [s for _, s in rendered], tmp_path)
+    expected = "".join(t["content"] + IM_END for c in conversations for t in c if t["role"] == "assistant")
+    assert tok.decode(ids[mask].tolist(), skip_special_tokens=False) == expected
+    unmasked = tok.decode(ids[~mask].tolist(), skip_special_tokens=False)
+    assert "assistant\n" in unmasked and conversations[0][0]["content"] in unmasked
+
+
+def test_spans_to_mask_matches_a_direct_definition():
+    import numpy as np
+
+    rng = random.Random(0)
+    for _ in range(50):
+        cuts = sorted(rng.sample(range(1, 200), 40))
+        offsets = np.array(list(zip([0, *cuts[:-1]], cuts, strict=True)))
+        bounds = sorted(rng.sample(range(0, 200), 6))
+        spans = np.array([bounds[i : i + 2] for i in range(0, 6, 2)])
+        got = spans_to_mask(offsets, spans)
+        want = [any(s <= a and b <= e for s, e in spans) and b > a for a, b in offsets]
+        assert got.tolist() == want
+
+
+def test_loss_on_all_and_budgets(tmp_path):
+    base = load_data(data_cfg(num_conversations=150), tok_cfg(), tmp_path, seed=0)
+    capped = load_data(data_cfg(num_conversations=150, max_train_tokens=1000, max_val_tokens=300, loss_on="all"),
+                       tok_cfg(), tmp_path, seed=0)
+    assert torch.equal(capped.train_ids, base.train_ids[:1000]) and torch.equal(capped.val_ids, base.val_ids[:300])
+    assert bool(capped.train_mask.all()) and bool(capped.val_mask.all())
+    assert capped.info["data/train_loss_tokens"] == 1000 and capped.info["data/val_loss_tokens"] == 300
+
+
+def test_subset_of_train_is_the_tail_of_the_budgeted_training_stream(tmp_path):
+    data = load_data(data_cfg(num_conversations=150, max_train_tokens=2000, val_protocol="subset_of_train"),
+                     tok_cfg(), tmp_path, seed=0)
+    assert len(data.train_ids) == 2000 and torch.equal(data.val_ids, data.train_ids[1600:])
+    assert torch.equal(data.val_mask, data.train_mask[1600:])
+    assert data.info["data/val_protocol"] == "subset_of_train" and data.info["data/train_documents"] == 150
+
+
+# ----------------------------------------------------------------------------- caches
+def test_second_load_is_served_from_the_token_cache_and_corrupt_entries_are_rebuilt(tmp_path):
+    d = data_cfg(num_conversations=60)
+    first = load_data(d, tok_cfg(), tmp_path, seed=0)
+    second = load_data(d, tok_cfg(), tmp_path, seed=0)
+    assert not first.info["data/tokens_cache_hit"] and not first.info["data/tokenizer_cache_hit"]
+    assert second.info["data/tokens_cache_hit"] and second.info["data/tokenizer_cache_hit"]
+    assert torch.equal(first.train_ids, second.train_ids) and torch.equal(first.val_mask, second.val_mask)
+
+    entries = sorted((tmp_path / "tokens").glob("*.arrow"))
+    assert len(entries) == 2  # train + validation, nothing else left behind
+    entries[0].write_bytes(entries[0].read_bytes()[:100])  # truncated
+    entries[1].write_bytes(b"not arrow at all")
+    Path(first.info["data/tokenizer"]).write_text('{"version": "1.0", "trunc', encoding="utf-8")
+    third = load_data(d, tok_cfg(), tmp_path, seed=0)
+    assert not third.info["data/tokens_cache_hit"] and not third.info["data/tokenizer_cache_hit"]
+    assert torch.equal(first.train_ids, third.train_ids) and torch.equal(first.val_ids, third.val_ids)
+    assert load_data(d, tok_cfg(), tmp_path, seed=0).info["data/tokens_cache_hit"]
+
+
+def test_a_failing_tokenization_leaves_no_cache_entry(tmp_path, monkeypatch):
+    import newllm.data.streams as streams
+
+    calls = []
+
+    def fail_on_second_batch(tokenizer, batch):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("disk full")
+        return real(tokenizer, batch)
+
+    real = streams._encode_batch
+    monkeypatch.setattr(streams, "_encode_batch", fail_on_second_batch)
+    texts = [render_chatml(c)[0] for c in chatterbot_conversations(600)]
+    tok = train_bpe(texts, 320, 2)
+    with pytest.raises(RuntimeError, match="disk full"):
+        encode_cached(tok, texts, [[] for _ in texts], tmp_path)
+    assert list((tmp_path / "tokens").iterdir()) == []
+
+
+# ----------------------------------------------------------------------------- ultrachat
+def test_ultrachat_from_a_local_jsonl_and_parquet_file(tmp_path):
+    rows = [json.loads(line) for line in ULTRACHAT_SAMPLE.read_text(encoding="utf-8").splitlines()]
+    parquet = tmp_path / "sample.parquet"
+    pd.DataFrame(rows).to_parquet(parquet)
+    d = data_cfg(name="ultrachat", path=str(ULTRACHAT_SAMPLE), val_fraction=0.25)
+    data = load_data(d, tok_cfg(), tmp_path, seed=0)
+    assert (data.info["data/documents"], data.info["data/val_documents"]) == (12, 3)
+    text = data.tokenizer.decode(torch.cat([data.train_ids, data.val_ids]).tolist(), skip_special_tokens=False)
+    assert "<|im_start|>system\nYou are a concise tutor.<|im_end|>" in text and "東京" in text
+    masked = data.tokenizer.decode(data.train_ids[data.train_mask].tolist(), skip_special_tokens=False)
+    assert "What is" not in masked and masked.endswith(IM_END)
+    from_parquet = load_data(data_cfg(name="ultrachat", path=str(parquet), val_fraction=0.25), tok_cfg(), tmp_path,
+                             seed=0)
+    assert torch.equal(from_parquet.train_ids, data.train_ids)
+    few = load_data(data_cfg(name="ultrachat", path=str(parquet), num_conversations=8), tok_cfg(), tmp_path, seed=0)
+    assert few.info["data/documents"] == 8
+
+
+def test_ultrachat_offline_fails_at_once_with_one_clear_line(tmp_path):
+    with pytest.raises(DataError) as e:
+        load_data(data_cfg(name="ultrachat"), tok_cfg(), tmp_path, seed=0)
+    msg = one_line_error(e)
+    assert "HuggingFaceH4/ultrachat_200k" in msg and "data=chatterbot" in msg and "data.path=" in msg
+
+
+@pytest.mark.parametrize(
+    ("line", "expected"),
+    [
+        ({"messages": [{"role": "user", "content": "hi"}, {"role": "robot", "content": "beep"}]},
+         "unknown role 'robot': expected one of system, user, assistant"),
+        ({"messages": [{"role": "user", "content": 3}]}, "string 'content'"),
+        ({"chat": [{"role": "user", "content": "hi"}]}, "has no 'messages' column (columns: chat)"),
+        ('{"messages": [{"role": "user", "content": "caf\xe9"}]}', "bad.jsonl has bytes that are not UTF-8 (at byte "),
+        ("not json", "bad.jsonl as json (ArrowInvalid: JSON parse error"),
+    ],
+)
+def test_bad_messages_files_name_the_problem(tmp_path, line, expected):
+    path = tmp_path / "bad.jsonl"
+    if isinstance(line, str):  # raw bytes: latin-1 keeps \xe9 a single non-UTF-8 byte
+        path.write_bytes(line.encode("latin-1") + b"\n")
+    else:
+        good = json.loads(ULTRACHAT_SAMPLE.read_text(encoding="utf-8").splitlines()[0])
+        rows = [good, line] if "messages" in line else [line]
+        path.write_text("\n".join(json.dumps(r) for r in rows) + "\n", encoding="utf-8")
+    with pytest.raises(DataError) as e:
+        load_data(data_cfg(name="ultrachat", path=str(path)), tok_cfg(), tmp_path, seed=0)
+    assert expected in one_line_error(e)
+
+
+# ----------------------------------------------------------------------------- text
+def test_text_paragraphs_lines_and_files(tmp_path):
+    a = tmp_path / "a.txt"
+    a.write_text(" = Title = \n \n First paragraph,\n two lines.\n \n\n Second one.\n", encoding="utf-8")
+    b = tmp_path / "b.txt"
+    b.write_text("Another file.\n", encoding="utf-8")
+    tok = tok_cfg()
+    kw = dict(name="text", files=[str(a), str(b)], loss_on="all", val_protocol="subset_of_train")
+    by_par = load_data(data_cfg(**kw), tok, tmp_path, seed=0)
+    decode = lambda data: data.tokenizer.decode(data.train_ids.tolist(), skip_special_tokens=False)
+    assert by_par.info["data/documents"] == 4
+    assert decode(by_par) == "= Title =\n\nFirst paragraph,\n two lines.\n\nSecond one.\n\nAnother file.\n\n"
+    by_file = load_data(data_cfg(**kw, split_by="file"), tok, tmp_path, seed=0)
+    assert by_file.info["data/documents"] == 2 and decode(by_file).count("<|endoftext|>") == 2
+    by_line = load_data(data_cfg(**kw, split_by="line"), tok, tmp_path, seed=0)
+    assert by_line.info["data/documents"] == 5 and bool(by_line.train_mask.all())
+
+
+def test_text_held_out_paragraphs(tmp_path):
+    path = write_wiki(tmp_path / "wiki.txt", 40)
+    data = load_data(data_cfg(name="text", files=[str(path)], loss_on="all"), tok_cfg(), tmp_path, seed=0)
+    assert (data.info["data/documents"], data.info["data/val_documents"]) == (44, 4)
+    assert data.info["data/train_loss_tokens"] == data.info["data/train_tokens"] > 1000
+    built = list((tmp_path / "datasets").rglob("*.arrow"))  # the text builder's own cache entry
+    assert len(built) == 1
+    built[0].write_bytes(b"garbage")  # a corrupt entry is rebuilt, not used
+    again = load_data(data_cfg(name="text", files=[str(path)], loss_on="all"), tok_cfg(), tmp_path, seed=0)
+    assert torch.equal(again.train_ids, data.train_ids) and again.info["data/tokens_cache_hit"]
+
+
+def _bad_text_inputs(tmp_path: Path) -> list[tuple[list[str], str]]:
+    empty = tmp_path / "empty.txt"
+    empty.write_bytes(b"")
+    blank = tmp_path / "blank.txt"
+    blank.write_text(" \n\n  \n", encoding="utf-8")
+    latin = tmp_path / "latin1.txt"
+    latin.write_bytes("Good text first.\n\nCaf\u00e9 cr\u00e8me\n".encode("latin-1"))
+    good = write_wiki(tmp_path / "good.txt", 4)
+    return [
+        ([str(tmp_path / "missing.txt")], "missing.txt' does not exist"),
+        ([str(empty)], "empty.txt' is empty"),
+        ([str(good), str(blank)], "blank.txt' holds only whitespace"),
+        ([str(good), str(latin)], "latin1.txt has bytes that are not UTF-8 (at byte 21"),
+        ([], "data=text needs data.files=[path, ...]"),
+    ]
+
+
+def test_bad_text_files_fail_with_one_line_naming_the_file(tmp_path):
+    for files, expected in _bad_text_inputs(tmp_path):
+        with pytest.raises(DataError) as e:
+            load_data(data_cfg(name="text", files=files, loss_on="all"), tok_cfg(), tmp_path / "cache", seed=0)
+        assert expected in one_line_error(e), (files, str(e.value))
+    assert not (tmp_path / "cache" / "tokens").exists()  # failed before tokenizing: nothing cached
+
+
+# ----------------------------------------------------------------------------- sizes, options, tokenizer
+@pytest.mark.parametrize(
+    ("kw", "min_tokens", "expected"),
+    [
+        ({"num_conversations": 3}, 500, "the training stream has"),
+        ({"num_conversations": 100, "max_train_tokens": 20}, 33, "the training stream has 20 tokens, fewer than one "
+         "window of 33 tokens (training.phase2.seq_len + 1)"),
+        ({"num_conversations": 100, "max_val_tokens": 20}, 33, "the validation stream has 20 tokens"),
+        ({"num_conversations": 5, "val_fraction": 0.95}, 2, "5 documents are too few to hold out data.val_fraction"),
+    ],
+)
+def test_too_little_data_for_a_window_or_for_validation(tmp_path, kw, min_tokens, expected):
+    with pytest.raises(DataError) as e:
+        load_data(data_cfg(**kw), tok_cfg(), tmp_path, seed=0, min_tokens=min_tokens)
+    assert expected in one_line_error(e)
+
+
+@pytest.mark.parametrize(
+    ("kw", "tok", "expected"),
+    [
+        ({"name": "repetition", "loss_on": "all", "val_protocol": "subset_of_train"}, {},
+         "data.val_protocol=subset_of_train does not apply to data=repetition"),
+        ({"name": "text", "files": ["x.txt"]}, {}, "data.loss_on=assistant needs dialogue data"),
+        ({"path": "chats.jsonl"}, {}, "data.path='chats.jsonl' is read by data=ultrachat only"),
+        ({"files": ["x.txt"]}, {}, "data.files is read by data=text only"),
+        ({}, {"vocab_size": 200}, "tokenizer.vocab_size=200 is too small: a byte-level BPE needs more than 4 "
+         "special tokens + 256 byte symbols = 260"),
+        ({}, {"pretrained": "gpt2"}, "tokenizer.pretrained='gpt2' cannot be loaded: the Hugging Face Hub is "
+         "unreachable"),
+        ({"name": "ultrachat", "path": "chats.csv"}, {}, "data.path='chats.csv' does not exist"),
+        ({"name": "wikipedia"}, {}, "data.name='wikipedia' is not allowed: expected one of chatterbot, ultrachat, "
+         "text, repetition"),
+    ],
+)
+def test_conflicting_options_and_tokenizer_errors(tmp_path, kw, tok, expected):
+    with pytest.raises(DataError) as e:
+        load_data(data_cfg(**kw), tok_cfg(**tok), tmp_path, seed=0)
+    assert expected in one_line_error(e)
+
+
+# ----------------------------------------------------------------------------- repetition
+def test_repetition_stages_cycles_and_held_out_phrases(tmp_path):
+    d = data_cfg(name="repetition", loss_on="all", phrase_lengths=[1, 2, 4], repetitions=5, phrases_per_stage=6,
+                 val_fraction=0.5)
+    data = load_data(d, tok_cfg(), tmp_path, seed=1)
+    assert [s.phrase_length for s in data.stages] == [1, 2, 4]
+    train_phrases, val_phrases = set(), set()
+    for stage in data.stages:
+        p, ids = stage.phrase_length, stage.ids
+        assert ids.dtype == torch.long and ids.shape == (6, 5 * p)
+        assert torch.equal(ids[:, p:], ids[:, :-p])  # period p ...
+        assert all(len(set(row[:p].tolist())) == p for row in ids)  # ... and no shorter one
+        train_phrases |= {tuple(r[:p].tolist()) for r in ids}
+        assert all(WORD_TOKEN.match(data.tokenizer.id_to_token(int(i))) for i in ids.unique())
+    assert torch.equal(data.train_ids, torch.cat([s.ids.reshape(-1) for s in data.stages]))
+    assert len(data.val_ids) == 5 * 3 * (1 + 2 + 4)  # round(6 * 0.5) = 3 held-out phrases per stage
+    assert torch.equal(data.val_ids, torch.cat([s.ids.reshape(-1) for s in data.val_stages]))
+    for stage in data.val_stages:
+        assert stage.ids.shape == (3, 5 * stage.phrase_length)
+        val_phrases |= {tuple(r[: stage.phrase_length].tolist()) for r in stage.ids}
+    assert len(train_phrases) == 18 and len(val_phrases) == 9 and not train_phrases & val_phrases
+    again = load_data(d, tok_cfg(), tmp_path, seed=1)
+    other = load_data(d, tok_cfg(), tmp_path, seed=2)
+    assert torch.equal(again.train_ids, data.train_ids) and not torch.equal(other.train_ids, data.train_ids)
+    assert data.info["data/phrase_lengths"] == "1,2,4" and data.info["data/val_phrases_per_stage"] == 3
+
+
+def test_repetition_asking_for_more_phrases_than_the_vocabulary_holds(tmp_path):
+    d = data_cfg(name="repetition", loss_on="all", phrase_lengths=[1], phrases_per_stage=5000)
+    with pytest.raises(DataError) as e:
+        load_data(d, tok_cfg(), tmp_path, seed=0)
+    assert "cannot draw 5500 distinct phrases (training + held-out) of 1 distinct tokens from 16" in one_line_error(e)
+
+
+def test_pretrained_tokenizer_from_the_local_hub_cache_gains_our_special_tokens(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    hub_tok = Tokenizer(models.BPE())
+    hub_tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hub_tok.decoder = decoders.ByteLevel()
+    texts = [render_chatml(c)[0] for c in chatterbot_conversations(100)]
+    hub_tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=300, show_progress=False,
+                                                           initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    hub_tok.enable_truncation(8)  # a hub file may truncate: whole documents must still come through
+    snapshot = tmp_path / "hub" / "models--acme--tiny" / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    hub_tok.save(str(snapshot / "tokenizer.json"))
+    (tmp_path / "hub" / "models--acme--tiny" / "refs").mkdir()
+    (tmp_path / "hub" / "models--acme--tiny" / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+
+    data = load_data(data_cfg(num_conversations=100, val_protocol="subset_of_train"),
+                     tok_cfg(pretrained="acme/tiny"), tmp_path, seed=0)
+    assert data.info["data/tokenizer"] == "acme/tiny" and "data/tokenizer_cache_hit" not in data.info
+    assert data.vocab_size == hub_tok.get_vocab_size() + 4  # <|pad|>, <|endoftext|>, <|im_start|>, <|im_end|>
+    decoded = data.tokenizer.decode(data.train_ids.tolist(), skip_special_tokens=False)
+    assert decoded == "".join(texts)

@@ -1,0 +1,135 @@
+"""Context LM and baselines: shapes, argument order, embedding LN in every path, generate, params."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from newllm.models import count_parameters
+from newllm.models.baselines import GRULM, TransformerLM
+from newllm.training.solvers import sequential_pass
+from tests.helpers_science import context_lm, one_thread  # noqa: F401
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.mark.parametrize("architecture", ["sequential", "layerwise"])
+@pytest.mark.parametrize("updater", ["gated", "residual"])
+def test_update_shapes_with_context_dim_not_embed_dim(architecture, updater):
+    m = context_lm(architecture, updater, context_dim=24, embed_dim=16)
+    c, x = torch.randn(3, 5, 24), torch.randn(3, 5, 16)
+    assert m.update(c, x).shape == (3, 5, 24)
+    assert m(torch.randint(0, 40, (2, 7))).shape == (2, 7, 40)
+
+
+@pytest.mark.parametrize("architecture", ["sequential", "layerwise"])
+def test_swapped_arguments_fail_loudly(architecture):
+    m = context_lm(architecture, context_dim=24, embed_dim=16)
+    c, x = torch.randn(4, 24), torch.randn(4, 16)
+    with pytest.raises(ValueError, match="arguments swapped"):
+        m.update(x, c)
+
+
+def test_sequential_and_layerwise_structure():
+    seq = context_lm("sequential", layers=3)
+    lw = context_lm("layerwise", layers=3)
+    assert len(seq.blocks) == 1 and sum(isinstance(mod, torch.nn.Linear) for mod in seq.blocks[0].fnn) == 3
+    assert len(lw.blocks) == 3 and all(len(b.fnn) == 2 for b in lw.blocks)  # Linear + ReLU each
+    # layer-wise: every block has its own gates and its own LayerNorm
+    assert len({id(b.updater.norm) for b in lw.blocks}) == 3
+
+
+def test_init_std_sets_f_and_not_embedding_or_head():
+    m = context_lm(init_std=0.3, context_dim=64, embed_dim=64, vocab=400)
+    assert m.blocks[0].fnn[0].weight.std().item() == pytest.approx(0.3, rel=0.05)
+    assert m.embedding.weight.std().item() == pytest.approx(0.02, rel=0.05)
+    assert m.head.weight.std().item() == pytest.approx(0.02, rel=0.05)
+
+
+def test_embedding_layernorm_in_every_path():
+    m = context_lm("layerwise").eval()
+    with torch.no_grad():  # make LN matter: a non-trivial affine LN
+        m.embed_norm.weight.uniform_(0.5, 2.0)
+        m.embed_norm.bias.uniform_(-1.0, 1.0)
+    ids = torch.randint(0, 40, (2, 9))
+    with torch.no_grad():
+        x = m.embed_norm(m.embedding(ids))
+        assert torch.allclose(m.embed(ids), x)
+        ref = sequential_pass(m.update, x)  # the Phase-1 path
+        assert torch.allclose(m.contexts_window(ids), ref, atol=1e-6)  # the Phase-2 path
+    # generate (greedy via top_k=1) follows the same contexts: its first token is argmax head(c_T)
+    out = m.generate(ids[0], 1, top_k=1)
+    assert int(out[0]) == int(m.head(ref[0, -1]).argmax())
+
+
+def test_generate_keeps_constant_state():
+    m = context_lm().eval()
+    g = torch.Generator().manual_seed(0)
+    out = m.generate(torch.tensor([1, 2, 3]), 20, generator=g)
+    assert out.shape == (20,) and out.dtype == torch.long and int(out.max()) < 40
+    with pytest.raises(ValueError, match="at least one token"):
+        m.generate(torch.tensor([], dtype=torch.long), 3)
+
+
+def test_residual_updater_needs_c_plus_e_hidden():
+    from newllm.models.updaters import ResidualUpdater
+    with pytest.raises(ValueError, match="hidden_dim=10"):
+        ResidualUpdater(context_dim=24, embed_dim=16, hidden_dim=10)
+
+
+@pytest.mark.parametrize("cls", [GRULM, TransformerLM])
+def test_baselines_share_the_interface(cls):
+    torch.manual_seed(0)
+    m = cls(vocab_size=40, layers=2, context_dim=32, embed_dim=16, hidden_dim=None, init_std=0.02, dropout=0.0)
+    ids = torch.randint(0, 40, (3, 11))
+    assert m.contexts_window(ids).shape == (3, 11, 32)
+    assert m(ids).shape == (3, 11, 40)
+    counts = count_parameters(m)
+    assert counts["params"] == sum(p.numel() for p in m.parameters())
+    assert counts["params_core"] == counts["params"] - counts["params_embedding"] - counts["params_head"]
+
+
+def test_transformer_is_causal():
+    torch.manual_seed(0)
+    m = TransformerLM(40, 2, 32, 16, None, 0.02, 0.0).eval()
+    ids = torch.randint(0, 40, (1, 10))
+    changed = ids.clone()
+    changed[0, 7] = (ids[0, 7] + 1) % 40
+    with torch.no_grad():
+        a, b = m.contexts_window(ids), m.contexts_window(changed)
+    assert torch.allclose(a[:, :7], b[:, :7], atol=1e-5) and not torch.allclose(a[:, 7:], b[:, 7:])
+
+
+@pytest.mark.parametrize("schema", ["GRUConfig", "TransformerConfig"])
+def test_match_width_picks_the_closest_baseline_size(schema):
+    from omegaconf import OmegaConf
+
+    import newllm.config as config
+    from newllm.models.sizing import match_width, params_of
+
+    base = OmegaConf.structured(getattr(config, schema)(layers=1, embed_dim=16))
+    target = count_parameters(context_lm("layerwise", vocab=40))["params_core"]
+    width, got = match_width(base, target, 40, max_width=256)
+    assert got == params_of(OmegaConf.merge(base, {"context_dim": width}), 40)
+    step = base.get("heads", 1)
+    neighbours = [params_of(OmegaConf.merge(base, {"context_dim": w}), 40) for w in (width - step, width + step)]
+    assert all(abs(got - target) <= abs(n - target) for n in neighbours)
+    assert abs(got - target) / target < 0.15
+
+
+@pytest.mark.parametrize("name", ["layerwise", "sequential"])
+def test_default_init_is_not_a_near_identity_map(name):
+    """At init_std 0.02 the gates sit at 0.5 and the update is tiny: f(c, x) ~ LN(c), whose fixed
+    point is trivial (identity score ~0.99). The shipped default must start well away from that."""
+    from newllm.metrics import identity_mapping_score
+    from newllm.models import build_model
+    from newllm.models.sizing import compose_model
+
+    model_cfg, _ = compose_model([f"model={name}"])
+    torch.manual_seed(0)
+    default = build_model(model_cfg, 512)
+    model_cfg.init_std = 0.02
+    small = build_model(model_cfg, 512)
+    score = identity_mapping_score(default.update, default.context_dim, default.embed_dim)
+    assert identity_mapping_score(small.update, small.context_dim, small.embed_dim) > 0.95
+    assert score < 0.9

@@ -1,0 +1,102 @@
+"""Phase 2: perplexity below uniform, masks, fixed contexts, freezing, baselines through the same code."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from newllm.data import TokenData
+from newllm.errors import DataError
+from newllm.models.baselines import GRULM, TransformerLM
+from newllm.training.phase2 import make_windows, train_phase2
+from tests.helpers_science import context_lm, one_thread, phase2_cfg  # noqa: F401
+
+CPU = torch.device("cpu")
+V = 16
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def pattern_data(n_train: int = 1024, n_val: int = 256, seed: int = 0) -> TokenData:
+    """A learnable corpus: a fixed random cycle of V tokens with 10 % noise."""
+    g = torch.Generator().manual_seed(seed)
+    cycle = torch.randperm(V, generator=g)
+
+    def stream(n):
+        ids = cycle[torch.arange(n) % V].clone()
+        noise = torch.rand(n, generator=g) < 0.1
+        ids[noise] = torch.randint(0, V, (int(noise.sum()),), generator=g)
+        return ids
+
+    tr, va = stream(n_train), stream(n_val)
+    return TokenData(tr, torch.ones_like(tr, dtype=torch.bool), va, torch.ones_like(va, dtype=torch.bool), None)
+
+
+def quick(**kw):
+    base = dict(seq_len=16, batch_size=16, epochs=3, lr=1e-2, patience=3)
+    return phase2_cfg(**{**base, **kw})
+
+
+def test_context_model_perplexity_drops_below_uniform():
+    m = context_lm("layerwise", vocab=V)
+    r = train_phase2(m, pattern_data(), quick(), CPU, seed=0, progress=False)
+    assert r.metrics["phase2/uniform_ppl"] == V
+    assert r.metrics["phase2/val_ppl"] < V / 2
+    assert r.metrics["phase2/val_acc"] > 0.5
+    losses = [row["phase2/val_loss"] for row in r.history]
+    assert r.metrics["phase2/val_loss"] == pytest.approx(min(losses))  # best epoch kept and reported
+
+
+def make_baseline(cls):
+    torch.manual_seed(0)
+    return cls(vocab_size=V, layers=1, context_dim=24, embed_dim=16, hidden_dim=None, init_std=0.02, dropout=0.0)
+
+
+@pytest.mark.parametrize("cls", [GRULM, TransformerLM])
+def test_baselines_train_through_the_same_code_with_the_same_keys(cls):
+    data = pattern_data()
+    ref = train_phase2(context_lm("layerwise", vocab=V), data, quick(epochs=1, max_steps_per_epoch=2), CPU,
+                       seed=0, progress=False)
+    r = train_phase2(make_baseline(cls), data, quick(), CPU, seed=0, progress=False)
+    assert set(r.metrics) == set(ref.metrics)
+    assert [set(row) for row in r.history] == [set(ref.history[0])] * len(r.history)
+    assert r.metrics["phase2/val_ppl"] < V / 2
+
+
+def test_fixed_contexts_train_only_the_head():
+    m = context_lm("layerwise", vocab=V)
+    f_before = [p.detach().clone() for p in m.updater_parameters()]
+    head_before = m.head.weight.detach().clone()
+    r = train_phase2(m, pattern_data(), quick(context="fixed", epochs=2), CPU, seed=0, progress=False)
+    assert all(torch.equal(a, b) for a, b in zip(f_before, m.updater_parameters(), strict=True))
+    assert not torch.equal(head_before, m.head.weight)
+    assert r.metrics["phase2/val_ppl"] < V  # contexts as features already beat a uniform guess
+
+
+def test_loss_mask_restricts_what_is_predicted():
+    data = pattern_data()
+    inputs, targets, mask = make_windows(data.train_ids, data.train_mask, 16, "training")
+    assert torch.equal(targets[0], data.train_ids[1:17]) and torch.equal(inputs[0], data.train_ids[:16])
+    half = data.val_mask.clone()
+    half[::2] = False
+    data.val_mask = half
+    r = train_phase2(context_lm("layerwise", vocab=V), data, quick(epochs=1), CPU, seed=0, progress=False)
+    expected = int(half[1 : 1 + (len(half) - 1) // 16 * 16].sum())
+    assert r.metrics["phase2/val_tokens"] == expected
+
+
+def test_reconstruction_loss_trains_a_decoder_and_still_learns():
+    r = train_phase2(context_lm("layerwise", vocab=V), pattern_data(), quick(reconstruction_weight=0.5, epochs=1),
+                     CPU, seed=0, progress=False)
+    assert r.metrics["phase2/val_ppl"] < V
+
+
+def test_validation_is_never_silently_replaced():
+    data = pattern_data()
+    data.val_ids, data.val_mask = data.val_ids[:5], data.val_mask[:5]
+    with pytest.raises(DataError, match="validation stream has 5 tokens"):
+        train_phase2(context_lm(vocab=V), data, quick(), CPU, seed=0, progress=False)
+    data = pattern_data()
+    data.val_mask = torch.zeros_like(data.val_mask)
+    with pytest.raises(DataError, match="no tokens to predict"):
+        train_phase2(context_lm(vocab=V), data, quick(), CPU, seed=0, progress=False)

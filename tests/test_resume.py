@@ -1,0 +1,168 @@
+"""Run lifecycle: a SIGKILLed run resumes to the same metrics; Phase 1 reused by from_run; bad checkpoints."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from tokenizers import Tokenizer
+
+from newllm import checkpoint as ckpt
+from newllm.config import ConfigError
+from newllm.run import check_resume_overrides
+from tests.conftest import TINY, cli_env, read_metrics, run_cli
+
+# Small enough for seconds per run, long enough to be interrupted in both phases: Phase 1 runs all
+# 8 iterations (checkpoint every 2), Phase 2 runs 3 epochs (checkpoint every epoch). Noise and
+# dropout make the RNG state part of what a resume must restore.
+LIFECYCLE = [*TINY, "data.num_conversations=150", "training.phase1.max_tokens=256",
+             "training.phase1.val_iterations=2", "training.phase1.max_iterations=8",
+             "training.phase1.min_iterations=8", "training.phase1.checkpoint_every=2",
+             "training.phase1.context_noise=0.01", "training.phase2.epochs=3", "training.phase2.patience=3",
+             "training.phase2.max_steps_per_epoch=3", "training.phase2.seq_len=16",
+             "training.phase2.batch_size=8", "training.phase2.max_val_tokens=256", "model.dropout=0.1"]
+VOLATILE = {"time/wall_s", "phase1/train_time_s", "phase2/train_time_s", "phase1/token_iterations_per_s",
+            "phase2/tokens_per_s"}
+
+# The real CLI, killed with SIGKILL by itself right after it logs row (phase, step): no cleanup runs.
+KILLER = """
+import os, runpy, signal, sys
+import newllm.tracking as t
+phase, step = int(sys.argv[1]), int(sys.argv[2])
+log = t.RunTracker.log
+def log_then_die(self, row):
+    log(self, row)
+    if row.get("phase") == phase and row.get("step" if phase == 1 else "epoch") == step:
+        os.kill(os.getpid(), signal.SIGKILL)
+t.RunTracker.log = log_then_die
+sys.argv = ["newllm.run", *sys.argv[3:]]
+runpy.run_module("newllm.run", run_name="__main__")
+"""
+
+
+def killed_run(args: list[str], cwd: Path, phase: int, step: int) -> None:
+    import subprocess
+
+    proc = subprocess.run([sys.executable, "-c", KILLER, str(phase), str(step), *args], cwd=cwd, env=cli_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -9, f"expected SIGKILL, got {proc.returncode}\n{proc.stderr[-3000:]}"
+
+
+def stable(metrics: dict) -> dict:
+    return {k: v for k, v in metrics.items() if k not in VOLATILE and not k.endswith("cache_hit")}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    """One uninterrupted run: the numbers every resumed or reused run must reproduce."""
+    root = tmp_path_factory.mktemp("reference")
+    run_cli([*LIFECYCLE, f"hydra.run.dir={root / 'run'}", f"paths.output_root={root / 'outputs'}"], cwd=root)
+    return root / "run"
+
+
+def test_killed_in_both_phases_resumes_to_identical_metrics(reference, tmp_path):
+    run_dir = tmp_path / "run"  # the same outputs/ (tokenizer cache) as the reference: metrics name its path
+    args = [*LIFECYCLE, f"hydra.run.dir={run_dir}", f"paths.output_root={reference.parent / 'outputs'}"]
+    killed_run(args, tmp_path, phase=1, step=5)  # last checkpoint: iteration 4
+    state = ckpt.load(run_dir / ckpt.RESUME_FILE, "resume")
+    assert (state["stage"], state["loop"]["iteration"]) == ("phase1", 4)
+    assert not (run_dir / "metrics.json").exists()
+
+    # resume= alone: the run continues in its own dir (no new run dir), and is killed again mid-Phase 2
+    killed_run([f"resume={run_dir}", "progress=false"], tmp_path, phase=2, step=2)  # Phase-2 step = epoch 2 row
+    state = ckpt.load(run_dir / ckpt.RESUME_FILE, "resume")
+    assert (state["stage"], state["loop"]["epoch"]) == ("phase2", 1)
+    run_cli([f"resume={run_dir}"], cwd=tmp_path)
+
+    assert not (tmp_path / "outputs" / "runs").exists() and (run_dir / ".hydra" / "resume" / "config.yaml").is_file()
+    assert not (run_dir / ckpt.RESUME_FILE).exists()  # finished: nothing left to resume
+    got, want = read_metrics(run_dir), read_metrics(reference)
+    assert stable(got) == stable(want)
+    assert (run_dir / "history.csv").read_text().count("\n") == (reference / "history.csv").read_text().count("\n")
+    final = torch.load(run_dir / "checkpoint.pt", weights_only=True)["model"]
+    expected = torch.load(reference / "checkpoint.pt", weights_only=True)["model"]
+    assert all(torch.equal(final[k], expected[k]) for k in expected)
+
+
+def test_resume_refuses_finished_runs_and_other_overrides(reference, tmp_path):
+    proc = run_cli([f"resume={reference}"], cwd=tmp_path, check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert f"error: resume={str(reference)!r}: that run already finished" in proc.stderr
+    check_resume_overrides(["resume=x", "device=cpu", "progress=false", "hydra.run.dir=y"])  # allowed
+    with pytest.raises(ConfigError, match=r"drop the overrides \['training.phase2.lr=0.1'\]"):
+        check_resume_overrides(["resume=x", "training.phase2.lr=0.1"])
+
+
+def test_from_run_skips_phase1_reuses_its_weights_and_caches_fixed_contexts(reference, tmp_path):
+    args = [*LIFECYCLE, f"training.phase1.from_run={reference}", "training.phase2.context=fixed",
+            f"paths.output_root={tmp_path / 'outputs'}"]
+    run_dir = tmp_path / "p2"
+    run_cli([*args, f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    got, want = read_metrics(run_dir), read_metrics(reference)
+    assert got["phase1/from_run"] == str(reference / ckpt.PHASE1_FILE)
+    assert "phase1/cvfp_loss" not in (run_dir / "history.csv").read_text()  # no Phase-1 iteration ran
+    for key in ("phase1/convergence_rate", "phase1/effective_rank", "phase1/val_convergence_rate"):
+        assert got[key] == want[key]
+    # f frozen in fixed mode: the final f is exactly the reference's Phase-1 f; the head was trained anew
+    p1 = torch.load(reference / ckpt.PHASE1_FILE, weights_only=True)["model"]
+    final = torch.load(run_dir / "checkpoint.pt", weights_only=True)["model"]
+    assert all(torch.equal(final[k], p1[k]) for k in p1 if not k.startswith("head."))
+    assert not torch.equal(final["head.weight"], p1["head.weight"])
+
+    # the fixed-mode contexts were cached next to the Phase-1 checkpoint, and a second run reuses them
+    cached = sorted((reference / "checkpoints").glob("phase1_contexts-*.pt"))
+    assert len(cached) == 1
+    stamp = cached[0].stat().st_mtime_ns
+    run_cli([*args, f"hydra.run.dir={tmp_path / 'b'}", "training.phase2.lr=0.01"], cwd=tmp_path)
+    assert sorted((reference / "checkpoints").glob("phase1_contexts-*.pt")) == cached
+    assert cached[0].stat().st_mtime_ns == stamp  # reused, not rewritten
+    contexts = ckpt.load(cached[0], "contexts")["contexts"]
+    assert contexts.shape[-1] == 32 and torch.isfinite(contexts).all()
+    assert read_metrics(tmp_path / "b")["phase2/val_ppl"] != read_metrics(run_dir)["phase2/val_ppl"]
+
+
+def test_from_run_names_the_differing_model_keys(reference):
+    state = torch.load(reference / ckpt.PHASE1_FILE, weights_only=True)
+    model = {**state["config"]["model"], "context_dim": 48, "layers": 3}
+    tokenizer = Tokenizer.from_file(str(reference / "tokenizer.json"))
+    with pytest.raises(ckpt.CheckpointError, match="model config differs") as err:
+        ckpt.load_phase1(reference, model, tokenizer)
+    assert "model.context_dim: 32 there, 48 here" in str(err.value)
+    assert "model.layers: 2 there, 3 here" in str(err.value)
+    assert ckpt.load_phase1(reference, state["config"]["model"], tokenizer)["kind"] == "phase1"
+    other = Tokenizer.from_str(tokenizer.to_str())
+    other.add_special_tokens(["<|extra|>"])
+    with pytest.raises(ckpt.CheckpointError, match="different tokenizer"):
+        ckpt.load_phase1(reference, state["config"]["model"], other)
+
+
+def test_truncated_and_foreign_checkpoints_are_one_clear_error(reference, tmp_path):
+    good = (reference / ckpt.PHASE1_FILE).read_bytes()
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(good[: len(good) // 2])
+    with pytest.raises(ckpt.CheckpointError, match="not a readable checkpoint"):
+        ckpt.load(truncated)
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"state_dict": {"w": torch.zeros(2)}}, foreign)
+    with pytest.raises(ckpt.CheckpointError, match="not a newllm checkpoint"):
+        ckpt.load(foreign)
+    pickled = tmp_path / "pickled.pt"
+    torch.save({"format": ckpt.FORMAT, "version": 1, "obj": ValueError("arbitrary object")}, pickled)
+    with pytest.raises(ckpt.CheckpointError, match="not a readable checkpoint"):
+        ckpt.load(pickled)  # weights_only=True refuses arbitrary objects
+    with pytest.raises(ckpt.CheckpointError, match="'final' checkpoint"):
+        ckpt.load_phase1(reference / "checkpoint.pt", {}, None)
+    # killed before its first checkpoint: resume starts over with the config Hydra saved at the start
+    (tmp_path / "early" / ".hydra").mkdir(parents=True)
+    (tmp_path / "early" / ".hydra" / "config.yaml").write_text((reference / ".hydra" / "config.yaml").read_text())
+    cfg, state = ckpt.resume_config(tmp_path / "early")
+    assert state is None and cfg.training.phase1.checkpoint_every == 2
+    # through the CLI: a run whose resume checkpoint was cut short -> one line, exit 2, no traceback
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "run" / ckpt.RESUME_FILE).write_bytes(good[:1000])
+    proc = run_cli([f"resume={tmp_path / 'run'}"], cwd=tmp_path, check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    (line,) = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert "last.pt is not a readable checkpoint (truncated or foreign file" in line
