@@ -309,6 +309,11 @@ def _unit_interval(key: str, value: Any, *, open_right: bool = False) -> None:
 
 def validate(cfg: DictConfig) -> None:
     """Check value ranges the types cannot express. Raises ConfigError naming the key."""
+    # Group options are config nodes; `training.diversity=vicreg` (a dot, not a slash) sets a string.
+    for key, group in (("training.diversity", "training/diversity"), ("model.updater", "model/updater")):
+        node = OmegaConf.select(cfg, key)
+        if node is not None and not isinstance(node, DictConfig):
+            _check(False, key, node, f"a config option: select one with {group}=<name> (a slash, not a dot)")
     m = cfg.model
     for key in ("layers", "context_dim", "embed_dim"):
         _positive_int(f"model.{key}", m[key])

@@ -44,6 +44,7 @@ def test_quick_run_writes_every_artifact(tiny_run):
         ("training.dist_reg_weight=1.5", "training.dist_reg_weight=1.5"),  # out of range
         ("model.context_dim=-4", "model.context_dim=-4"),
         ("training.phase1.init=magic", "training.phase1.init='magic'"),
+        ("training.diversity=vicreg", "select one with training/diversity=<name>"),  # dot for a group
     ],
 )
 def test_config_errors_name_the_key(tiny_run, override, expected):
