@@ -86,6 +86,22 @@ def test_median_pruner_stops_bad_trials_in_joblib_workers(tmp_path):
     assert len(study.trials) == 3 and "FAIL" not in states(study)  # pruned trials count toward n_trials
 
 
+def test_hyperband_pruner_prunes_lagging_trials(tmp_path):
+    """hydra/sweeper/pruner=hyperband: one bracket (resources 8..10 = the Phase-2 steps of training=quick) so
+    successive halving at step 8 compares every trial with the earlier ones, deterministically."""
+    study, _ = sweep(tmp_path, OURS, "hydra/sweeper/pruner=hyperband", "hydra.sweeper.pruner.reduction_factor=2",
+                     "hydra.sweeper.pruner.min_resource=8", "hydra.sweeper.pruner.max_resource=10",
+                     "hydra/sweeper/sampler=random", "hydra.sweeper.sampler.seed=11", "objectives=[phase2/val_ppl]",
+                     "hydra.sweeper.direction=minimize", "hydra.sweeper.n_trials=3", "training.phase2.epochs=3",
+                     "training.phase2.patience=5", "training.phase2.lr=choice(0.003,0.0000001)",
+                     "hydra.sweeper.report=[phase2]")
+    # seed 11 proposes lr 0.003, 1e-7, 1e-7: the first sets the rung, the second and third lag it at step 8.
+    assert states(study) == ["COMPLETE", "PRUNED", "PRUNED"]
+    for t in study.trials[1:]:
+        assert t.user_attrs["pruned_reason"].startswith("HyperbandPruner: intermediate value 6.2")
+        assert sorted(t.intermediate_values) == [8]
+
+
 @pytest.mark.parametrize(("rules", "reason"), [
     (["hydra.sweeper.early_stop.min_effective_rank_ratio=0.9"], "effective_rank_collapse: effective rank"),
     # the same through submitit_local: the rule fires in a separate worker process
@@ -187,6 +203,10 @@ def test_presets_compose():
         cmp = compose("config", ["+sweep=compare_architectures", "model=sequential"], return_hydra_config=True)
         slurm = compose("config", ["+sweep=[optuna_cvfp,on_slurm]"], return_hydra_config=True)
         local = compose("config", ["+sweep=[optuna_ppl,on_joblib]"], return_hydra_config=True)
+        # a preset's tuned pruner is an option of hydra/sweeper/pruner: switching it replaces its settings
+        quick = compose("config", ["+sweep=optuna_ppl_quick"], return_hydra_config=True)
+        hyper = compose("config", ["+sweep=optuna_ppl_quick", "hydra/sweeper/pruner=hyperband"],
+                        return_hydra_config=True)
     assert ppl.hydra.sweeper._target_.endswith("NewllmOptunaSweeper")
     assert ppl.hydra.sweeper.pruner._target_ == "optuna.pruners.MedianPruner"
     assert list(ppl.objectives) == ["phase2/val_ppl"] and ppl.hydra.sweeper.direction == "minimize"
@@ -200,6 +220,10 @@ def test_presets_compose():
     assert slurm.hydra.launcher._target_.endswith("SlurmLauncher") and slurm.hydra.sweeper.n_jobs == 8
     assert slurm.hydra.sweeper.study_name == "optuna_cvfp" and slurm.device == "cuda"
     assert local.hydra.launcher._target_.endswith("JoblibLauncher") and local.hydra.launcher.n_jobs == 2
+    assert (ppl.hydra.sweeper.pruner.n_startup_trials, ppl.hydra.sweeper.pruner.n_warmup_steps) == (5, 2)
+    assert (quick.hydra.sweeper.pruner.n_startup_trials, quick.hydra.sweeper.pruner.n_warmup_steps) == (3, 0)
+    assert hyper.hydra.sweeper.pruner._target_ == "optuna.pruners.HyperbandPruner"
+    assert "n_startup_trials" not in hyper.hydra.sweeper.pruner
 
 
 def free_port() -> int:

@@ -88,9 +88,15 @@ def sweeps_dir() -> Path:
 def register() -> None:
     cs = ConfigStore.instance()
     cs.store(group="hydra/sweeper", name="newllm_optuna", node=NewllmOptunaSweeperConf, provider="newllm")
-    for name, node in [("none", NopPrunerConfig), ("median", MedianPrunerConfig),
-                       ("hyperband", HyperbandPrunerConfig)]:
+    pruners = {"none": NopPrunerConfig, "median": MedianPrunerConfig, "hyperband": HyperbandPrunerConfig}
+    for name, node in pruners.items():
         cs.store(group="hydra/sweeper/pruner", name=name, node=node, provider="newllm")
+    # Tuned pruners of the presets: sweeps/pruner/<name>.yaml, typed by the option its _target_ names.
+    by_target = {node._target_: node for node in pruners.values()}
+    for path in sorted((sweeps_dir() / "pruner").glob("*.yaml")):
+        settings = OmegaConf.load(path)
+        node = OmegaConf.merge(OmegaConf.structured(by_target[settings._target_]), settings)
+        cs.store(group="hydra/sweeper/pruner", name=path.stem, node=node, provider="newllm")
     # Presets: sweeps/<name>.yaml becomes `+sweep=<name>` (a global package, like `# @package _global_`).
     for path in sorted(sweeps_dir().glob("*.yaml")):
         cs.store(group="sweep", name=path.stem, node=OmegaConf.load(path), package="_global_", provider="newllm")
