@@ -19,6 +19,8 @@ import pandas as pd
 import torch
 from torch import nn
 
+from newllm.fileio import atomic_write
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -120,10 +122,7 @@ def report(rows: list[dict], name: str, device: torch.device, out: Path | None, 
     for k, v in header.items():
         df[k] = v
     path = out or RESULTS / f"{name}.csv"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".csv.tmp")
-    df.to_csv(tmp, index=False)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: df.to_csv(tmp, index=False))
     print(" ".join(f"{k}={v}" for k, v in header.items()))
     with pd.option_context("display.width", 200, "display.max_columns", 30):
         print(df[[c for c in columns if c in df]].to_string(index=False, float_format=lambda x: f"{x:.4g}"))

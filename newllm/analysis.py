@@ -16,7 +16,6 @@ import json
 import math
 import os
 import re
-import tempfile
 import warnings
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
@@ -30,6 +29,7 @@ import yaml
 from omegaconf import OmegaConf
 
 from newllm.errors import NewllmError
+from newllm.fileio import atomic_write
 
 if TYPE_CHECKING:  # torch and matplotlib load lazily: `analyze runs` answers in about a second
     import torch
@@ -184,17 +184,6 @@ def _parquet_safe(df: pd.DataFrame) -> pd.DataFrame:
     return df
 
 
-def _write_atomic(df: pd.DataFrame, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        df.to_parquet(tmp, index=False)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _order_columns(df: pd.DataFrame) -> pd.DataFrame:
     ids = [c for c in ID_COLUMNS if c in df]
     choices = sorted(c for c in df if c.startswith("choices/") and c not in ids)
@@ -230,7 +219,7 @@ def load_runs(root: str | Path = "outputs", cache: bool = True) -> pd.DataFrame:
     df = _parquet_safe(df)
     if cache and fresh:
         with contextlib.suppress(OSError):  # read-only outputs: analyse without caching
-            _write_atomic(df, cache_path)
+            atomic_write(cache_path, lambda tmp: df.to_parquet(tmp, index=False))
     df = df.drop(columns="_signature")
     df["run_dir"] = [str((root / r).resolve()) for r in df["run"]]
     df = df.sort_values("start_time", ascending=False, kind="stable").reset_index(drop=True)
@@ -617,13 +606,7 @@ def save_figure(fig: Figure, path: str | Path) -> Path:
     import matplotlib.pyplot as plt
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=100, format=path.suffix.lstrip(".") or "png")
-        os.replace(tmp, path)
+        return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format=path.suffix.lstrip(".") or "png"))
     finally:
-        Path(tmp).unlink(missing_ok=True)
         plt.close(fig)
-    return path

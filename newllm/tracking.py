@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -21,17 +19,7 @@ import torch
 from omegaconf import DictConfig
 
 from newllm.config import instantiate
-
-
-def _atomic(path: Path, write: Callable[[str], None]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+from newllm.fileio import atomic_write
 
 
 def _json_safe(value: Any) -> Any:
@@ -44,11 +32,11 @@ def save_json(path: Path, data: dict) -> None:
     def write(tmp: str) -> None:
         with open(tmp, "w") as f:
             json.dump({k: _json_safe(v) for k, v in data.items()}, f, indent=2, sort_keys=True)
-    _atomic(path, write)
+    atomic_write(path, write)
 
 
 def save_checkpoint(path: Path, payload: dict) -> None:
-    _atomic(path, lambda tmp: torch.save(payload, tmp))
+    atomic_write(path, lambda tmp: torch.save(payload, tmp))
 
 
 class CSVLogger:
@@ -137,7 +125,7 @@ class MLflowLogger:
         run = self.client.create_run(experiment_id, run_name=run_name or Path(run_dir).name,
                                      tags={"newllm.run_dir": str(Path(run_dir).resolve())})
         self.run_id = run.info.run_id
-        _atomic(id_file, lambda tmp: Path(tmp).write_text(self.run_id))
+        atomic_write(id_file, lambda tmp: Path(tmp).write_text(self.run_id))
 
     def log_params(self, params: dict) -> None:
         from mlflow.entities import Param
@@ -185,7 +173,7 @@ class RunTracker:
 
     def write_history(self) -> Path:
         path = self.run_dir / "history.csv"
-        _atomic(path, lambda tmp: pd.DataFrame(self.history).to_csv(tmp, index=False))
+        atomic_write(path, lambda tmp: pd.DataFrame(self.history).to_csv(tmp, index=False))
         return path
 
     def finish(self, metrics: dict) -> None:
@@ -228,6 +216,6 @@ def plot_curves(history: list[dict], path: Path) -> Path:
         if phase == 2 and ax.lines:
             ax.set_yscale("log")
     fig.tight_layout()
-    _atomic(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
     plt.close(fig)
     return path

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -13,6 +11,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from newllm.data.hub import hub_reachable
 from newllm.errors import DataError
+from newllm.fileio import atomic_write
 
 IM_START, IM_END, END_OF_TEXT, PAD = "<|im_start|>", "<|im_end|>", "<|endoftext|>", "<|pad|>"
 SPECIAL_TOKENS = [PAD, END_OF_TEXT, IM_START, IM_END]
@@ -24,19 +23,6 @@ def cache_key(texts: list[str], **settings: object) -> str:
         h.update(t.encode("utf-8", "surrogatepass"))
         h.update(b"\0")
     return h.hexdigest()[:16]
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write via a temp file in the same folder + rename: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def check_vocab_size(vocab_size: int) -> None:
@@ -76,7 +62,7 @@ def load_or_train(
             pass
         path.unlink(missing_ok=True)
     tok = train_bpe(texts, vocab_size, min_frequency)
-    atomic_write_text(path, tok.to_str())
+    atomic_write(path, lambda tmp: Path(tmp).write_text(tok.to_str(), encoding="utf-8"))
     return tok, path, False
 
 
