@@ -171,6 +171,10 @@ def read_run(run_dir: str | Path, root: str | Path | None = None) -> dict[str, A
         **{k: _as_number(v) for k, v in metrics.items()},
         **flatten(_resolved_config(hydra_dir / "config.yaml")),
     }
+    if row.get("model.core_params") is not None:  # a budget: the widths that ran were solved from it
+        for key in ("context_dim", "hidden_dim"):
+            if f"model/{key}" in metrics:
+                row[f"model.{key}"] = metrics[f"model/{key}"]
     return row
 
 
