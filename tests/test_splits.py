@@ -140,13 +140,18 @@ def test_phase1_sample_reads_whole_documents_across_the_corpus(tmp_path):
     assert n_all == sum(training.values()) and Counter(documents(data, everything)) == training
 
 
+def run_and_reload(tiny_run, name: str, *overrides: str):
+    """A real tiny CLI run, its metrics, and its data loaded again in-process from its own config."""
+    run_dir, _ = tiny_run(name, "training.phase1.max_iterations=2", "save_contexts=false", *overrides)
+    cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
+    data = load_data(cfg.data, cfg.tokenizer, cfg.paths.cache_dir)
+    return run_dir, read_metrics(run_dir), cfg, data
+
+
 @pytest.mark.slow
 def test_phase1_reports_the_documents_it_read(tiny_run):
-    run_dir, _ = tiny_run("p1", "training.phase1.max_iterations=2", "training.phase2.enabled=false",
-                          "save_contexts=false", "save_checkpoint=false")
-    m = read_metrics(run_dir)
-    cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
-    sample, n_docs = phase1_sample(load_data(cfg.data, cfg.tokenizer, cfg.paths.cache_dir), 1024, seed=0)
+    _, m, _, data = run_and_reload(tiny_run, "p1", "training.phase2.enabled=false", "save_checkpoint=false")
+    sample, n_docs = phase1_sample(data, 1024, seed=0)
     assert m["phase1/tokens"] == len(sample) == 1024 and m["phase1/documents"] == n_docs > 1
 
 
@@ -174,11 +179,8 @@ def test_the_kept_weights_are_evaluated_once_on_test(tiny_run):
     from newllm import analysis
     from newllm.training.phase2 import evaluate, make_windows
 
-    run_dir, _ = tiny_run("p2", "training.phase1.max_iterations=2", "training.phase2.epochs=3",
-                          "training.phase2.max_steps_per_epoch=4", "save_contexts=false")
-    m = read_metrics(run_dir)
-    cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
-    data = load_data(cfg.data, cfg.tokenizer, cfg.paths.cache_dir)
+    run_dir, m, cfg, data = run_and_reload(tiny_run, "p2", "training.phase2.epochs=3",
+                                           "training.phase2.max_steps_per_epoch=4")
     assert data.info["data/fingerprint"] == m["data/fingerprint"]
     assert m["data/test_tokens"] == len(data.test_ids) and m["data/test_documents"] == 30  # 10 % of 300
     model, _ = analysis.load_model(run_dir)  # the weights the run kept
