@@ -5,8 +5,12 @@ Used by notebooks/ and by `python -m newllm.analyze`. Reads only what a run leav
 tokenizer.json) and what Optuna stores; never imports newllm.training (arrows point down).
 
     runs = load_runs("outputs")                 # one row per run dir, cached incrementally
+    aggregate(runs, by=["seed"])                # runs that differ only in seed -> mean and 95 % interval
     studies = load_studies("sqlite:///outputs/optuna.db")
     compare_studies(studies)                    # one summary row per study
+
+Final comparisons use the test split (phase2/test_*): validation picked each run's weights and
+pruned its trials, so its figures are optimistically biased; the defaults below say so in their names.
 """
 
 from __future__ import annotations
@@ -39,7 +43,8 @@ CACHE_NAME = ".runs_cache.parquet"
 # Columns every runs table starts with; metrics follow, then the flattened config.
 ID_COLUMNS = ["run", "status", "sweep_id", "job", "start_time", "end_time", "choices/model", "overrides", "error"]
 KEY_METRICS = ["phase1/convergence_rate", "phase1/effective_rank", "phase1/val_effective_rank",
-               "phase2/val_ppl", "phase2/val_acc", "model/params", "time/wall_s"]
+               "phase2/val_ppl", "phase2/test_ppl", "phase2/test_acc", "model/params_core", "time/wall_s"]
+FINAL_METRIC = "phase2/test_ppl"  # what final comparisons report: the held-out test split, read once per run
 # Config keys that differ between runs without describing the experiment.
 NOISE_KEYS = ("paths.", "hydra.", "progress", "device")
 
@@ -171,6 +176,10 @@ def read_run(run_dir: str | Path, root: str | Path | None = None) -> dict[str, A
         **{k: _as_number(v) for k, v in metrics.items()},
         **flatten(_resolved_config(hydra_dir / "config.yaml")),
     }
+    if row.get("model.core_params") is not None:  # a budget: the widths that ran were solved from it
+        for key in ("context_dim", "hidden_dim"):
+            if f"model/{key}" in metrics:
+                row[f"model.{key}"] = metrics[f"model/{key}"]
     return row
 
 
@@ -252,12 +261,75 @@ def select_sweep(runs: pd.DataFrame, sweep_id: str | None = None) -> pd.DataFram
     return part.sort_values("job").reset_index(drop=True)
 
 
-def compare_architectures(runs: pd.DataFrame, metric: str = "phase2/val_ppl",
-                          index: Sequence[str] = ("model.layers", "model.context_dim"),
+def size_key(runs: pd.DataFrame) -> str:
+    """What sizes a sweep: model.core_params (a budget, equal for every architecture) when its runs
+    set one, else model.context_dim."""
+    budgets = runs["model.core_params"] if "model.core_params" in runs else pd.Series(dtype=float)
+    return "model.core_params" if budgets.notna().any() else "model.context_dim"
+
+
+def compare_architectures(runs: pd.DataFrame, metric: str = FINAL_METRIC, index: Sequence[str] | None = None,
                           arch: str = "choices/model") -> pd.DataFrame:
-    """Completed runs as a table: one row per size, one column per architecture (mean over repeats)."""
+    """Completed runs as a table: one row per size (layers x budget, or x context_dim without budgets),
+    one column per architecture, the mean over repeats (seeds) of `metric` (default: test perplexity)."""
     done = runs[runs["status"] == "completed"]
-    return done.pivot_table(index=list(index), columns=arch, values=metric, aggfunc="mean")
+    index = list(index) if index is not None else ["model.layers", size_key(done)]
+    return done.pivot_table(index=index, columns=arch, values=metric, aggfunc="mean")
+
+
+# ----------------------------------------------------------------------------- seeds and uncertainty
+def ci95(values: Sequence[float] | pd.Series) -> float:
+    """Half-width of the two-sided 95 % Student-t interval of the mean: t(0.975, n-1) * s / sqrt(n),
+    s the sample standard deviation (ddof 1) of the finite values; NaN for fewer than 2."""
+    from scipy import stats
+
+    v = np.asarray(values, dtype=float)
+    v = v[np.isfinite(v)]
+    if len(v) < 2:
+        return math.nan
+    return float(stats.t.ppf(0.975, len(v) - 1) * v.std(ddof=1) / math.sqrt(len(v)))
+
+
+def metric_columns(runs: pd.DataFrame) -> list[str]:
+    """Numeric metrics.json columns (keys with a slash, booleans excluded)."""
+    return [c for c in runs.columns if "/" in c and not c.startswith("choices/") and c not in ID_COLUMNS
+            and pd.api.types.is_numeric_dtype(runs[c]) and not pd.api.types.is_bool_dtype(runs[c])]
+
+
+def _experiment_columns(runs: pd.DataFrame) -> list[str]:
+    """What defines an experiment: the Hydra choices and the flattened config, noise keys excluded."""
+    config = [c for c in runs.columns if c not in ID_COLUMNS and c not in ("run_dir", "_signature")
+              and "/" not in c and not c.startswith(NOISE_KEYS)]
+    return [c for c in runs.columns if c.startswith("choices/")] + config
+
+
+def aggregate(runs: pd.DataFrame, by: Sequence[str] = ("seed",), metrics: Sequence[str] | None = None
+              ) -> pd.DataFrame:
+    """Completed runs whose configs are equal except in the `by` keys (default: seed) -> one row each:
+    the config columns that tell the groups apart, `n` (runs in the group), and for every metric
+    `<metric>/mean` and `<metric>/ci95` (see ci95; NaN when n = 1)."""
+    done = runs[runs["status"] == "completed"] if "status" in runs else runs
+    if done.empty:
+        raise AnalysisError("no completed runs to aggregate")
+    unknown = [k for k in by if k not in done]
+    if unknown:
+        raise AnalysisError(f"--group {','.join(unknown)}: not a column of the runs table (e.g. seed, "
+                            "data.split_seed, model.layers)")
+    metrics = list(metrics) if metrics is not None else metric_columns(done)
+    same = [c for c in _experiment_columns(done) if c not in by]
+    # As text, so that NaN, None and lists compare (pandas 3 keeps NaN through astype(str); str() does not).
+    keys = done[same].map(str).agg("\x1f".join, axis=1) if same else pd.Series("", index=done.index)
+    rows = []
+    for _, group in done.groupby(keys, sort=False):
+        row: dict[str, Any] = {c: group[c].iloc[0] for c in same}
+        row["n"] = len(group)
+        for m in metrics:
+            values = pd.to_numeric(group[m], errors="coerce")
+            row[f"{m}/mean"], row[f"{m}/ci95"] = values.mean(), ci95(values)
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    apart = [c for c in same if table[c].map(str).nunique() > 1 or c == "choices/model"]
+    return table[apart + ["n"] + [f"{m}/{s}" for m in metrics for s in ("mean", "ci95")]]
 
 
 def latest_run(runs: pd.DataFrame) -> Path:
@@ -363,12 +435,20 @@ def objective_names(study: optuna.Study, names: Sequence[str] | None = None) -> 
     return [f"objective_{i}" for i in range(len(study.directions))]
 
 
+CORE_PARAMS_ATTR = "model/params_core"  # a trial's metrics.json, stored as user attrs by newllm_optuna
+
+
 def trials_frame(studies: Iterable[optuna.Study]) -> pd.DataFrame:
-    """All trials of all studies: study, number, state, values, params_*, user_attrs_*, times."""
+    """All trials of all studies: study, number, state, values, params_*, core_params (the trial's core
+    parameter count, beside the size params it came from; NaN where the sweeper kept no metrics),
+    user_attrs_*, times."""
     frames = []
     for study in studies:
         df = study.trials_dataframe(multi_index=False)
         df.insert(0, "study", study.study_name)
+        core = df.pop(f"user_attrs_{CORE_PARAMS_ATTR}") if f"user_attrs_{CORE_PARAMS_ATTR}" in df else math.nan
+        params = [i for i, c in enumerate(df.columns) if c.startswith("params_")]
+        df.insert(params[-1] + 1 if params else len(df.columns), "core_params", core)
         frames.append(df)
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
@@ -378,10 +458,14 @@ def _complete(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
 
 
 def pareto_front(study: optuna.Study, names: Sequence[str] | None = None) -> pd.DataFrame:
-    """The best trials (the Pareto front when multi-objective), sorted by the first objective."""
+    """The best trials (the Pareto front when multi-objective), sorted by the first objective, with the
+    core parameter count and the test perplexity of each (from the trial's metrics; NaN if not kept).
+    Trials were selected on validation; the test column is the figure to report."""
     names = objective_names(study, names)
     rows = [{"study": study.study_name, "number": t.number, **dict(zip(names, t.values, strict=True)),
-             **{f"params_{k}": v for k, v in t.params.items()}} for t in study.best_trials]
+             **{f"params_{k}": v for k, v in t.params.items()},
+             "core_params": t.user_attrs.get(CORE_PARAMS_ATTR, math.nan),
+             FINAL_METRIC: t.user_attrs.get(FINAL_METRIC, math.nan)} for t in study.best_trials]
     return pd.DataFrame(rows).sort_values(names[0]).reset_index(drop=True) if rows else pd.DataFrame()
 
 
@@ -473,10 +557,11 @@ def _label(objective: int, study: optuna.Study, names: Sequence[str] | None) -> 
     return objective_names(study, names)[objective]
 
 
-def plot_metric_vs_context_dim(runs: pd.DataFrame, metrics: Sequence[str] = ("phase2/val_ppl",),
-                               x: str = "model.context_dim", group: str = "model.layers",
-                               arch: str = "choices/model") -> Figure:
-    """One panel per metric (rows) and architecture (columns); one line per `group` value (mean over seeds)."""
+def plot_metric_vs(runs: pd.DataFrame, x: str, metrics: Sequence[str] = (FINAL_METRIC,),
+                   group: str = "model.layers", arch: str = "choices/model", log_x: bool = True) -> Figure:
+    """One panel per metric (rows) and architecture (columns); one line per `group` value through the
+    mean of the runs that share (architecture, group, x) -- seeds -- with 95 % t-interval error bars
+    where there are several (ci95); dots are the single runs."""
     done = runs[runs["status"] == "completed"]
     missing = [c for c in (x, group, arch, *metrics) if c not in done]
     if done.empty or missing:
@@ -488,15 +573,32 @@ def plot_metric_vs_context_dim(runs: pd.DataFrame, metrics: Sequence[str] = ("ph
             ax = axes[r][c]
             part = done[done[arch] == name]
             for g, sub in part.groupby(group):
-                mean = sub.groupby(x)[metric].mean()
-                ax.plot(mean.index, mean.values, marker="o", label=f"{group.split('.')[-1]}={g}")
-                ax.scatter(sub[x], sub[metric], s=10, alpha=0.4, color=ax.lines[-1].get_color())
-            ax.set_xscale("log", base=2)
+                stats = sub.groupby(x)[metric].agg(["mean", ci95])
+                err = stats["ci95"].fillna(0.0) if stats["ci95"].notna().any() else None
+                line = ax.errorbar(stats.index, stats["mean"], yerr=err, marker="o", capsize=3,
+                                   label=f"{group.split('.')[-1]}={g}")
+                ax.scatter(sub[x], sub[metric], s=10, alpha=0.4, color=line[0].get_color())
+            if log_x:
+                ax.set_xscale("log", base=2)
             ax.set_title(f"{name}: {metric}")
             ax.set_xlabel(x)
             ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
+
+
+def plot_metric_vs_core_params(runs: pd.DataFrame, metrics: Sequence[str] = (FINAL_METRIC,),
+                               group: str = "model.layers", arch: str = "choices/model") -> Figure:
+    """plot_metric_vs against the core parameter count (everything but embedding and head): the axis on
+    which architectures compare at equal size (see model.core_params)."""
+    return plot_metric_vs(runs, "model/params_core", metrics, group, arch)
+
+
+def plot_metric_vs_context_dim(runs: pd.DataFrame, metrics: Sequence[str] = (FINAL_METRIC,),
+                               x: str = "model.context_dim", group: str = "model.layers",
+                               arch: str = "choices/model") -> Figure:
+    """plot_metric_vs against the width (architectures of one width differ in size: prefer core params)."""
+    return plot_metric_vs(runs, x, metrics, group, arch)
 
 
 def plot_pareto_fronts(studies: Sequence[optuna.Study], objectives: tuple[int, int] = (0, 1),

@@ -1,6 +1,7 @@
 """`python -m newllm.analyze`: the runs table and the Optuna study comparison on the command line.
 
     python -m newllm.analyze runs outputs/ --sort phase2/val_ppl --csv runs.csv
+    python -m newllm.analyze runs outputs/ --group seed --csv seeds.csv   # mean and 95 % t-interval over seeds
     python -m newllm.analyze studies --storage sqlite:///outputs/optuna.db --out outputs/analysis
 """
 
@@ -22,23 +23,40 @@ def _print_table(df: pd.DataFrame) -> None:
         print(df.to_string(index=False))
 
 
+def _metric_columns(table: pd.DataFrame, names: list[str]) -> list[str]:
+    """In an aggregated table a metric name stands for its /mean and /ci95 columns."""
+    out = []
+    for name in names:
+        out += [name] if name in table else [c for c in (f"{name}/mean", f"{name}/ci95") if c in table]
+    return out
+
+
 def cmd_runs(args: argparse.Namespace) -> None:
     runs = analysis.load_runs(args.root, cache=not args.no_cache)
     if args.status:
         runs = runs[runs["status"] == args.status]
+    counts = runs["status"].value_counts().to_dict()
+    title = f"{len(runs)} runs under {args.root} ({', '.join(f'{n} {s}' for s, n in counts.items())})"
+    if args.group:
+        runs = analysis.aggregate(runs, by=args.group.split(","))
+        title += f"; {len(runs)} groups of completed runs differing only in {args.group} (mean, 95 % t-interval)"
+        default_cols = [c for c in runs.columns if "/" not in c or c.startswith("choices/")]
+        default_cols += _metric_columns(runs, analysis.KEY_METRICS)
+    else:
+        default_cols = analysis.summary_columns(runs)
     if args.sort:
-        if args.sort not in runs:
+        sort = (_metric_columns(runs, [args.sort]) or [args.sort])[0]
+        if sort not in runs:
             raise analysis.AnalysisError(f"--sort {args.sort!r} is not a column; e.g. {analysis.KEY_METRICS}")
-        runs = runs.sort_values(args.sort, ascending=not args.desc, na_position="last")
+        runs = runs.sort_values(sort, ascending=not args.desc, na_position="last")
     if args.csv:
         runs.to_csv(args.csv, index=False)
-        print(f"wrote {len(runs)} runs x {runs.shape[1]} columns to {args.csv}", file=sys.stderr)
-    cols = args.columns.split(",") if args.columns else analysis.summary_columns(runs)
-    unknown = [c for c in cols if c not in runs]
+        print(f"wrote {len(runs)} rows x {runs.shape[1]} columns to {args.csv}", file=sys.stderr)
+    cols = _metric_columns(runs, args.columns.split(",")) if args.columns else default_cols
+    unknown = [c for c in (args.columns.split(",") if args.columns else []) if not _metric_columns(runs, [c])]
     if unknown:
         raise analysis.AnalysisError(f"--columns {unknown} not in the runs table (see --csv for all columns)")
-    counts = runs["status"].value_counts().to_dict()
-    print(f"{len(runs)} runs under {args.root} ({', '.join(f'{n} {s}' for s, n in counts.items())})")
+    print(title)
     _print_table(runs[cols])
 
 
@@ -75,7 +93,10 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--desc", action="store_true", help="sort descending")
     r.add_argument("--status", choices=["completed", "failed", "incomplete"], help="only runs with this status")
     r.add_argument("--columns", help="comma-separated columns to print (default: ids, what varied, key metrics)")
-    r.add_argument("--csv", help="also write the full table (every column) to this CSV file")
+    r.add_argument("--group", metavar="KEY[,KEY]",
+                   help="aggregate runs whose configs differ only in these keys (e.g. seed): n, and per metric "
+                        "<metric>/mean and <metric>/ci95 (Student-t half-width, NaN for n = 1)")
+    r.add_argument("--csv", help="also write the full table (every column; with --group the aggregated one)")
     r.add_argument("--no-cache", action="store_true", help=f"re-read every run dir (ignore {analysis.CACHE_NAME})")
     r.set_defaults(func=cmd_runs)
     s = sub.add_parser("studies", help="compare the Optuna studies in a storage and plot them")

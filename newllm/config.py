@@ -66,6 +66,9 @@ class ContextModelConfig:
     # std of f's weights (embedding and head: 0.02). At 0.02 f is ~identity: a trivial fixed point.
     init_std: float = 0.1
     dropout: float = 0.0
+    # A core-parameter budget (everything but embedding and head): when set, context_dim (and an
+    # explicit hidden_dim, in proportion) is solved to meet it within 2 % (newllm.models.sizing).
+    core_params: int | None = None
     updater: Any = MISSING
     embedding: EmbeddingConfig = field(default_factory=EmbeddingConfig)
 
@@ -79,6 +82,9 @@ class GRUConfig:
     hidden_dim: int | None = None  # unused; kept so sweeps over the same keys compose
     init_std: float = 0.02
     dropout: float = 0.0
+    # A core-parameter budget (everything but embedding and head): when set, context_dim (and an
+    # explicit hidden_dim, in proportion) is solved to meet it within 2 % (newllm.models.sizing).
+    core_params: int | None = None
 
 
 @dataclass
@@ -92,6 +98,9 @@ class TransformerConfig:
     dropout: float = 0.0
     heads: int = 4
     max_len: int = 4096
+    # A core-parameter budget (everything but embedding and head): when set, context_dim (and an
+    # explicit hidden_dim, in proportion) is solved to meet it within 2 % (newllm.models.sizing).
+    core_params: int | None = None
 
 
 # ----------------------------------------------------------------------------- data
@@ -108,11 +117,20 @@ class DataConfig:
     name: str = "chatterbot"  # chatterbot | ultrachat | text | repetition
     path: str | None = None  # data=ultrachat: a local JSON/JSONL/Parquet file with a `messages` column
     files: list[str] = field(default_factory=list)  # data=text: plain-text files
-    split_by: str = "paragraph"  # data=text: documents are paragraphs (blank lines) | line | file
+    # data=text: documents are paragraphs (blank lines) | line | file; auto: paragraphs when the text
+    # has blank lines, else lines. The unit used is data/split_by in metrics.json.
+    split_by: str = "auto"
     num_conversations: int | None = None  # cap on conversations/documents read (null = all)
     max_train_tokens: int | None = None  # caps (at most); the counts used land in metrics as data/*
     max_val_tokens: int | None = None
+    max_test_tokens: int | None = None
     val_fraction: float = 0.1  # share of documents held out (repetition: extra held-out phrases per stage)
+    # share of documents held out for test (0: none): disjoint from train and validation, read once
+    # after Phase 2 by the kept (best-validation) weights; nothing selects or prunes on it.
+    test_fraction: float = 0.1
+    # Seeds every data choice (the document split, its order, the Phase-1 sample, repetition phrases),
+    # separately from `seed` (init, batch order): runs of a seed grid share one split.
+    split_seed: int = 0
     # by_conversation: disjoint held-out conversations/documents/phrases (default). subset_of_train:
     # the original research protocol (validation = last 20 % of the training stream), labelled in metrics.
     val_protocol: str = "by_conversation"
@@ -325,17 +343,24 @@ def validate(cfg: DictConfig) -> None:
         _choice("model.architecture", m.architecture, ("sequential", "layerwise"))
         if "layernorm_mix" in m.updater:
             _unit_interval("model.updater.layernorm_mix", m.updater.layernorm_mix)
+    if m.get("core_params") is not None:
+        _positive_int("model.core_params", m.core_params)
     if "heads" in m:
         _positive_int("model.heads", m.heads)
-        _check(m.context_dim % m.heads == 0, "model.heads", m.heads, "a divisor of model.context_dim")
+        if m.get("core_params") is None:  # a budget solves context_dim as a multiple of heads
+            _check(m.context_dim % m.heads == 0, "model.heads", m.heads, "a divisor of model.context_dim")
 
     d = cfg.data
     _choice("data.name", d.name, ("chatterbot", "ultrachat", "text", "repetition"))
     _choice("data.val_protocol", d.val_protocol, ("by_conversation", "subset_of_train"))
     _choice("data.loss_on", d.loss_on, ("assistant", "all"))
     _check(0.0 < d.val_fraction < 1.0, "data.val_fraction", d.val_fraction, "a number in (0, 1)")
-    _choice("data.split_by", d.split_by, ("paragraph", "line", "file"))
-    for key in ("num_conversations", "max_train_tokens", "max_val_tokens"):
+    _unit_interval("data.test_fraction", d.test_fraction, open_right=True)
+    _check(d.val_fraction + d.test_fraction < 1.0, "data.test_fraction", d.test_fraction,
+           f"a number in [0, 1 - data.val_fraction={d.val_fraction}) (some data must stay for training)")
+    _check(isinstance(d.split_seed, int), "data.split_seed", d.split_seed, "an integer")
+    _choice("data.split_by", d.split_by, ("auto", "paragraph", "line", "file"))
+    for key in ("num_conversations", "max_train_tokens", "max_val_tokens", "max_test_tokens"):
         if d[key] is not None:
             _positive_int(f"data.{key}", d[key])
     _check(len(d.phrase_lengths) > 0 and all(isinstance(p, int) and p > 0 for p in d.phrase_lengths),

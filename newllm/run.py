@@ -22,9 +22,10 @@ from omegaconf import DictConfig
 
 from newllm import checkpoint as ckpt
 from newllm.config import TRUSTED_TARGETS, ConfigError, instantiate, register_configs, to_container, validate
-from newllm.data import load_data
+from newllm.data import load_data, phase1_sample
 from newllm.errors import NewllmError
 from newllm.models import build_model, count_parameters, pretrained
+from newllm.models.sizing import solve_core_params
 from newllm.sweeping import attach_trial
 from newllm.tracking import RunTracker
 from newllm.training.accel import autocast, maybe_compile
@@ -88,6 +89,12 @@ def run(cfg: DictConfig, run_dir: str | Path) -> tuple[dict, float | list[float]
         if not cfg.tokenizer.pretrained:
             cfg.tokenizer.pretrained = embedding["pretrained"]  # its vocabulary is what the matrix indexes
     validate(cfg)
+    budget = cfg.model.get("core_params")
+    if budget is not None:  # the width that meets the budget; core parameters do not depend on the data
+        solved = solve_core_params(cfg.model, budget)
+        cfg.model.context_dim, cfg.model.hidden_dim = solved.context_dim, solved.hidden_dim
+        log.info("model.core_params=%d: model.context_dim=%d, model.hidden_dim=%s", budget, solved.context_dim,
+                 solved.hidden_dim)
     run_dir = Path(run_dir)
     t_start = time.perf_counter()
     device = resolve_device(cfg.device)
@@ -97,14 +104,18 @@ def run(cfg: DictConfig, run_dir: str | Path) -> tuple[dict, float | list[float]
     if resumed is not None:
         tracker.history = list(resumed["history"])
 
-    data = load_data(cfg.data, cfg.tokenizer, cfg.paths.cache_dir, cfg.seed,
-                     min_tokens=cfg.training.phase2.seq_len + 1)
+    data = load_data(cfg.data, cfg.tokenizer, cfg.paths.cache_dir, min_tokens=cfg.training.phase2.seq_len + 1)
     data.tokenizer.save(str(run_dir / "tokenizer.json"))
     log.info("data: %d train / %d val tokens, vocab %d", len(data.train_ids), len(data.val_ids), data.vocab_size)
 
     model = maybe_compile(build_model(cfg.model, data.vocab_size).to(device), cfg.training.compile)
     metrics: dict = {"seed": cfg.seed, "device": str(device), **data.info,
-                     **{f"model/{k}": v for k, v in count_parameters(model).items()}}
+                     **{f"model/{k}": v for k, v in count_parameters(model).items()},
+                     "model/context_dim": model.context_dim}
+    if getattr(model, "hidden_dim", None) is not None:
+        metrics["model/hidden_dim"] = model.hidden_dim
+    if budget is not None:
+        metrics["model/core_params_budget"] = budget
     if pretrained_files is not None:
         metrics.update(pretrained.apply_pretrained(model, embedding["pretrained"], pretrained_files, data.tokenizer))
     log.info("model: %s, %d parameters", type(model).__name__, metrics["model/params"])
@@ -133,11 +144,14 @@ def run(cfg: DictConfig, run_dir: str | Path) -> tuple[dict, float | list[float]
         log.info("phase 1: skipped, weights from %s", metrics["phase1/from_run"])
     elif stage == "phase1" and p1_cfg.enabled and getattr(model, "is_context_model", False):
         diversity = instantiate(cfg.training.diversity).to(device)
+        # Whole training documents in a seeded random order (data.split_seed), not the corpus's first files.
+        p1_ids, p1_documents = phase1_sample(data, p1_cfg.max_tokens, cfg.data.split_seed)
         with autocast(device, cfg.training.precision):
-            p1 = train_phase1(model, data.train_ids, data.val_ids, p1_cfg, cfg.training.dist_reg_weight,
+            p1 = train_phase1(model, p1_ids, data.val_ids, p1_cfg, cfg.training.dist_reg_weight,
                               diversity, device, on_iteration=tracker.log, progress=cfg.progress,
                               state=resumed["loop"] if resumed is not None else None,
                               checkpoint=lambda loop: save_resume("phase1", loop))
+        p1.metrics["phase1/documents"] = p1_documents  # kept with the Phase-1 checkpoint (from_run)
         metrics.update(p1.metrics)
         if cfg.save_contexts and p1.val_contexts is not None:
             torch.save(p1.val_contexts, run_dir / "phase1_val_contexts.pt")
@@ -154,7 +168,8 @@ def run(cfg: DictConfig, run_dir: str | Path) -> tuple[dict, float | list[float]
                               f"(got data={cfg.data.name})")
         rep = train_repetition(model, stages, cfg.training.repetition, cfg.training.dist_reg_weight,
                                instantiate(cfg.training.diversity).to(device), device, on_step=tracker.log,
-                               progress=cfg.progress, val_stages=getattr(data, "val_stages", None))
+                               progress=cfg.progress, val_stages=getattr(data, "val_stages", None),
+                               test_stages=getattr(data, "test_stages", None))
         metrics.update(rep.metrics)
         log.info("repetition: %s", ", ".join(f"p={s.phrase_length} cycle_distance "
                                             f"{rep.metrics[f'repetition/p{s.phrase_length}/cycle_distance']:.3f}"
@@ -175,8 +190,8 @@ def run(cfg: DictConfig, run_dir: str | Path) -> tuple[dict, float | list[float]
                               state=resumed["loop"] if stage == "phase2" else None,
                               contexts_cache=contexts_cache)
         metrics.update(p2.metrics)
-        log.info("phase 2: val ppl %.2f (uniform %d), val acc %.3f", p2.metrics["phase2/val_ppl"],
-                 data.vocab_size, p2.metrics["phase2/val_acc"])
+        log.info("phase 2: val ppl %.2f (uniform %d), val acc %.3f; test ppl %.2f", p2.metrics["phase2/val_ppl"],
+                 data.vocab_size, p2.metrics["phase2/val_acc"], p2.metrics.get("phase2/test_ppl", math.nan))
 
     metrics["time/wall_s"] = time.perf_counter() - t_start
     if cfg.save_checkpoint:

@@ -51,19 +51,22 @@ def one_line_error(excinfo) -> str:
 
 # ----------------------------------------------------------------------------- chatterbot, splits, masks
 def test_chatterbot_split_is_disjoint_seeded_and_streams_decode_to_the_documents(tmp_path):
-    d = data_cfg(num_conversations=120)
-    data = load_data(d, tok_cfg(), tmp_path, seed=3)
+    d = data_cfg(num_conversations=120, split_seed=3)
+    data = load_data(d, tok_cfg(), tmp_path)
     texts = [render_chatml(c)[0] for c in chatterbot_conversations(120)]
-    train_idx, val_idx = _split(len(texts), 0.1, seed=3)
-    assert len(val_idx) == 12 and not set(train_idx) & set(val_idx)
+    train_idx, val_idx, test_idx = _split(len(texts), 0.1, 0.1, seed=3)
+    assert len(val_idx) == len(test_idx) == 12 and not set(train_idx) & set(val_idx)
+    assert not (set(train_idx) | set(val_idx)) & set(test_idx)
     dec = lambda ids: data.tokenizer.decode(ids.tolist(), skip_special_tokens=False)
     assert dec(data.train_ids) == "".join(texts[i] for i in train_idx)
     assert dec(data.val_ids) == "".join(texts[i] for i in val_idx)
+    assert dec(data.test_ids) == "".join(texts[i] for i in test_idx)
     info = data.info
-    assert (info["data/train_documents"], info["data/val_documents"]) == (108, 12)
+    assert (info["data/train_documents"], info["data/val_documents"], info["data/test_documents"]) == (96, 12, 12)
     assert info["data/train_tokens"] == len(data.train_ids) and info["data/val_protocol"] == "by_conversation"
+    assert info["data/test_tokens"] == len(data.test_ids) and info["data/split_seed"] == 3
     assert 0 < info["data/train_loss_tokens"] < info["data/train_tokens"]
-    other = load_data(d, tok_cfg(), tmp_path, seed=4)
+    other = load_data(data_cfg(num_conversations=120, split_seed=4), tok_cfg(), tmp_path)
     assert not torch.equal(other.val_ids[:50], data.val_ids[:50])  # another seed holds out others
 
 
@@ -71,9 +74,10 @@ def test_assistant_mask_covers_exactly_the_assistant_turns(tmp_path):
     conversations = chatterbot_conversations(40)
     rendered = [render_chatml(c) for c in conversations]
     tok = train_bpe([t for t, _ in rendered], 320, 2)
-    ids, mask, _ = encode_cached(tok, [t for t, _ in rendered], [s for _, s in rendered], tmp_path)
+    ids, mask, lengths, _ = encode_cached(tok, [t for t, _ in rendered], [s for _, s in rendered], tmp_path)
     expected = "".join(t["content"] + IM_END for c in conversations for t in c if t["role"] == "assistant")
     assert tok.decode(ids[mask].tolist(), skip_special_tokens=False) == expected
+    assert lengths.tolist() == [len(tok.encode(t, add_special_tokens=False).ids) for t, _ in rendered]
     unmasked = tok.decode(ids[~mask].tolist(), skip_special_tokens=False)
     assert "assistant\n" in unmasked and conversations[0][0]["content"] in unmasked
 
@@ -93,9 +97,9 @@ def test_spans_to_mask_matches_a_direct_definition():
 
 
 def test_loss_on_all_and_budgets(tmp_path):
-    base = load_data(data_cfg(num_conversations=150), tok_cfg(), tmp_path, seed=0)
+    base = load_data(data_cfg(num_conversations=150), tok_cfg(), tmp_path)
     capped = load_data(data_cfg(num_conversations=150, max_train_tokens=1000, max_val_tokens=300, loss_on="all"),
-                       tok_cfg(), tmp_path, seed=0)
+                       tok_cfg(), tmp_path)
     assert torch.equal(capped.train_ids, base.train_ids[:1000]) and torch.equal(capped.val_ids, base.val_ids[:300])
     assert bool(capped.train_mask.all()) and bool(capped.val_mask.all())
     assert capped.info["data/train_loss_tokens"] == 1000 and capped.info["data/val_loss_tokens"] == 300
@@ -103,30 +107,36 @@ def test_loss_on_all_and_budgets(tmp_path):
 
 def test_subset_of_train_is_the_tail_of_the_budgeted_training_stream(tmp_path):
     data = load_data(data_cfg(num_conversations=150, max_train_tokens=2000, val_protocol="subset_of_train"),
-                     tok_cfg(), tmp_path, seed=0)
+                     tok_cfg(), tmp_path)
     assert len(data.train_ids) == 2000 and torch.equal(data.val_ids, data.train_ids[1600:])
     assert torch.equal(data.val_mask, data.train_mask[1600:])
-    assert data.info["data/val_protocol"] == "subset_of_train" and data.info["data/train_documents"] == 150
+    assert data.info["data/val_protocol"] == "subset_of_train"
+    # the documents actually used: 150 - 15 held out for test, capped at 2,000 tokens (the last one cut)
+    assert data.info["data/train_documents"] == len(data.train_doc_lengths) < 135
+    assert int(data.train_doc_lengths.sum()) == 2000 and data.info["data/test_documents"] == 15
+    # test stays disjoint held-out conversations under this protocol too
+    dec = lambda ids: data.tokenizer.decode(ids.tolist(), skip_special_tokens=False)
+    assert not set(dec(data.test_ids).split("<|endoftext|>")[:-1]) & set(dec(data.train_ids).split("<|endoftext|>"))
 
 
 # ----------------------------------------------------------------------------- caches
 def test_second_load_is_served_from_the_token_cache_and_corrupt_entries_are_rebuilt(tmp_path):
     d = data_cfg(num_conversations=60)
-    first = load_data(d, tok_cfg(), tmp_path, seed=0)
-    second = load_data(d, tok_cfg(), tmp_path, seed=0)
+    first = load_data(d, tok_cfg(), tmp_path)
+    second = load_data(d, tok_cfg(), tmp_path)
     assert not first.info["data/tokens_cache_hit"] and not first.info["data/tokenizer_cache_hit"]
     assert second.info["data/tokens_cache_hit"] and second.info["data/tokenizer_cache_hit"]
     assert torch.equal(first.train_ids, second.train_ids) and torch.equal(first.val_mask, second.val_mask)
 
     entries = sorted((tmp_path / "tokens").glob("*.arrow"))
-    assert len(entries) == 2  # train + validation, nothing else left behind
+    assert len(entries) == 3  # train + validation + test, nothing else left behind
     entries[0].write_bytes(entries[0].read_bytes()[:100])  # truncated
     entries[1].write_bytes(b"not arrow at all")
     Path(first.info["data/tokenizer"]).write_text('{"version": "1.0", "trunc', encoding="utf-8")
-    third = load_data(d, tok_cfg(), tmp_path, seed=0)
+    third = load_data(d, tok_cfg(), tmp_path)
     assert not third.info["data/tokens_cache_hit"] and not third.info["data/tokenizer_cache_hit"]
     assert torch.equal(first.train_ids, third.train_ids) and torch.equal(first.val_ids, third.val_ids)
-    assert load_data(d, tok_cfg(), tmp_path, seed=0).info["data/tokens_cache_hit"]
+    assert load_data(d, tok_cfg(), tmp_path).info["data/tokens_cache_hit"]
 
 
 def test_a_failing_tokenization_leaves_no_cache_entry(tmp_path, monkeypatch):
@@ -155,22 +165,21 @@ def test_ultrachat_from_a_local_jsonl_and_parquet_file(tmp_path):
     parquet = tmp_path / "sample.parquet"
     pd.DataFrame(rows).to_parquet(parquet)
     d = data_cfg(name="ultrachat", path=str(ULTRACHAT_SAMPLE), val_fraction=0.25)
-    data = load_data(d, tok_cfg(), tmp_path, seed=0)
+    data = load_data(d, tok_cfg(), tmp_path)
     assert (data.info["data/documents"], data.info["data/val_documents"]) == (12, 3)
     text = data.tokenizer.decode(torch.cat([data.train_ids, data.val_ids]).tolist(), skip_special_tokens=False)
     assert "<|im_start|>system\nYou are a concise tutor.<|im_end|>" in text and "東京" in text
     masked = data.tokenizer.decode(data.train_ids[data.train_mask].tolist(), skip_special_tokens=False)
     assert "What is" not in masked and masked.endswith(IM_END)
-    from_parquet = load_data(data_cfg(name="ultrachat", path=str(parquet), val_fraction=0.25), tok_cfg(), tmp_path,
-                             seed=0)
+    from_parquet = load_data(data_cfg(name="ultrachat", path=str(parquet), val_fraction=0.25), tok_cfg(), tmp_path)
     assert torch.equal(from_parquet.train_ids, data.train_ids)
-    few = load_data(data_cfg(name="ultrachat", path=str(parquet), num_conversations=8), tok_cfg(), tmp_path, seed=0)
+    few = load_data(data_cfg(name="ultrachat", path=str(parquet), num_conversations=8), tok_cfg(), tmp_path)
     assert few.info["data/documents"] == 8
 
 
 def test_ultrachat_offline_fails_at_once_with_one_clear_line(tmp_path):
     with pytest.raises(DataError) as e:
-        load_data(data_cfg(name="ultrachat"), tok_cfg(), tmp_path, seed=0)
+        load_data(data_cfg(name="ultrachat"), tok_cfg(), tmp_path)
     msg = one_line_error(e)
     assert "HuggingFaceH4/ultrachat_200k" in msg and "data=chatterbot" in msg and "data.path=" in msg
 
@@ -195,7 +204,7 @@ def test_bad_messages_files_name_the_problem(tmp_path, line, expected):
         rows = [good, line] if "messages" in line else [line]
         path.write_text("\n".join(json.dumps(r) for r in rows) + "\n", encoding="utf-8")
     with pytest.raises(DataError) as e:
-        load_data(data_cfg(name="ultrachat", path=str(path)), tok_cfg(), tmp_path, seed=0)
+        load_data(data_cfg(name="ultrachat", path=str(path)), tok_cfg(), tmp_path)
     assert expected in one_line_error(e)
 
 
@@ -206,26 +215,28 @@ def test_text_paragraphs_lines_and_files(tmp_path):
     b = tmp_path / "b.txt"
     b.write_text("Another file.\n", encoding="utf-8")
     tok = tok_cfg()
-    kw = dict(name="text", files=[str(a), str(b)], loss_on="all", val_protocol="subset_of_train")
-    by_par = load_data(data_cfg(**kw), tok, tmp_path, seed=0)
+    kw = dict(name="text", files=[str(a), str(b)], loss_on="all", val_protocol="subset_of_train", test_fraction=0)
+    by_par = load_data(data_cfg(**kw), tok, tmp_path)
     decode = lambda data: data.tokenizer.decode(data.train_ids.tolist(), skip_special_tokens=False)
-    assert by_par.info["data/documents"] == 4
-    assert decode(by_par) == "= Title =\n\nFirst paragraph,\n two lines.\n\nSecond one.\n\nAnother file.\n\n"
-    by_file = load_data(data_cfg(**kw, split_by="file"), tok, tmp_path, seed=0)
+    assert by_par.info["data/documents"] == 4 and by_par.info["data/split_by"] == "paragraph"  # auto: blank lines
+    order = _split(4, 0.1, 0.0, seed=0, hold_out_val=False)[0]
+    paragraphs = ["= Title =", "First paragraph,\n two lines.", "Second one.", "Another file."]
+    assert decode(by_par) == "".join(paragraphs[i] + "\n\n" for i in order)
+    by_file = load_data(data_cfg(**kw, split_by="file"), tok, tmp_path)
     assert by_file.info["data/documents"] == 2 and decode(by_file).count("<|endoftext|>") == 2
-    by_line = load_data(data_cfg(**kw, split_by="line"), tok, tmp_path, seed=0)
+    by_line = load_data(data_cfg(**kw, split_by="line"), tok, tmp_path)
     assert by_line.info["data/documents"] == 5 and bool(by_line.train_mask.all())
 
 
 def test_text_held_out_paragraphs(tmp_path):
     path = write_wiki(tmp_path / "wiki.txt", 40)
-    data = load_data(data_cfg(name="text", files=[str(path)], loss_on="all"), tok_cfg(), tmp_path, seed=0)
+    data = load_data(data_cfg(name="text", files=[str(path)], loss_on="all"), tok_cfg(), tmp_path)
     assert (data.info["data/documents"], data.info["data/val_documents"]) == (44, 4)
     assert data.info["data/train_loss_tokens"] == data.info["data/train_tokens"] > 1000
     built = list((tmp_path / "datasets").rglob("*.arrow"))  # the text builder's own cache entry
     assert len(built) == 1
     built[0].write_bytes(b"garbage")  # a corrupt entry is rebuilt, not used
-    again = load_data(data_cfg(name="text", files=[str(path)], loss_on="all"), tok_cfg(), tmp_path, seed=0)
+    again = load_data(data_cfg(name="text", files=[str(path)], loss_on="all"), tok_cfg(), tmp_path)
     assert torch.equal(again.train_ids, data.train_ids) and again.info["data/tokens_cache_hit"]
 
 
@@ -249,7 +260,7 @@ def _bad_text_inputs(tmp_path: Path) -> list[tuple[list[str], str]]:
 def test_bad_text_files_fail_with_one_line_naming_the_file(tmp_path):
     for files, expected in _bad_text_inputs(tmp_path):
         with pytest.raises(DataError) as e:
-            load_data(data_cfg(name="text", files=files, loss_on="all"), tok_cfg(), tmp_path / "cache", seed=0)
+            load_data(data_cfg(name="text", files=files, loss_on="all"), tok_cfg(), tmp_path / "cache")
         assert expected in one_line_error(e), (files, str(e.value))
     assert not (tmp_path / "cache" / "tokens").exists()  # failed before tokenizing: nothing cached
 
@@ -267,7 +278,7 @@ def test_bad_text_files_fail_with_one_line_naming_the_file(tmp_path):
 )
 def test_too_little_data_for_a_window_or_for_validation(tmp_path, kw, min_tokens, expected):
     with pytest.raises(DataError) as e:
-        load_data(data_cfg(**kw), tok_cfg(), tmp_path, seed=0, min_tokens=min_tokens)
+        load_data(data_cfg(**kw), tok_cfg(), tmp_path, min_tokens=min_tokens)
     assert expected in one_line_error(e)
 
 
@@ -290,15 +301,15 @@ def test_too_little_data_for_a_window_or_for_validation(tmp_path, kw, min_tokens
 )
 def test_conflicting_options_and_tokenizer_errors(tmp_path, kw, tok, expected):
     with pytest.raises(DataError) as e:
-        load_data(data_cfg(**kw), tok_cfg(**tok), tmp_path, seed=0)
+        load_data(data_cfg(**kw), tok_cfg(**tok), tmp_path)
     assert expected in one_line_error(e)
 
 
 # ----------------------------------------------------------------------------- repetition
 def test_repetition_stages_cycles_and_held_out_phrases(tmp_path):
     d = data_cfg(name="repetition", loss_on="all", phrase_lengths=[1, 2, 4], repetitions=5, phrases_per_stage=6,
-                 val_fraction=0.5)
-    data = load_data(d, tok_cfg(), tmp_path, seed=1)
+                 val_fraction=0.5, split_seed=1)
+    data = load_data(d, tok_cfg(), tmp_path)
     assert [s.phrase_length for s in data.stages] == [1, 2, 4]
     train_phrases, val_phrases = set(), set()
     for stage in data.stages:
@@ -315,8 +326,8 @@ def test_repetition_stages_cycles_and_held_out_phrases(tmp_path):
         assert stage.ids.shape == (3, 5 * stage.phrase_length)
         val_phrases |= {tuple(r[: stage.phrase_length].tolist()) for r in stage.ids}
     assert len(train_phrases) == 18 and len(val_phrases) == 9 and not train_phrases & val_phrases
-    again = load_data(d, tok_cfg(), tmp_path, seed=1)
-    other = load_data(d, tok_cfg(), tmp_path, seed=2)
+    again = load_data(d, tok_cfg(), tmp_path)
+    other = load_data(OmegaConf.merge(d, {"split_seed": 2}), tok_cfg(), tmp_path)
     assert torch.equal(again.train_ids, data.train_ids) and not torch.equal(other.train_ids, data.train_ids)
     assert data.info["data/phrase_lengths"] == "1,2,4" and data.info["data/val_phrases_per_stage"] == 3
 
@@ -324,8 +335,8 @@ def test_repetition_stages_cycles_and_held_out_phrases(tmp_path):
 def test_repetition_asking_for_more_phrases_than_the_vocabulary_holds(tmp_path):
     d = data_cfg(name="repetition", loss_on="all", phrase_lengths=[1], phrases_per_stage=5000)
     with pytest.raises(DataError) as e:
-        load_data(d, tok_cfg(), tmp_path, seed=0)
-    assert "cannot draw 5500 distinct phrases (training + held-out) of 1 distinct tokens from 16" in one_line_error(e)
+        load_data(d, tok_cfg(), tmp_path)
+    assert "cannot draw 6000 distinct phrases (training + held-out) of 1 distinct tokens from 16" in one_line_error(e)
 
 
 def test_pretrained_tokenizer_from_the_local_hub_cache_gains_our_special_tokens(tmp_path, monkeypatch):
@@ -346,9 +357,9 @@ def test_pretrained_tokenizer_from_the_local_hub_cache_gains_our_special_tokens(
     (tmp_path / "hub" / "models--acme--tiny" / "refs" / "main").write_text("0" * 40)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
 
-    data = load_data(data_cfg(num_conversations=100, val_protocol="subset_of_train"),
-                     tok_cfg(pretrained="acme/tiny"), tmp_path, seed=0)
+    data = load_data(data_cfg(num_conversations=100, val_protocol="subset_of_train", test_fraction=0),
+                     tok_cfg(pretrained="acme/tiny"), tmp_path)
     assert data.info["data/tokenizer"] == "acme/tiny" and "data/tokenizer_cache_hit" not in data.info
     assert data.vocab_size == hub_tok.get_vocab_size() + 4  # <|pad|>, <|endoftext|>, <|im_start|>, <|im_end|>
     decoded = data.tokenizer.decode(data.train_ids.tolist(), skip_special_tokens=False)
-    assert decoded == "".join(texts)
+    assert decoded == "".join(texts[i] for i in _split(100, 0.1, 0.0, seed=0, hold_out_val=False)[0])

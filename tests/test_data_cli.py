@@ -56,7 +56,8 @@ def test_data_values_are_checked_at_compose_time():
     import newllm.run  # noqa: F401 -- registers the structured configs
     from newllm.config import ConfigError, validate
 
-    cases = {"data.split_by=chapter": "data.split_by='chapter' is not allowed: expected one of paragraph, line, file",
+    cases = {"data.split_by=chapter": "data.split_by='chapter' is not allowed: expected one of auto, paragraph, line, "
+                                      "file",
              "data.repetitions=1": "data.repetitions=1 is not allowed: expected an integer >= 2",
              "data.phrase_lengths=[2,0]": "data.phrase_lengths=[2, 0] is not allowed"}
     with initialize_config_dir(config_dir=str(REPO / "conf")):

@@ -215,7 +215,7 @@ def test_presets_compose():
     assert cvfp.hydra.sweeper.sampler._target_.endswith("create_nsgaii_sampler")
     assert cvfp.training.phase1.max_iterations == 6 and cvfp.hydra.sweeper.n_trials == 6
     assert dict(arch.hydra.sweeper.params) == {"model": "sequential,layerwise", "model.layers": "1,2",
-                                               "model.context_dim": "32,64"}
+                                               "model.core_params": "5000,20000"}
     assert cmp.hydra.sweeper.study_name == "compare_sequential"
     assert slurm.hydra.launcher._target_.endswith("SlurmLauncher") and slurm.hydra.sweeper.n_jobs == 8
     assert slurm.hydra.sweeper.study_name == "optuna_cvfp" and slurm.device == "cuda"

@@ -1,13 +1,19 @@
 """Data: every source produces the same thing -- token streams, loss masks and a tokenizer.
 
     source (chatterbot | ultrachat | text)  -> documents (ChatML text + assistant spans, or plain text)
-    -> seeded split by document             -> tokenizer (BPE trained on the training split, cached)
+    -> seeded split by document (data.split_seed) into train / validation / test
+    -> tokenizer (BPE trained on the training split, cached)
     -> token ids + assistant masks (tokenized once, cached by `datasets`) -> budgets -> TokenData
     repetition: generated phrases (newllm.data.repetition) -> stages + the same streams.
+
+Every data choice (which documents are held out, their order, the Phase-1 sample) is drawn from
+data.split_seed, never from the run's `seed`: a seed grid varies initialisation and batch order on
+one fixed split.
 """
 
 from __future__ import annotations
 
+import hashlib
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,10 +44,38 @@ class TokenData:
     info: dict = field(default_factory=dict)  # counts, protocol, cache hits -> metrics.json
     stages: list[RepetitionStage] | None = None  # data=repetition: the training phrases, one stage per p
     val_stages: list[RepetitionStage] | None = None  # data=repetition: the held-out phrases (val stream)
+    # The test split: held-out documents that neither select weights nor prune; read once at the end.
+    test_ids: torch.Tensor | None = None
+    test_mask: torch.Tensor | None = None
+    test_stages: list[RepetitionStage] | None = None  # data=repetition: held-out test phrases
+    train_doc_lengths: torch.Tensor | None = None  # (D,) tokens per training document, in stream order
 
     @property
     def vocab_size(self) -> int:
         return self.tokenizer.get_vocab_size()
+
+
+@dataclass
+class Split:
+    """One split's documents, concatenated: ids (N,), loss mask (N,), tokens per document (D,)."""
+
+    ids: torch.Tensor
+    mask: torch.Tensor
+    lengths: torch.Tensor
+
+    @classmethod
+    def of_rows(cls, stages: list[RepetitionStage]) -> Split:
+        """data=repetition: every phrase row (a phrase repeated n times) is one document."""
+        ids = repetition.stream(stages)
+        lengths = torch.cat([torch.full((s.ids.shape[0],), s.ids.shape[1], dtype=torch.long) for s in stages])
+        return cls(ids, torch.ones_like(ids, dtype=torch.bool), lengths)
+
+    def tokens(self, start: int = 0, stop: int | None = None) -> Split:
+        """Tokens [start, stop); documents cut by either end keep their remaining part."""
+        stop = len(self.ids) if stop is None else min(stop, len(self.ids))
+        ends = self.lengths.cumsum(0)
+        kept = (torch.minimum(ends, torch.tensor(stop)) - torch.clamp(ends - self.lengths, min=start)).clamp(min=0)
+        return Split(self.ids[start:stop], self.mask[start:stop], kept[kept > 0])
 
 
 def check_options(d: DictConfig, tok: DictConfig) -> None:
@@ -64,28 +98,41 @@ def check_options(d: DictConfig, tok: DictConfig) -> None:
         raise DataError(f"data.files is read by data=text only, not data={d.name}: drop data.files")
 
 
-def _documents(d: DictConfig, cache_dir: Path) -> tuple[list[str], list[Spans]]:
+def _documents(d: DictConfig, cache_dir: Path) -> tuple[list[str], list[Spans], dict]:
     if d.name == "text":
-        sep = TEXT_UNITS[d.split_by]
-        docs = [t + sep for t in text_documents(list(d.files), d.split_by, d.num_conversations, cache_dir)]
-        return docs, [[] for _ in docs]
+        pieces, unit = text_documents(list(d.files), d.split_by, d.num_conversations, cache_dir)
+        docs = [t + TEXT_UNITS[unit] for t in pieces]
+        return docs, [[] for _ in docs], {"data/split_by": unit}
     if d.name == "chatterbot":
         conversations = chatterbot_conversations(d.num_conversations)
     else:
         conversations = ultrachat_conversations(d.path, d.num_conversations, cache_dir)
     rendered = [render_chatml(c) for c in conversations]
-    return [t for t, _ in rendered], [s for _, s in rendered]
+    return [t for t, _ in rendered], [s for _, s in rendered], {}
 
 
-def _split(n: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
-    """Seeded disjoint (train, val) document indices, each in corpus order."""
+def held_out_count(n: int, fraction: float) -> int:
+    """Documents (or phrases) a fraction holds out of n: at least one unless the fraction is 0."""
+    return max(1, round(n * fraction)) if fraction > 0 else 0
+
+
+def _split(n: int, val_fraction: float, test_fraction: float, seed: int, hold_out_val: bool = True
+           ) -> tuple[list[int], list[int], list[int]]:
+    """Seeded disjoint (train, val, test) document indices.
+
+    Each split lists its documents in a seeded random order, so a token cap (data.max_*_tokens) keeps
+    a random sample of documents rather than the first topics of a corpus stored topic by topic.
+    hold_out_val=False (val_protocol=subset_of_train): validation is cut from the training stream later.
+    """
     order = list(range(n))
     random.Random(seed).shuffle(order)
-    n_val = max(1, round(n * val_fraction))
-    if n_val >= n:
+    n_val = held_out_count(n, val_fraction) if hold_out_val else 0
+    n_test = held_out_count(n, test_fraction)
+    if n_val + n_test >= n:
         raise DataError(f"{n} documents are too few to hold out data.val_fraction={val_fraction} for validation "
-                        "and keep some for training: use more data (data.num_conversations) or a smaller fraction")
-    return sorted(order[n_val:]), sorted(order[:n_val])
+                        f"and data.test_fraction={test_fraction} for test and keep some for training: use more "
+                        "data (data.num_conversations) or smaller fractions")
+    return order[n_val + n_test:], order[:n_val], order[n_val : n_val + n_test]
 
 
 def _tokenizer(tok: DictConfig, train_texts: list[str], cache_dir: Path) -> tuple[Tokenizer, dict]:
@@ -95,78 +142,112 @@ def _tokenizer(tok: DictConfig, train_texts: list[str], cache_dir: Path) -> tupl
     return tokenizer, {"data/tokenizer": str(path), "data/tokenizer_cache_hit": hit}
 
 
-def _check_sizes(d: DictConfig, train_ids: torch.Tensor, val_ids: torch.Tensor, val_mask: torch.Tensor,
-                 min_tokens: int) -> None:
+def _check_sizes(d: DictConfig, splits: dict[str, Split], min_tokens: int) -> None:
     window = f"fewer than one window of {min_tokens} tokens (training.phase2.seq_len + 1)"
-    if len(train_ids) < min_tokens:
-        raise DataError(f"data={d.name}: the training stream has {len(train_ids)} tokens, {window}: use more data "
+    train, val, test = splits["train"], splits["val"], splits.get("test")
+    if len(train.ids) < min_tokens:
+        raise DataError(f"data={d.name}: the training stream has {len(train.ids)} tokens, {window}: use more data "
                         "(data.num_conversations, data.max_train_tokens) or a shorter training.phase2.seq_len")
-    if len(val_ids) < min_tokens:
-        raise DataError(f"data={d.name}: the validation stream has {len(val_ids)} tokens "
+    if len(val.ids) < min_tokens:
+        raise DataError(f"data={d.name}: the validation stream has {len(val.ids)} tokens "
                         f"(data.val_protocol={d.val_protocol}, data.val_fraction={d.val_fraction}, "
                         f"data.max_val_tokens={d.max_val_tokens}), {window}: hold out more data")
-    if not bool(val_mask.any()):
-        raise DataError(f"data={d.name}: the validation stream has no tokens to predict (no assistant turns "
-                        "with data.loss_on=assistant): hold out more data or use data.loss_on=all")
+    if test is not None and len(test.ids) < min_tokens:
+        raise DataError(f"data={d.name}: the test stream has {len(test.ids)} tokens "
+                        f"(data.test_fraction={d.test_fraction}, data.max_test_tokens={d.max_test_tokens}), "
+                        f"{window}: hold out more data, or data.test_fraction=0 for no test split")
+    for name, s in (("validation", val), ("test", test)):
+        if s is not None and not bool(s.mask.any()):
+            raise DataError(f"data={d.name}: the {name} stream has no tokens to predict (no assistant turns "
+                            "with data.loss_on=assistant): hold out more data or use data.loss_on=all")
 
 
-def _finish(d: DictConfig, tokenizer: Tokenizer, train: tuple[torch.Tensor, torch.Tensor],
-            val: tuple[torch.Tensor, torch.Tensor], min_tokens: int, info: dict,
-            stages: tuple[list[RepetitionStage], list[RepetitionStage]] | tuple[None, None] = (None, None)
-            ) -> TokenData:
+def fingerprint(splits: dict[str, Split]) -> str:
+    """A short hash of every split's token ids and loss mask: equal fingerprints, identical data."""
+    h = hashlib.sha256()
+    for name in sorted(splits):
+        h.update(name.encode() + splits[name].ids.numpy().tobytes() + splits[name].mask.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _finish(d: DictConfig, tokenizer: Tokenizer, splits: dict[str, Split], min_tokens: int, info: dict,
+            stages: dict[str, list[RepetitionStage]] | None = None) -> TokenData:
     """Budgets, loss masks, size checks and the counts every option reports."""
-    (train_ids, train_mask), (val_ids, val_mask) = train, val
-    train_ids, train_mask = train_ids[: d.max_train_tokens], train_mask[: d.max_train_tokens]
+    splits = dict(splits)
+    splits["train"] = splits["train"].tokens(0, d.max_train_tokens)
     if d.val_protocol == "subset_of_train":  # the original protocol: the tail of what is trained on
-        cut = int(len(train_ids) * (1 - SUBSET_OF_TRAIN_FRACTION))
-        val_ids, val_mask = train_ids[cut:].clone(), train_mask[cut:].clone()
-    val_ids, val_mask = val_ids[: d.max_val_tokens], val_mask[: d.max_val_tokens]
+        splits["val"] = splits["train"].tokens(int(len(splits["train"].ids) * (1 - SUBSET_OF_TRAIN_FRACTION)))
+    splits["val"] = splits["val"].tokens(0, d.max_val_tokens)
+    if d.test_fraction > 0:
+        splits["test"] = splits["test"].tokens(0, d.max_test_tokens)
+    else:
+        splits.pop("test", None)
     if d.loss_on == "all":
-        train_mask, val_mask = torch.ones_like(train_mask), torch.ones_like(val_mask)
-    _check_sizes(d, train_ids, val_ids, val_mask, min_tokens)
-    info = {
-        "data/name": d.name,
-        "data/train_tokens": len(train_ids),
-        "data/val_tokens": len(val_ids),
-        "data/train_loss_tokens": int(train_mask.sum()),
-        "data/val_loss_tokens": int(val_mask.sum()),
-        "data/val_protocol": d.val_protocol,
-        "data/vocab_size": tokenizer.get_vocab_size(),
-        **info,
-    }
-    return TokenData(train_ids, train_mask, val_ids, val_mask, tokenizer, info, *stages)
+        splits = {k: Split(s.ids, torch.ones_like(s.mask), s.lengths) for k, s in splits.items()}
+    _check_sizes(d, splits, min_tokens)
+    counts = {}
+    for name, s in splits.items():
+        counts.update({f"data/{name}_tokens": len(s.ids), f"data/{name}_documents": len(s.lengths),
+                       f"data/{name}_loss_tokens": int(s.mask.sum())})
+    info = {"data/name": d.name, **counts, "data/val_protocol": d.val_protocol, "data/test_fraction": d.test_fraction,
+            "data/split_seed": d.split_seed, "data/fingerprint": fingerprint(splits),
+            "data/vocab_size": tokenizer.get_vocab_size(), **info}
+    stages = stages or {}
+    train, val, test = splits["train"], splits["val"], splits.get("test")
+    return TokenData(train.ids, train.mask, val.ids, val.mask, tokenizer, info, stages.get("train"),
+                     stages.get("val"), test.ids if test else None, test.mask if test else None,
+                     stages.get("test"), train.lengths)
 
 
-def _load_repetition(d: DictConfig, tok: DictConfig, cache_dir: Path, seed: int, min_tokens: int) -> TokenData:
+def _load_repetition(d: DictConfig, tok: DictConfig, cache_dir: Path, min_tokens: int) -> TokenData:
     # The phrase vocabulary: a tokenizer trained on the embedded dialogue corpus (or a hub one).
     tokenizer, tok_info = _tokenizer(tok, [render_chatml(c)[0] for c in chatterbot_conversations()], cache_dir)
-    n_val = max(1, round(d.phrases_per_stage * d.val_fraction))
-    train, val = repetition.make_stages(tokenizer, list(d.phrase_lengths), d.repetitions, d.phrases_per_stage,
-                                        n_val, seed)
-    train_ids, val_ids = repetition.stream(train), repetition.stream(val)  # max_*_tokens cap these, not stages
+    n_val, n_test = held_out_count(d.phrases_per_stage, d.val_fraction), held_out_count(d.phrases_per_stage,
+                                                                                         d.test_fraction)
+    train, val, test = repetition.make_stages(tokenizer, list(d.phrase_lengths), d.repetitions,
+                                              d.phrases_per_stage, n_val, n_test, d.split_seed)
     info = {"data/phrase_lengths": ",".join(map(str, d.phrase_lengths)), "data/repetitions": d.repetitions,
-            "data/train_phrases_per_stage": d.phrases_per_stage, "data/val_phrases_per_stage": n_val, **tok_info}
-    ones = torch.ones_like
-    return _finish(d, tokenizer, (train_ids, ones(train_ids, dtype=torch.bool)),
-                   (val_ids, ones(val_ids, dtype=torch.bool)), min_tokens, info, stages=(train, val))
+            "data/train_phrases_per_stage": d.phrases_per_stage, "data/val_phrases_per_stage": n_val,
+            "data/test_phrases_per_stage": n_test, **tok_info}
+    splits = {"train": Split.of_rows(train), "val": Split.of_rows(val)}  # max_*_tokens cap these, not stages
+    if n_test:
+        splits["test"] = Split.of_rows(test)
+    return _finish(d, tokenizer, splits, min_tokens, info,
+                   stages={"train": train, "val": val, "test": test if n_test else None})
 
 
-def load_data(data_cfg: DictConfig, tok_cfg: DictConfig, cache_dir: str | Path, seed: int,
-              min_tokens: int = 2) -> TokenData:
+def load_data(data_cfg: DictConfig, tok_cfg: DictConfig, cache_dir: str | Path, min_tokens: int = 2) -> TokenData:
     """Token streams for one run. min_tokens: the shortest usable stream (one training window)."""
     d, cache_dir = data_cfg, Path(cache_dir)
     check_options(d, tok_cfg)
     if d.name == "repetition":  # data.num_conversations does not apply (phrases_per_stage does)
-        return _load_repetition(d, tok_cfg, cache_dir, seed, min_tokens)
-    texts, spans = _documents(d, cache_dir)
-    if d.val_protocol == "by_conversation":
-        train_idx, val_idx = _split(len(texts), d.val_fraction, seed)
-    else:
-        train_idx, val_idx = list(range(len(texts))), []
-    tokenizer, tok_info = _tokenizer(tok_cfg, [texts[i] for i in train_idx], cache_dir)
-    *train, train_hit = encode_cached(tokenizer, [texts[i] for i in train_idx], [spans[i] for i in train_idx],
-                                      cache_dir)
-    *val, val_hit = encode_cached(tokenizer, [texts[i] for i in val_idx], [spans[i] for i in val_idx], cache_dir)
-    info = {"data/documents": len(texts), "data/train_documents": len(train_idx),
-            "data/val_documents": len(val_idx), **tok_info, "data/tokens_cache_hit": train_hit and val_hit}
-    return _finish(d, tokenizer, tuple(train), tuple(val), min_tokens, info)
+        return _load_repetition(d, tok_cfg, cache_dir, min_tokens)
+    texts, spans, source_info = _documents(d, cache_dir)
+    indices = dict(zip(("train", "val", "test"), _split(len(texts), d.val_fraction, d.test_fraction, d.split_seed,
+                                                        hold_out_val=d.val_protocol == "by_conversation"),
+                       strict=True))
+    tokenizer, tok_info = _tokenizer(tok_cfg, [texts[i] for i in indices["train"]], cache_dir)
+    splits, hits = {}, []
+    for name, idx in indices.items():
+        *encoded, hit = encode_cached(tokenizer, [texts[i] for i in idx], [spans[i] for i in idx], cache_dir)
+        splits[name], hits = Split(*encoded), [*hits, hit]
+    info = {"data/documents": len(texts), **source_info, **tok_info, "data/tokens_cache_hit": all(hits)}
+    return _finish(d, tokenizer, splits, min_tokens, info)
+
+
+def phase1_sample(data: TokenData, max_tokens: int, seed: int) -> tuple[torch.Tensor, int]:
+    """(ids, documents) Phase 1 reads: whole training documents in a seeded random order, up to max_tokens.
+
+    The last document is cut to fill the budget exactly, so phase1/tokens stays comparable across
+    runs. A corpus stored topic by topic (chatterbot) is then sampled across topics, not read from
+    its first files.
+    """
+    lengths = data.train_doc_lengths
+    if lengths is None:  # a hand-made TokenData without document boundaries: one document
+        lengths = torch.tensor([len(data.train_ids)])
+    starts = lengths.cumsum(0) - lengths
+    order = torch.randperm(len(lengths), generator=torch.Generator().manual_seed(seed))
+    taken = lengths[order].cumsum(0)
+    n_docs = min(len(order), int((taken < max_tokens).sum()) + 1)  # the last one may be cut
+    pieces = [data.train_ids[starts[i] : starts[i] + lengths[i]] for i in order[:n_docs].tolist()]
+    return torch.cat(pieces)[:max_tokens], n_docs

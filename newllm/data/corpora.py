@@ -30,23 +30,37 @@ BLANK_LINES = re.compile(r"\n[ \t\r\f\v]*\n\s*")  # WikiText's blank lines hold 
 datasets.disable_progress_bars()
 
 
-def chatterbot_conversations(limit: int | None = None) -> list[Conversation]:
-    """The English conversations shipped in chatterbot-corpus, speakers alternating user/assistant."""
+def _chatterbot_files() -> list[tuple[str, list[Conversation]]]:
+    """(topic file name, its conversations) for every English file, in file-name order."""
     folder = resources.files("chatterbot_corpus") / "data" / "english"
-    conversations: list[Conversation] = []
+    files = []
     for path in sorted(folder.iterdir(), key=lambda p: p.name):
         if not path.name.endswith(".yml"):
             continue
         doc = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        conversations = []
         for turns in doc.get("conversations", []):
             utterances = [str(u).strip() for u in turns if u is not None and str(u).strip()]
             if len(utterances) < 2:
                 continue
             roles = ("user", "assistant")
             conversations.append([{"role": roles[i % 2], "content": u} for i, u in enumerate(utterances)])
-    if not conversations:
+        files.append((path.name.removesuffix(".yml"), conversations))
+    if not any(c for _, c in files):
         raise DataError(f"chatterbot-corpus has no English conversations under {folder}")
+    return files
+
+
+def chatterbot_conversations(limit: int | None = None) -> list[Conversation]:
+    """The English conversations shipped in chatterbot-corpus, speakers alternating user/assistant.
+    Stored topic by topic (ai, botprofile, computers, ...), in file-name order."""
+    conversations = [c for _, convs in _chatterbot_files() for c in convs]
     return conversations[:limit] if limit else conversations
+
+
+def chatterbot_topics() -> list[str]:
+    """The topic (file name) of each conversation chatterbot_conversations() returns, in the same order."""
+    return [topic for topic, convs in _chatterbot_files() for _ in convs]
 
 
 def check_conversation(messages: object, where: str) -> Conversation:
@@ -131,16 +145,24 @@ def ultrachat_conversations(path: str | None, limit: int | None, cache_dir: Path
     return [check_conversation(r["messages"], f"{where} conversation {i}") for i, r in enumerate(rows)]
 
 
-def text_documents(files: list[str], unit: str, limit: int | None, cache_dir: Path) -> list[str]:
-    """Plain-text files -> documents: paragraphs (split at blank lines), lines, or whole files."""
+def text_documents(files: list[str], unit: str, limit: int | None, cache_dir: Path) -> tuple[list[str], str]:
+    """Plain-text files -> (documents, the unit used): paragraphs (split at blank lines), lines, or whole files.
+
+    unit=auto: paragraphs when the text has blank lines between its lines, otherwise lines (a file of
+    one sentence per line would otherwise be a single document).
+    """
     if not files:
         raise DataError("data=text needs data.files=[path, ...]: one or more UTF-8 plain-text files")
     paths = [check_file(f, "data.files") for f in files]
     ds = load_local("text", paths, "data.files", cache_dir, sample_by="document")
-    documents: list[str] = []
-    for path, text in zip(paths, ds["text"], strict=True):  # one row per file, in order
+    texts = ds["text"]  # one row per file, in order
+    for path, text in zip(paths, texts, strict=True):
         if not text.strip():
             raise DataError(f"data.files: {str(path)!r} holds only whitespace")
+    if unit == "auto":
+        unit = "paragraph" if any(BLANK_LINES.search(t.strip()) for t in texts) else "line"
+    documents: list[str] = []
+    for text in texts:
         if unit == "paragraph":
             pieces = BLANK_LINES.split(text)
         elif unit == "line":
@@ -148,4 +170,4 @@ def text_documents(files: list[str], unit: str, limit: int | None, cache_dir: Pa
         else:
             pieces = [text]
         documents.extend(p.strip() for p in pieces if p.strip())
-    return documents[:limit] if limit else documents
+    return (documents[:limit] if limit else documents), unit

@@ -4,7 +4,7 @@ Phrase tokens are whole-word tokens of the run's tokenizer (byte-level BPE entri
 " word"), drawn with a seeded generator; the tokenizer itself is trained on the embedded
 chatterbot corpus (or is tokenizer.pretrained), so phrases decode to readable words. Tokens within
 a phrase are distinct, so the phrase's smallest period -- the cycle length of its repetition --
-is exactly p. Validation phrases are held out: never used in training at any stage.
+is exactly p. Validation and test phrases are held out: never used in training at any stage.
 """
 
 from __future__ import annotations
@@ -55,17 +55,18 @@ def sample_phrases(words: torch.Tensor, phrase_length: int, count: int, g: torch
 
 
 def make_stages(tokenizer: Tokenizer, phrase_lengths: list[int], repetitions: int, n_train: int, n_val: int,
-                seed: int) -> tuple[list[RepetitionStage], list[RepetitionStage]]:
-    """(training stages, validation stages) with disjoint phrases, one stage per phrase length."""
+                n_test: int, seed: int) -> tuple[list[RepetitionStage], ...]:
+    """(training, validation, test) stages with disjoint phrases, one stage per phrase length."""
     g = torch.Generator().manual_seed(seed)
     words = phrase_vocabulary(tokenizer)
-    train, val = [], []
+    train, val, test = [], [], []
     for p in phrase_lengths:
-        phrases = sample_phrases(words, p, n_train + n_val, g)
+        phrases = sample_phrases(words, p, n_train + n_val + n_test, g)
         ids = phrases.repeat(1, repetitions)  # row i: phrase i, phrase i, ... (n times)
         train.append(RepetitionStage(p, ids[:n_train]))
-        val.append(RepetitionStage(p, ids[n_train:]))
-    return train, val
+        val.append(RepetitionStage(p, ids[n_train : n_train + n_val]))
+        test.append(RepetitionStage(p, ids[n_train + n_val :]))
+    return train, val, test
 
 
 def stream(stages: list[RepetitionStage]) -> torch.Tensor:

@@ -94,10 +94,12 @@ def _read_cached(path: Path, n_docs: int) -> datasets.Dataset | None:
 
 
 def encode_cached(tokenizer: Tokenizer, texts: list[str], spans: list[Spans], cache_dir: Path
-                  ) -> tuple[torch.Tensor, torch.Tensor, bool]:
-    """Concatenated documents: ids (N,) long, assistant mask (N,) bool, and whether the cache served them."""
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
+    """Concatenated documents: ids (N,) long, assistant mask (N,) bool, tokens per document (D,) long,
+    and whether the cache served them."""
     if not texts:
-        return torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.bool), True
+        empty = torch.empty(0, dtype=torch.long)
+        return empty, torch.empty(0, dtype=torch.bool), empty.clone(), True
     path = Path(cache_dir) / "tokens" / f"{_content_key(tokenizer, texts, spans)}.arrow"
     ds = _read_cached(path, len(texts))
     hit = ds is not None
@@ -109,4 +111,5 @@ def encode_cached(tokenizer: Tokenizer, texts: list[str], spans: list[Spans], ca
                       load_from_cache_file=False, new_fingerprint=path.stem)
     ids = pc.list_flatten(ds.data.column("ids")).to_numpy().astype(np.int64)
     mask = pc.list_flatten(ds.data.column("mask")).to_numpy(zero_copy_only=False)
-    return torch.from_numpy(ids), torch.from_numpy(mask.astype(bool)), hit
+    lengths = pc.list_value_length(ds.data.column("ids")).to_numpy().astype(np.int64)
+    return torch.from_numpy(ids), torch.from_numpy(mask.astype(bool)), torch.from_numpy(lengths), hit

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from newllm.config import instantiate
 
 
 def build_model(model_cfg: DictConfig, vocab_size: int) -> nn.Module:
-    """Instantiate conf/model/<name>.yaml for a tokenizer of `vocab_size` tokens."""
-    return instantiate(model_cfg, vocab_size=vocab_size)
+    """Instantiate conf/model/<name>.yaml for a tokenizer of `vocab_size` tokens.
+
+    model.core_params is a sizing request (newllm.models.sizing has already turned it into widths),
+    not a constructor argument."""
+    cfg = OmegaConf.masked_copy(model_cfg, [k for k in model_cfg if k != "core_params"])
+    return instantiate(cfg, vocab_size=vocab_size)
 
 
 def count_parameters(model: nn.Module) -> dict[str, int]:

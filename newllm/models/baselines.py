@@ -53,11 +53,11 @@ class TransformerLM(nn.Module):
                  max_len: int = 4096) -> None:
         super().__init__()
         self.vocab_size, self.context_dim, self.embed_dim = vocab_size, context_dim, embed_dim
-        self.max_len = max_len
+        self.max_len, self.hidden_dim = max_len, hidden_dim or 4 * context_dim
         self.embedding = nn.Embedding(vocab_size, embed_dim)
         self.proj = nn.Linear(embed_dim, context_dim) if embed_dim != context_dim else nn.Identity()
         self.pos = nn.Embedding(max_len, context_dim)
-        layer = nn.TransformerEncoderLayer(context_dim, heads, hidden_dim or 4 * context_dim, dropout,
+        layer = nn.TransformerEncoderLayer(context_dim, heads, self.hidden_dim, dropout,
                                            batch_first=True, norm_first=True)
         self.decoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(context_dim)

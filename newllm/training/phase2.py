@@ -3,7 +3,9 @@
 The stream is cut into windows of seq_len + 1 tokens; every model reads a window from a fresh
 state (c = 0 for context models) and position t predicts token t+1, where the target's loss
 mask is set (assistant tokens for dialogue). Evaluation uses the same windows on validation,
-so perplexities of all models are measured identically.
+so perplexities of all models are measured identically. Validation picks the epoch whose weights
+are kept (and feeds early stopping and pruning); those kept weights are then evaluated once on the
+test split (phase2/test_*), which nothing selects on.
 
 context=propagate: run f over each window (truncated BPTT over seq_len), train head and f
                    (f frozen with freeze_updater).
@@ -117,6 +119,10 @@ def train_phase2(model: nn.Module, data, cfg: DictConfig, device: torch.device, 
     if int(val_w[2].sum()) == 0:
         raise DataError("the validation windows hold no tokens to predict (loss mask all false); "
                         "use data.loss_on=all or more validation data")
+    test_ids = getattr(data, "test_ids", None)
+    test_w = None
+    if test_ids is not None and test_ids.numel() > 0:
+        test_w = [t.to(device) for t in make_windows(test_ids, data.test_mask, cfg.seq_len, "test")]
 
     is_context = getattr(model, "is_context_model", False)
     fixed = cfg.context == "fixed"
@@ -211,4 +217,8 @@ def train_phase2(model: nn.Module, data, cfg: DictConfig, device: torch.device, 
         "phase2/train_time_s": train_time, "phase2/tokens_per_s": n_seen / max(train_time, 1e-9),
         "phase2/tokens_seen": n_seen,
     }
+    if test_w is not None:  # once, with the kept weights: the unbiased figure to report
+        test = evaluate(model, test_w, cfg.batch_size * 4)
+        result.metrics.update({"phase2/test_loss": test["loss"], "phase2/test_ppl": test["ppl"],
+                               "phase2/test_acc": test["acc"], "phase2/test_tokens": test["tokens"]})
     return result

@@ -14,7 +14,8 @@ one point" from being a perfect solution; without it, watch change_rate fall to 
 Metrics (on a stage's phrases, no grad): conv_loss = MSE(c_t, c_{t-p}), change_rate = mean
 ||c_t - c_{t-1}||, cycle_distance = mean ||c_t - c_{t-p}||. For each stage they are measured
 before it trains, after it trains, and once more after all stages (what later stages undid);
-with held-out `val_stages` (phrases never trained on) also on those, as repetition/val/p{p}/*.
+with held-out `val_stages` (phrases never trained on) also on those, as repetition/val/p{p}/*,
+and on held-out `test_stages` once, after all stages, as repetition/test/p{p}/*.
 """
 
 from __future__ import annotations
@@ -78,7 +79,8 @@ def measure(model: nn.Module, stage: RepetitionStage, device: torch.device) -> d
 
 def train_repetition(model: nn.Module, stages: list[RepetitionStage], cfg: DictConfig, dist_reg_weight: float,
                      diversity: Diversity, device: torch.device, on_step: Callable[[dict], None] | None = None,
-                     progress: bool = True, val_stages: list[RepetitionStage] | None = None) -> RepetitionResult:
+                     progress: bool = True, val_stages: list[RepetitionStage] | None = None,
+                     test_stages: list[RepetitionStage] | None = None) -> RepetitionResult:
     if not stages:
         raise TrainingError("repetition training needs phrase stages: use data=repetition")
     params = [p for p in model.parameters() if p.requires_grad]
@@ -112,6 +114,9 @@ def train_repetition(model: nn.Module, stages: list[RepetitionStage], cfg: DictC
     for stage in stages:  # after every stage: how much of the earlier cycles survived
         end = measure(model, stage, device)
         result.metrics.update({f"repetition/end/p{stage.phrase_length}/{k}": v for k, v in end.items()})
+    for test in test_stages or []:  # held-out phrases, read once by the final weights
+        result.metrics.update({f"repetition/test/p{test.phrase_length}/{k}": v
+                               for k, v in measure(model, test, device).items()})
     result.metrics["repetition/steps"] = step
     result.metrics["repetition/train_time_s"] = time.perf_counter() - t0
     return result
