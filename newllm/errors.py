@@ -1,5 +1,10 @@
 """Errors newllm reports as one clear line (the bad value and what is allowed)."""
 
+from __future__ import annotations
+
+import sys
+from typing import NoReturn
+
 
 class NewllmError(Exception):
     """Base class: caught at the CLI and printed as a single line."""
@@ -11,3 +16,9 @@ class DataError(NewllmError):
 
 class TrainingError(NewllmError):
     """Training cannot go on (a NaN loss, for instance)."""
+
+
+def exit_one_line(err: BaseException) -> NoReturn:
+    """What the CLI does with a NewllmError: `error: <message>` on stderr, exit status 2."""
+    print(f"error: {err}", file=sys.stderr)
+    sys.exit(2)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import math
 import random
-import sys
 import time
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from omegaconf import DictConfig
 from newllm import checkpoint as ckpt
 from newllm.config import TRUSTED_TARGETS, ConfigError, instantiate, register_configs, to_container, validate
 from newllm.data import load_data
-from newllm.errors import NewllmError
+from newllm.errors import NewllmError, exit_one_line
 from newllm.models import build_model, count_parameters, pretrained
 from newllm.sweeping import attach_trial
 from newllm.tracking import RunTracker
@@ -189,32 +188,17 @@ def run(cfg: DictConfig, run_dir: str | Path) -> tuple[dict, float | list[float]
     return metrics, objective_values(metrics, list(cfg.objectives))
 
 
-RESUME_OVERRIDABLE = ("resume=", "device=", "progress=", "hydra.", "paths.")
-
-
-def check_resume_overrides(overrides: list[str]) -> None:
-    """resume= continues a run with the config it started with: other overrides would be silently lost."""
-    other = [o for o in overrides if not o.lstrip("+~").startswith(RESUME_OVERRIDABLE)]
-    if other:
-        raise ConfigError(f"resume= continues a run with its own config; drop the overrides {other} "
-                          f"(allowed with resume: device, progress, paths.*, hydra.*)")
-
-
 @hydra.main(config_path="../conf", config_name="config", execution_whitelist=TRUSTED_TARGETS)
 def main(cfg: DictConfig) -> float | list[float]:
+    # Run folders are claimed and resume= is validated before this, by newllm.rundirs.RunFolders.
     hc = HydraConfig.get()
     try:
-        if cfg.get("resume"):
-            if hc.mode == RunMode.MULTIRUN:
-                raise ConfigError(f"resume={cfg.resume!r} continues one run: drop -m/--multirun")
-            check_resume_overrides(list(hc.overrides.task))
         _, objectives = run(cfg, hc.runtime.output_dir)
     except NewllmError as err:
         if hc.mode == RunMode.MULTIRUN:
             raise  # the sweeper records the failed job with this message
         log.error("%s", err)
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+        exit_one_line(err)
     log.info("objectives %s = %s", list(cfg.objectives), objectives)
     return objectives
 

@@ -11,8 +11,8 @@ from tokenizers import Tokenizer
 
 from newllm import checkpoint as ckpt
 from newllm.config import ConfigError
-from newllm.run import check_resume_overrides
-from tests.conftest import TINY, cli_env, read_metrics, run_cli
+from newllm.rundirs import check_resume_overrides
+from tests.conftest import TINY, cli_env, read_metrics, run_cli, tree
 
 # Small enough for seconds per run, long enough to be interrupted in both phases: Phase 1 runs all
 # 8 iterations (checkpoint every 2), Phase 2 runs 3 epochs (checkpoint every epoch). Noise and
@@ -95,6 +95,25 @@ def test_resume_refuses_finished_runs_and_other_overrides(reference, tmp_path):
         check_resume_overrides(["resume=x", "training.phase2.lr=0.1"])
 
 
+def test_resume_refusals_write_nothing(reference, tmp_path):
+    """A path that does not exist, a folder that is not a run, a finished run: one line, exit 2, and
+    every folder exactly as it was (no .hydra/resume, no run.log, no created path)."""
+    missing = tmp_path / "does" / "not" / "exist"
+    stranger = tmp_path / "stranger"
+    stranger.mkdir()
+    (stranger / "notes.txt").write_text("not a run")
+    cases = [(missing, "is not a run directory"), (stranger, "is not a run directory"),
+             (reference, "that run already finished")]
+    for target, message in cases:
+        before = tree(tmp_path), tree(reference)
+        proc = run_cli([f"resume={target}"], cwd=tmp_path, check=False)
+        assert proc.returncode == 2, proc.stderr[-3000:]
+        (line,) = proc.stderr.strip().splitlines()
+        assert line.startswith(f"error: resume={str(target)!r}") and message in line, line
+        assert (tree(tmp_path), tree(reference)) == before, target
+    assert not (tmp_path / "does").exists()
+
+
 def test_from_run_skips_phase1_reuses_its_weights_and_caches_fixed_contexts(reference, tmp_path):
     args = [*LIFECYCLE, f"training.phase1.from_run={reference}", "training.phase2.context=fixed",
             f"paths.output_root={tmp_path / 'outputs'}"]
@@ -162,7 +181,9 @@ def test_truncated_and_foreign_checkpoints_are_one_clear_error(reference, tmp_pa
     # through the CLI: a run whose resume checkpoint was cut short -> one line, exit 2, no traceback
     (tmp_path / "run" / "checkpoints").mkdir(parents=True)
     (tmp_path / "run" / ckpt.RESUME_FILE).write_bytes(good[:1000])
+    before = tree(tmp_path / "run")
     proc = run_cli([f"resume={tmp_path / 'run'}"], cwd=tmp_path, check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    (line,) = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    (line,) = proc.stderr.strip().splitlines()
     assert "last.pt is not a readable checkpoint (truncated or foreign file" in line
+    assert tree(tmp_path / "run") == before  # refused before Hydra wrote .hydra/resume or run.log
