@@ -93,8 +93,10 @@ def run(cfg: DictConfig, run_dir: str | Path) -> tuple[dict, float | list[float]
     seed_everything(cfg.seed)
     tracker = RunTracker(run_dir, cfg.logger)
     tracker.log_params(flatten(to_container(cfg)))
+    wall_before = 0.0  # wall time of earlier processes of this run, up to the checkpoint resumed from
     if resumed is not None:
         tracker.history = list(resumed["history"])
+        wall_before = resumed.get("wall_s", 0.0)
 
     data = load_data(cfg.data, cfg.tokenizer, cfg.paths.cache_dir, cfg.seed,
                      min_tokens=cfg.training.phase2.seq_len + 1)
@@ -118,7 +120,8 @@ def run(cfg: DictConfig, run_dir: str | Path) -> tuple[dict, float | list[float]
     def save_resume(stage: str, loop: dict | None) -> None:
         ckpt.save(run_dir / ckpt.RESUME_FILE, "resume", {
             "stage": stage, "loop": loop, "config": to_container(cfg), "model": model.state_dict(),
-            "metrics": ckpt.primitive(metrics), "history": tracker.history, "rng": ckpt.rng_state()})
+            "metrics": ckpt.primitive(metrics), "history": tracker.history, "rng": ckpt.rng_state(),
+            "wall_s": wall_before + time.perf_counter() - t_start})
 
     p1_cfg = cfg.training.phase1
     contexts_dir = run_dir / "checkpoints"  # fixed-mode Phase-2 contexts are cached next to the Phase-1 weights
@@ -177,7 +180,8 @@ def run(cfg: DictConfig, run_dir: str | Path) -> tuple[dict, float | list[float]
         log.info("phase 2: val ppl %.2f (uniform %d), val acc %.3f", p2.metrics["phase2/val_ppl"],
                  data.vocab_size, p2.metrics["phase2/val_acc"])
 
-    metrics["time/wall_s"] = time.perf_counter() - t_start
+    metrics["time/wall_s_this_process"] = time.perf_counter() - t_start
+    metrics["time/wall_s"] = wall_before + metrics["time/wall_s_this_process"]
     if cfg.save_checkpoint:
         ckpt.save(run_dir / "checkpoint.pt", "final", {
             "model": model.state_dict(), "config": to_container(cfg), "vocab_size": data.vocab_size,

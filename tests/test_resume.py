@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 from tokenizers import Tokenizer
@@ -23,30 +24,38 @@ LIFECYCLE = [*TINY, "data.num_conversations=150", "training.phase1.max_tokens=25
              "training.phase1.context_noise=0.01", "training.phase2.epochs=3", "training.phase2.patience=3",
              "training.phase2.max_steps_per_epoch=3", "training.phase2.seq_len=16",
              "training.phase2.batch_size=8", "training.phase2.max_val_tokens=256", "model.dropout=0.1"]
-VOLATILE = {"time/wall_s", "phase1/train_time_s", "phase2/train_time_s", "phase1/token_iterations_per_s",
-            "phase2/tokens_per_s"}
+VOLATILE = {"time/wall_s", "time/wall_s_this_process", "phase1/train_time_s", "phase2/train_time_s",
+            "phase1/token_iterations_per_s", "phase2/tokens_per_s"}
 
 # The real CLI, killed with SIGKILL by itself right after it logs row (phase, step): no cleanup runs.
+# Optionally it first pauses PAUSE_S seconds after row (pause phase, pause step): slow work that a
+# checkpoint taken after it must count in the run's total time.
 KILLER = """
-import os, runpy, signal, sys
+import os, runpy, signal, sys, time
 import newllm.tracking as t
-phase, step = int(sys.argv[1]), int(sys.argv[2])
+phase, step, pause_phase, pause_step = map(int, sys.argv[1:5])
+pause_s = float(sys.argv[5])
 log = t.RunTracker.log
+def at(row, phase, step):
+    return row.get("phase") == phase and row.get("step" if phase == 1 else "epoch") == step
 def log_then_die(self, row):
     log(self, row)
-    if row.get("phase") == phase and row.get("step" if phase == 1 else "epoch") == step:
+    if at(row, pause_phase, pause_step):
+        time.sleep(pause_s)
+    if at(row, phase, step):
         os.kill(os.getpid(), signal.SIGKILL)
 t.RunTracker.log = log_then_die
-sys.argv = ["newllm.run", *sys.argv[3:]]
+sys.argv = ["newllm.run", *sys.argv[6:]]
 runpy.run_module("newllm.run", run_name="__main__")
 """
+PAUSE_S = 3.0
 
 
-def killed_run(args: list[str], cwd: Path, phase: int, step: int) -> None:
+def killed_run(args: list[str], cwd: Path, phase: int, step: int, pause: tuple[int, int] = (0, 0)) -> None:
     import subprocess
 
-    proc = subprocess.run([sys.executable, "-c", KILLER, str(phase), str(step), *args], cwd=cwd, env=cli_env(),
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-c", KILLER, str(phase), str(step), *map(str, pause), str(PAUSE_S),
+                           *args], cwd=cwd, env=cli_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == -9, f"expected SIGKILL, got {proc.returncode}\n{proc.stderr[-3000:]}"
 
 
@@ -62,21 +71,29 @@ def reference(tmp_path_factory) -> Path:
     return root / "run"
 
 
-def test_killed_in_both_phases_resumes_to_identical_metrics(reference, tmp_path):
-    run_dir = tmp_path / "run"  # the same outputs/ (tokenizer cache) as the reference: metrics name its path
+@pytest.fixture(scope="module")
+def resumed(reference, tmp_path_factory) -> Path:
+    """The reference run killed in Phase 1, resumed, killed in Phase 2, resumed to the end. Before each
+    checkpoint it resumed from, it paused PAUSE_S seconds (Phase-1 iteration 3, Phase-2 epoch 1)."""
+    tmp = tmp_path_factory.mktemp("resumed")
+    run_dir = tmp / "run"  # the same outputs/ (tokenizer cache) as the reference: metrics name its path
     args = [*LIFECYCLE, f"hydra.run.dir={run_dir}", f"paths.output_root={reference.parent / 'outputs'}"]
-    killed_run(args, tmp_path, phase=1, step=5)  # last checkpoint: iteration 4
+    killed_run(args, tmp, phase=1, step=5, pause=(1, 3))  # last checkpoint: iteration 4
     state = ckpt.load(run_dir / ckpt.RESUME_FILE, "resume")
     assert (state["stage"], state["loop"]["iteration"]) == ("phase1", 4)
     assert not (run_dir / "metrics.json").exists()
 
     # resume= alone: the run continues in its own dir (no new run dir), and is killed again mid-Phase 2
-    killed_run([f"resume={run_dir}", "progress=false"], tmp_path, phase=2, step=2)  # Phase-2 step = epoch 2 row
+    killed_run([f"resume={run_dir}", "progress=false"], tmp, phase=2, step=2, pause=(2, 1))  # ckpt: epoch 1
     state = ckpt.load(run_dir / ckpt.RESUME_FILE, "resume")
     assert (state["stage"], state["loop"]["epoch"]) == ("phase2", 1)
-    run_cli([f"resume={run_dir}"], cwd=tmp_path)
+    run_cli([f"resume={run_dir}"], cwd=tmp)
+    assert not (tmp / "outputs" / "runs").exists() and (run_dir / ".hydra" / "resume" / "config.yaml").is_file()
+    return run_dir
 
-    assert not (tmp_path / "outputs" / "runs").exists() and (run_dir / ".hydra" / "resume" / "config.yaml").is_file()
+
+def test_killed_in_both_phases_resumes_to_identical_metrics(reference, resumed):
+    run_dir = resumed
     assert not (run_dir / ckpt.RESUME_FILE).exists()  # finished: nothing left to resume
     got, want = read_metrics(run_dir), read_metrics(reference)
     assert stable(got) == stable(want)
@@ -84,6 +101,21 @@ def test_killed_in_both_phases_resumes_to_identical_metrics(reference, tmp_path)
     final = torch.load(run_dir / "checkpoint.pt", weights_only=True)["model"]
     expected = torch.load(reference / "checkpoint.pt", weights_only=True)["model"]
     assert all(torch.equal(final[k], expected[k]) for k in expected)
+
+
+def test_resumed_run_reports_total_times_and_rates(resumed):
+    """Times and rates count every process up to the checkpoints it resumed from, not just the last one."""
+    m = read_metrics(resumed)
+    assert m["phase1/train_time_s"] >= PAUSE_S  # paused in the first process, before checkpoint 4
+    assert m["phase2/train_time_s"] >= PAUSE_S  # paused in the second process, before epoch 1's checkpoint
+    assert m["time/wall_s"] >= m["time/wall_s_this_process"] + 2 * PAUSE_S
+    assert m["phase2/tokens_per_s"] == pytest.approx(m["phase2/tokens_seen"] / m["phase2/train_time_s"])
+    iterations = m["phase1/tokens"] * m["phase1/iterations"]
+    assert m["phase1/token_iterations_per_s"] == pytest.approx(iterations / m["phase1/train_time_s"])
+    history = pd.read_csv(resumed / "history.csv")
+    for phase in (1, 2):  # elapsed time per row keeps growing across the resumes
+        times = history[history["phase"] == phase][f"phase{phase}/time_s"]
+        assert times.is_monotonic_increasing and times.iloc[-1] >= PAUSE_S
 
 
 def test_resume_refuses_finished_runs_and_other_overrides(reference, tmp_path):
