@@ -129,6 +129,44 @@ def test_second_load_is_served_from_the_token_cache_and_corrupt_entries_are_rebu
     assert load_data(d, tok_cfg(), tmp_path, seed=0).info["data/tokens_cache_hit"]
 
 
+def rewrite_cache_entry(path: Path, ids: list[list[int]], mask: list[list[bool]]) -> None:
+    """Replace a token-cache entry by a well-formed table with these rows (as datasets writes one)."""
+    from datasets.arrow_writer import ArrowWriter
+
+    from newllm.data.streams import FEATURES
+
+    path.unlink()
+    with ArrowWriter(path=str(path), features=FEATURES) as writer:
+        writer.write_batch({"ids": ids, "mask": mask})
+        writer.finalize()
+
+
+@pytest.mark.parametrize("damage", ["id_too_large", "negative_id", "row_lengths_differ", "empty_row"])
+def test_token_cache_entries_that_parse_but_hold_bad_rows_are_rebuilt(tmp_path, damage):
+    d = data_cfg(num_conversations=60)
+    first = load_data(d, tok_cfg(), tmp_path, seed=0)
+    import datasets
+
+    entry = max((tmp_path / "tokens").glob("*.arrow"), key=lambda p: p.stat().st_size)  # the training split
+    table = datasets.Dataset.from_file(str(entry))
+    ids, mask = list(table["ids"]), list(table["mask"])
+    if damage == "id_too_large":
+        ids[3][0] = first.vocab_size  # one past the last embedding row: an IndexError in a later epoch
+    elif damage == "negative_id":
+        ids[3][0] = -1
+    elif damage == "row_lengths_differ":  # same total length, so only a per-row check sees it
+        ids[0], ids[1] = ids[0] + ids[1][:1], ids[1][1:]
+    else:
+        ids[2], mask[2] = [], []
+    rewrite_cache_entry(entry, ids, mask)
+    assert datasets.Dataset.from_file(str(entry)).num_rows == len(ids)  # it still parses, with the same rows
+
+    again = load_data(d, tok_cfg(), tmp_path, seed=0)
+    assert not again.info["data/tokens_cache_hit"]
+    assert torch.equal(again.train_ids, first.train_ids) and torch.equal(again.train_mask, first.train_mask)
+    assert load_data(d, tok_cfg(), tmp_path, seed=0).info["data/tokens_cache_hit"]  # rebuilt entry is good
+
+
 def test_a_failing_tokenization_leaves_no_cache_entry(tmp_path, monkeypatch):
     import newllm.data.streams as streams
 
