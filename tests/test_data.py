@@ -237,6 +237,26 @@ def test_bad_messages_files_name_the_problem(tmp_path, line, expected):
     assert expected in one_line_error(e)
 
 
+def test_failed_dataset_builds_leave_nothing_in_the_datasets_cache(tmp_path):
+    """A build that fails leaves no 0-byte .lock files or folders of its own; another build's files stay."""
+    cache = tmp_path / "cache"
+    load_data(data_cfg(name="ultrachat", path=str(ULTRACHAT_SAMPLE), val_fraction=0.25), tok_cfg(), cache, seed=0)
+    files = lambda: {p: p.stat().st_mtime_ns if p.is_file() else "dir" for p in (cache / "datasets").rglob("*")}
+    built = files()
+    assert any(p.suffix == ".lock" for p in built)  # a good build keeps its locks (datasets' own cache)
+    bad_json = tmp_path / "bad.jsonl"
+    bad_json.write_text("not json\n", encoding="utf-8")
+    latin = tmp_path / "latin1.txt"
+    latin.write_bytes("Caf\u00e9 cr\u00e8me\n".encode("latin-1"))
+    for d in (data_cfg(name="ultrachat", path=str(bad_json)), data_cfg(name="text", files=[str(latin)], loss_on="all")):
+        with pytest.raises(DataError):
+            load_data(d, tok_cfg(), cache, seed=0)
+        left = files()
+        shared = {p for p in left.keys() - built.keys() if p.parent == cache / "datasets" and p.is_dir()}
+        assert {p: left[p] for p in left.keys() - shared} == built  # at most the builder's (shared) empty folder
+        assert all(not any(p.iterdir()) for p in shared)
+
+
 # ----------------------------------------------------------------------------- text
 def test_text_paragraphs_lines_and_files(tmp_path):
     a = tmp_path / "a.txt"
