@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import os
+import stat
 
 import pytest
 import torch
@@ -19,8 +21,12 @@ REQUIRED_KEYS = [
 
 def test_quick_run_writes_every_artifact(tiny_run):
     run_dir, proc = tiny_run("run")
-    for name in ("metrics.json", "history.csv", "curves.png", "checkpoint.pt", ".hydra/config.yaml"):
+    umask = os.umask(0o022)
+    os.umask(umask)
+    for name in ("metrics.json", "history.csv", "curves.png", "checkpoint.pt", ".hydra/config.yaml",
+                 "tokenizer.json", "checkpoints/phase1.pt"):
         assert (run_dir / name).is_file(), name
+        assert stat.S_IMODE((run_dir / name).stat().st_mode) == 0o666 & ~umask, name  # as open(..., "w") makes
     m = read_metrics(run_dir)
     for key in REQUIRED_KEYS:
         assert key in m, key
