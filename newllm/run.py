@@ -22,7 +22,8 @@ from omegaconf import DictConfig
 from newllm import checkpoint as ckpt
 from newllm.config import TRUSTED_TARGETS, ConfigError, instantiate, register_configs, to_container, validate
 from newllm.data import load_data
-from newllm.errors import NewllmError, exit_one_line
+from newllm.errors import NewllmError, describe, exit_one_line
+from newllm.memory import check_model_fits, out_of_memory_guard
 from newllm.models import build_model, count_parameters, pretrained
 from newllm.sweeping import attach_trial
 from newllm.tracking import RunTracker
@@ -90,6 +91,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> tuple[dict, float | list[float]
     run_dir = Path(run_dir)
     t_start = time.perf_counter()
     device = resolve_device(cfg.device)
+    check_model_fits(cfg, device)  # a model that can never fit is refused before any work
     seed_everything(cfg.seed)
     tracker = RunTracker(run_dir, cfg.logger)
     tracker.log_params(flatten(to_container(cfg)))
@@ -103,7 +105,8 @@ def run(cfg: DictConfig, run_dir: str | Path) -> tuple[dict, float | list[float]
     data.tokenizer.save(str(run_dir / "tokenizer.json"))
     log.info("data: %d train / %d val tokens, vocab %d", len(data.train_ids), len(data.val_ids), data.vocab_size)
 
-    model = maybe_compile(build_model(cfg.model, data.vocab_size).to(device), cfg.training.compile)
+    with out_of_memory_guard(cfg, "building the model"):
+        model = maybe_compile(build_model(cfg.model, data.vocab_size).to(device), cfg.training.compile)
     metrics: dict = {"seed": cfg.seed, "device": str(device), **data.info,
                      **{f"model/{k}": v for k, v in count_parameters(model).items()}}
     if pretrained_files is not None:
@@ -135,7 +138,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> tuple[dict, float | list[float]
         log.info("phase 1: skipped, weights from %s", metrics["phase1/from_run"])
     elif stage == "phase1" and p1_cfg.enabled and getattr(model, "is_context_model", False):
         diversity = instantiate(cfg.training.diversity).to(device)
-        with autocast(device, cfg.training.precision):
+        with autocast(device, cfg.training.precision), out_of_memory_guard(cfg, "phase 1"):
             p1 = train_phase1(model, data.train_ids, data.val_ids, p1_cfg, cfg.training.dist_reg_weight,
                               diversity, device, on_iteration=tracker.log, progress=cfg.progress,
                               state=resumed["loop"] if resumed is not None else None,
@@ -154,9 +157,10 @@ def run(cfg: DictConfig, run_dir: str | Path) -> tuple[dict, float | list[float]
         if not stages:
             raise ConfigError(f"training.repetition.enabled=true needs phrase stages: use data=repetition "
                               f"(got data={cfg.data.name})")
-        rep = train_repetition(model, stages, cfg.training.repetition, cfg.training.dist_reg_weight,
-                               instantiate(cfg.training.diversity).to(device), device, on_step=tracker.log,
-                               progress=cfg.progress, val_stages=getattr(data, "val_stages", None))
+        with out_of_memory_guard(cfg, "repetition training"):
+            rep = train_repetition(model, stages, cfg.training.repetition, cfg.training.dist_reg_weight,
+                                   instantiate(cfg.training.diversity).to(device), device, on_step=tracker.log,
+                                   progress=cfg.progress, val_stages=getattr(data, "val_stages", None))
         metrics.update(rep.metrics)
         log.info("repetition: %s", ", ".join(f"p={s.phrase_length} cycle_distance "
                                             f"{rep.metrics[f'repetition/p{s.phrase_length}/cycle_distance']:.3f}"
@@ -171,7 +175,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> tuple[dict, float | list[float]
         return ckpt.cached_contexts(contexts_dir, ckpt.tensor_hash(inputs, *weights), compute)
 
     if cfg.training.phase2.enabled:
-        with autocast(device, cfg.training.precision):
+        with autocast(device, cfg.training.precision), out_of_memory_guard(cfg, "phase 2"):
             p2 = train_phase2(model, data, cfg.training.phase2, device, cfg.seed, on_epoch=tracker.log,
                               progress=cfg.progress, checkpoint=lambda loop: save_resume("phase2", loop),
                               state=resumed["loop"] if stage == "phase2" else None,
@@ -203,6 +207,9 @@ def main(cfg: DictConfig) -> float | list[float]:
             raise  # the sweeper records the failed job with this message
         log.error("%s", err)
         exit_one_line(err)
+    except Exception as err:
+        log.error("%s", describe(err))  # run.log (the runs table's `error`): type and whole message, one line
+        raise
     log.info("objectives %s = %s", list(cfg.objectives), objectives)
     return objectives
 
