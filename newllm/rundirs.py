@@ -11,11 +11,13 @@ is composed and before Hydra makes the run folder and writes .hydra/ and run.log
     with one line naming it.
   - the newllm_optuna sweeper keeps one folder per study on purpose (its job folders are per trial,
     and a re-run continues the study there), so its sweep folder is not claimed.
-  - resume=<run dir> continues in that run's folder: it is validated here, so a refusal writes nothing.
+  - resume=<run dir> continues in that run's folder: it is validated here, so a refusal writes nothing,
+    and refused while another process still runs in that folder (each run holds a lock on its folder).
 """
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 from pathlib import Path
@@ -24,6 +26,7 @@ from typing import Any
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.types import Quote, QuotedString
 from hydra.experimental.callback import Callback
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, read_write
 
 from newllm import checkpoint as ckpt
@@ -94,18 +97,67 @@ def _set(config: DictConfig, node: str, folder: str) -> None:
         config.hydra[node].dir = folder
 
 
+def hold(folder: Path) -> int | None:
+    """Lock `folder` for as long as this process works in it: the open descriptor holding an exclusive
+    flock, or None when another live process holds it. The kernel drops the lock when the process ends,
+    however it ends, so a killed run is never left locked."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    except OSError:  # a filesystem without locks (some NFS mounts): nothing to hold, nothing to refuse
+        pass
+    return fd
+
+
 class RunFolders(Callback):
-    """Claims the run / sweep folder (or validates resume=) before Hydra writes into it."""
+    """Claims the run / sweep folder (or validates resume=) before Hydra writes into it, and holds a lock
+    on the run folder while the run goes, so resume= can tell a run that is still running."""
+
+    def __init__(self) -> None:
+        self.held: dict[str, int] = {}  # run folder -> its locked descriptor
+
+    def _hold(self, folder: str) -> bool:
+        if folder not in self.held:
+            fd = hold(Path(folder))
+            if fd is None:
+                return False
+            self.held[folder] = fd
+        return True
+
+    def _release(self) -> None:
+        for fd in self.held.values():
+            os.close(fd)
+        self.held.clear()
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         try:
             if config.get("resume"):
                 check_resume(config)
+                if not self._hold(str(Path(config.resume).resolve())):
+                    raise RunFolderError(f"resume={config.resume!r}: that run is still running (another process "
+                                         "holds its folder); resume it once that process has ended")
                 return
             pattern = OmegaConf.to_container(config.hydra.run, resolve=False)["dir"]
-            _set(config, "run", claim_fresh("hydra.run.dir", str(config.hydra.run.dir), pattern, ".hydra/"))
+            folder = claim_fresh("hydra.run.dir", str(config.hydra.run.dir), pattern, ".hydra/")
+            self._hold(str(Path(folder).resolve()))  # just claimed: nobody else can hold it
+            _set(config, "run", folder)
         except NewllmError as err:
             exit_one_line(err)
+
+    def on_run_end(self, **kwargs: Any) -> None:
+        self._release()
+
+    def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
+        """A multirun job (in whichever process the launcher runs it) holds its own folder too."""
+        if config.hydra.mode == RunMode.MULTIRUN:
+            self._hold(str(Path(config.hydra.runtime.output_dir).resolve()))
+
+    def on_job_end(self, config: DictConfig, **kwargs: Any) -> None:
+        if config.hydra.mode == RunMode.MULTIRUN:
+            self._release()
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -144,6 +145,35 @@ def test_resume_refusals_write_nothing(reference, tmp_path):
         assert line.startswith(f"error: resume={str(target)!r}") and message in line, line
         assert (tree(tmp_path), tree(reference)) == before, target
     assert not (tmp_path / "does").exists()
+
+
+def test_a_run_that_is_still_running_is_not_resumed(reference, tmp_path):
+    """resume= of a run whose process is alive is refused (its folder is locked while it runs); once
+    that process is gone (SIGKILL), the same resume continues it to the reference's numbers."""
+    import subprocess
+
+    run_dir = tmp_path / "run"
+    args = [*LIFECYCLE, f"hydra.run.dir={run_dir}", f"paths.output_root={reference.parent / 'outputs'}"]
+    # never killed by itself (phase 0); paused 10 min after Phase-1 iteration 3, its checkpoint 2 written
+    running = subprocess.Popen([sys.executable, "-c", KILLER, "0", "0", "1", "3", "600", *args], cwd=tmp_path,
+                               env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(600):
+            if (run_dir / ckpt.RESUME_FILE).is_file() or running.poll() is not None:
+                break
+            time.sleep(0.5)
+        assert running.poll() is None and (run_dir / ckpt.RESUME_FILE).is_file()
+        proc = run_cli([f"resume={run_dir}"], cwd=tmp_path, check=False)
+        assert proc.returncode == 2
+        (line,) = proc.stderr.strip().splitlines()
+        assert line == (f"error: resume={str(run_dir)!r}: that run is still running (another process holds its "
+                        "folder); resume it once that process has ended")
+        assert not (run_dir / ".hydra" / "resume").exists()
+    finally:
+        running.kill()
+        running.wait()
+    run_cli([f"resume={run_dir}"], cwd=tmp_path)
+    assert stable(read_metrics(run_dir)) == stable(read_metrics(reference))
 
 
 def test_from_run_skips_phase1_reuses_its_weights_and_caches_fixed_contexts(reference, tmp_path):
