@@ -39,7 +39,7 @@ RESUME_OVERRIDABLE = ("resume=", "device=", "progress=", "hydra.", "paths.")
 
 
 class RunFolderError(NewllmError):
-    """The run folder asked for already holds another run."""
+    """The run folder asked for is taken (or cannot be made), or the run to resume is still running."""
 
 
 def claim(folder: Path, marker: str) -> bool:
@@ -65,17 +65,20 @@ def claim(folder: Path, marker: str) -> bool:
 def claim_fresh(key: str, folder: str, pattern: str, marker: str) -> str:
     """The folder this run gets for `key` (hydra.run.dir / hydra.sweep.dir): `folder` itself, or,
     for a timestamped pattern, the first free one of folder_1, folder_2, ..."""
-    if claim(Path(folder), marker):
-        return folder
-    if "${now:" not in pattern:
-        raise RunFolderError(f"{key}={folder!r} already holds another run: give this run a new or empty folder "
-                             "(or resume=<that folder> to continue a run that was interrupted)")
-    for n in range(1, MAX_SUFFIX):
-        candidate = f"{folder}_{n}"
-        if claim(Path(candidate), marker):
-            log.info("%s %s is taken: this run uses %s", key, folder, candidate)
-            return candidate
-    raise RunFolderError(f"{key}={folder!r} and {MAX_SUFFIX - 1} de-duplicated names are all taken")
+    candidates = [folder] + ([f"{folder}_{n}" for n in range(1, MAX_SUFFIX)] if "${now:" in pattern else [])
+    for candidate in candidates:
+        try:
+            if claim(Path(candidate), marker):
+                if candidate != folder:
+                    log.info("%s %s is taken: this run uses %s", key, folder, candidate)
+                return candidate
+        except OSError as err:  # a file in the way, no permission...
+            raise RunFolderError(f"{key}={candidate!r} cannot be made a run folder ({err.strerror})") from err
+    if len(candidates) > 1:
+        raise RunFolderError(f"{key}={folder!r} and {MAX_SUFFIX - 1} de-duplicated names are all taken")
+    hint = f", or resume={folder} to continue an interrupted run" if key == "hydra.run.dir" else ""
+    raise RunFolderError(f"{key}={folder!r} already holds another run or other files: a run needs a new or "
+                         f"empty folder; choose another{hint}")
 
 
 def check_resume_overrides(overrides: list[str]) -> None:

@@ -51,7 +51,7 @@ def test_concurrent_runs_never_share_a_folder(tmp_path):
     assert rcs == [0, 2], results[2][1][-2000:] + results[3][1][-2000:]
     winner, loser = (3, 4) if results[2][0] == 0 else (4, 3)
     (line,) = results[loser - 1][1].strip().splitlines()
-    assert line.startswith(f"error: hydra.run.dir={str(fixed)!r} already holds another run")
+    assert line.startswith(f"error: hydra.run.dir={str(fixed)!r} already holds another run or other files")
     assert seed_of(fixed) == winner
 
 
@@ -100,5 +100,5 @@ def test_explicit_sweep_folder_that_holds_runs_is_refused(tmp_path):
                    cwd=tmp_path, check=False)
     assert proc.returncode == 2
     (line,) = proc.stderr.strip().splitlines()
-    assert line.startswith(f"error: hydra.sweep.dir={str(sweep)!r} already holds another run")
+    assert line.startswith(f"error: hydra.sweep.dir={str(sweep)!r} already holds another run or other files")
     assert tree(tmp_path) == before
