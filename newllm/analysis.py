@@ -16,6 +16,7 @@ pruned its trials, so its figures are optimistically biased; the defaults below 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import math
 import os
@@ -45,6 +46,7 @@ ID_COLUMNS = ["run", "status", "sweep_id", "job", "start_time", "end_time", "cho
 KEY_METRICS = ["phase1/convergence_rate", "phase1/effective_rank", "phase1/val_effective_rank",
                "phase2/val_ppl", "phase2/test_ppl", "phase2/test_acc", "model/params_core", "time/wall_s"]
 FINAL_METRIC = "phase2/test_ppl"  # what final comparisons report: the held-out test split, read once per run
+LOG_LINE = re.compile(r"^\[\d{4}-\d\d-\d\d ")  # '[2026-11-23 10:00:00,000][logger][LEVEL] - ...'
 # Config keys that differ between runs without describing the experiment.
 NOISE_KEYS = ("paths.", "hydra.", "progress", "device")
 
@@ -118,8 +120,23 @@ def _resolved_config(path: Path) -> dict:
         return OmegaConf.to_container(cfg, resolve=False)  # type: ignore[return-value]
 
 
+def _exception_of(traceback: list[str]) -> str | None:
+    """Type and message of the exception a logged traceback ends with, as one line.
+
+    After the last frame ('  File ...' and its indented source lines) comes 'Type: message', whose
+    message may run over several lines, indented or not (OmegaConf adds 'full_key: ...' lines)."""
+    lines = list(itertools.takewhile(lambda t: not LOG_LINE.match(t), traceback))
+    frames = [i for i, t in enumerate(lines) if t.startswith("  File ")]
+    rest = lines[frames[-1] + 1:] if frames else lines
+    start = next((i for i, t in enumerate(rest) if t.strip() and not t.startswith(" ")), None)
+    if start is None:
+        return None
+    return " ".join(t.strip() for t in rest[start:] if t.strip())
+
+
 def _failure(run_dir: Path) -> str | None:
-    """The error a run logged (Hydra's 'Job failed' traceback or newllm's one-line error), if any."""
+    """The error a run logged: newllm's one line (a one-line error, or an exception's type and message),
+    else the exception ending Hydra's 'Job failed' traceback (runs from before newllm logged that line)."""
     log = run_dir / "run.log"
     if not log.is_file():
         return None
@@ -127,9 +144,8 @@ def _failure(run_dir: Path) -> str | None:
     for i, line in enumerate(lines):
         m = re.search(r"\]\[ERROR\] - (.*)", line)
         if m:
-            if m.group(1).strip() == "Job failed":  # the exception is the traceback's last line
-                tail = [t for t in lines[i + 1:] if t.strip() and not t.startswith((" ", "Traceback", "["))]
-                return tail[-1].strip() if tail else "Job failed"
+            if m.group(1).strip() == "Job failed":
+                return _exception_of(lines[i + 1:]) or "Job failed"
             return m.group(1).strip()
     return None
 

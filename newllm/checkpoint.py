@@ -44,12 +44,13 @@ def save(path: str | Path, kind: str, payload: dict) -> Path:
     return path
 
 
-def load(path: str | Path, kind: str | None = None) -> dict:
+def load(path: str | Path, kind: str | None = None, mmap: bool = False) -> dict:
+    """A checkpoint, checked; mmap=True maps its tensors instead of reading them (a cheap validity check)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as err:  # noqa: BLE001 -- unpickling errors of every kind mean one thing here
         first = (str(err).strip().splitlines() or [""])[0][:120]
         raise CheckpointError(f"{path} is not a readable checkpoint (truncated or foreign file: "
@@ -110,19 +111,20 @@ def tensor_hash(*tensors: torch.Tensor) -> str:
 
 
 # ----------------------------------------------------------------------------- resume
-def resume_config(run_dir: str | Path) -> tuple[DictConfig, dict | None]:
+def resume_config(run_dir: str | Path, mmap: bool = False) -> tuple[DictConfig, dict | None]:
     """The config the interrupted run started with, and its last checkpoint (None if it wrote none)."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
-        raise CheckpointError(f"resume={str(run_dir)!r} is not a run directory")
+        raise CheckpointError(f"resume={str(run_dir)!r} is not a run directory (no such folder)")
     if (run_dir / "metrics.json").is_file() and not (run_dir / RESUME_FILE).is_file():
         raise CheckpointError(f"resume={str(run_dir)!r}: that run already finished (metrics.json is written)")
     if (run_dir / RESUME_FILE).is_file():
-        state = load(run_dir / RESUME_FILE, "resume")
+        state = load(run_dir / RESUME_FILE, "resume", mmap=mmap)
         return OmegaConf.create(state["config"]), state
     saved = run_dir / ".hydra" / "config.yaml"
     if not saved.is_file():
-        raise CheckpointError(f"resume={str(run_dir)!r}: neither {RESUME_FILE} nor .hydra/config.yaml is there")
+        raise CheckpointError(f"resume={str(run_dir)!r} is not a run directory "
+                              f"(neither {RESUME_FILE} nor .hydra/config.yaml is there)")
     return OmegaConf.load(saved), None  # killed before the first checkpoint: start over, same config
 
 

@@ -286,23 +286,26 @@ def register_configs() -> None:
     if not OmegaConf.has_resolver("newllm.run_dir"):
         OmegaConf.register_resolver("newllm.run_dir", lambda resume, default: resume or default)
         OmegaConf.register_resolver("newllm.hydra_subdir", lambda resume: ".hydra/resume" if resume else ".hydra")
-    schemas = [
-        (None, "config_schema", Config),
-        ("model", "context_model_schema", ContextModelConfig),
-        ("model", "gru_schema", GRUConfig),
-        ("model", "transformer_schema", TransformerConfig),
-        ("model/updater", "gated_schema", GatedUpdaterConfig),
-        ("model/updater", "residual_schema", ResidualUpdaterConfig),
-        ("training/diversity", "frobenius_schema", DiversityConfig),
-        ("training/diversity", "dim_usage_schema", DimUsageConfig),
-        ("training/diversity", "ema_variance_schema", EMAVarianceConfig),
-        ("training/diversity", "vicreg_schema", VICRegConfig),
-        ("training/diversity", "none_schema", NoDiversityConfig),
-        ("logger", "logger_schema", LoggerConfig),
-    ]
+    # Schemas are top-level configs, not options of their groups: Hydra lists every config of a group
+    # as a selectable option ("model=context_model_schema" would compose a model without an updater).
+    # Each YAML option extends its schema with `- /<name>_schema@_here_`.
+    schemas = {
+        "config_schema": Config,
+        "context_model_schema": ContextModelConfig,
+        "gru_schema": GRUConfig,
+        "transformer_schema": TransformerConfig,
+        "gated_schema": GatedUpdaterConfig,
+        "residual_schema": ResidualUpdaterConfig,
+        "frobenius_schema": DiversityConfig,
+        "dim_usage_schema": DimUsageConfig,
+        "ema_variance_schema": EMAVarianceConfig,
+        "vicreg_schema": VICRegConfig,
+        "none_schema": NoDiversityConfig,
+        "logger_schema": LoggerConfig,
+    }
     cs = ConfigStore.instance()
-    for group, name, node in schemas:  # replace=True: registering twice (tests, notebooks) is harmless
-        cs.store(group=group, name=name, node=node, replace=True)
+    for name, node in schemas.items():  # replace=True: registering twice (tests, notebooks) is harmless
+        cs.store(name=name, node=node, replace=True)
 
 
 # ----------------------------------------------------------------------------- value checks
@@ -325,8 +328,25 @@ def _unit_interval(key: str, value: Any, *, open_right: bool = False) -> None:
     _check(ok, key, value, "a number in [0, 1)" if open_right else "a number in [0, 1]")
 
 
+def _non_finite(node: Any, prefix: str = "") -> tuple[str, float] | None:
+    """The first float in a config tree that is NaN or +-inf, as (dotted key, value)."""
+    items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+    for key, value in items:
+        if isinstance(value, float) and not math.isfinite(value):
+            return f"{prefix}{key}", value
+        found = _non_finite(value, f"{prefix}{key}.")
+        if found:
+            return found
+    return None
+
+
 def validate(cfg: DictConfig) -> None:
     """Check value ranges the types cannot express. Raises ConfigError naming the key."""
+    # Every float key at once: a rate, weight or threshold of inf/nan passes `> 0` checks and fails
+    # only after minutes of work (or silently trains on NaN).
+    bad = _non_finite(to_container(cfg))
+    if bad:
+        _check(False, *bad, "a finite number")
     # Group options are config nodes; `training.diversity=vicreg` (a dot, not a slash) sets a string.
     for key, group in (("training.diversity", "training/diversity"), ("model.updater", "model/updater")):
         node = OmegaConf.select(cfg, key)
@@ -343,6 +363,10 @@ def validate(cfg: DictConfig) -> None:
         _choice("model.architecture", m.architecture, ("sequential", "layerwise"))
         if "layernorm_mix" in m.updater:
             _unit_interval("model.updater.layernorm_mix", m.updater.layernorm_mix)
+        if str(m.updater.get("_target_", "")).endswith("ResidualUpdater") and m.hidden_dim is not None:
+            width = m.context_dim + m.embed_dim  # the increment has one entry per context and token dimension
+            _check(m.hidden_dim == width, "model.hidden_dim", m.hidden_dim,
+                   f"model.context_dim + model.embed_dim = {width} with model/updater=residual (or null)")
     if m.get("core_params") is not None:
         _positive_int("model.core_params", m.core_params)
     if "heads" in m:

@@ -3,9 +3,24 @@
 from __future__ import annotations
 
 import os
-import tempfile
+import secrets
 from collections.abc import Callable
 from pathlib import Path
+
+
+def _create_temp(folder: Path, name: str) -> Path:
+    """A new empty file beside `name`, mode 0666 less the umask like any open(..., "w").
+
+    (tempfile.mkstemp makes 0600 files whatever the umask: results shared by a team would be
+    unreadable to it.)
+    """
+    while True:
+        tmp = folder / f".{name}.{secrets.token_hex(4)}.tmp"
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            return tmp
+        except FileExistsError:
+            continue
 
 
 def atomic_write(path: str | Path, write: Callable[[str], object]) -> Path:
@@ -15,12 +30,11 @@ def atomic_write(path: str | Path, write: Callable[[str], object]) -> Path:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    tmp = _create_temp(path.parent, path.name)
     try:
-        write(tmp)
+        write(str(tmp))
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
     return path

@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import math
 import random
-import sys
 import time
 from pathlib import Path
 
@@ -23,7 +22,8 @@ from omegaconf import DictConfig
 from newllm import checkpoint as ckpt
 from newllm.config import TRUSTED_TARGETS, ConfigError, instantiate, register_configs, to_container, validate
 from newllm.data import load_data, phase1_sample
-from newllm.errors import NewllmError
+from newllm.errors import NewllmError, describe, exit_one_line
+from newllm.memory import check_model_fits, out_of_memory_guard
 from newllm.models import build_model, count_parameters, pretrained
 from newllm.models.sizing import solve_core_params
 from newllm.sweeping import attach_trial
@@ -98,17 +98,21 @@ def run(cfg: DictConfig, run_dir: str | Path) -> tuple[dict, float | list[float]
     run_dir = Path(run_dir)
     t_start = time.perf_counter()
     device = resolve_device(cfg.device)
+    check_model_fits(cfg, device)  # a model that can never fit is refused before any work
     seed_everything(cfg.seed)
     tracker = RunTracker(run_dir, cfg.logger)
     tracker.log_params(flatten(to_container(cfg)))
+    wall_before = 0.0  # wall time of earlier processes of this run, up to the checkpoint resumed from
     if resumed is not None:
         tracker.history = list(resumed["history"])
+        wall_before = resumed.get("wall_s", 0.0)
 
     data = load_data(cfg.data, cfg.tokenizer, cfg.paths.cache_dir, min_tokens=cfg.training.phase2.seq_len + 1)
     data.tokenizer.save(str(run_dir / "tokenizer.json"))
     log.info("data: %d train / %d val tokens, vocab %d", len(data.train_ids), len(data.val_ids), data.vocab_size)
 
-    model = maybe_compile(build_model(cfg.model, data.vocab_size).to(device), cfg.training.compile)
+    with out_of_memory_guard(cfg, "building the model"):
+        model = maybe_compile(build_model(cfg.model, data.vocab_size).to(device), cfg.training.compile)
     metrics: dict = {"seed": cfg.seed, "device": str(device), **data.info,
                      **{f"model/{k}": v for k, v in count_parameters(model).items()},
                      "model/context_dim": model.context_dim}
@@ -130,7 +134,8 @@ def run(cfg: DictConfig, run_dir: str | Path) -> tuple[dict, float | list[float]
     def save_resume(stage: str, loop: dict | None) -> None:
         ckpt.save(run_dir / ckpt.RESUME_FILE, "resume", {
             "stage": stage, "loop": loop, "config": to_container(cfg), "model": model.state_dict(),
-            "metrics": ckpt.primitive(metrics), "history": tracker.history, "rng": ckpt.rng_state()})
+            "metrics": ckpt.primitive(metrics), "history": tracker.history, "rng": ckpt.rng_state(),
+            "wall_s": wall_before + time.perf_counter() - t_start})
 
     p1_cfg = cfg.training.phase1
     contexts_dir = run_dir / "checkpoints"  # fixed-mode Phase-2 contexts are cached next to the Phase-1 weights
@@ -146,7 +151,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> tuple[dict, float | list[float]
         diversity = instantiate(cfg.training.diversity).to(device)
         # Whole training documents in a seeded random order (data.split_seed), not the corpus's first files.
         p1_ids, p1_documents = phase1_sample(data, p1_cfg.max_tokens, cfg.data.split_seed)
-        with autocast(device, cfg.training.precision):
+        with autocast(device, cfg.training.precision), out_of_memory_guard(cfg, "phase 1"):
             p1 = train_phase1(model, p1_ids, data.val_ids, p1_cfg, cfg.training.dist_reg_weight,
                               diversity, device, on_iteration=tracker.log, progress=cfg.progress,
                               state=resumed["loop"] if resumed is not None else None,
@@ -166,10 +171,11 @@ def run(cfg: DictConfig, run_dir: str | Path) -> tuple[dict, float | list[float]
         if not stages:
             raise ConfigError(f"training.repetition.enabled=true needs phrase stages: use data=repetition "
                               f"(got data={cfg.data.name})")
-        rep = train_repetition(model, stages, cfg.training.repetition, cfg.training.dist_reg_weight,
-                               instantiate(cfg.training.diversity).to(device), device, on_step=tracker.log,
-                               progress=cfg.progress, val_stages=getattr(data, "val_stages", None),
-                               test_stages=getattr(data, "test_stages", None))
+        with out_of_memory_guard(cfg, "repetition training"):
+            rep = train_repetition(model, stages, cfg.training.repetition, cfg.training.dist_reg_weight,
+                                   instantiate(cfg.training.diversity).to(device), device, on_step=tracker.log,
+                                   progress=cfg.progress, val_stages=getattr(data, "val_stages", None),
+                                   test_stages=getattr(data, "test_stages", None))
         metrics.update(rep.metrics)
         log.info("repetition: %s", ", ".join(f"p={s.phrase_length} cycle_distance "
                                             f"{rep.metrics[f'repetition/p{s.phrase_length}/cycle_distance']:.3f}"
@@ -184,7 +190,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> tuple[dict, float | list[float]
         return ckpt.cached_contexts(contexts_dir, ckpt.tensor_hash(inputs, *weights), compute)
 
     if cfg.training.phase2.enabled:
-        with autocast(device, cfg.training.precision):
+        with autocast(device, cfg.training.precision), out_of_memory_guard(cfg, "phase 2"):
             p2 = train_phase2(model, data, cfg.training.phase2, device, cfg.seed, on_epoch=tracker.log,
                               progress=cfg.progress, checkpoint=lambda loop: save_resume("phase2", loop),
                               state=resumed["loop"] if stage == "phase2" else None,
@@ -193,7 +199,8 @@ def run(cfg: DictConfig, run_dir: str | Path) -> tuple[dict, float | list[float]
         log.info("phase 2: val ppl %.2f (uniform %d), val acc %.3f; test ppl %.2f", p2.metrics["phase2/val_ppl"],
                  data.vocab_size, p2.metrics["phase2/val_acc"], p2.metrics.get("phase2/test_ppl", math.nan))
 
-    metrics["time/wall_s"] = time.perf_counter() - t_start
+    metrics["time/wall_s_this_process"] = time.perf_counter() - t_start
+    metrics["time/wall_s"] = wall_before + metrics["time/wall_s_this_process"]
     if cfg.save_checkpoint:
         ckpt.save(run_dir / "checkpoint.pt", "final", {
             "model": model.state_dict(), "config": to_container(cfg), "vocab_size": data.vocab_size,
@@ -204,32 +211,20 @@ def run(cfg: DictConfig, run_dir: str | Path) -> tuple[dict, float | list[float]
     return metrics, objective_values(metrics, list(cfg.objectives))
 
 
-RESUME_OVERRIDABLE = ("resume=", "device=", "progress=", "hydra.", "paths.")
-
-
-def check_resume_overrides(overrides: list[str]) -> None:
-    """resume= continues a run with the config it started with: other overrides would be silently lost."""
-    other = [o for o in overrides if not o.lstrip("+~").startswith(RESUME_OVERRIDABLE)]
-    if other:
-        raise ConfigError(f"resume= continues a run with its own config; drop the overrides {other} "
-                          f"(allowed with resume: device, progress, paths.*, hydra.*)")
-
-
 @hydra.main(config_path="../conf", config_name="config", execution_whitelist=TRUSTED_TARGETS)
 def main(cfg: DictConfig) -> float | list[float]:
+    # Run folders are claimed and resume= is validated before this, by newllm.rundirs.RunFolders.
     hc = HydraConfig.get()
     try:
-        if cfg.get("resume"):
-            if hc.mode == RunMode.MULTIRUN:
-                raise ConfigError(f"resume={cfg.resume!r} continues one run: drop -m/--multirun")
-            check_resume_overrides(list(hc.overrides.task))
         _, objectives = run(cfg, hc.runtime.output_dir)
     except NewllmError as err:
         if hc.mode == RunMode.MULTIRUN:
             raise  # the sweeper records the failed job with this message
         log.error("%s", err)
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+        exit_one_line(err)
+    except Exception as err:
+        log.error("%s", describe(err))  # run.log (the runs table's `error`): type and whole message, one line
+        raise
     log.info("objectives %s = %s", list(cfg.objectives), objectives)
     return objectives
 

@@ -44,6 +44,12 @@ def read_metrics(run_dir: Path) -> dict:
     return json.loads((run_dir / "metrics.json").read_text())
 
 
+def tree(root: Path) -> dict[str, tuple[int, int]]:
+    """Every file and folder below root (relative path -> size, mtime): equal snapshots = nothing written."""
+    return {p.relative_to(root).as_posix(): (p.stat().st_size if p.is_file() else -1, p.stat().st_mtime_ns)
+            for p in [root, *root.rglob("*")] if p.exists()}
+
+
 @pytest.fixture
 def tiny_run(tmp_path: Path):
     """Run `python -m newllm.run` with TINY settings into tmp_path/<name>; returns the run dir."""

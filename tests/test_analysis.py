@@ -6,6 +6,8 @@ import json
 import math
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +16,7 @@ import pandas as pd
 import pytest
 
 from newllm import analysis
-from tests.conftest import read_metrics, run_cli
+from tests.conftest import TINY, cli_env, read_metrics, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -204,3 +206,37 @@ def test_cli_nothing_to_analyse(tmp_path, args, message):
     proc = run_cli(args, cwd=tmp_path, module="newllm.analyze", check=False)
     assert proc.returncode == 2 and proc.stderr.startswith(message) and "Traceback" not in proc.stderr
     assert not os.path.exists(tmp_path / "missing.db")  # looking did not create an empty storage
+
+
+# A bug surfacing mid-run, as issue 12 saw it: the residual updater's constructor rejecting a width
+# (Hydra's instantiate appends unindented 'full_key: ...' lines to the message). Here the width is
+# set after the config checks, which now refuse it up front.
+BAD_WIDTH = """
+import runpy, sys
+import newllm.models as models
+build = models.build_model
+def build_with_bad_width(model_cfg, vocab_size):
+    model_cfg.hidden_dim = 50
+    return build(model_cfg, vocab_size)
+models.build_model = build_with_bad_width
+sys.argv = ["newllm.run", *sys.argv[1:]]
+runpy.run_module("newllm.run", run_name="__main__")
+"""
+
+
+@pytest.mark.slow
+def test_a_run_that_fails_with_a_traceback_records_the_exception_type_and_message(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-c", BAD_WIDTH, *TINY, "model/updater=residual", f"hydra.run.dir={run_dir}",
+                           f"paths.output_root={tmp_path / 'outputs'}"], cwd=tmp_path, env=cli_env(),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 1 and "Traceback" in proc.stderr  # a bug stays a traceback for whoever debugs it
+    row = analysis.read_run(run_dir)
+    assert row["status"] == "failed"
+    assert row["error"] == ("ValueError: model.hidden_dim=50 is not allowed with the residual updater: expected "
+                            "context_dim + embed_dim = 56 (or null) full_key: model.updater full_key: model")
+    # a run.log written before newllm logged that line: the end of Hydra's traceback gives the same
+    log = run_dir / "run.log"
+    log.write_text("\n".join(t for t in log.read_text().splitlines() if "][newllm][ERROR]" not in t) + "\n")
+    assert "Job failed" in log.read_text() and analysis.read_run(run_dir)["error"] == row["error"]
+

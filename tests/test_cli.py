@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import math
+import os
+import stat
 
 import pytest
 import torch
 
-from tests.conftest import read_metrics
+from tests.conftest import read_metrics, run_cli
 
 REQUIRED_KEYS = [
     "phase1/convergence_rate", "phase1/effective_rank", "phase1/effective_rank_ratio", "phase1/iterations",
@@ -19,8 +21,12 @@ REQUIRED_KEYS = [
 
 def test_quick_run_writes_every_artifact(tiny_run):
     run_dir, proc = tiny_run("run")
-    for name in ("metrics.json", "history.csv", "curves.png", "checkpoint.pt", ".hydra/config.yaml"):
+    umask = os.umask(0o022)
+    os.umask(umask)
+    for name in ("metrics.json", "history.csv", "curves.png", "checkpoint.pt", ".hydra/config.yaml",
+                 "tokenizer.json", "checkpoints/phase1.pt"):
         assert (run_dir / name).is_file(), name
+        assert stat.S_IMODE((run_dir / name).stat().st_mode) == 0o666 & ~umask, name  # as open(..., "w") makes
     m = read_metrics(run_dir)
     for key in REQUIRED_KEYS:
         assert key in m, key
@@ -61,13 +67,50 @@ def test_value_errors_are_one_line(tiny_run):
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (["model/updater=residual", "model.hidden_dim=50"], "model.hidden_dim=50 is not allowed: expected "
+         "model.context_dim + model.embed_dim = 56 with model/updater=residual (or null)"),
+        # 2 blocks x (Linear(C+E -> C) + 3 gates Linear(C -> C) + LayerNorm) + embedding + head, by hand
+        (["model.context_dim=100000"], "model.context_dim=100000, model.embed_dim=24, model.hidden_dim=null, "
+         "model.layers=2, tokenizer.vocab_size=512 make a model of 80,057,212,848 parameters: training it needs "
+         "1,280.9 GB"),
+        (["training.phase1.lr=inf"], "training.phase1.lr=inf is not allowed: expected a finite number"),
+        (["training.phase2.lr=inf"], "training.phase2.lr=inf is not allowed: expected a finite number"),
+        (["model.init_std=inf"], "model.init_std=inf is not allowed: expected a finite number"),
+        (["training.dist_reg_weight=nan"], "training.dist_reg_weight=nan is not allowed: expected a finite number"),
+    ],
+)
+def test_errors_that_were_tracebacks_are_one_line(tiny_run, overrides, expected):
+    """Each of these used to print a traceback (or fail after seconds of work): now exit 2, one line."""
+    run_dir, proc = tiny_run("bad", *overrides, check=False)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith(f"error: {expected}"), line
+    assert not (run_dir / "tokenizer.json").exists()  # refused before the data was read
+
+
+@pytest.mark.slow
+def test_schemas_are_not_offered_as_group_options(tmp_path):
+    proc = run_cli(["model=context_model_schema"], cwd=tmp_path, check=False)
+    assert proc.returncode != 0 and "MissingMandatoryValue" not in proc.stderr
+    assert "Could not find 'model/context_model_schema'" in proc.stderr
+    options = proc.stderr.split("Available options in 'model':")[1].split("Config search path")[0].split()
+    assert options == ["gru", "layerwise", "sequential", "transformer"]
+    groups = run_cli(["--help"], cwd=tmp_path).stdout
+    assert "_schema" not in groups and "model: gru, layerwise, sequential, transformer" in groups
+
+
 def test_same_seed_same_metrics_different_seed_different_weights(tiny_run):
     a, _ = tiny_run("a")
     b, _ = tiny_run("b")
     c, _ = tiny_run("c", "seed=7")
     ma, mb = read_metrics(a), read_metrics(b)
-    volatile = {"time/wall_s", "phase1/train_time_s", "phase2/train_time_s", "phase1/token_iterations_per_s",
-                "phase2/tokens_per_s", "data/tokenizer_cache_hit", "data/tokens_cache_hit"}
+    volatile = {"time/wall_s", "time/wall_s_this_process", "phase1/train_time_s", "phase2/train_time_s",
+                "phase1/token_iterations_per_s", "phase2/tokens_per_s", "data/tokenizer_cache_hit",
+                "data/tokens_cache_hit"}
     assert {k: v for k, v in ma.items() if k not in volatile} == {k: v for k, v in mb.items() if k not in volatile}
     wa = torch.load(a / "checkpoint.pt", weights_only=True)["model"]
     wb = torch.load(b / "checkpoint.pt", weights_only=True)["model"]

@@ -139,6 +139,44 @@ def test_second_load_is_served_from_the_token_cache_and_corrupt_entries_are_rebu
     assert load_data(d, tok_cfg(), tmp_path).info["data/tokens_cache_hit"]
 
 
+def rewrite_cache_entry(path: Path, ids: list[list[int]], mask: list[list[bool]]) -> None:
+    """Replace a token-cache entry by a well-formed table with these rows (as datasets writes one)."""
+    from datasets.arrow_writer import ArrowWriter
+
+    from newllm.data.streams import FEATURES
+
+    path.unlink()
+    with ArrowWriter(path=str(path), features=FEATURES) as writer:
+        writer.write_batch({"ids": ids, "mask": mask})
+        writer.finalize()
+
+
+@pytest.mark.parametrize("damage", ["id_too_large", "negative_id", "row_lengths_differ", "empty_row"])
+def test_token_cache_entries_that_parse_but_hold_bad_rows_are_rebuilt(tmp_path, damage):
+    d = data_cfg(num_conversations=60)
+    first = load_data(d, tok_cfg(), tmp_path, seed=0)
+    import datasets
+
+    entry = max((tmp_path / "tokens").glob("*.arrow"), key=lambda p: p.stat().st_size)  # the training split
+    table = datasets.Dataset.from_file(str(entry))
+    ids, mask = list(table["ids"]), list(table["mask"])
+    if damage == "id_too_large":
+        ids[3][0] = first.vocab_size  # one past the last embedding row: an IndexError in a later epoch
+    elif damage == "negative_id":
+        ids[3][0] = -1
+    elif damage == "row_lengths_differ":  # same total length, so only a per-row check sees it
+        ids[0], ids[1] = ids[0] + ids[1][:1], ids[1][1:]
+    else:
+        ids[2], mask[2] = [], []
+    rewrite_cache_entry(entry, ids, mask)
+    assert datasets.Dataset.from_file(str(entry)).num_rows == len(ids)  # it still parses, with the same rows
+
+    again = load_data(d, tok_cfg(), tmp_path, seed=0)
+    assert not again.info["data/tokens_cache_hit"]
+    assert torch.equal(again.train_ids, first.train_ids) and torch.equal(again.train_mask, first.train_mask)
+    assert load_data(d, tok_cfg(), tmp_path, seed=0).info["data/tokens_cache_hit"]  # rebuilt entry is good
+
+
 def test_a_failing_tokenization_leaves_no_cache_entry(tmp_path, monkeypatch):
     import newllm.data.streams as streams
 
@@ -206,6 +244,26 @@ def test_bad_messages_files_name_the_problem(tmp_path, line, expected):
     with pytest.raises(DataError) as e:
         load_data(data_cfg(name="ultrachat", path=str(path)), tok_cfg(), tmp_path)
     assert expected in one_line_error(e)
+
+
+def test_failed_dataset_builds_leave_nothing_in_the_datasets_cache(tmp_path):
+    """A build that fails leaves no 0-byte .lock files or folders of its own; another build's files stay."""
+    cache = tmp_path / "cache"
+    load_data(data_cfg(name="ultrachat", path=str(ULTRACHAT_SAMPLE), val_fraction=0.25), tok_cfg(), cache, seed=0)
+    files = lambda: {p: p.stat().st_mtime_ns if p.is_file() else "dir" for p in (cache / "datasets").rglob("*")}
+    built = files()
+    assert any(p.suffix == ".lock" for p in built)  # a good build keeps its locks (datasets' own cache)
+    bad_json = tmp_path / "bad.jsonl"
+    bad_json.write_text("not json\n", encoding="utf-8")
+    latin = tmp_path / "latin1.txt"
+    latin.write_bytes("Caf\u00e9 cr\u00e8me\n".encode("latin-1"))
+    for d in (data_cfg(name="ultrachat", path=str(bad_json)), data_cfg(name="text", files=[str(latin)], loss_on="all")):
+        with pytest.raises(DataError):
+            load_data(d, tok_cfg(), cache, seed=0)
+        left = files()
+        shared = {p for p in left.keys() - built.keys() if p.parent == cache / "datasets" and p.is_dir()}
+        assert {p: left[p] for p in left.keys() - shared} == built  # at most the builder's (shared) empty folder
+        assert all(not any(p.iterdir()) for p in shared)
 
 
 # ----------------------------------------------------------------------------- text

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 from tokenizers import Tokenizer
 
 from newllm import checkpoint as ckpt
 from newllm.config import ConfigError
-from newllm.run import check_resume_overrides
-from tests.conftest import TINY, cli_env, read_metrics, run_cli
+from newllm.rundirs import check_resume_overrides
+from tests.conftest import TINY, cli_env, read_metrics, run_cli, tree
 
 # Small enough for seconds per run, long enough to be interrupted in both phases: Phase 1 runs all
 # 8 iterations (checkpoint every 2), Phase 2 runs 3 epochs (checkpoint every epoch). Noise and
@@ -23,30 +25,38 @@ LIFECYCLE = [*TINY, "data.num_conversations=150", "training.phase1.max_tokens=25
              "training.phase1.context_noise=0.01", "training.phase2.epochs=3", "training.phase2.patience=3",
              "training.phase2.max_steps_per_epoch=3", "training.phase2.seq_len=16",
              "training.phase2.batch_size=8", "training.phase2.max_val_tokens=256", "model.dropout=0.1"]
-VOLATILE = {"time/wall_s", "phase1/train_time_s", "phase2/train_time_s", "phase1/token_iterations_per_s",
-            "phase2/tokens_per_s"}
+VOLATILE = {"time/wall_s", "time/wall_s_this_process", "phase1/train_time_s", "phase2/train_time_s",
+            "phase1/token_iterations_per_s", "phase2/tokens_per_s"}
 
 # The real CLI, killed with SIGKILL by itself right after it logs row (phase, step): no cleanup runs.
+# Optionally it first pauses PAUSE_S seconds after row (pause phase, pause step): slow work that a
+# checkpoint taken after it must count in the run's total time.
 KILLER = """
-import os, runpy, signal, sys
+import os, runpy, signal, sys, time
 import newllm.tracking as t
-phase, step = int(sys.argv[1]), int(sys.argv[2])
+phase, step, pause_phase, pause_step = map(int, sys.argv[1:5])
+pause_s = float(sys.argv[5])
 log = t.RunTracker.log
+def at(row, phase, step):
+    return row.get("phase") == phase and row.get("step" if phase == 1 else "epoch") == step
 def log_then_die(self, row):
     log(self, row)
-    if row.get("phase") == phase and row.get("step" if phase == 1 else "epoch") == step:
+    if at(row, pause_phase, pause_step):
+        time.sleep(pause_s)
+    if at(row, phase, step):
         os.kill(os.getpid(), signal.SIGKILL)
 t.RunTracker.log = log_then_die
-sys.argv = ["newllm.run", *sys.argv[3:]]
+sys.argv = ["newllm.run", *sys.argv[6:]]
 runpy.run_module("newllm.run", run_name="__main__")
 """
+PAUSE_S = 3.0
 
 
-def killed_run(args: list[str], cwd: Path, phase: int, step: int) -> None:
+def killed_run(args: list[str], cwd: Path, phase: int, step: int, pause: tuple[int, int] = (0, 0)) -> None:
     import subprocess
 
-    proc = subprocess.run([sys.executable, "-c", KILLER, str(phase), str(step), *args], cwd=cwd, env=cli_env(),
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-c", KILLER, str(phase), str(step), *map(str, pause), str(PAUSE_S),
+                           *args], cwd=cwd, env=cli_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == -9, f"expected SIGKILL, got {proc.returncode}\n{proc.stderr[-3000:]}"
 
 
@@ -62,21 +72,29 @@ def reference(tmp_path_factory) -> Path:
     return root / "run"
 
 
-def test_killed_in_both_phases_resumes_to_identical_metrics(reference, tmp_path):
-    run_dir = tmp_path / "run"  # the same outputs/ (tokenizer cache) as the reference: metrics name its path
+@pytest.fixture(scope="module")
+def resumed(reference, tmp_path_factory) -> Path:
+    """The reference run killed in Phase 1, resumed, killed in Phase 2, resumed to the end. Before each
+    checkpoint it resumed from, it paused PAUSE_S seconds (Phase-1 iteration 3, Phase-2 epoch 1)."""
+    tmp = tmp_path_factory.mktemp("resumed")
+    run_dir = tmp / "run"  # the same outputs/ (tokenizer cache) as the reference: metrics name its path
     args = [*LIFECYCLE, f"hydra.run.dir={run_dir}", f"paths.output_root={reference.parent / 'outputs'}"]
-    killed_run(args, tmp_path, phase=1, step=5)  # last checkpoint: iteration 4
+    killed_run(args, tmp, phase=1, step=5, pause=(1, 3))  # last checkpoint: iteration 4
     state = ckpt.load(run_dir / ckpt.RESUME_FILE, "resume")
     assert (state["stage"], state["loop"]["iteration"]) == ("phase1", 4)
     assert not (run_dir / "metrics.json").exists()
 
     # resume= alone: the run continues in its own dir (no new run dir), and is killed again mid-Phase 2
-    killed_run([f"resume={run_dir}", "progress=false"], tmp_path, phase=2, step=2)  # Phase-2 step = epoch 2 row
+    killed_run([f"resume={run_dir}", "progress=false"], tmp, phase=2, step=2, pause=(2, 1))  # ckpt: epoch 1
     state = ckpt.load(run_dir / ckpt.RESUME_FILE, "resume")
     assert (state["stage"], state["loop"]["epoch"]) == ("phase2", 1)
-    run_cli([f"resume={run_dir}"], cwd=tmp_path)
+    run_cli([f"resume={run_dir}"], cwd=tmp)
+    assert not (tmp / "outputs" / "runs").exists() and (run_dir / ".hydra" / "resume" / "config.yaml").is_file()
+    return run_dir
 
-    assert not (tmp_path / "outputs" / "runs").exists() and (run_dir / ".hydra" / "resume" / "config.yaml").is_file()
+
+def test_killed_in_both_phases_resumes_to_identical_metrics(reference, resumed):
+    run_dir = resumed
     assert not (run_dir / ckpt.RESUME_FILE).exists()  # finished: nothing left to resume
     got, want = read_metrics(run_dir), read_metrics(reference)
     assert stable(got) == stable(want)
@@ -86,6 +104,21 @@ def test_killed_in_both_phases_resumes_to_identical_metrics(reference, tmp_path)
     assert all(torch.equal(final[k], expected[k]) for k in expected)
 
 
+def test_resumed_run_reports_total_times_and_rates(resumed):
+    """Times and rates count every process up to the checkpoints it resumed from, not just the last one."""
+    m = read_metrics(resumed)
+    assert m["phase1/train_time_s"] >= PAUSE_S  # paused in the first process, before checkpoint 4
+    assert m["phase2/train_time_s"] >= PAUSE_S  # paused in the second process, before epoch 1's checkpoint
+    assert m["time/wall_s"] >= m["time/wall_s_this_process"] + 2 * PAUSE_S
+    assert m["phase2/tokens_per_s"] == pytest.approx(m["phase2/tokens_seen"] / m["phase2/train_time_s"])
+    iterations = m["phase1/tokens"] * m["phase1/iterations"]
+    assert m["phase1/token_iterations_per_s"] == pytest.approx(iterations / m["phase1/train_time_s"])
+    history = pd.read_csv(resumed / "history.csv")
+    for phase in (1, 2):  # elapsed time per row keeps growing across the resumes
+        times = history[history["phase"] == phase][f"phase{phase}/time_s"]
+        assert times.is_monotonic_increasing and times.iloc[-1] >= PAUSE_S
+
+
 def test_resume_refuses_finished_runs_and_other_overrides(reference, tmp_path):
     proc = run_cli([f"resume={reference}"], cwd=tmp_path, check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
@@ -93,6 +126,54 @@ def test_resume_refuses_finished_runs_and_other_overrides(reference, tmp_path):
     check_resume_overrides(["resume=x", "device=cpu", "progress=false", "hydra.run.dir=y"])  # allowed
     with pytest.raises(ConfigError, match=r"drop the overrides \['training.phase2.lr=0.1'\]"):
         check_resume_overrides(["resume=x", "training.phase2.lr=0.1"])
+
+
+def test_resume_refusals_write_nothing(reference, tmp_path):
+    """A path that does not exist, a folder that is not a run, a finished run: one line, exit 2, and
+    every folder exactly as it was (no .hydra/resume, no run.log, no created path)."""
+    missing = tmp_path / "does" / "not" / "exist"
+    stranger = tmp_path / "stranger"
+    stranger.mkdir()
+    (stranger / "notes.txt").write_text("not a run")
+    cases = [(missing, "is not a run directory"), (stranger, "is not a run directory"),
+             (reference, "that run already finished")]
+    for target, message in cases:
+        before = tree(tmp_path), tree(reference)
+        proc = run_cli([f"resume={target}"], cwd=tmp_path, check=False)
+        assert proc.returncode == 2, proc.stderr[-3000:]
+        (line,) = proc.stderr.strip().splitlines()
+        assert line.startswith(f"error: resume={str(target)!r}") and message in line, line
+        assert (tree(tmp_path), tree(reference)) == before, target
+    assert not (tmp_path / "does").exists()
+
+
+def test_a_run_that_is_still_running_is_not_resumed(reference, tmp_path):
+    """resume= of a run whose process is alive is refused (its folder is locked while it runs); once
+    that process is gone (SIGKILL), the same resume continues it to the reference's numbers."""
+    import subprocess
+
+    run_dir = tmp_path / "run"
+    args = [*LIFECYCLE, f"hydra.run.dir={run_dir}", f"paths.output_root={reference.parent / 'outputs'}"]
+    # never killed by itself (phase 0); paused 10 min after Phase-1 iteration 3, its checkpoint 2 written
+    running = subprocess.Popen([sys.executable, "-c", KILLER, "0", "0", "1", "3", "600", *args], cwd=tmp_path,
+                               env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(600):
+            if (run_dir / ckpt.RESUME_FILE).is_file() or running.poll() is not None:
+                break
+            time.sleep(0.5)
+        assert running.poll() is None and (run_dir / ckpt.RESUME_FILE).is_file()
+        proc = run_cli([f"resume={run_dir}"], cwd=tmp_path, check=False)
+        assert proc.returncode == 2
+        (line,) = proc.stderr.strip().splitlines()
+        assert line == (f"error: resume={str(run_dir)!r}: that run is still running (another process holds its "
+                        "folder); resume it once that process has ended")
+        assert not (run_dir / ".hydra" / "resume").exists()
+    finally:
+        running.kill()
+        running.wait()
+    run_cli([f"resume={run_dir}"], cwd=tmp_path)
+    assert stable(read_metrics(run_dir)) == stable(read_metrics(reference))
 
 
 def test_from_run_skips_phase1_reuses_its_weights_and_caches_fixed_contexts(reference, tmp_path):
@@ -162,7 +243,9 @@ def test_truncated_and_foreign_checkpoints_are_one_clear_error(reference, tmp_pa
     # through the CLI: a run whose resume checkpoint was cut short -> one line, exit 2, no traceback
     (tmp_path / "run" / "checkpoints").mkdir(parents=True)
     (tmp_path / "run" / ckpt.RESUME_FILE).write_bytes(good[:1000])
+    before = tree(tmp_path / "run")
     proc = run_cli([f"resume={tmp_path / 'run'}"], cwd=tmp_path, check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    (line,) = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    (line,) = proc.stderr.strip().splitlines()
     assert "last.pt is not a readable checkpoint (truncated or foreign file" in line
+    assert tree(tmp_path / "run") == before  # refused before Hydra wrote .hydra/resume or run.log

@@ -99,12 +99,41 @@ def _find_bad_utf8(paths: list[Path]) -> str:
     return ""
 
 
+def _remove_leftovers(cache: Path, before: set[Path], build_id: str) -> None:
+    """What a failed build added to the datasets cache: its 0-byte lock files and the folders it left empty.
+
+    Only paths named by this build's config id (`default-<hash of the data files>`) are touched, so a
+    build of other files running at the same time keeps its own. (datasets never deletes lock files;
+    those of a build that succeeded guard its cache entry and stay.)
+    """
+    new = [p for p in set(cache.rglob("*")) - before if build_id in str(p.relative_to(cache))]
+    for path in sorted(new, key=lambda p: len(p.parts), reverse=True):  # children before their folders
+        if path.suffix == ".lock" and path.is_file() and path.stat().st_size == 0:
+            path.unlink(missing_ok=True)
+        elif path.is_dir() and not any(path.iterdir()):
+            path.rmdir()
+
+
 def load_local(builder: str, paths: list[Path], key: str, cache_dir: Path, **kwargs) -> datasets.Dataset:
-    """load_dataset(builder, data_files=paths) with one-line errors; a corrupt cached build is rebuilt once."""
+    """load_dataset(builder, data_files=paths) with one-line errors; a corrupt cached build is rebuilt once.
+
+    A build that fails for good leaves nothing behind in the cache."""
+    cache = cache_dir / "datasets"
+    before = set(cache.rglob("*"))
+    try:
+        return _load_local(builder, paths, key, cache, **kwargs)
+    except DataError:
+        build = datasets.load_dataset_builder(builder, data_files=[str(p) for p in paths], cache_dir=str(cache),
+                                              **kwargs)
+        _remove_leftovers(cache, before, build.config_id)
+        raise
+
+
+def _load_local(builder: str, paths: list[Path], key: str, cache: Path, **kwargs) -> datasets.Dataset:
     for mode in ("reuse_dataset_if_exists", "force_redownload"):
         try:
             return datasets.load_dataset(builder, data_files=[str(p) for p in paths], split="train",
-                                         cache_dir=str(cache_dir / "datasets"), download_mode=mode, **kwargs)
+                                         cache_dir=str(cache), download_mode=mode, **kwargs)
         except datasets.exceptions.DatasetGenerationError as err:  # the files themselves are bad
             bad = _find_bad_utf8(paths)
             raise DataError(f"{key}: {bad}" if bad else f"{key}: cannot read {', '.join(map(str, paths))} "

@@ -5,7 +5,8 @@ tokenizer's offsets -- never by matching decoded text.
 
 Cache: one Arrow file per (tokenizer, documents) under <cache_dir>/tokens/, written by
 `Dataset.map(cache_file_name=...)`, which writes a temp file and moves it into place only when the
-whole map succeeded. A file that does not read back as the expected table is deleted and rebuilt.
+whole map succeeded. A file that does not read back as the expected table (one row per document,
+ids and mask of equal length, every id below the vocabulary size) is deleted and rebuilt.
 """
 
 from __future__ import annotations
@@ -76,19 +77,34 @@ def _content_key(tokenizer: Tokenizer, texts: list[str], spans: list[Spans]) -> 
     return h.hexdigest()[:20]
 
 
-def _read_cached(path: Path, n_docs: int) -> datasets.Dataset | None:
+def _rows_are_valid(ds: datasets.Dataset, n_docs: int, vocab_size: int) -> bool:
+    """One row per document, ids and mask of equal non-zero length per row, every id an embedding row.
+
+    A table can parse and still be wrong (an entry written by another tokenizer version, a damaged
+    file): an out-of-range id would only fail epochs later, as an IndexError in the embedding.
+    """
+    if ds.features != FEATURES or ds.num_rows != n_docs:
+        return False
+    ids, mask = ds.data.column("ids"), ds.data.column("mask")
+    lengths = pc.list_value_length(ids)
+    if not pc.all(pc.equal(lengths, pc.list_value_length(mask))).as_py() or pc.min(lengths).as_py() < 1:
+        return False
+    low, high = pc.min_max(pc.list_flatten(ids)).values()
+    return low.as_py() >= 0 and high.as_py() < vocab_size
+
+
+def _read_cached(path: Path, n_docs: int, vocab_size: int) -> datasets.Dataset | None:
     """The cached table, or None (and the file removed) when it is missing, unreadable or not ours."""
     if not path.exists():
         return None
     try:
         ds = datasets.Dataset.from_file(str(path))
-        ids, mask = (pc.list_flatten(ds.data.column(c)) for c in ("ids", "mask"))
-        if ds.features == FEATURES and ds.num_rows == n_docs and len(ids) == len(mask):
+        if _rows_are_valid(ds, n_docs, vocab_size):
             return ds
     except Exception as err:  # noqa: BLE001 -- any read failure means a corrupt entry: rebuild it
         log.warning("tokenized-data cache %s is unreadable (%s): rebuilding it", path, type(err).__name__)
     else:
-        log.warning("tokenized-data cache %s does not match its documents: rebuilding it", path)
+        log.warning("tokenized-data cache %s does not match its documents or vocabulary: rebuilding it", path)
     path.unlink(missing_ok=True)
     return None
 
@@ -101,7 +117,7 @@ def encode_cached(tokenizer: Tokenizer, texts: list[str], spans: list[Spans], ca
         empty = torch.empty(0, dtype=torch.long)
         return empty, torch.empty(0, dtype=torch.bool), empty.clone(), True
     path = Path(cache_dir) / "tokens" / f"{_content_key(tokenizer, texts, spans)}.arrow"
-    ds = _read_cached(path, len(texts))
+    ds = _read_cached(path, len(texts), tokenizer.get_vocab_size())
     hit = ds is not None
     if ds is None:
         path.parent.mkdir(parents=True, exist_ok=True)

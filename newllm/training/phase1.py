@@ -90,7 +90,7 @@ def train_phase1(model: torch.nn.Module, train_ids: torch.Tensor, val_ids: torch
     n_tokens = ids.numel()
 
     model.train(train)
-    rate, residual, start = 0.0, math.nan, 1
+    rate, residual, start, elapsed_before = 0.0, math.nan, 1, 0.0
     if state is None:
         with torch.no_grad():
             p = initial_contexts(model, model.embed(ids), cfg)
@@ -100,9 +100,10 @@ def train_phase1(model: torch.nn.Module, train_ids: torch.Tensor, val_ids: torch
         load_module_state(diversity, state["diversity"])
         result.history = list(state["history"])
         rate, residual = result.history[-1]["phase1/convergence_rate"], result.history[-1]["phase1/residual"]
+        elapsed_before = state.get("elapsed_s", 0.0)  # time up to that checkpoint, in earlier processes
         set_rng_state(state["rng"])
     every = cfg.get("checkpoint_every", 0)
-    t0 = time.perf_counter()
+    t0 = time.perf_counter() - elapsed_before  # times below are totals over every resume
     bar = tqdm(range(start, cfg.max_iterations + 1), desc="phase1", disable=not progress, leave=False)
     # Preallocated once: the sweep's inputs and its output (swapped with p after every sweep).
     new, c_in_all = torch.empty_like(p), (p if cfg.mode == "per_token" else torch.empty_like(p))
@@ -158,8 +159,9 @@ def train_phase1(model: torch.nn.Module, train_ids: torch.Tensor, val_ids: torch
         if last:
             break
         if checkpoint is not None and every and k % every == 0:
-            checkpoint({"iteration": k, "contexts": p, "optimizer": optimizer.state_dict(),
-                        "diversity": module_state(diversity), "history": result.history, "rng": rng_state()})
+            checkpoint({"iteration": k, "elapsed_s": time.perf_counter() - t0, "contexts": p,
+                        "optimizer": optimizer.state_dict(), "diversity": module_state(diversity),
+                        "history": result.history, "rng": rng_state()})
     train_time = time.perf_counter() - t0
     model.eval()
 

@@ -145,7 +145,7 @@ def train_phase2(model: nn.Module, data, cfg: DictConfig, device: torch.device, 
     result = Phase2Result()
     best = {"loss": math.inf}
     best_state = copy.deepcopy(model.state_dict())
-    bad_epochs, step, n_seen, start, best_epoch = 0, 0, 0, 1, 0
+    bad_epochs, step, n_seen, start, best_epoch, elapsed_before = 0, 0, 0, 1, 0, 0.0
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
         if decoder is not None:
@@ -154,9 +154,10 @@ def train_phase2(model: nn.Module, data, cfg: DictConfig, device: torch.device, 
         result.history = list(state["history"])
         best, best_epoch, best_state = dict(state["best"]), state["best_epoch"], state["best_state"]
         bad_epochs, step, n_seen, start = state["bad_epochs"], state["step"], state["n_seen"], state["epoch"] + 1
+        elapsed_before = state.get("elapsed_s", 0.0)  # time up to that checkpoint, in earlier processes
         set_rng_state(state["rng"])
     every = cfg.get("checkpoint_every", 0)
-    t0 = time.perf_counter()
+    t0 = time.perf_counter() - elapsed_before  # times and tokens/s below are totals over every resume
     for epoch in range(start, cfg.epochs + 1):
         model.train()
         order = torch.randperm(train_w[0].shape[0], generator=g).to(device)
@@ -199,8 +200,8 @@ def train_phase2(model: nn.Module, data, cfg: DictConfig, device: torch.device, 
             if bad_epochs >= cfg.patience:
                 break
         if checkpoint is not None and every and epoch % every == 0 and epoch < cfg.epochs:
-            checkpoint({"epoch": epoch, "optimizer": optimizer.state_dict(), "generator": g.get_state(),
-                        "decoder": decoder.state_dict() if decoder is not None else None,
+            checkpoint({"epoch": epoch, "elapsed_s": time.perf_counter() - t0, "optimizer": optimizer.state_dict(),
+                        "generator": g.get_state(), "decoder": decoder.state_dict() if decoder is not None else None,
                         "history": result.history, "best": best, "best_epoch": best_epoch, "best_state": best_state,
                         "bad_epochs": bad_epochs, "step": step, "n_seen": n_seen, "rng": rng_state()})
     train_time = time.perf_counter() - t0
