@@ -38,7 +38,7 @@ if TYPE_CHECKING:  # torch and matplotlib load lazily: `analyze runs` answers in
 CACHE_NAME = ".runs_cache.parquet"
 # Columns every runs table starts with; metrics follow, then the flattened config.
 ID_COLUMNS = ["run", "status", "sweep_id", "job", "start_time", "end_time", "choices/model", "overrides", "error"]
-KEY_METRICS = ["phase1/convergence_rate", "phase1/effective_rank", "phase1/val_effective_rank",
+KEY_METRICS = ["phase1/val_convergence_rate", "phase1/val_memory_length", "phase1/val_effective_rank",
                "phase2/val_ppl", "phase2/val_acc", "model/params", "time/wall_s"]
 # Config keys that differ between runs without describing the experiment.
 NOISE_KEYS = ("paths.", "hydra.", "progress", "device")
@@ -561,7 +561,7 @@ def plot_param_importances(studies: Sequence[optuna.Study], objective: int = 0,
 
 
 def plot_training_curves(run_dirs: Sequence[str | Path], labels: Sequence[str] | None = None,
-                         columns: Sequence[str] = ("phase1/convergence_rate", "phase1/effective_rank",
+                         columns: Sequence[str] = ("phase1/val_convergence_rate", "phase1/effective_rank",
                                                    "phase2/val_ppl")) -> Figure:
     """history.csv of several runs overlaid: one panel per column, x = step within its phase."""
     fig, axes = _figure(1, len(columns))

@@ -160,3 +160,34 @@ def test_ema_variance_momentum_changes_phase1_training():
         train_phase1(m, ids, ids, cfg, 1.0, EMAVariance(momentum=momentum), torch.device("cpu"), progress=False)
         trained.append([p.detach().clone() for p in m.parameters()])
     assert max(float((a - b).abs().max()) for a, b in zip(*trained, strict=True)) > 1e-4
+
+
+def test_ema_variance_running_mean_is_part_of_the_phase1_resume_state():
+    """Interrupted at iteration 4 and resumed from its checkpoint, a run ends with the same weights as one
+    that never stopped; resumed without the running mean, it does not (the state matters)."""
+    import copy
+
+    ids = torch.randint(0, 40, (128,), generator=torch.Generator().manual_seed(1))
+    cfg = phase1_cfg(max_iterations=6, min_iterations=6, lr=3e-3, val_iterations=1, erank_samples=64,
+                     checkpoint_every=4)
+    cpu = torch.device("cpu")
+    saved = {}
+
+    def keep(loop, model):
+        saved.update(loop=copy.deepcopy(loop), model=copy.deepcopy(model.state_dict()))
+
+    m = context_lm("layerwise")
+    train_phase1(m, ids, ids, cfg, 1.0, EMAVariance(momentum=0.9), cpu, progress=False,
+                 checkpoint=lambda loop: keep(loop, m))
+    assert saved["loop"]["iteration"] == 4 and saved["loop"]["diversity"]["attributes"]["running_mean"] is not None
+    finals = []
+    for forget_running_mean in (False, True):
+        resumed = context_lm("layerwise")
+        resumed.load_state_dict(saved["model"])
+        state = copy.deepcopy(saved["loop"])
+        if forget_running_mean:
+            state["diversity"]["attributes"]["running_mean"] = None
+        train_phase1(resumed, ids, ids, cfg, 1.0, EMAVariance(momentum=0.9), cpu, progress=False, state=state)
+        finals.append([p.detach().clone() for p in resumed.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(finals[0], [p.detach() for p in m.parameters()], strict=True))
+    assert any(not torch.equal(a, b) for a, b in zip(finals[1], finals[0], strict=True))
