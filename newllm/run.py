@@ -169,7 +169,8 @@ def run(cfg: DictConfig, run_dir: str | Path) -> tuple[dict, float | list[float]
 
     def contexts_cache(inputs: torch.Tensor, compute) -> torch.Tensor:
         weights = [v for k, v in model.state_dict().items() if not k.startswith("head.")]
-        return ckpt.cached_contexts(contexts_dir, ckpt.tensor_hash(inputs, *weights), compute)
+        key = ckpt.contexts_key(inputs, weights, cfg.training.precision)
+        return ckpt.cached_contexts(contexts_dir, key, compute)
 
     if cfg.training.phase2.enabled:
         with autocast(device, cfg.training.precision):
