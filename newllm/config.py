@@ -171,8 +171,8 @@ class Phase1Config:
     init_chunks: int = 16  # init=chunked: slices of the stream run through pass 0 at once
     # Held-out measurement (newllm.training.phase1.evaluate_phase1): sweeps from c = 0, no optimizer.
     # phase1/val_convergence_rate is the converged fraction after val_iterations sweeps. 32: on the
-    # default run (seed 42) it separates trained 0.85 / untrained 0.57 / w=0 0.64 / w=0.9 0.94, where
-    # 10 sweeps gave 0.004-0.013 (w=0.9: 0.23).
+    # default run (seed 42) it separates trained 0.875 / untrained 0.570 / lr 1e-7 0.567 / w=0 0.717 /
+    # w=0.9 0.944, where 10 sweeps gave 0.005-0.014 to all of them but w=0.9 (0.35).
     val_iterations: int = 32
     val_every: int = 20  # measure validation every N iterations; stop once it reaches convergence_target
     memory_cap: int = 128  # most sweeps phase1/val_memory_length counts (then *_memory_length_capped = 1)
