@@ -104,7 +104,7 @@ def test_hyperband_pruner_prunes_lagging_trials(tmp_path):
 
 
 @pytest.mark.parametrize(("rules", "reason"), [
-    (["hydra.sweeper.early_stop.min_effective_rank_ratio=0.9"], "effective_rank_collapse: effective rank"),
+    (["hydra.sweeper.early_stop.min_effective_rank_ratio=0.9"], "effective_rank_collapse: "),  # held-out or training
     # the same through submitit_local: the rule fires in a separate worker process
     (["hydra.sweeper.early_stop.max_identity_score=-1.0", "hydra/launcher=submitit_local",
       "hydra.launcher.timeout_min=5"], "identity_mapping: identity score"),
