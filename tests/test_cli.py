@@ -47,6 +47,9 @@ def test_quick_run_writes_every_artifact(tiny_run):
         ("model.context_dim=-4", "model.context_dim=-4"),
         ("training.phase1.init=magic", "training.phase1.init='magic'"),
         ("training.diversity=vicreg", "select one with training/diversity=<name>"),  # dot for a group
+        ("training.phase1.val_streams=0", "training.phase1.val_streams=0 is not allowed: expected a positive"),
+        ("training.phase1.val_init=sequential", "val_init"),  # removed: held-out sweeps always start at c = 0
+        ("training.phase1.val_streams=256", "too short to measure val_iterations=8 sweeps"),  # 1,024 / 256 = 4
     ],
 )
 def test_config_errors_name_the_key(tiny_run, override, expected):

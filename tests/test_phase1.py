@@ -361,3 +361,33 @@ def test_a_collapsed_f_converges_at_once_and_is_pruned_by_the_cvfp_rules():
     row = {"phase": 1, "step": 10, "phase1/loss": 0.0, "phase1/val_effective_rank": m["phase1/val_effective_rank"]}
     reason = early_stop_reason(row, OmegaConf.to_container(rules), 24, lambda: 0.0)
     assert reason.startswith("effective_rank_collapse: held-out effective rank 1.")
+
+
+def test_a_test_stream_is_measured_once_under_its_own_prefix():
+    """evaluate_phase1 serves any held-out stream: validation selects (phase1/val_*), test reports (phase1/test_*)."""
+    from newllm.training.phase1 import evaluate_phase1, held_out_ids
+
+    g = torch.Generator().manual_seed(10)
+    train, val, test = (torch.randint(0, 40, (n,), generator=g) for n in (128, 96, 160))
+    m = context_lm("layerwise")
+    cfg = phase1_cfg(max_iterations=2, min_iterations=2, val_iterations=4, memory_cap=8, erank_samples=64)
+    r = train_phase1(m, train, val, cfg, 0.5, FrobeniusDeviation(), CPU, progress=False, test_ids=test)
+    expected = evaluate_phase1(m, held_out_ids(test, cfg), cfg, prefix="phase1/test_")
+    assert {k: v for k, v in r.metrics.items() if k.startswith("phase1/test_")} == pytest.approx(expected)
+    assert r.metrics["phase1/test_tokens"] == 160 and r.metrics["phase1/val_tokens"] == 96
+    assert not any(k.startswith("phase1/test_") for row in r.history for k in row)  # never used to select
+    with pytest.raises(TrainingError, match="the test stream .* too short"):
+        train_phase1(context_lm(), train, val, cfg, 0.5, FrobeniusDeviation(), CPU, progress=False,
+                     test_ids=test[:24])
+
+
+def test_memory_length_is_a_flagged_lower_bound_on_streams_shorter_than_the_cap():
+    """k sweeps from zeros are exact at the first k positions: on streams of L tokens every f 'converges'
+    by L sweeps, so a memory length there says nothing beyond L - 1."""
+    from newllm.training.phase1 import evaluate_phase1, held_out_ids
+
+    ids = torch.randint(0, 40, (96,), generator=torch.Generator().manual_seed(12))
+    m = context_lm("sequential", init_std=0.5).eval()  # deep, undamped: long memory
+    cfg = phase1_cfg(val_iterations=2, val_streams=8, memory_cap=128, erank_samples=64)  # streams of 12
+    out = evaluate_phase1(m, held_out_ids(ids, cfg), cfg)
+    assert (out["phase1/val_memory_length"], out["phase1/val_memory_length_capped"]) == (11, 1)

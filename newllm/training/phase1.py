@@ -326,13 +326,15 @@ def evaluate_phase1(model: torch.nn.Module, ids: torch.Tensor, cfg: DictConfig, 
     {prefix}convergence_rate      converged fraction after val_iterations sweeps
     {prefix}fixed_point_distance  mean ||C^k - C*|| (L2) after val_iterations sweeps (per_token: the residual)
     {prefix}memory_length         sweeps needed for a convergence_target fraction (memory=True);
-                                  {prefix}memory_length_capped = 1 when memory_cap sweeps did not get there
+                                  {prefix}memory_length_capped = 1 when memory_cap sweeps (or, on streams
+                                  shorter than that, length - 1: N sweeps are exact for any f) did not
+                                  get there; the figure is then a lower bound
     {prefix}effective_rank(_ratio) and collapse statistics: of the held-out contexts themselves (the
                                   sequential pass; per_token: the contexts after val_iterations iterations)
     """
     x = model.embed(ids)
-    rates, distances, contexts = cold_start_rates(model, x, cfg, cfg.val_iterations,
-                                                  cfg.memory_cap if memory else None)
+    cap = cfg.memory_cap if cfg.mode == "per_token" else min(cfg.memory_cap, ids.shape[1] - 1)
+    rates, distances, contexts = cold_start_rates(model, x, cfg, cfg.val_iterations, cap if memory else None)
     contexts = contexts.reshape(-1, contexts.shape[-1])
     erank = metrics.effective_rank(contexts, cfg.erank_samples)
     out: dict[str, float] = {
@@ -342,7 +344,7 @@ def evaluate_phase1(model: torch.nn.Module, ids: torch.Tensor, cfg: DictConfig, 
         f"{prefix}effective_rank_ratio": erank / contexts.shape[-1],
     }
     if memory:
-        length, capped = memory_length(rates, cfg.convergence_target, cfg.memory_cap)
+        length, capped = memory_length(rates, cfg.convergence_target, cap)
         out.update({f"{prefix}memory_length": length, f"{prefix}memory_length_capped": int(capped),
                     f"{prefix}tokens": ids.numel(),
                     **{f"{prefix}{k}": v for k, v in metrics.collapse_stats(contexts, ids.reshape(-1)).items()}})
