@@ -192,7 +192,7 @@ def train_phase1(model: torch.nn.Module, train_ids: torch.Tensor, val_ids: torch
         set_rng_state(state["rng"])
     model.train(train)
     every = cfg.get("checkpoint_every", 0)
-    stop_reason = STOP_MAX_ITERATIONS
+    stop_reason, measuring_s = STOP_MAX_ITERATIONS, 0.0  # held-out checks: timed apart from training
     t0 = time.perf_counter()
     bar = tqdm(range(start, cfg.max_iterations + 1), desc="phase1", disable=not progress, leave=False)
     # Preallocated once: the sweep's inputs and its output (swapped with p after every sweep).
@@ -224,8 +224,10 @@ def train_phase1(model: torch.nn.Module, train_ids: torch.Tensor, val_ids: torch
         if not train and k >= cfg.min_iterations:
             last, stop_reason = True, STOP_UNTRAINED  # f cannot change: more sweeps would measure nothing new
         if k % cfg.val_every == 0 or last:
+            t_check = time.perf_counter()
             with evaluating(model):
                 row.update(evaluate_phase1(model, val, cfg, memory=False))
+            measuring_s += time.perf_counter() - t_check
             if train and k >= cfg.min_iterations and row["phase1/val_convergence_rate"] >= cfg.convergence_target:
                 last, stop_reason = True, STOP_CONVERGED
         if k % cfg.erank_every == 0 or last:
@@ -239,7 +241,7 @@ def train_phase1(model: torch.nn.Module, train_ids: torch.Tensor, val_ids: torch
         if checkpoint is not None and every and k % every == 0:
             checkpoint({"iteration": k, "contexts": p, "optimizer": optimizer.state_dict(),
                         "diversity": module_state(diversity), "history": result.history, "rng": rng_state()})
-    train_time = time.perf_counter() - t0
+    train_time = time.perf_counter() - t0 - measuring_s
     model.eval()
 
     train_contexts = p.reshape(-1, c_dim)
@@ -259,11 +261,13 @@ def train_phase1(model: torch.nn.Module, train_ids: torch.Tensor, val_ids: torch
         "phase1/identity_score": metrics.identity_mapping_score(model.update, c_dim, model.embed_dim,
                                                                 device=device, dtype=p.dtype),
     }
+    t_final = time.perf_counter()
     val_metrics, contexts = evaluate_phase1(model, val, cfg, return_contexts=True)
     result.val_contexts = contexts.cpu()
     m.update(val_metrics)
     if test is not None:
         m.update(evaluate_phase1(model, test, cfg, prefix="phase1/test_"))
+    m["phase1/held_out_time_s"] = measuring_s + time.perf_counter() - t_final
     result.metrics = m
     return result
 
