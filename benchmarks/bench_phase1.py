@@ -58,7 +58,8 @@ def make_model(c: int, layers: int, device: torch.device, seed: int = 0, vocab: 
 
 def phase1_cfg(n: int, iterations: int, **kw) -> object:
     base = dict(max_tokens=n, max_iterations=iterations, min_iterations=iterations, convergence_target=1.0,
-                convergence_threshold=1e-30, erank_every=10**9, erank_samples=256, val_iterations=1)
+                convergence_threshold=1e-30, erank_every=10**9, erank_samples=256, val_iterations=1,
+                val_every=10**9, memory_cap=1)
     return OmegaConf.structured(Phase1Config(**{**base, **kw}))
 
 
@@ -167,7 +168,7 @@ def init_comparison(args, device: torch.device) -> list[dict]:
         m = res.metrics
         rows.append({"init": init, "C": model.context_dim, "L": len(model.blocks), "N": n, "wall_s": wall,
                      "sweeps_s": m["phase1/train_time_s"], "iterations": m["phase1/iterations"],
-                     "convergence": m["phase1/convergence_rate"], "residual": m["phase1/residual"],
+                     "train_step_stability": m["phase1/train_step_stability"], "residual": m["phase1/residual"],
                      "erank": m["phase1/effective_rank"], "erank_ratio": m["phase1/effective_rank_ratio"],
                      "val_convergence": m["phase1/val_convergence_rate"]})
     return rows
@@ -204,7 +205,7 @@ def main() -> None:
                "sweep_efficiency"])
     if args.inits:
         report(init_comparison(args, device), "phase1_inits", device, None, ["init", "C", "L", "N", "wall_s",
-               "sweeps_s", "iterations", "convergence", "residual", "erank", "erank_ratio", "val_convergence"])
+               "sweeps_s", "iterations", "train_step_stability", "residual", "erank", "erank_ratio", "val_convergence"])
 
 
 if __name__ == "__main__":

@@ -43,7 +43,7 @@ if TYPE_CHECKING:  # torch and matplotlib load lazily: `analyze runs` answers in
 CACHE_NAME = ".runs_cache.parquet"
 # Columns every runs table starts with; metrics follow, then the flattened config.
 ID_COLUMNS = ["run", "status", "sweep_id", "job", "start_time", "end_time", "choices/model", "overrides", "error"]
-KEY_METRICS = ["phase1/convergence_rate", "phase1/effective_rank", "phase1/val_effective_rank",
+KEY_METRICS = ["phase1/val_convergence_rate", "phase1/val_memory_length", "phase1/val_effective_rank",
                "phase2/val_ppl", "phase2/test_ppl", "phase2/test_acc", "model/params_core", "time/wall_s"]
 FINAL_METRIC = "phase2/test_ppl"  # what final comparisons report: the held-out test split, read once per run
 LOG_LINE = re.compile(r"^\[\d{4}-\d\d-\d\d ")  # '[2026-11-23 10:00:00,000][logger][LEVEL] - ...'
@@ -679,7 +679,7 @@ def plot_param_importances(studies: Sequence[optuna.Study], objective: int = 0,
 
 
 def plot_training_curves(run_dirs: Sequence[str | Path], labels: Sequence[str] | None = None,
-                         columns: Sequence[str] = ("phase1/convergence_rate", "phase1/effective_rank",
+                         columns: Sequence[str] = ("phase1/val_convergence_rate", "phase1/effective_rank",
                                                    "phase2/val_ppl")) -> Figure:
     """history.csv of several runs overlaid: one panel per column, x = step within its phase."""
     fig, axes = _figure(1, len(columns))

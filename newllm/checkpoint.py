@@ -103,11 +103,18 @@ def tokenizer_hash(tokenizer: Tokenizer) -> str:
     return hashlib.sha256(tokenizer.to_str().encode()).hexdigest()[:16]
 
 
-def tensor_hash(*tensors: torch.Tensor) -> str:
-    h = hashlib.sha256()
+def tensor_hash(*tensors: torch.Tensor, context: str = "") -> str:
+    """Hash of the tensors' shapes, dtypes and bytes (the same bytes as (2, 64) and (4, 32) differ), and `context`."""
+    h = hashlib.sha256(context.encode())
     for t in tensors:
+        h.update(f"|{tuple(t.shape)}:{t.dtype}|".encode())
         h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+def contexts_key(inputs: torch.Tensor, weights: list[torch.Tensor], precision: str) -> str:
+    """Cache key of fixed Phase-2 contexts: the windows, f's weights, and how f was run (eval mode, precision)."""
+    return tensor_hash(inputs, *weights, context=f"eval;precision={precision}")
 
 
 # ----------------------------------------------------------------------------- resume

@@ -30,11 +30,15 @@ def singular_values(contexts: torch.Tensor, max_rows: int = 4096, centered: bool
 
 
 def effective_rank_from_singular_values(s: torch.Tensor) -> float:
-    """Roy & Vetterli (2007): exp of the entropy of the normalised singular values."""
-    s = s[s > 0]
-    if s.numel() == 0:
+    """Roy & Vetterli (2007): exp of the entropy of the normalised singular values.
+
+    In float64, and over p > 0 only: a collapsed matrix has singular values ~1e-11 of the largest
+    (and denormals) whose p underflows to 0 in float32, and 0 * log 0 made its rank NaN.
+    """
+    p = s.double() / s.double().sum() if s.numel() else s
+    p = p[p > 0]
+    if p.numel() == 0:
         return 0.0
-    p = s / s.sum()
     return math.exp(float(-(p * p.log()).sum()))
 
 
@@ -71,11 +75,11 @@ def mean_residual(new: torch.Tensor, old: torch.Tensor) -> float:
 
 def identity_mapping_score(update: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
                            context_dim: int, embed_dim: int, n: int = 256, seed: int = 0,
-                           device: torch.device | str = "cpu") -> float:
+                           device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> float:
     """Mean cos(c, f(c, x)) on random (c, x); above ~0.95 f learned a (near) identity map."""
     g = torch.Generator().manual_seed(seed)
-    c = torch.randn(n, context_dim, generator=g).to(device)
-    x = torch.randn(n, embed_dim, generator=g).to(device)
+    c = torch.randn(n, context_dim, generator=g).to(device, dtype)
+    x = torch.randn(n, embed_dim, generator=g).to(device, dtype)
     with torch.no_grad():
         out = update(c, x)
     return float(torch.nn.functional.cosine_similarity(c, out, dim=-1).mean())

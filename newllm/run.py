@@ -155,7 +155,8 @@ def run(cfg: DictConfig, run_dir: str | Path) -> tuple[dict, float | list[float]
             p1 = train_phase1(model, p1_ids, data.val_ids, p1_cfg, cfg.training.dist_reg_weight,
                               diversity, device, on_iteration=tracker.log, progress=cfg.progress,
                               state=resumed["loop"] if resumed is not None else None,
-                              checkpoint=lambda loop: save_resume("phase1", loop))
+                              checkpoint=lambda loop: save_resume("phase1", loop),
+                              test_ids=getattr(data, "test_ids", None))  # TokenData.test_ids: the test split
         p1.metrics["phase1/documents"] = p1_documents  # kept with the Phase-1 checkpoint (from_run)
         metrics.update(p1.metrics)
         if cfg.save_contexts and p1.val_contexts is not None:
@@ -163,9 +164,11 @@ def run(cfg: DictConfig, run_dir: str | Path) -> tuple[dict, float | list[float]
         ckpt.save(run_dir / ckpt.PHASE1_FILE, "phase1", {
             "config": to_container(cfg), "model": model.state_dict(), "metrics": ckpt.primitive(p1.metrics),
             "tokenizer_hash": ckpt.tokenizer_hash(data.tokenizer), "vocab_size": data.vocab_size})
-        log.info("phase 1: convergence %.3f after %d iterations, effective rank %.1f/%d (val conv %.3f)",
-                 p1.metrics["phase1/convergence_rate"], p1.metrics["phase1/iterations"],
-                 p1.metrics["phase1/effective_rank"], model.context_dim, p1.metrics["phase1/val_convergence_rate"])
+        log.info("phase 1: %d iterations (%s); held-out from c = 0: convergence %.3f after %d sweeps, "
+                 "memory length %d%s, effective rank %.1f/%d", p1.metrics["phase1/iterations"],
+                 p1.metrics["phase1/stop_reason"], p1.metrics["phase1/val_convergence_rate"], p1_cfg.val_iterations,
+                 p1.metrics["phase1/val_memory_length"], " (capped)" if p1.metrics["phase1/val_memory_length_capped"]
+                 else "", p1.metrics["phase1/val_effective_rank"], model.context_dim)
     if stage == "phase1" and cfg.training.repetition.enabled:
         stages = getattr(data, "stages", None)
         if not stages:
@@ -187,7 +190,8 @@ def run(cfg: DictConfig, run_dir: str | Path) -> tuple[dict, float | list[float]
 
     def contexts_cache(inputs: torch.Tensor, compute) -> torch.Tensor:
         weights = [v for k, v in model.state_dict().items() if not k.startswith("head.")]
-        return ckpt.cached_contexts(contexts_dir, ckpt.tensor_hash(inputs, *weights), compute)
+        key = ckpt.contexts_key(inputs, weights, cfg.training.precision)
+        return ckpt.cached_contexts(contexts_dir, key, compute)
 
     if cfg.training.phase2.enabled:
         with autocast(device, cfg.training.precision), out_of_memory_guard(cfg, "phase 2"):

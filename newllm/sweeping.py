@@ -7,7 +7,8 @@ every Phase-1 iteration and Phase-2 epoch row. It raises `TrialPruned` when the 
 early-stop rule says so; the sweeper then records the trial as PRUNED with the reason.
 
 Intermediate values (single-objective studies only; Optuna forbids report() with several):
-  Phase 1 iteration k -> step k, value 1 - convergence_rate (maximize studies: convergence_rate)
+  Phase 1 iteration k -> step k, value 1 - val_convergence_rate (maximize studies: val_convergence_rate),
+                         at the iterations that measure validation (every training.phase1.val_every)
   Phase 2 epoch e -> step phase1.max_iterations + 1 + e (epochs count from 1), value val_loss (maximize: -val_loss)
 so every trial of a study reports each phase at the same steps, and PhaseWisePruner lets the
 configured pruner see only the current phase of the trial: pruners compare like with like.
@@ -28,6 +29,7 @@ from omegaconf import DictConfig
 
 from newllm import metrics
 from newllm.errors import NewllmError
+from newllm.models import evaluating
 
 ENV_STORAGE, ENV_STUDY, ENV_TRIAL = "NEWLLM_OPTUNA_STORAGE", "NEWLLM_OPTUNA_STUDY", "NEWLLM_OPTUNA_TRIAL_ID"
 SPEC_ATTR = "newllm:task"  # trial system attr: {"pruner": cfg, "early_stop": rules, "report": [phases]}
@@ -42,7 +44,7 @@ class PhaseWisePruner(optuna.pruners.BasePruner):
     """The configured pruner, shown only the current phase's intermediate values of this trial.
 
     Pruners such as MedianPruner compare a trial's *best* value so far with other trials at the
-    current step; Phase-1 values (1 - convergence, in [0, 1]) would always beat Phase-2 losses.
+    current step; Phase-1 values (1 - val convergence, in [0, 1]) would always beat Phase-2 losses.
     Other trials are compared at the same step, hence within the same phase already.
     """
 
@@ -58,19 +60,27 @@ class PhaseWisePruner(optuna.pruners.BasePruner):
 
 
 def early_stop_reason(row: dict, rules: dict, context_dim: int, identity_score: Callable[[], float]) -> str | None:
-    """The first early-stop rule this history row breaks, as a one-line reason (None: carry on)."""
+    """The first early-stop rule this history row breaks, as a one-line reason (None: carry on).
+
+    The rank rule reads the training contexts' rank (every erank_every iterations) and the held-out
+    one (every val_every): a collapsed f converges from c = 0 in a few sweeps, so a study that
+    maximises phase1/val_convergence_rate needs this rule to keep collapsed trials off its front.
+    """
     if rules.get("nan_loss", True):
         bad = {k: v for k, v in row.items() if k.endswith("loss") and isinstance(v, float) and not math.isfinite(v)}
         if bad:
             return f"nan_loss: {bad} at phase {row.get('phase')} step {row.get('step')}"
     if row.get("phase") != 1 or row.get("step", 0) < rules.get("grace_iterations", 0):
         return None
-    ratio, erank = rules.get("min_effective_rank_ratio") or 0.0, row.get("phase1/effective_rank")
-    if erank is not None and erank / context_dim < ratio:
-        return (f"effective_rank_collapse: effective rank {erank:.2f}/{context_dim} = {erank / context_dim:.3f} "
-                f"< min_effective_rank_ratio={ratio} at iteration {row['step']}")
+    ratio = rules.get("min_effective_rank_ratio") or 0.0
+    for key, which in (("phase1/effective_rank", "effective rank"),
+                       ("phase1/val_effective_rank", "held-out effective rank")):
+        erank = row.get(key)
+        if ratio > 0 and erank is not None and not erank / context_dim >= ratio:  # `not >=`: NaN collapses too
+            return (f"effective_rank_collapse: {which} {erank:.2f}/{context_dim} = {erank / context_dim:.3f} "
+                    f"< min_effective_rank_ratio={ratio} at iteration {row['step']}")
     limit = rules.get("max_identity_score")
-    if limit is not None and erank is not None:  # checked with the rank, every erank_every iterations
+    if limit is not None and "phase1/effective_rank" in row:  # checked with the rank, every erank_every iterations
         score = identity_score()
         if score > limit:
             return (f"identity_mapping: identity score {score:.3f} > max_identity_score={limit} "
@@ -99,8 +109,9 @@ class TrialReporter:
 
     def identity_score(self) -> float:
         m = self.model
-        return metrics.identity_mapping_score(m.update, m.context_dim, m.embed_dim,
-                                              device=next(m.parameters()).device)
+        with evaluating(m):  # a measurement mid-training: no dropout
+            return metrics.identity_mapping_score(m.update, m.context_dim, m.embed_dim,
+                                                  device=next(m.parameters()).device)
 
     def __call__(self, row: dict) -> None:
         reason = early_stop_reason(row, self.rules, self.context_dim, self.identity_score)
@@ -116,8 +127,8 @@ class TrialReporter:
                               f"(phase {row['phase']}) is worse than the trials it was compared with")
 
     def intermediate(self, row: dict) -> tuple[float | None, int]:
-        if row.get("phase") == 1 and "phase1" in self.report and "phase1/convergence_rate" in row:
-            rate = float(row["phase1/convergence_rate"])
+        if row.get("phase") == 1 and "phase1" in self.report and "phase1/val_convergence_rate" in row:
+            rate = float(row["phase1/val_convergence_rate"])
             return (1.0 - rate if self.sign > 0 else rate), int(row["step"])
         if row.get("phase") == 2 and "phase2" in self.report and "phase2/val_loss" in row:
             return self.sign * float(row["phase2/val_loss"]), self.phase2_offset + int(row.get("epoch", 0))

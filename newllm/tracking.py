@@ -199,7 +199,7 @@ def plot_curves(history: list[dict], path: Path) -> Path:
     fig, axes = plt.subplots(1, 4, figsize=(16, 3.4))
     panels = [
         ("Phase 1 loss", ["phase1/cvfp_loss", "phase1/diversity_loss"], 1),
-        ("Phase 1 convergence rate", ["phase1/convergence_rate"], 1),
+        ("Phase 1 convergence", ["phase1/val_convergence_rate", "phase1/train_step_stability"], 1),
         ("Phase 1 effective rank", ["phase1/effective_rank"], 1),
         ("Phase 2 perplexity", ["phase2/train_ppl", "phase2/val_ppl"], 2),
     ]

@@ -12,8 +12,9 @@ import torch
 from tests.conftest import read_metrics, run_cli
 
 REQUIRED_KEYS = [
-    "phase1/convergence_rate", "phase1/effective_rank", "phase1/effective_rank_ratio", "phase1/iterations",
-    "phase1/residual", "phase1/val_convergence_rate", "phase1/token_iterations_per_s",
+    "phase1/train_step_stability", "phase1/effective_rank", "phase1/effective_rank_ratio", "phase1/iterations",
+    "phase1/residual", "phase1/val_convergence_rate", "phase1/val_memory_length", "phase1/val_memory_length_capped",
+    "phase1/stop_reason", "phase1/token_iterations_per_s",
     "phase2/val_ppl", "phase2/val_acc", "phase2/val_loss", "phase2/train_ppl", "phase2/tokens_per_s",
     "model/params", "time/wall_s", "seed", "device", "data/train_tokens", "data/val_tokens",
 ]
@@ -30,10 +31,11 @@ def test_quick_run_writes_every_artifact(tiny_run):
     m = read_metrics(run_dir)
     for key in REQUIRED_KEYS:
         assert key in m, key
-        if key != "device":
+        if key not in ("device", "phase1/stop_reason"):
             assert math.isfinite(float(m[key])), (key, m[key])
     assert m["device"] == "cpu" and m["seed"] == 42
-    assert 0.0 <= m["phase1/convergence_rate"] <= 1.0
+    assert 0.0 <= m["phase1/val_convergence_rate"] <= 1.0 and 0.0 <= m["phase1/train_step_stability"] <= 1.0
+    assert m["phase1/stop_reason"] in ("val_converged", "max_iterations")
     assert m["phase2/val_ppl"] < m["phase2/uniform_ppl"]  # learned something beyond a uniform guess
     ckpt = torch.load(run_dir / "checkpoint.pt", weights_only=True)
     assert ckpt["config"]["model"]["context_dim"] == 32 and "head.weight" in ckpt["model"]
@@ -51,6 +53,9 @@ def test_quick_run_writes_every_artifact(tiny_run):
         ("model.context_dim=-4", "model.context_dim=-4"),
         ("training.phase1.init=magic", "training.phase1.init='magic'"),
         ("training.diversity=vicreg", "select one with training/diversity=<name>"),  # dot for a group
+        ("training.phase1.val_streams=0", "training.phase1.val_streams=0 is not allowed: expected a positive"),
+        ("training.phase1.val_init=sequential", "val_init"),  # removed: held-out sweeps always start at c = 0
+        ("training.phase1.val_streams=256", "too short to measure val_iterations=8 sweeps"),  # 1,024 / 256 = 4
     ],
 )
 def test_config_errors_name_the_key(tiny_run, override, expected):
@@ -108,9 +113,9 @@ def test_same_seed_same_metrics_different_seed_different_weights(tiny_run):
     b, _ = tiny_run("b")
     c, _ = tiny_run("c", "seed=7")
     ma, mb = read_metrics(a), read_metrics(b)
-    volatile = {"time/wall_s", "time/wall_s_this_process", "phase1/train_time_s", "phase2/train_time_s",
-                "phase1/token_iterations_per_s", "phase2/tokens_per_s", "data/tokenizer_cache_hit",
-                "data/tokens_cache_hit"}
+    volatile = {"time/wall_s", "time/wall_s_this_process", "phase1/held_out_time_s", "phase1/train_time_s",
+                "phase2/train_time_s", "phase1/token_iterations_per_s", "phase2/tokens_per_s",
+                "data/tokenizer_cache_hit", "data/tokens_cache_hit"}
     assert {k: v for k, v in ma.items() if k not in volatile} == {k: v for k, v in mb.items() if k not in volatile}
     wa = torch.load(a / "checkpoint.pt", weights_only=True)["model"]
     wb = torch.load(b / "checkpoint.pt", weights_only=True)["model"]

@@ -37,7 +37,7 @@ def test_repetition_runs_phase1_and_phase2(tmp_path):
     m, _ = run(cfg, tmp_path / "rep")
     assert m["data/name"] == "repetition" and m["data/phrase_lengths"] == "1,2,3"
     assert (m["data/train_tokens"], m["data/val_tokens"]) == (16 * 20 * 6, 4 * 20 * 6)
-    assert 0.0 <= m["phase1/convergence_rate"] <= 1.0 and m["phase1/iterations"] == 2
+    assert 0.0 <= m["phase1/val_convergence_rate"] <= 1.0 and m["phase1/iterations"] == 2
     assert m["phase2/val_ppl"] > 0 and m["phase2/val_tokens"] > 0
 
 

@@ -86,3 +86,11 @@ def test_perplexity_and_accuracy_by_hand():
     assert ce == pytest.approx(expected, rel=1e-5)
     assert n == 2
     assert correct == 2  # argmax of a tie is index 0 (the target), and 5 > 0; the masked wrong one is skipped
+
+
+def test_effective_rank_of_a_collapsed_matrix_is_one_not_nan():
+    """Every context the same point (a collapsed f): float32 singular values underflowed to NaN."""
+    g = torch.Generator().manual_seed(0)
+    collapsed = torch.nn.functional.layer_norm(torch.randn(128, generator=g).repeat(4096, 1), (128,))
+    assert metrics.effective_rank(collapsed) == pytest.approx(1.0, abs=1e-3)
+    assert metrics.effective_rank(torch.zeros(16, 4)) == 0.0

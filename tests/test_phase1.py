@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from functools import partial
 
 import pytest
 import torch
@@ -10,9 +11,11 @@ from torch import nn
 
 from newllm import metrics
 from newllm.errors import TrainingError
-from newllm.training.diversity import FrobeniusDeviation, NoDiversity
-from newllm.training.phase1 import train_phase1
-from newllm.training.solvers import jacobi_solve, sequential_pass, shifted_inputs
+from newllm.models.context_lm import ContextLM
+from newllm.models.updaters import GatedUpdater
+from newllm.training.diversity import DimUsage, EMAVariance, FrobeniusDeviation, NoDiversity, VICReg
+from newllm.training.phase1 import initial_contexts, sweep, sweep_loss, train_phase1
+from newllm.training.solvers import chunked_pass, jacobi_solve, sequential_pass, shifted_inputs
 from tests.helpers_science import context_lm, one_thread, phase1_cfg  # noqa: F401
 
 CPU = torch.device("cpu")
@@ -85,7 +88,7 @@ def test_first_sweep_by_hand_carry_over_and_same_mse_for_loss_and_convergence():
     assert mse > 0  # context carried over: position 0 changed (a reset to c = 0 would give exactly 0)
     assert float((new[0, 1:] - p0[0, 1:]).abs().max()) < 1e-6  # the rest already was the fixed point
     assert row["phase1/cvfp_loss"] == pytest.approx(mse, rel=1e-4)  # plain MSE: no F.normalize
-    assert row["phase1/convergence_rate"] == pytest.approx(metrics.convergence_rate(new, p0, 1e-3))
+    assert row["phase1/train_step_stability"] == pytest.approx(metrics.convergence_rate(new, p0, 1e-3))
     assert row["phase1/residual"] == pytest.approx(metrics.mean_residual(new, p0), rel=1e-4)
 
 
@@ -123,29 +126,83 @@ def test_untrained_only_measures():
     assert len(r.history) == 3 and r.history[-1]["phase1/grad_norm"] == 0.0
 
 
-def test_chunked_sweep_accumulates_the_same_gradient():
-    ids = torch.randint(0, 40, (96,))
-    results = []
-    for chunk in (96, 20):
-        m = context_lm("layerwise", seed=3)
-        cfg = phase1_cfg(max_iterations=1, min_iterations=1, chunk_size=chunk, val_iterations=1, erank_samples=64)
-        r = train_phase1(m, ids, ids, cfg, 0.0, NoDiversity(), CPU, progress=False)
-        results.append((weights(m), r.history[0]["phase1/cvfp_loss"]))
-    (w1, l1), (w2, l2) = results
-    assert l1 == pytest.approx(l2, rel=1e-5)
-    assert max(float((a - b).abs().max()) for a, b in zip(w1, w2, strict=True)) < 1e-6
+def dropout_lm(dropout: float, seed: int) -> ContextLM:
+    torch.manual_seed(seed)
+    return ContextLM(40, "layerwise", 2, 24, 16, None, 0.1, dropout, partial(GatedUpdater))
+
+
+REGULARISERS = {"none": NoDiversity, "frobenius": FrobeniusDeviation, "dim_usage": DimUsage,
+                "ema_variance": lambda: EMAVariance(momentum=0.5), "vicreg": VICReg}
+
+
+def sweep_gradients(chunk: int, reg, ids: torch.Tensor, w: float = 0.5, dropout: float = 0.0, seed: int = 3):
+    """One training sweep through phase1.sweep from the sequential pass: (mse, div, grads, output)."""
+    m = dropout_lm(dropout, seed) if dropout else context_lm("layerwise", seed=seed)
+    with torch.no_grad():
+        p = sequential_pass(m.update, m.embed(ids[None]))
+    out = torch.empty_like(p)
+    torch.manual_seed(11)
+    mse, div, _ = sweep(m, ids[None], shifted_inputs(p), p, out, w, reg, chunk, train=True)
+    return float(mse), float(div), [q.grad.clone() for q in m.updater_parameters()], out
+
+
+@pytest.mark.parametrize("name", list(REGULARISERS))
+def test_chunk_size_changes_neither_loss_nor_gradient_nor_weights(name):
+    """chunk_size is a memory knob: each regulariser (and the MSE) is computed on the whole sweep.
+    Before, the diversity term was per chunk (Frobenius -0.332 at chunk 96 vs -0.238 at chunk 20)."""
+    ids = torch.randint(0, 40, (96,), generator=torch.Generator().manual_seed(5))
+    (mse1, div1, g1, out1), (mse2, div2, g2, out2) = (sweep_gradients(c, REGULARISERS[name](), ids) for c in (96, 20))
+    assert (mse1, div1) == pytest.approx((mse2, div2), rel=1e-5, abs=1e-7)
+    torch.testing.assert_close(out1, out2, rtol=1e-5, atol=1e-6)
+    for a, b in zip(g1, g2, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+    assert sum(float(g.abs().sum()) for g in g1) > 0
+    trained = []
+    for chunk in (96, 20, 7):  # 7: uneven chunks. float64: Adam's first steps are ~lr * sign(grad), which
+        m = context_lm("layerwise", seed=3).double()  # float32 rounding flips for near-zero gradient entries
+        cfg = phase1_cfg(max_iterations=2, min_iterations=2, chunk_size=chunk, val_iterations=1, erank_samples=64)
+        r = train_phase1(m, ids, ids, cfg, 0.5, REGULARISERS[name](), CPU, progress=False)
+        trained.append((weights(m), [v for row in r.history for v in (row["phase1/cvfp_loss"],
+                                                                        row["phase1/diversity_loss"])]))
+    (w1, l1), *others = trained
+    for w2, l2 in others:
+        assert l1 == pytest.approx(l2, rel=1e-9, abs=1e-12)
+        assert max(float((a - b).abs().max()) for a, b in zip(w1, w2, strict=True)) < 1e-9
+
+
+def test_chunked_sweep_replays_dropout_masks_for_its_gradient():
+    """With dropout, the gradient of a chunked sweep is that of the loss at the contexts it returns:
+    the re-run chunks must see the masks of the no-grad forward, not fresh ones."""
+    ids = torch.randint(0, 40, (60,), generator=torch.Generator().manual_seed(6))
+    mse, div, grads, out = sweep_gradients(20, FrobeniusDeviation(), ids, dropout=0.3)
+    m = dropout_lm(0.3, seed=3)
+    with torch.no_grad():
+        p = sequential_pass(m.update, m.embed(ids[None]))
+    c_in = shifted_inputs(p)
+    torch.manual_seed(11)  # the same masks, drawn chunk by chunk in the same order, but with the graph kept
+    c = torch.cat([m.update(c_in[:, a:a + 20], m.embed(ids[None, a:a + 20])) for a in range(0, 60, 20)], dim=1)
+    loss, ref_mse, _, _ = sweep_loss(c, p, 0.5, FrobeniusDeviation())
+    loss.backward()
+    torch.testing.assert_close(out, c.detach())
+    assert mse == pytest.approx(float(ref_mse.detach()))
+    for a, b in zip(grads, [q.grad for q in m.updater_parameters()], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
 
 
 def test_gated_layerwise_reaches_the_convergence_target_and_moves_weights():
+    """Trained from zeros with w = 0, f learns to contract (measured: from the sequential start the same
+    f's held-out rate stays < 0.03 at 20 sweeps, memory ~100 tokens, while its training step stability is 0.99)."""
     torch.manual_seed(1)
     m = context_lm("layerwise", context_dim=16, embed_dim=12, init_std=0.1, seed=1)
     before = weights(m)
     ids = torch.randint(0, 40, (256,))
-    cfg = phase1_cfg(max_iterations=60, min_iterations=5, lr=3e-3, convergence_threshold=1e-3,
-                     val_iterations=20, erank_samples=256)
+    cfg = phase1_cfg(max_iterations=60, min_iterations=5, lr=3e-3, convergence_threshold=1e-3, init="zeros",
+                     val_iterations=20, val_every=5, val_streams=1, erank_samples=256)
     r = train_phase1(m, ids, torch.randint(0, 40, (128,)), cfg, 0.0, NoDiversity(), CPU, progress=False)
-    assert r.metrics["phase1/convergence_rate"] >= 0.95
-    assert r.metrics["phase1/iterations"] < 60  # stopped early at the target
+    # stopped early at the target, measured on the held-out stream from c = 0
+    assert r.metrics["phase1/stop_reason"] == "val_converged"
+    assert r.metrics["phase1/iterations"] < 60 and r.metrics["phase1/iterations"] % 5 == 0
+    assert r.history[-1]["phase1/val_convergence_rate"] >= 0.95
     assert moved(before, m) > 1e-3
     losses = [row["phase1/cvfp_loss"] for row in r.history]
     assert losses[-1] < max(losses)
@@ -200,3 +257,137 @@ def test_architecture_by_training_multirun_cli(tmp_path, monkeypatch):
         assert 0 <= m["phase1/identity_score"] <= 1 and m["phase1/val_tokens"] > 0
         seen.add((arch, untrained))
     assert len(seen) == 4
+
+
+def test_pass0_is_computed_in_eval_mode_whatever_mode_training_left():
+    """Pass 0 is a measurement of f: with dropout > 0 it used to run with dropout on (the model in train mode)."""
+    m = dropout_lm(0.5, seed=4).train()
+    ids = torch.randint(0, 40, (1, 50), generator=torch.Generator().manual_seed(7))
+    cfg = phase1_cfg()
+    with torch.no_grad():
+        x = m.embed(ids)
+        p0 = initial_contexts(m, x, cfg)
+        p0_chunked = initial_contexts(m, x, phase1_cfg(init="chunked", init_chunks=5))
+        assert m.training  # the caller's mode is restored
+        m.eval()
+        expected, expected_chunked = sequential_pass(m.update, x), chunked_pass(m.update, x, 5)
+    torch.testing.assert_close(p0, expected)
+    torch.testing.assert_close(p0_chunked, expected_chunked)
+
+
+def test_held_out_measurements_ignore_dropout():
+    """evaluate_phase1 inside training (train mode, dropout on) gives what an eval-mode f gives."""
+    ids = torch.randint(0, 40, (128,), generator=torch.Generator().manual_seed(8))
+    m = dropout_lm(0.5, seed=4)
+    cfg = phase1_cfg(max_iterations=3, min_iterations=3, val_every=1, val_iterations=4, erank_samples=64, lr=1e-9)
+    r = train_phase1(m, ids, ids, cfg, 0.0, NoDiversity(), CPU, progress=False)
+    assert r.metrics["phase1/val_convergence_rate"] == pytest.approx(r.history[-1]["phase1/val_convergence_rate"])
+    rates = [row["phase1/val_fixed_point_distance"] for row in r.history]
+    assert rates == pytest.approx([rates[0]] * 3, rel=1e-4)  # lr ~ 0: f unchanged, so the same held-out figure
+
+
+# ----------------------------------------------------------------------------- issue 11, item 1
+def phase1_run(tmp_path, name: str, *overrides: str) -> dict:
+    """A real run (data, model, Phase 1, metrics) in-process, TINY settings, Phase 2 off."""
+    from hydra import compose, initialize_config_dir
+
+    from newllm.config import register_configs
+    from newllm.run import run
+    from tests.conftest import REPO, TINY
+
+    register_configs()
+    with initialize_config_dir(str(REPO / "conf")):
+        cfg = compose("config", [*TINY, f"paths.output_root={tmp_path / 'outputs'}", "training.phase2.enabled=false",
+                                 "save_checkpoint=false", "save_contexts=false", *overrides])
+    metrics_, _ = run(cfg, tmp_path / name)
+    return metrics_
+
+
+@pytest.mark.slow
+def test_held_out_objective_orders_trained_above_doing_nothing(tmp_path):
+    """The same init (seed 42) on the same data: untrained, lr ~ 0 and trained. Trained from zeros with w = 0,
+    f learns to contract; untrained and lr ~ 0 leave f as it was, so they score the init's f, far from 1."""
+    zeros = ["training.phase1.init=zeros", "training.dist_reg_weight=0"]
+    trained = phase1_run(tmp_path, "trained", *zeros)
+    untrained = phase1_run(tmp_path, "untrained", *zeros, "training.phase1.untrained=true")
+    frozen = phase1_run(tmp_path, "lr0", *zeros, "training.phase1.lr=1e-9")
+    key = "phase1/val_convergence_rate"
+    assert untrained[key] == pytest.approx(frozen[key], abs=1e-3) and untrained[key] < 0.5
+    assert trained[key] > untrained[key] + 0.1
+    assert trained["phase1/val_memory_length"] < untrained["phase1/val_memory_length"]
+    assert untrained["phase1/val_memory_length_capped"] == 1 == frozen["phase1/val_memory_length_capped"]
+
+
+@pytest.mark.slow
+def test_doing_nothing_neither_scores_one_nor_stops_converged(tmp_path):
+    """From the sequential pass, an lr ~ 0 run's training rate is ~1 by construction (it stopped 'converged'
+    at min_iterations); renamed, it stays in the metrics, and neither the objective nor the stop follows it."""
+    frozen = phase1_run(tmp_path, "lr0", "training.phase1.lr=1e-9")
+    untrained = phase1_run(tmp_path, "untrained", "training.phase1.untrained=true")
+    for m in (frozen, untrained):
+        assert m["phase1/train_step_stability"] > 0.99
+        assert m["phase1/val_convergence_rate"] < 0.9
+    assert frozen["phase1/stop_reason"] == "max_iterations" and frozen["phase1/iterations"] == 6  # training=quick
+    assert untrained["phase1/stop_reason"] == "untrained" and untrained["phase1/iterations"] == 2  # min_iterations
+
+
+def collapsed_lm() -> ContextLM:
+    """f(c, x) independent of x (every weight but the LayerNorms and the update bias zero): one attractor."""
+    m = context_lm("layerwise", seed=5)
+    with torch.no_grad():
+        for name, param in m.named_parameters():
+            if name.startswith("blocks.") and "norm" not in name:
+                param.zero_()
+        for block in m.blocks:
+            block.updater.update.bias.normal_(0.0, 1.0)
+    return m.eval()
+
+
+def test_a_collapsed_f_converges_at_once_and_is_pruned_by_the_cvfp_rules():
+    """What a collapsed run scores: the held-out objective's maximum, within a few sweeps. Only its rank tells,
+    so the optuna_cvfp preset's collapse rule (training and held-out rank) must stop it."""
+    from omegaconf import OmegaConf
+
+    from newllm.sweeping import early_stop_reason
+    from newllm.training.phase1 import evaluate_phase1, held_out_ids
+    from tests.conftest import REPO
+
+    ids = torch.randint(0, 40, (512,), generator=torch.Generator().manual_seed(9))
+    cfg = phase1_cfg(erank_samples=512)
+    m = evaluate_phase1(collapsed_lm(), held_out_ids(ids, cfg), cfg)
+    assert m["phase1/val_convergence_rate"] == 1.0 and m["phase1/val_memory_length"] <= 4
+    assert m["phase1/val_effective_rank"] < 1.5 and m["phase1/val_pairwise_distance"] < 0.2  # one point (norms ~5)
+    rules = OmegaConf.load(REPO / "sweeps" / "optuna_cvfp.yaml").hydra.sweeper.early_stop
+    row = {"phase": 1, "step": 10, "phase1/loss": 0.0, "phase1/val_effective_rank": m["phase1/val_effective_rank"]}
+    reason = early_stop_reason(row, OmegaConf.to_container(rules), 24, lambda: 0.0)
+    assert reason.startswith("effective_rank_collapse: held-out effective rank 1.")
+
+
+def test_a_test_stream_is_measured_once_under_its_own_prefix():
+    """evaluate_phase1 serves any held-out stream: validation selects (phase1/val_*), test reports (phase1/test_*)."""
+    from newllm.training.phase1 import evaluate_phase1, held_out_ids
+
+    g = torch.Generator().manual_seed(10)
+    train, val, test = (torch.randint(0, 40, (n,), generator=g) for n in (128, 96, 160))
+    m = context_lm("layerwise")
+    cfg = phase1_cfg(max_iterations=2, min_iterations=2, val_iterations=4, memory_cap=8, erank_samples=64)
+    r = train_phase1(m, train, val, cfg, 0.5, FrobeniusDeviation(), CPU, progress=False, test_ids=test)
+    expected = evaluate_phase1(m, held_out_ids(test, cfg), cfg, prefix="phase1/test_")
+    assert {k: v for k, v in r.metrics.items() if k.startswith("phase1/test_")} == pytest.approx(expected)
+    assert r.metrics["phase1/test_tokens"] == 160 and r.metrics["phase1/val_tokens"] == 96
+    assert not any(k.startswith("phase1/test_") for row in r.history for k in row)  # never used to select
+    with pytest.raises(TrainingError, match="the test stream .* too short"):
+        train_phase1(context_lm(), train, val, cfg, 0.5, FrobeniusDeviation(), CPU, progress=False,
+                     test_ids=test[:24])
+
+
+def test_memory_length_is_a_flagged_lower_bound_on_streams_shorter_than_the_cap():
+    """k sweeps from zeros are exact at the first k positions: on streams of L tokens every f 'converges'
+    by L sweeps, so a memory length there says nothing beyond L - 1."""
+    from newllm.training.phase1 import evaluate_phase1, held_out_ids
+
+    ids = torch.randint(0, 40, (96,), generator=torch.Generator().manual_seed(12))
+    m = context_lm("sequential", init_std=0.5).eval()  # deep, undamped: long memory
+    cfg = phase1_cfg(val_iterations=2, val_streams=8, memory_cap=128, erank_samples=64)  # streams of 12
+    out = evaluate_phase1(m, held_out_ids(ids, cfg), cfg)
+    assert (out["phase1/val_memory_length"], out["phase1/val_memory_length_capped"]) == (11, 1)

@@ -100,3 +100,46 @@ def test_validation_is_never_silently_replaced():
     data.val_mask = torch.zeros_like(data.val_mask)
     with pytest.raises(DataError, match="no tokens to predict"):
         train_phase2(context_lm(vocab=V), data, quick(), CPU, seed=0, progress=False)
+
+
+def test_fixed_contexts_are_computed_in_eval_mode():
+    """context=fixed with Phase 1 skipped or reused: the model arrives in train mode, and the features
+    were computed with dropout on (different at every computation, unlike the f they stand for)."""
+    from functools import partial
+
+    from newllm.models.context_lm import ContextLM
+    from newllm.models.updaters import GatedUpdater
+
+    torch.manual_seed(0)
+    m = ContextLM(V, "layerwise", 2, 24, 16, None, 0.1, 0.5, partial(GatedUpdater)).train()
+    data = pattern_data()
+    served = []
+
+    def cache(inputs, compute):  # the run's cache hook: here it only keeps what was computed
+        served.append((inputs, compute()))
+        return served[-1][1]
+
+    train_phase2(m, data, quick(context="fixed", epochs=1, max_steps_per_epoch=1), CPU, seed=0, progress=False,
+                 contexts_cache=cache)
+    (inputs, contexts), = served
+    m.eval()
+    with torch.no_grad():
+        expected = m.contexts_window(inputs)
+    torch.testing.assert_close(contexts, expected)
+
+
+def test_train_figures_come_from_the_same_epoch_as_the_kept_weights():
+    """Random tokens overfit: validation is best at epoch 1 of 5. phase2/train_* came from the last epoch
+    while phase2/val_* and the weights were epoch 1's."""
+    g = torch.Generator().manual_seed(0)
+    tr, va = torch.randint(0, V, (320,), generator=g), torch.randint(0, V, (256,), generator=g)
+    data = TokenData(tr, torch.ones_like(tr, dtype=torch.bool), va, torch.ones_like(va, dtype=torch.bool), None)
+    r = train_phase2(context_lm("layerwise", vocab=V), data, quick(epochs=5, lr=3e-2, patience=5), CPU, seed=0,
+                     progress=False)
+    m, best, last = r.metrics, r.history[r.metrics["phase2/best_epoch"] - 1], r.history[-1]
+    assert m["phase2/best_epoch"] == 1 and m["phase2/epochs"] == 5
+    for k in ("loss", "ppl", "acc"):
+        assert m[f"phase2/train_{k}"] == best[f"phase2/train_{k}"]
+        assert m[f"phase2/val_{k}"] == best[f"phase2/val_{k}"]
+        assert m[f"phase2/last_epoch_train_{k}"] == last[f"phase2/train_{k}"]
+    assert m["phase2/train_loss"] != m["phase2/last_epoch_train_loss"]

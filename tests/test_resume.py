@@ -25,8 +25,8 @@ LIFECYCLE = [*TINY, "data.num_conversations=150", "training.phase1.max_tokens=25
              "training.phase1.context_noise=0.01", "training.phase2.epochs=3", "training.phase2.patience=3",
              "training.phase2.max_steps_per_epoch=3", "training.phase2.seq_len=16",
              "training.phase2.batch_size=8", "training.phase2.max_val_tokens=256", "model.dropout=0.1"]
-VOLATILE = {"time/wall_s", "time/wall_s_this_process", "phase1/train_time_s", "phase2/train_time_s",
-            "phase1/token_iterations_per_s", "phase2/tokens_per_s"}
+VOLATILE = {"time/wall_s", "time/wall_s_this_process", "phase1/held_out_time_s", "phase1/train_time_s",
+            "phase2/train_time_s", "phase1/token_iterations_per_s", "phase2/tokens_per_s"}
 
 # The real CLI, killed with SIGKILL by itself right after it logs row (phase, step): no cleanup runs.
 # Optionally it first pauses PAUSE_S seconds after row (pause phase, pause step): slow work that a
@@ -184,7 +184,7 @@ def test_from_run_skips_phase1_reuses_its_weights_and_caches_fixed_contexts(refe
     got, want = read_metrics(run_dir), read_metrics(reference)
     assert got["phase1/from_run"] == str(reference / ckpt.PHASE1_FILE)
     assert "phase1/cvfp_loss" not in (run_dir / "history.csv").read_text()  # no Phase-1 iteration ran
-    for key in ("phase1/convergence_rate", "phase1/effective_rank", "phase1/val_convergence_rate"):
+    for key in ("phase1/train_step_stability", "phase1/effective_rank", "phase1/val_convergence_rate"):
         assert got[key] == want[key]
     # f frozen in fixed mode: the final f is exactly the reference's Phase-1 f; the head was trained anew
     p1 = torch.load(reference / ckpt.PHASE1_FILE, weights_only=True)["model"]
@@ -249,3 +249,16 @@ def test_truncated_and_foreign_checkpoints_are_one_clear_error(reference, tmp_pa
     (line,) = proc.stderr.strip().splitlines()
     assert "last.pt is not a readable checkpoint (truncated or foreign file" in line
     assert tree(tmp_path / "run") == before  # refused before Hydra wrote .hydra/resume or run.log
+
+
+def test_fixed_context_cache_key_holds_shape_dtype_and_precision():
+    """tensor_hash of a (2, 64) equalled that of a (4, 32) with the same bytes, and bf16 contexts shared
+    a cache entry with fp32 ones."""
+    x = torch.arange(128, dtype=torch.int64)
+    assert ckpt.tensor_hash(x.reshape(2, 64)) != ckpt.tensor_hash(x.reshape(4, 32))
+    assert ckpt.tensor_hash(x.float()) != ckpt.tensor_hash(x.float().view(torch.int32))  # same bytes, other dtype
+    assert ckpt.tensor_hash(x.reshape(2, 64)) == ckpt.tensor_hash(x.reshape(2, 64).clone())
+    w = [torch.ones(3, 3)]
+    keys = {ckpt.contexts_key(x.reshape(2, 64), w, "fp32"), ckpt.contexts_key(x.reshape(4, 32), w, "fp32"),
+            ckpt.contexts_key(x.reshape(2, 64), w, "bf16"), ckpt.contexts_key(x.reshape(2, 64), [2 * w[0]], "fp32")}
+    assert len(keys) == 4

@@ -80,7 +80,8 @@ def test_median_pruner_stops_bad_trials_in_joblib_workers(tmp_path):
         assert phase2_steps(t) == [8]  # stopped after its first epoch
         assert "fail_reason" not in t.user_attrs
     for t in study.get_trials(states=(TrialState.COMPLETE,)):
-        assert phase2_steps(t) == [8, 9] and min(t.intermediate_values) == 1
+        # Phase 1 reports its held-out convergence where it measures it: every val_every = 3 iterations
+        assert phase2_steps(t) == [8, 9] and sorted(s for s in t.intermediate_values if s <= 7) == [3, 6]
         assert t.value == pytest.approx(t.user_attrs["phase2/val_ppl"])
     assert study.trials[0].state == TrialState.COMPLETE and study.trials[0].params["training.phase2.lr"] == 0.003
     assert len(study.trials) == 3 and "FAIL" not in states(study)  # pruned trials count toward n_trials
@@ -103,7 +104,7 @@ def test_hyperband_pruner_prunes_lagging_trials(tmp_path):
 
 
 @pytest.mark.parametrize(("rules", "reason"), [
-    (["hydra.sweeper.early_stop.min_effective_rank_ratio=0.9"], "effective_rank_collapse: effective rank"),
+    (["hydra.sweeper.early_stop.min_effective_rank_ratio=0.9"], "effective_rank_collapse: "),  # held-out or training
     # the same through submitit_local: the rule fires in a separate worker process
     (["hydra.sweeper.early_stop.max_identity_score=-1.0", "hydra/launcher=submitit_local",
       "hydra.launcher.timeout_min=5"], "identity_mapping: identity score"),
@@ -119,6 +120,17 @@ def test_multi_objective_early_stop_rules_prune(tmp_path, rules, reason):
         assert not (Path(t.user_attrs["run_dir"]) / "metrics.json").exists()  # stopped before the end
 
 
+def test_cvfp_preset_prunes_a_collapsed_trial(tmp_path):
+    """f initialised at ~0 collapses (held-out rank ~1.2/32) and converges from c = 0 at once: without the preset's
+    collapse rule it would own the convergence end of the Pareto front."""
+    study, _ = sweep(tmp_path, "+sweep=optuna_cvfp_quick", "hydra.sweeper.n_trials=1", "model.init_std=1e-6",
+                     "model.context_dim=choice(32)", "model.layers=choice(2)", "training.dist_reg_weight=choice(0.5)")
+    (trial,) = study.trials
+    assert trial.state == TrialState.PRUNED, trial.user_attrs
+    assert trial.user_attrs["pruned_reason"].startswith("effective_rank_collapse:")
+    assert "< min_effective_rank_ratio=0.1" in trial.user_attrs["pruned_reason"]
+
+
 def test_early_stop_rules_on_rows():
     rules = {"nan_loss": True, "min_effective_rank_ratio": 0.25, "max_identity_score": 0.9, "grace_iterations": 2}
     ok = {"phase": 1, "step": 3, "phase1/loss": 0.1, "phase1/effective_rank": 12.0}
@@ -131,6 +143,28 @@ def test_early_stop_rules_on_rows():
     nan_row = {"phase": 2, "step": 10, "phase2/val_loss": math.nan, "phase2/train_loss": 2.0}
     assert early_stop_reason(nan_row, rules, 32, lambda: 0.0) == "nan_loss: {'phase2/val_loss': nan} at phase 2 step 10"
     assert early_stop_reason(nan_row, {**rules, "nan_loss": False}, 32, lambda: 0.0) is None
+
+
+def test_identity_rule_measures_f_without_dropout():
+    """The rule's identity score is taken mid-training (model in train mode): dropout must not enter it."""
+    from functools import partial
+
+    import torch
+    from omegaconf import OmegaConf
+
+    from newllm.metrics import identity_mapping_score
+    from newllm.models.context_lm import ContextLM
+    from newllm.models.updaters import GatedUpdater
+    from newllm.sweeping import TrialReporter
+
+    torch.manual_seed(0)
+    model = ContextLM(40, "layerwise", 2, 24, 16, None, 0.1, 0.5, partial(GatedUpdater)).train()
+    cfg = OmegaConf.create({"training": {"phase1": {"max_iterations": 5}}, "model": {"context_dim": 24}})
+    reporter = TrialReporter(optuna.create_study().ask(), {}, cfg, model)
+    score = reporter.identity_score()
+    assert model.training
+    model.eval()
+    assert score == pytest.approx(identity_mapping_score(model.update, 24, 16))
 
 
 def test_failures_are_recorded_and_replaced_until_the_rate_is_exceeded(tmp_path):
@@ -182,7 +216,7 @@ def test_resume_continues_to_n_trials_in_total_and_keeps_every_job_dir(tmp_path)
         assert {k: t.user_attrs[k] for k in metrics} == metrics
         assert f"model.layers={t.params['model.layers']}" in t.user_attrs["overrides"]
         assert {o.lower() for o in TINY} <= {o.lower() for o in t.user_attrs["overrides"]}  # progress=False
-        assert t.values == [metrics["phase1/convergence_rate"], metrics["phase2/val_ppl"]]
+        assert t.values == [metrics["phase1/val_convergence_rate"], metrics["phase2/val_ppl"]]
 
     _, proc = sweep(tmp_path, *args, "hydra.sweeper.n_trials=2")  # already complete: launches nothing
     assert "Launching" not in proc.stderr + proc.stdout and len(study.trials) == 3

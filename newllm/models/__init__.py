@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
@@ -25,3 +28,14 @@ def count_parameters(model: nn.Module) -> dict[str, int]:
     head = sum(p.numel() for p in model.head.parameters())
     return {"params": total, "params_embedding": embedding, "params_head": head,
             "params_core": total - embedding - head}
+
+
+@contextmanager
+def evaluating(model: nn.Module) -> Iterator[nn.Module]:
+    """Eval mode (dropout off) for a no-grad measurement inside training; the previous mode is restored."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)

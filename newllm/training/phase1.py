@@ -11,10 +11,11 @@ Jacobi sweep over ALL positions at once:
 `mode=per_token` is the earliest variant: each token repeated forever from c = 0, i.e. the
 sweep input of a position is its own previous context.
 
-Reading the rates: pass 0 (init=sequential) already IS the fixed point of the frozen f except at
-the carried-over first position, so the training rate measures how far each optimizer step moves
-the trajectory (untrained: ~1 by construction). Whether f contracts onto the steady state is what
-the validation rate measures, from zeros (val_init).
+What the rates measure. Pass 0 already IS the fixed point of the frozen f (but for the carried-over
+first position), so the *training* rate only says how little the last optimizer step moved the
+trajectory: `phase1/train_step_stability`, ~1 for an untrained or lr ~ 0 run by construction.
+Whether f reaches a fixed point is measured on held-out tokens from a cold start (c = 0, see
+`evaluate_phase1`): `phase1/val_convergence_rate` (selection, early stop) and `phase1/test_*`.
 """
 
 from __future__ import annotations
@@ -31,15 +32,18 @@ from tqdm.auto import tqdm
 from newllm import metrics
 from newllm.checkpoint import load_module_state, module_state, rng_state, set_rng_state
 from newllm.errors import TrainingError
+from newllm.models import evaluating
 from newllm.training.diversity import Diversity
 from newllm.training.solvers import chunked_pass, sequential_pass, shifted_inputs, shifted_into, zeros_init
+
+STOP_CONVERGED, STOP_MAX_ITERATIONS, STOP_UNTRAINED = "val_converged", "max_iterations", "untrained"
 
 
 @dataclass
 class Phase1Result:
     history: list[dict] = field(default_factory=list)
-    metrics: dict[str, float] = field(default_factory=dict)
-    val_contexts: torch.Tensor | None = None  # (N, C) final validation contexts
+    metrics: dict[str, float | str] = field(default_factory=dict)
+    val_contexts: torch.Tensor | None = None  # (N, C) held-out validation contexts after the cold-start sweeps
 
 
 def as_streams(ids: torch.Tensor, num_streams: int) -> torch.Tensor:
@@ -50,14 +54,37 @@ def as_streams(ids: torch.Tensor, num_streams: int) -> torch.Tensor:
     return ids[: n * num_streams].reshape(num_streams, n)
 
 
-def initial_contexts(model: torch.nn.Module, x: torch.Tensor, cfg: DictConfig, init: str | None = None) -> torch.Tensor:
-    """Pass 0: the first guess P that the sweeps improve (the fixed point does not depend on it)."""
-    init = init or cfg.init
-    if cfg.mode == "per_token" or init == "zeros":
+def phase1_ids(ids: torch.Tensor, cfg: DictConfig) -> torch.Tensor:
+    """The (S, N) training positions Phase 1 iterates over: streams, or each distinct token once (per_token)."""
+    ids = ids[: cfg.max_tokens]
+    return unique_tokens(ids, cfg.max_tokens) if cfg.mode == "per_token" else as_streams(ids, cfg.num_streams)
+
+
+def held_out_ids(ids: torch.Tensor, cfg: DictConfig, what: str = "validation") -> torch.Tensor:
+    """The (S, N) held-out positions `evaluate_phase1` measures: val_streams streams, each read from c = 0
+    (side by side, so the reference pass takes N steps, not S N), or each distinct token once (per_token)."""
+    ids = ids[: cfg.max_tokens]
+    if cfg.mode == "per_token":
+        return unique_tokens(ids, cfg.max_tokens)
+    streams = as_streams(ids, cfg.val_streams)
+    if streams.shape[1] <= cfg.val_iterations:
+        raise TrainingError(f"the {what} stream ({ids.numel()} tokens) cut into training.phase1.val_streams="
+                            f"{cfg.val_streams} streams of {streams.shape[1]} tokens is too short to measure "
+                            f"val_iterations={cfg.val_iterations} sweeps: lower val_streams or val_iterations")
+    return streams
+
+
+def initial_contexts(model: torch.nn.Module, x: torch.Tensor, cfg: DictConfig) -> torch.Tensor:
+    """Pass 0: the first guess P that the sweeps improve (the fixed point does not depend on it).
+
+    A measurement of f, so in eval mode (no dropout) whatever mode training left the model in.
+    """
+    if cfg.mode == "per_token" or cfg.init == "zeros":
         return zeros_init(model.update, x)
-    if init == "chunked":
-        return chunked_pass(model.update, x, cfg.init_chunks)
-    return sequential_pass(model.update, x)
+    with evaluating(model):
+        if cfg.init == "chunked":
+            return chunked_pass(model.update, x, cfg.init_chunks)
+        return sequential_pass(model.update, x)
 
 
 def sweep_inputs(p: torch.Tensor, mode: str) -> torch.Tensor:
@@ -69,29 +96,92 @@ def unique_tokens(ids: torch.Tensor, limit: int) -> torch.Tensor:
     return torch.unique(ids)[:limit].unsqueeze(0)
 
 
+def sweep_loss(c: torch.Tensor, target: torch.Tensor, w: float, diversity: Diversity,
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, mse, diversity, per-token mse) of a whole sweep: one per-token MSE feeds loss and convergence."""
+    token_mse = metrics.per_token_mse(c, target)  # target: the previous sweep, never overwritten before this
+    mse, div = token_mse.mean(), diversity(c)
+    return (1 - w) * mse + w * div, mse, div, token_mse
+
+
+def _rng_snapshot(device: torch.device) -> tuple:
+    return torch.get_rng_state(), (torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
+
+
+def _rng_restore(state: tuple, device: torch.device) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
+
+
+def sweep(model: torch.nn.Module, ids: torch.Tensor, c_in: torch.Tensor, target: torch.Tensor, out: torch.Tensor,
+          w: float, diversity: Diversity, chunk_size: int, train: bool) -> tuple[torch.Tensor, ...]:
+    """One Jacobi sweep out = f(c_in, X) and its loss; with `train`, the loss's gradients land in .grad.
+
+    The loss is always that of the WHOLE sweep, whatever chunk_size (a memory knob): with one chunk,
+    one forward + backward. With several, f runs chunk by chunk without a graph, the loss of all of
+    `out` is differentiated w.r.t. a detached copy (dL/dC), and each chunk is re-run with its graph and
+    back-propagated with its slice of dL/dC: exactly the gradient of the unchunked loss (dropout
+    masks replayed), for one extra forward. Returns (mse, diversity, per-token mse), detached.
+    """
+    n = ids.shape[1]
+    spans = [(a, min(n, a + chunk_size)) for a in range(0, n, chunk_size)]
+    if train and len(spans) == 1:
+        c = model.update(c_in, model.embed(ids))
+        loss, mse, div, token_mse = sweep_loss(c, target, w, diversity)
+        loss.backward()
+        out.copy_(c.detach())
+        return mse.detach(), div.detach(), token_mse.detach()
+    device, rng = c_in.device, []
+    with torch.no_grad():
+        for a, b in spans:
+            rng.append(_rng_snapshot(device))
+            out[:, a:b] = model.update(c_in[:, a:b], model.embed(ids[:, a:b]))
+    if not train:
+        with torch.no_grad():
+            _, mse, div, token_mse = sweep_loss(out, target, w, diversity)
+        return mse, div, token_mse
+    after = _rng_snapshot(device)
+    leaf = out.clone().requires_grad_(True)
+    loss, mse, div, token_mse = sweep_loss(leaf, target, w, diversity)
+    loss.backward()
+    for (a, b), state in zip(spans, rng, strict=True):
+        _rng_restore(state, device)  # the same dropout masks as the no-grad forward
+        model.update(c_in[:, a:b], model.embed(ids[:, a:b])).backward(leaf.grad[:, a:b])
+    _rng_restore(after, device)
+    return mse.detach(), div.detach(), token_mse.detach()
+
+
 def train_phase1(model: torch.nn.Module, train_ids: torch.Tensor, val_ids: torch.Tensor, cfg: DictConfig,
                  dist_reg_weight: float, diversity: Diversity, device: torch.device,
                  on_iteration: Callable[[dict], None] | None = None, progress: bool = True,
-                 state: dict | None = None, checkpoint: Callable[[dict], None] | None = None) -> Phase1Result:
-    """Train f towards a diverse fixed point of the training stream; measure it on validation.
+                 state: dict | None = None, checkpoint: Callable[[dict], None] | None = None,
+                 test_ids: torch.Tensor | None = None) -> Phase1Result:
+    """Train f towards a diverse fixed point of the training stream; measure it on held-out streams.
+
+    Every training.phase1.val_every iterations the validation stream is measured from a cold start
+    (`evaluate_phase1`, no optimizer); training stops early once that held-out rate reaches
+    convergence_target (after min_iterations). The reason is `phase1/stop_reason`. `test_ids`, when
+    given, is measured once at the end as `phase1/test_*`.
 
     `checkpoint(loop_state)` is called every training.phase1.checkpoint_every iterations; passing
     that loop state back as `state` continues from there exactly (model weights restored by the caller).
     """
     w = dist_reg_weight
-    if cfg.mode == "per_token":
-        ids = unique_tokens(train_ids[: cfg.max_tokens], cfg.max_tokens).to(device)
-    else:
-        ids = as_streams(train_ids[: cfg.max_tokens], cfg.num_streams).to(device)
+    ids = phase1_ids(train_ids, cfg).to(device)
+    # held-out positions built first: a stream too short to measure fails before any work
+    val = held_out_ids(val_ids, cfg).to(device)
+    test = held_out_ids(test_ids, cfg, "test").to(device) if test_ids is not None else None
     train = not cfg.untrained
     params = model.updater_parameters()
     optimizer = torch.optim.Adam(params, lr=cfg.lr)
     result = Phase1Result()
     n_tokens = ids.numel()
 
-    model.train(train)
-    rate, residual, start, elapsed_before = 0.0, math.nan, 1, 0.0
+    stability, residual, start = 0.0, math.nan, 1
+    elapsed_before = measuring_before = 0.0  # time up to the checkpoint resumed from, in earlier processes
     if state is None:
+        diversity.reset()  # state carried across sweeps (EMAVariance) starts fresh with the run
         with torch.no_grad():
             p = initial_contexts(model, model.embed(ids), cfg)
     else:
@@ -99,79 +189,71 @@ def train_phase1(model: torch.nn.Module, train_ids: torch.Tensor, val_ids: torch
         optimizer.load_state_dict(state["optimizer"])
         load_module_state(diversity, state["diversity"])
         result.history = list(state["history"])
-        rate, residual = result.history[-1]["phase1/convergence_rate"], result.history[-1]["phase1/residual"]
-        elapsed_before = state.get("elapsed_s", 0.0)  # time up to that checkpoint, in earlier processes
+        stability, residual = result.history[-1]["phase1/train_step_stability"], result.history[-1]["phase1/residual"]
+        elapsed_before, measuring_before = state.get("elapsed_s", 0.0), state.get("measuring_s", 0.0)
         set_rng_state(state["rng"])
+    model.train(train)
     every = cfg.get("checkpoint_every", 0)
+    stop_reason, measuring_s = STOP_MAX_ITERATIONS, measuring_before  # held-out checks: timed apart from training
     t0 = time.perf_counter() - elapsed_before  # times below are totals over every resume
     bar = tqdm(range(start, cfg.max_iterations + 1), desc="phase1", disable=not progress, leave=False)
     # Preallocated once: the sweep's inputs and its output (swapped with p after every sweep).
     new, c_in_all = torch.empty_like(p), (p if cfg.mode == "per_token" else torch.empty_like(p))
     zero, c_dim = torch.zeros((), device=device), p.shape[-1]
     for k in bar:
-        diversity.reset()
         optimizer.zero_grad(set_to_none=True)
-        sums = torch.zeros(4, device=device)  # mse, diversity, converged count, residual norms
-        n_pos = p.shape[1]
-        c_in_all = p if cfg.mode == "per_token" else shifted_into(c_in_all, p)
-        for a in range(0, n_pos, cfg.chunk_size):
-            b = min(n_pos, a + cfg.chunk_size)
-            c_in = c_in_all[:, a:b]
-            if train and cfg.context_noise > 0:
-                c_in = c_in + cfg.context_noise * torch.randn_like(c_in)
-            with torch.set_grad_enabled(train):
-                c = model.update(c_in, model.embed(ids[:, a:b]))
-                target = p[:, a:b]  # the previous sweep: never overwritten before the loss
-                token_mse = metrics.per_token_mse(c, target)  # one pass feeds loss, convergence, residual
-                mse = token_mse.mean()
-                div = diversity(c)
-                loss = ((1 - w) * mse + w * div) * ((b - a) / n_pos)
-            if train:
-                loss.backward()
-            with torch.no_grad():
-                token_mse = token_mse.detach()
-                sums += torch.stack([mse * (b - a), div * (b - a), (token_mse < cfg.convergence_threshold).sum(),
-                                     (token_mse * c_dim).sqrt().sum()])  # sum of ||C_t - P_t|| (L2)
-                new[:, a:b] = c.detach()
+        c_in = p if cfg.mode == "per_token" else shifted_into(c_in_all, p)
+        if train and cfg.context_noise > 0:
+            c_in = c_in + cfg.context_noise * torch.randn_like(c_in)
+        with torch.set_grad_enabled(train):
+            mse, div, token_mse = sweep(model, ids, c_in, p, new, w, diversity, cfg.chunk_size, train)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip) if train else zero
         if train:
             optimizer.step()
-        # The one host-device sync of the iteration: every scalar the history needs, at once.
-        scalars = torch.cat([sums / torch.tensor([n_pos, n_pos, n_tokens, n_tokens], device=device),
-                             grad_norm.to(sums.dtype).reshape(1)])
-        mse_v, div_v, conv, residual, grad_norm = scalars.tolist()
+        # The one host-device sync of the sweep: every scalar the history needs, at once.
+        scalars = torch.stack([mse, div, (token_mse < cfg.convergence_threshold).float().mean(),
+                               (token_mse * c_dim).sqrt().mean(), grad_norm.to(mse.dtype)])  # residual: mean L2
+        mse_v, div_v, stability, residual, grad_norm = scalars.tolist()
         if not math.isfinite(mse_v) or not math.isfinite(div_v):
             raise TrainingError(f"phase 1 loss became non-finite at iteration {k} (mse={mse_v}, "
                                 f"diversity={div_v}); lower training.phase1.lr or training.dist_reg_weight")
-        rate = conv
         p, new = new, p
         row = {"phase": 1, "step": k, "phase1/cvfp_loss": mse_v, "phase1/diversity_loss": div_v,
-               "phase1/loss": (1 - w) * mse_v + w * div_v, "phase1/convergence_rate": rate,
+               "phase1/loss": (1 - w) * mse_v + w * div_v, "phase1/train_step_stability": stability,
                "phase1/residual": residual, "phase1/grad_norm": grad_norm,
                "phase1/time_s": time.perf_counter() - t0}
-        last = (k >= cfg.min_iterations and rate >= cfg.convergence_target) or k == cfg.max_iterations
+        last = k == cfg.max_iterations
+        if not train and k >= cfg.min_iterations:
+            last, stop_reason = True, STOP_UNTRAINED  # f cannot change: more sweeps would measure nothing new
+        if k % cfg.val_every == 0 or last:
+            t_check = time.perf_counter()
+            with evaluating(model):
+                row.update(evaluate_phase1(model, val, cfg, memory=False))
+            measuring_s += time.perf_counter() - t_check
+            if train and k >= cfg.min_iterations and row["phase1/val_convergence_rate"] >= cfg.convergence_target:
+                last, stop_reason = True, STOP_CONVERGED
         if k % cfg.erank_every == 0 or last:
             row["phase1/effective_rank"] = metrics.effective_rank(p, cfg.erank_samples)
         result.history.append(row)
         if on_iteration is not None:
             on_iteration(row)
-        bar.set_postfix(loss=f"{row['phase1/loss']:.4f}", conv=f"{rate:.3f}")
+        bar.set_postfix(loss=f"{row['phase1/loss']:.4f}", stab=f"{stability:.3f}")
         if last:
             break
         if checkpoint is not None and every and k % every == 0:
-            checkpoint({"iteration": k, "elapsed_s": time.perf_counter() - t0, "contexts": p,
-                        "optimizer": optimizer.state_dict(), "diversity": module_state(diversity),
+            checkpoint({"iteration": k, "elapsed_s": time.perf_counter() - t0, "measuring_s": measuring_s,
+                        "contexts": p, "optimizer": optimizer.state_dict(), "diversity": module_state(diversity),
                         "history": result.history, "rng": rng_state()})
-    train_time = time.perf_counter() - t0
+    train_time = time.perf_counter() - t0 - measuring_s
     model.eval()
 
-    c_dim = p.shape[-1]
     train_contexts = p.reshape(-1, c_dim)
     erank = metrics.effective_rank(train_contexts, cfg.erank_samples)
-    m = {
-        "phase1/convergence_rate": rate,
+    m: dict[str, float | str] = {
+        "phase1/train_step_stability": stability,
         "phase1/residual": residual,
         "phase1/iterations": len(result.history),
+        "phase1/stop_reason": stop_reason,
         "phase1/effective_rank": erank,
         "phase1/effective_rank_ratio": erank / c_dim,
         "phase1/effective_rank_samples": min(cfg.erank_samples, train_contexts.shape[0]),
@@ -180,45 +262,97 @@ def train_phase1(model: torch.nn.Module, train_ids: torch.Tensor, val_ids: torch
         "phase1/train_time_s": train_time,
         "phase1/token_iterations_per_s": n_tokens * len(result.history) / max(train_time, 1e-9),
         "phase1/identity_score": metrics.identity_mapping_score(model.update, c_dim, model.embed_dim,
-                                                                device=device),
+                                                                device=device, dtype=p.dtype),
     }
-    m.update(evaluate_phase1(model, val_ids, cfg, device, result))
+    t_final = time.perf_counter()
+    val_metrics, contexts = evaluate_phase1(model, val, cfg, return_contexts=True)
+    result.val_contexts = contexts.cpu()
+    m.update(val_metrics)
+    if test is not None:
+        m.update(evaluate_phase1(model, test, cfg, prefix="phase1/test_"))
+    m["phase1/held_out_time_s"] = measuring_s + time.perf_counter() - t_final
     result.metrics = m
     return result
 
 
 @torch.no_grad()
-def evaluate_phase1(model: torch.nn.Module, val_ids: torch.Tensor, cfg: DictConfig, device: torch.device,
-                    result: Phase1Result | None = None) -> dict[str, float]:
-    """The same iteration on the validation stream, without optimizer steps.
+def cold_start_rates(model: torch.nn.Module, x: torch.Tensor, cfg: DictConfig, sweeps: int,
+                     until: int | None = None) -> tuple[list[float], list[float], torch.Tensor]:
+    """Sweeps from c = 0 over embedded held-out tokens x (S, N, E), no optimizer: the converged fraction
+    and the mean L2 distance to the reference after each sweep, and the held-out contexts (the reference;
+    per_token: the contexts after the `sweeps`-th iteration).
 
-    It starts from `cfg.val_init` (default zeros), not from a sequential pass: a sequential pass
-    already IS the fixed point of a fixed f (up to the carried-over first position), so sweeps
-    started there converge trivially whatever f is. From zeros, the rate after val_iterations
-    sweeps measures whether f contracts onto the stream's steady state.
+    stream: each held-out stream is read once from c_0 = 0 (an open chain, as Phase 2 and generation
+    read text); its fixed point is the sequential pass, which k sweeps from zeros reproduce exactly at
+    the first k positions and, further on, as the context of the last k tokens alone. Position t >= k
+    is converged when mean_d (C_t^k - C*_t)^2 < convergence_threshold (positions t < k are exact by
+    construction and left out): the reference is the fixed point itself, so a sweep that merely moved
+    little (f(0, x) ~ 0 at sweep 1, say) does not count.
+    per_token: c <- f(c, x) for each distinct token; converged when the residual of c = f(c, x),
+    mean_d (c^k - c^(k-1))^2, is below the threshold (the equation has no trajectory to compare with).
+    With `until`, sweeping goes on (up to `until` sweeps in all) while the fraction is below convergence_target.
     """
-    if cfg.mode == "per_token":
-        ids = unique_tokens(val_ids[: cfg.max_tokens], cfg.max_tokens).to(device)
-    else:
-        ids = as_streams(val_ids[: cfg.max_tokens], cfg.num_streams).to(device)
-    x = model.embed(ids)
-    p = initial_contexts(model, x, cfg, cfg.get("val_init", "zeros"))
-    rate, residual = 0.0, math.nan
-    for _ in range(cfg.val_iterations):
-        new = model.update(sweep_inputs(p, cfg.mode), x)
-        rate = metrics.convergence_rate(new, p, cfg.convergence_threshold)
-        residual = metrics.mean_residual(new, p)
+    per_token = cfg.mode == "per_token"
+    first = None if per_token else x.new_zeros(x.shape[0], model.context_dim)
+    reference = None if per_token else sequential_pass(model.update, x)
+    p = zeros_init(model.update, x)
+    rates: list[float] = []
+    distances: list[float] = []
+    kept = p
+    for k in range(1, max(sweeps, until or 0) + 1):
+        new = model.update(p if per_token else shifted_inputs(p, first), x)
+        start = 0 if per_token else min(k, x.shape[1] - 1)
+        target = (p if per_token else reference)[:, start:]
+        rates.append(metrics.convergence_rate(new[:, start:], target, cfg.convergence_threshold))
+        distances.append(metrics.mean_residual(new[:, start:], target))
         p = new
-    contexts = p.reshape(-1, p.shape[-1])
+        if k == sweeps:
+            kept = p
+        if k >= sweeps and (until is None or rates[-1] >= cfg.convergence_target):
+            break
+    return rates, distances, (kept if per_token else reference)
+
+
+def memory_length(rates: list[float], target: float, cap: int) -> tuple[int, bool]:
+    """(first sweep count whose converged fraction reaches target, False) or (cap, True) if none did."""
+    reached = next((k for k, r in enumerate(rates[:cap], start=1) if r >= target), None)
+    return (cap, True) if reached is None else (reached, False)
+
+
+@torch.no_grad()
+def evaluate_phase1(model: torch.nn.Module, ids: torch.Tensor, cfg: DictConfig, prefix: str = "phase1/val_",
+                    memory: bool = True, return_contexts: bool = False):
+    """The fixed-point property on held-out positions (S, N) from `held_out_ids`, from a cold start.
+
+    Every context starts at c = 0 and sweeps run without optimizer steps (`cold_start_rates`): after
+    k sweeps, position t of a stream holds the context f computes from the last k tokens only, so a
+    converged position is one whose context has forgotten, to within convergence_threshold, what came
+    more than k tokens earlier. Nothing here is 1 by construction: untrained and lr ~ 0 runs score what
+    their f does. A collapsed f (one attractor) converges in a few sweeps: read the rate beside the rank.
+
+    {prefix}convergence_rate      converged fraction after val_iterations sweeps
+    {prefix}fixed_point_distance  mean ||C^k - C*|| (L2) after val_iterations sweeps (per_token: the residual)
+    {prefix}memory_length         sweeps needed for a convergence_target fraction (memory=True);
+                                  {prefix}memory_length_capped = 1 when memory_cap sweeps (or, on streams
+                                  shorter than that, length - 1: N sweeps are exact for any f) did not
+                                  get there; the figure is then a lower bound
+    {prefix}effective_rank(_ratio) and collapse statistics: of the held-out contexts themselves (the
+                                  sequential pass; per_token: the contexts after val_iterations iterations)
+    """
+    x = model.embed(ids)
+    cap = cfg.memory_cap if cfg.mode == "per_token" else min(cfg.memory_cap, ids.shape[1] - 1)
+    rates, distances, contexts = cold_start_rates(model, x, cfg, cfg.val_iterations, cap if memory else None)
+    contexts = contexts.reshape(-1, contexts.shape[-1])
     erank = metrics.effective_rank(contexts, cfg.erank_samples)
-    collapse = metrics.collapse_stats(contexts, ids.reshape(-1))
-    if result is not None:
-        result.val_contexts = contexts.cpu()
-    return {
-        "phase1/val_convergence_rate": rate,
-        "phase1/val_residual": residual,
-        "phase1/val_effective_rank": erank,
-        "phase1/val_effective_rank_ratio": erank / p.shape[-1],
-        "phase1/val_tokens": ids.numel(),
-        **{f"phase1/val_{k}": v for k, v in collapse.items()},
+    out: dict[str, float] = {
+        f"{prefix}convergence_rate": rates[cfg.val_iterations - 1],
+        f"{prefix}fixed_point_distance": distances[cfg.val_iterations - 1],
+        f"{prefix}effective_rank": erank,
+        f"{prefix}effective_rank_ratio": erank / contexts.shape[-1],
     }
+    if memory:
+        length, capped = memory_length(rates, cfg.convergence_target, cap)
+        out.update({f"{prefix}memory_length": length, f"{prefix}memory_length_capped": int(capped),
+                    f"{prefix}tokens": ids.numel(),
+                    **{f"{prefix}{k}": v for k, v in metrics.collapse_stats(contexts, ids.reshape(-1)).items()}})
+    return (out, contexts) if return_contexts else out

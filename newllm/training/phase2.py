@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from newllm import metrics
 from newllm.checkpoint import rng_state, set_rng_state
 from newllm.errors import DataError, TrainingError
+from newllm.models import evaluating
 from newllm.training.solvers import jacobi_window
 
 
@@ -85,8 +86,10 @@ def train_contexts_window(model: nn.Module, inputs: torch.Tensor, cfg: DictConfi
 
 @torch.no_grad()
 def contexts_of(model: nn.Module, inputs: torch.Tensor, batch_size: int) -> torch.Tensor:
-    return torch.cat([model.contexts_window(inputs[i : i + batch_size])
-                      for i in range(0, inputs.shape[0], batch_size)])
+    """Fixed contexts (context=fixed): features of f, so computed in eval mode (no dropout)."""
+    with evaluating(model):
+        return torch.cat([model.contexts_window(inputs[i : i + batch_size])
+                          for i in range(0, inputs.shape[0], batch_size)])
 
 
 @torch.no_grad()
@@ -208,13 +211,16 @@ def train_phase2(model: nn.Module, data, cfg: DictConfig, device: torch.device, 
     if best_epoch == 0:
         raise TrainingError("phase 2 validation loss was never finite; lower training.phase2.lr")
     model.load_state_dict(best_state)  # report (and keep) the best validation epoch
+    # train_* of the same epoch as the kept weights and val_*; the last epoch's under last_epoch_*
+    best_row = next(row for row in result.history if row["epoch"] == best_epoch)
     last = result.history[-1]
     result.metrics = {
         "phase2/val_loss": best["loss"], "phase2/val_ppl": best["ppl"], "phase2/val_acc": best["acc"],
         "phase2/val_tokens": best["tokens"], "phase2/best_epoch": best_epoch,
         "phase2/epochs": len(result.history), "phase2/steps": step,
-        "phase2/train_loss": last["phase2/train_loss"], "phase2/train_ppl": last["phase2/train_ppl"],
-        "phase2/train_acc": last["phase2/train_acc"], "phase2/uniform_ppl": float(model.vocab_size),
+        **{f"phase2/train_{k}": best_row[f"phase2/train_{k}"] for k in ("loss", "ppl", "acc")},
+        **{f"phase2/last_epoch_train_{k}": last[f"phase2/train_{k}"] for k in ("loss", "ppl", "acc")},
+        "phase2/uniform_ppl": float(model.vocab_size),
         "phase2/train_time_s": train_time, "phase2/tokens_per_s": n_seen / max(train_time, 1e-9),
         "phase2/tokens_seen": n_seen,
     }

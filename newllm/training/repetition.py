@@ -91,9 +91,9 @@ def train_repetition(model: nn.Module, stages: list[RepetitionStage], cfg: DictC
         p, ids = stage.phrase_length, stage.ids.to(device)
         key = f"repetition/p{p}"
         result.metrics.update({f"{key}/{k}_initial": v for k, v in measure(model, stage, device).items()})
+        diversity.reset()  # state carried across steps (EMAVariance's running mean) is per stage
         for _ in tqdm(range(cfg.steps_per_stage), desc=f"repetition p={p}", disable=not progress, leave=False):
             model.train()
-            diversity.reset()
             loss, parts = repetition_loss(model, ids, p, dist_reg_weight, diversity, cfg.ce_weight)
             if not torch.isfinite(loss):
                 raise TrainingError(f"repetition loss became non-finite at stage p={p}, step {step}; "
