@@ -25,7 +25,7 @@ from newllm.config import TRUSTED_TARGETS, ConfigError, instantiate, register_co
 from newllm.data import load_data
 from newllm.errors import NewllmError
 from newllm.models import build_model, count_parameters, pretrained
-from newllm.sweeping import attach_trial
+from newllm.sweeping import Pruned, TrialPruned, attach_trial
 from newllm.tracking import RunTracker
 from newllm.training.accel import autocast, maybe_compile
 from newllm.training.phase1 import train_phase1
@@ -201,7 +201,7 @@ def check_resume_overrides(overrides: list[str]) -> None:
 
 
 @hydra.main(config_path="../conf", config_name="config", execution_whitelist=TRUSTED_TARGETS)
-def main(cfg: DictConfig) -> float | list[float]:
+def main(cfg: DictConfig) -> float | list[float] | Pruned:
     hc = HydraConfig.get()
     try:
         if cfg.get("resume"):
@@ -209,6 +209,9 @@ def main(cfg: DictConfig) -> float | list[float]:
                 raise ConfigError(f"resume={cfg.resume!r} continues one run: drop -m/--multirun")
             check_resume_overrides(list(hc.overrides.task))
         _, objectives = run(cfg, hc.runtime.output_dir)
+    except TrialPruned as pruned:  # stopped by its Optuna pruner or an early-stop rule: a result, not an error
+        log.info("trial pruned: %s", pruned)
+        return Pruned(str(pruned), pruned.values)
     except NewllmError as err:
         if hc.mode == RunMode.MULTIRUN:
             raise  # the sweeper records the failed job with this message
