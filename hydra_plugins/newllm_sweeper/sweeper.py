@@ -210,7 +210,8 @@ class NewllmOptunaSweeperImpl(OptunaSweeperImpl):
 
     # ------------------------------------------------------------------ folders it owns
     def _owner(self, study: optuna.Study, trial: optuna.Trial | None = None) -> dict[str, Any]:
-        record = {"storage": storages.masked(self.storage), "storage_id": storages.identity(self.storage),
+        record = {"storage": storages.masked(self.storage) or "memory (hydra.sweeper.storage=null)",
+                  "storage_id": storages.identity(self.storage),
                   "study": study.study_name, "study_id": study._study_id}
         return record if trial is None else {**record, "trial": trial.number}
 
