@@ -482,16 +482,19 @@ def test_four_sweep_processes_share_one_postgres_study(tmp_path, postgres):
 SECRET_STORAGE = "postgresql+psycopg://newllm:${oc.env:NEWLLM_DB_PASSWORD}@127.0.0.1:%d/postgres"
 
 
-@pytest.mark.parametrize("launcher", [[], JOBLIB], ids=["basic", "joblib"])
-def test_database_password_never_lands_in_files_or_logs(tmp_path, postgres, launcher):
+SUBMITIT_LOCAL = ["hydra/launcher=submitit_local", "hydra.launcher.timeout_min=5"]
+
+
+@pytest.mark.parametrize("launcher", [[], JOBLIB, SUBMITIT_LOCAL], ids=["basic", "joblib", "submitit_local"])
+def test_database_password_never_lands_in_files_or_logs(tmp_path, postgres, launcher, request):
     """A password-protected role, the password from ${oc.env:...}: the jobs connect and report, and the password
-    is in no file under the sweep folder, the run folders, outputs/ or the logs; the runs and trials tables and
-    everything newllm records show the URL masked."""
+    is in no file under the sweep folder (submitit's pickles included), the run folders, outputs/ or the logs;
+    the runs and trials tables and everything newllm records show the URL masked."""
     import psycopg
 
     with pytest.raises(psycopg.OperationalError, match="password"):  # the server really wants the password
         psycopg.connect(host="127.0.0.1", port=postgres.port, user=postgres.user, dbname="postgres").close()
-    secret, name = postgres.password, f"secret_{len(launcher)}"
+    secret, name = postgres.password, f"secret_{request.node.callspec.id}"  # one study per case on the server
     written, masked = SECRET_STORAGE % postgres.port, postgres.url("***")
     proc = run_cli(["-m", *TINY, *LEAN, *FAST_ONLY, f"paths.output_root={tmp_path / 'outputs'}", OURS,
                     f"hydra.sweep.dir={tmp_path / 'sweep'}", f"hydra.sweeper.study_name={name}",
