@@ -42,7 +42,8 @@ if TYPE_CHECKING:  # torch and matplotlib load lazily: `analyze runs` answers in
 
 CACHE_NAME = ".runs_cache.parquet"
 # Columns every runs table starts with; metrics follow, then the flattened config.
-ID_COLUMNS = ["run", "status", "sweep_id", "job", "start_time", "end_time", "choices/model", "overrides", "error"]
+ID_COLUMNS = ["run", "status", "sweep_id", "job", "start_time", "end_time", "choices/model", "overrides", "error",
+              "pruned_reason"]
 KEY_METRICS = ["phase1/val_convergence_rate", "phase1/val_memory_length", "phase1/val_effective_rank",
                "phase2/val_ppl", "phase2/test_ppl", "phase2/test_acc", "model/params_core", "time/wall_s"]
 FINAL_METRIC = "phase2/test_ppl"  # what final comparisons report: the held-out test split, read once per run
@@ -150,6 +151,17 @@ def _failure(run_dir: Path) -> str | None:
     return None
 
 
+def _pruned_reason(run_dir: Path) -> str | None:
+    """Why a sweep stopped this trial early (its pruner, an early-stop rule), if it did: the run logs it."""
+    log = run_dir / "run.log"
+    if not log.is_file():
+        return None
+    # 'trial pruned: <reason>' (newllm.run); older runs ended in a 'Job failed' traceback of TrialPruned
+    m = re.search(r"\]\[INFO\] - trial pruned: (.*)|^newllm\.sweeping\.TrialPruned: (.*)$",
+                  log.read_text(errors="replace"), re.MULTILINE)
+    return (m.group(1) or m.group(2)).strip() if m else None
+
+
 def _sweep_dir(run_dir: Path, root: Path, mode: str | None) -> Path | None:
     """The multirun folder of a job: the nearest ancestor holding Hydra's multirun.yaml (the basic
     sweeper writes it), else the job's parent (the Optuna sweeper writes none); None for single runs."""
@@ -177,17 +189,19 @@ def read_run(run_dir: str | Path, root: str | Path | None = None) -> dict[str, A
     sweep = _sweep_dir(run_dir, root, hydra_node.get("mode"))
     metrics_path = run_dir / "metrics.json"
     metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
-    error = None if metrics else _failure(run_dir)
+    pruned = None if metrics else _pruned_reason(run_dir)
+    error = None if metrics or pruned else _failure(run_dir)
     end = _mtime(metrics_path)
     row: dict[str, Any] = {
         "run": run_dir.relative_to(root).as_posix() if run_dir.is_relative_to(root) else str(run_dir),
-        "status": "completed" if metrics else ("failed" if error else "incomplete"),
+        "status": "completed" if metrics else "pruned" if pruned else "failed" if error else "incomplete",
         "sweep_id": None if sweep is None else (sweep.relative_to(root).as_posix() if sweep != root else "."),
         "job": job.get("num") if sweep is not None else None,
         "start_time": datetime.fromtimestamp(_mtime(hydra_dir / "config.yaml") or 0, UTC),
         "end_time": datetime.fromtimestamp(end, UTC) if end else None,
         "overrides": " ".join(overrides or []),
         "error": error,
+        "pruned_reason": pruned,
         **{f"choices/{k}": v for k, v in choices.items() if not k.startswith("hydra/")},
         **{k: _as_number(v) for k, v in metrics.items()},
         **flatten(_resolved_config(hydra_dir / "config.yaml")),
@@ -454,6 +468,17 @@ def objective_names(study: optuna.Study, names: Sequence[str] | None = None) -> 
 CORE_PARAMS_ATTR = "model/params_core"  # a trial's metrics.json, stored as user attrs by newllm_optuna
 
 
+def objective_panels(studies: Sequence[optuna.Study], names: Sequence[str] | None = None
+                     ) -> dict[str, list[tuple[optuna.Study, int]]]:
+    """Objective name -> [(study, index of that objective in it)], in order of first appearance: studies
+    share a plot panel where they share an objective, and each appears only under its own objectives."""
+    panels: dict[str, list[tuple[optuna.Study, int]]] = {}
+    for s in studies:
+        for k, name in enumerate(objective_names(s, names)):
+            panels.setdefault(name, []).append((s, k))
+    return panels
+
+
 def trials_frame(studies: Iterable[optuna.Study]) -> pd.DataFrame:
     """All trials of all studies: study, number, state, values, params_*, core_params (the trial's core
     parameter count, beside the size params it came from; NaN where the sweeper kept no metrics),
@@ -639,14 +664,12 @@ def plot_pareto_fronts(studies: Sequence[optuna.Study], objectives: tuple[int, i
 
 
 def plot_optimization_history(studies: Sequence[optuna.Study], names: Sequence[str] | None = None) -> Figure:
-    """Per objective: every trial's value and the best-so-far line of each study against trial number."""
-    n_obj = max(len(s.directions) for s in studies)
-    fig, axes = _figure(1, n_obj)
-    for k in range(n_obj):
-        ax = axes[0][k]
-        for s in studies:
-            if k >= len(s.directions):
-                continue
+    """One panel per objective (by name): every trial's value and the best-so-far line of each study that has
+    that objective, against trial number."""
+    panels = objective_panels(studies, names)
+    fig, axes = _figure(1, len(panels))
+    for ax, (name, members) in zip(axes[0], panels.items(), strict=True):
+        for s, k in members:
             done = sorted(_complete(s), key=lambda t: t.number)
             num = [t.number for t in done]
             vals = np.array([t.values[k] for t in done], dtype=float)
@@ -654,26 +677,32 @@ def plot_optimization_history(studies: Sequence[optuna.Study], names: Sequence[s
             pts = ax.scatter(num, vals, s=12, alpha=0.4)
             ax.step(num, best, where="post", color=pts.get_facecolor()[0][:3], label=s.study_name)
         ax.set_xlabel("trial")
-        ax.set_title(_label(k, studies[0], names))
+        ax.set_title(name)
         ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
 
 
-def plot_param_importances(studies: Sequence[optuna.Study], objective: int = 0,
+def plot_param_importances(studies: Sequence[optuna.Study], objective: int | str = 0,
                            names: Sequence[str] | None = None) -> Figure:
-    """One panel per study: horizontal bars of parameter importances for one objective."""
-    fig, axes = _figure(1, len(studies))
-    for ax, s in zip(axes[0], studies, strict=True):
+    """One panel per study that has the objective (its index, or its name): bars of parameter importances."""
+    members = [(s, k) for s in studies
+               for k in ([objective] if isinstance(objective, int) else
+                         [i for i, n in enumerate(objective_names(s, names)) if n == objective])
+               if k < len(s.directions)]
+    if not members:
+        raise AnalysisError(f"no study has objective {objective!r}")
+    fig, axes = _figure(1, len(members))
+    for ax, (s, k) in zip(axes[0], members, strict=True):
         try:
-            imp = param_importances(s, objective).sort_values()
+            imp = param_importances(s, k).sort_values()
         except (AnalysisError, RuntimeError, ValueError) as err:  # too few / constant trials
             ax.text(0.5, 0.5, str(err), ha="center", va="center", wrap=True, fontsize=8, transform=ax.transAxes)
             ax.set_axis_off()
             continue
         ax.barh(imp.index.str.removeprefix("params_"), imp.values)
         ax.set_xlabel("importance")
-        ax.set_title(f"{s.study_name}: {_label(objective, s, names)}")
+        ax.set_title(f"{s.study_name}: {_label(k, s, names)}")
     fig.tight_layout()
     return fig
 

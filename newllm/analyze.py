@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 
@@ -60,6 +61,11 @@ def cmd_runs(args: argparse.Namespace) -> None:
     _print_table(runs[cols])
 
 
+def _slug(name: str) -> str:
+    """phase2/val_ppl -> phase2_val_ppl (for file names)."""
+    return re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_")
+
+
 def cmd_studies(args: argparse.Namespace) -> None:
     import matplotlib
 
@@ -71,13 +77,16 @@ def cmd_studies(args: argparse.Namespace) -> None:
         print(f"\nbest trials of {s.study_name}:")
         _print_table(analysis.pareto_front(s))
     out = Path(args.out)
+    # Each study is plotted with its own objectives: one panel per objective name, one Pareto plot per pair.
     plots = {"optimization_history.png": analysis.plot_optimization_history(studies)}
-    multi = [s for s in studies if len(s.directions) >= 2]
-    if multi:
-        plots["pareto_fronts.png"] = analysis.plot_pareto_fronts(multi)
-    for k in range(max(len(s.directions) for s in studies)):
-        plots[f"importances_objective{k}.png"] = analysis.plot_param_importances(
-            [s for s in studies if len(s.directions) > k], objective=k)
+    fronts: dict[tuple[str, ...], list] = {}
+    for s in studies:
+        if len(s.directions) >= 2:
+            fronts.setdefault(tuple(analysis.objective_names(s)[:2]), []).append(s)
+    for (x, y), group in fronts.items():
+        plots[f"pareto_{_slug(x)}_vs_{_slug(y)}.png"] = analysis.plot_pareto_fronts(group)
+    for name in analysis.objective_panels(studies):
+        plots[f"importances_{_slug(name)}.png"] = analysis.plot_param_importances(studies, objective=name)
     for name, fig in plots.items():
         analysis.save_figure(fig, out / name)
     print(f"\nwrote {len(plots)} plots to {out}/: {', '.join(plots)}")
@@ -91,7 +100,8 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("root", nargs="?", default="outputs", help="folder holding runs/ and multirun/ (default outputs)")
     r.add_argument("--sort", help="column to sort by, e.g. phase2/val_ppl (ascending)")
     r.add_argument("--desc", action="store_true", help="sort descending")
-    r.add_argument("--status", choices=["completed", "failed", "incomplete"], help="only runs with this status")
+    r.add_argument("--status", choices=["completed", "pruned", "failed", "incomplete"],
+                   help="only runs with this status")
     r.add_argument("--columns", help="comma-separated columns to print (default: ids, what varied, key metrics)")
     r.add_argument("--group", metavar="KEY[,KEY]",
                    help="aggregate runs whose configs differ only in these keys (e.g. seed): n, and per metric "

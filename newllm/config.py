@@ -288,12 +288,22 @@ class Config:
     resume: str | None = None
 
 
+def _storage_folder(url: str | None) -> str:
+    from newllm.storage import folder_name  # sqlalchemy: imported only when a preset's sweep folder is resolved
+
+    return folder_name(url)
+
+
 def register_configs() -> None:
     # hydra.run.dir / output_subdir of a resume=<run dir> invocation: the interrupted run's own dir,
     # with this invocation's Hydra files under .hydra/resume (the original .hydra/ stays as it was).
     if not OmegaConf.has_resolver("newllm.run_dir"):
         OmegaConf.register_resolver("newllm.run_dir", lambda resume, default: resume or default)
         OmegaConf.register_resolver("newllm.hydra_subdir", lambda resume: ".hydra/resume" if resume else ".hydra")
+    if not OmegaConf.has_resolver("newllm.storage_dir"):
+        # The Optuna presets' sweep folders: one per (study, storage), so one study name in two storages
+        # never shares job folders (e.g. outputs/sweeps/optuna_ppl/optuna-1f2e3d4c).
+        OmegaConf.register_resolver("newllm.storage_dir", _storage_folder)
     # Schemas are top-level configs, not options of their groups: Hydra lists every config of a group
     # as a selectable option ("model=context_model_schema" would compose a model without an updater).
     # Each YAML option extends its schema with `- /<name>_schema@_here_`.

@@ -26,7 +26,7 @@ from newllm.errors import NewllmError, describe, exit_one_line
 from newllm.memory import check_model_fits, out_of_memory_guard
 from newllm.models import build_model, count_parameters, pretrained
 from newllm.models.sizing import solve_core_params
-from newllm.sweeping import attach_trial
+from newllm.sweeping import Pruned, TrialPruned, attach_trial
 from newllm.tracking import RunTracker
 from newllm.training.accel import autocast, maybe_compile
 from newllm.training.phase1 import train_phase1
@@ -216,11 +216,14 @@ def run(cfg: DictConfig, run_dir: str | Path) -> tuple[dict, float | list[float]
 
 
 @hydra.main(config_path="../conf", config_name="config", execution_whitelist=TRUSTED_TARGETS)
-def main(cfg: DictConfig) -> float | list[float]:
+def main(cfg: DictConfig) -> float | list[float] | Pruned:
     # Run folders are claimed and resume= is validated before this, by newllm.rundirs.RunFolders.
     hc = HydraConfig.get()
     try:
         _, objectives = run(cfg, hc.runtime.output_dir)
+    except TrialPruned as pruned:  # stopped by its Optuna pruner or an early-stop rule: a result, not an error
+        log.info("trial pruned: %s", pruned)
+        return Pruned(str(pruned), pruned.values)
     except NewllmError as err:
         if hc.mode == RunMode.MULTIRUN:
             raise  # the sweeper records the failed job with this message

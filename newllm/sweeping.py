@@ -1,10 +1,12 @@
 """Trial side of `hydra/sweeper=newllm_optuna`: report intermediate values, prune, stop by rules.
 
 The sweeper hands each job its study, storage and trial id through environment variables (set
-per job with hydra.job.env_set, so they reach joblib/submitit workers too). `attach_trial`
+per job with hydra.job.env_set, so they reach joblib/submitit workers too; the storage URL there has
+its password masked, see job_storage_url). `attach_trial`
 re-attaches to that trial through the shared storage and registers a RunTracker hook, which sees
 every Phase-1 iteration and Phase-2 epoch row. It raises `TrialPruned` when the pruner or an
-early-stop rule says so; the sweeper then records the trial as PRUNED with the reason.
+early-stop rule says so; the run returns `Pruned` and the sweeper records the trial as PRUNED with
+the reason, valued by its objectives at that step.
 
 Intermediate values (single-objective studies only; Optuna forbids report() with several):
   Phase 1 iteration k -> step k, value 1 - val_convergence_rate (maximize studies: val_convergence_rate),
@@ -20,6 +22,7 @@ import copy
 import math
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import hydra
@@ -28,6 +31,7 @@ import torch
 from omegaconf import DictConfig
 
 from newllm import metrics
+from newllm import storage as storages
 from newllm.errors import NewllmError
 from newllm.models import evaluating
 
@@ -37,7 +41,20 @@ IN_PROCESS_STUDIES: dict[str, Any] = {}  # studies without storage, reachable on
 
 
 class TrialPruned(optuna.TrialPruned):
-    """Stop this trial; the sweeper records it PRUNED with this message as `pruned_reason`."""
+    """Stop this trial; the sweeper records it PRUNED with this message as `pruned_reason` and `values` (the
+    objectives at the step it stopped; None until all of them were measured) as its values."""
+
+    def __init__(self, reason: str, values: list[float] | None = None) -> None:
+        super().__init__(reason)
+        self.values = values
+
+
+@dataclass(frozen=True)
+class Pruned:
+    """What a pruned run returns to the sweeper: a result, so its run.log says 'trial pruned', not 'Job failed'."""
+
+    reason: str
+    values: list[float] | None
 
 
 class PhaseWisePruner(optuna.pruners.BasePruner):
@@ -105,6 +122,7 @@ class TrialReporter:
         self.single = len(directions) == 1
         self.context_dim = int(getattr(model, "context_dim", 0) or cfg.model.context_dim)
         self.phase2_offset = phase2_start(cfg)
+        self.objectives = [str(name) for name in cfg.objectives]
         self.model = model
 
     def identity_score(self) -> float:
@@ -116,7 +134,7 @@ class TrialReporter:
     def __call__(self, row: dict) -> None:
         reason = early_stop_reason(row, self.rules, self.context_dim, self.identity_score)
         if reason:
-            raise TrialPruned(reason)
+            raise TrialPruned(reason, self.objective_values(row))
         value, step = self.intermediate(row)
         if not self.single or value is None or not math.isfinite(value):
             return
@@ -124,7 +142,15 @@ class TrialReporter:
         if self.trial.should_prune():
             pruner = type(getattr(self.trial.study.pruner, "pruner", self.trial.study.pruner)).__name__
             raise TrialPruned(f"{pruner}: intermediate value {value:.4g} at step {step} "
-                              f"(phase {row['phase']}) is worse than the trials it was compared with")
+                              f"(phase {row['phase']}) is worse than the trials it was compared with",
+                              self.objective_values(row))
+
+    def objective_values(self, row: dict) -> list[float] | None:
+        """The objectives as this row measured them (a Phase-2 epoch row holds phase2/val_ppl...), or None."""
+        values = [row.get(name) for name in self.objectives]
+        if all(isinstance(v, (int, float)) and math.isfinite(v) for v in values):
+            return [float(v) for v in values]
+        return None
 
     def intermediate(self, row: dict) -> tuple[float | None, int]:
         if row.get("phase") == 1 and "phase1" in self.report and "phase1/val_convergence_rate" in row:
@@ -135,12 +161,32 @@ class TrialReporter:
         return None, 0
 
 
+def job_storage_url(recorded: str) -> str:
+    """The storage URL this job connects with. The environment holds it as recorded in .hydra/hydra.yaml, with
+    any password masked; the password then comes from the sweeper's storage setting resolved here, in this
+    job's own environment (${oc.env:...} on the node that runs it), and is never written down."""
+    if storages.password(recorded) != storages.MASK:
+        return recorded
+    from hydra.core.hydra_config import HydraConfig
+
+    try:
+        url = storages.absolute_sqlite(str(HydraConfig.get().sweeper.storage))
+    except Exception as err:  # e.g. ${oc.env:NEWLLM_DB_PASSWORD} is not set where this job runs
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise NewllmError(f"hydra.sweeper.storage cannot be resolved in this job ({type(err).__name__}: {first}): "
+                          "set the variables it reads in the environment the jobs run in") from None
+    if storages.masked(url) != recorded:
+        raise NewllmError(f"hydra.sweeper.storage resolves to {storages.masked(url)} in this job but to {recorded} "
+                          "in the sweep process: give jobs the same environment")
+    return url
+
+
 def attach_trial(hooks: list[Callable[[dict], None]], cfg: DictConfig, model: torch.nn.Module) -> None:
     """Register the reporter when the newllm_optuna sweeper launched this run (no-op otherwise)."""
     trial_id = os.environ.get(ENV_TRIAL)
     if not trial_id:
         return
-    url, name = os.environ.get(ENV_STORAGE, ""), os.environ[ENV_STUDY]
+    url, name = job_storage_url(os.environ.get(ENV_STORAGE, "")), os.environ[ENV_STUDY]
     if not url and name not in IN_PROCESS_STUDIES:
         raise NewllmError("hydra.sweeper.storage=null keeps the study inside the sweep process; trials run by "
                           "another process (joblib, submitit) need a storage URL such as sqlite:///outputs/optuna.db")

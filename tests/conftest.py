@@ -32,8 +32,9 @@ def cli_env() -> dict[str, str]:
 
 
 def run_cli(args: list[str], cwd: Path, module: str = "newllm.run", timeout: int = 600,
-            check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=cli_env(),
+            check: bool = True, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """`python -m module args` in cwd (offline, one thread; `env` adds variables)."""
+    proc = subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env={**cli_env(), **(env or {})},
                           capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"{module} {args} exited {proc.returncode}\n--- stderr ---\n{proc.stderr[-4000:]}")

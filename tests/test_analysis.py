@@ -192,8 +192,37 @@ def test_cli_studies(analysis_outputs, tmp_path):
                    cwd=tmp_path, module="newllm.analyze")
     assert "best trials of sequential:" in proc.stdout and "best trials of layerwise:" in proc.stdout
     pngs = sorted(p.name for p in (tmp_path / "plots").glob("*.png"))
-    assert pngs == ["importances_objective0.png", "importances_objective1.png", "optimization_history.png",
-                    "pareto_fronts.png"]
+    assert pngs == ["importances_objective_0.png", "importances_objective_1.png", "optimization_history.png",
+                    "pareto_objective_0_vs_objective_1.png"]
+
+
+def test_cli_studies_plots_each_study_with_its_own_objectives(analysis_outputs, tmp_path):
+    """One storage holding a single-objective study next to two-objective ones, as outputs/optuna.db does after
+    both presets (on main: IndexError, no plots): one panel per objective, each study in its objectives' panels."""
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    ppl = optuna.create_study(study_name="ppl", storage=url, direction="minimize")  # optuna_ppl runs first
+    ppl.set_metric_names(["phase2/val_ppl"])
+    ppl.optimize(lambda t: 200.0 + 100.0 * t.suggest_float("x", 0.0, 1.0), n_trials=3)
+    for name in analysis_outputs["studies"]:
+        optuna.copy_study(from_study_name=name, from_storage=analysis_outputs["storage"], to_storage=url)
+        optuna.load_study(study_name=name, storage=url).set_metric_names(
+            ["phase1/convergence_rate", "phase2/val_ppl"])  # as our sweeper names them
+
+    proc = run_cli(["studies", "--storage", url, "--out", str(tmp_path / "plots")], cwd=tmp_path,
+                   module="newllm.analyze")
+    assert "best trials of ppl:" in proc.stdout and "best phase2/val_ppl" in proc.stdout
+    assert sorted(p.name for p in (tmp_path / "plots").glob("*.png")) == [
+        "importances_phase1_convergence_rate.png", "importances_phase2_val_ppl.png", "optimization_history.png",
+        "pareto_phase1_convergence_rate_vs_phase2_val_ppl.png"]
+    studies = analysis.load_studies(url)
+    fig = analysis.plot_optimization_history(studies)
+    assert [ax.get_title() for ax in fig.axes] == ["phase2/val_ppl", "phase1/convergence_rate"]
+    assert [[t.get_text() for t in ax.get_legend().get_texts()] for ax in fig.axes] == [
+        ["ppl", "sequential", "layerwise"], ["sequential", "layerwise"]]
+    ppl_points = fig.axes[0].collections[0].get_offsets()[:, 1]
+    assert sorted(ppl_points) == sorted(t.value for t in ppl.trials)
+    fig = analysis.plot_param_importances(studies, objective="phase2/val_ppl")
+    assert [ax.get_title() for ax in fig.axes] == [f"{n}: phase2/val_ppl" for n in ("ppl", "sequential", "layerwise")]
 
 
 @pytest.mark.parametrize(("args", "message"), [

@@ -8,6 +8,8 @@ import math
 import os
 import subprocess
 import sys
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import optuna
@@ -15,21 +17,27 @@ import pytest
 import yaml
 from optuna.trial import TrialState
 
+from newllm import analysis
 from newllm.sweeping import early_stop_reason
-from tests.conftest import REPO, TINY, cli_env, run_cli
+from tests.conftest import FAST, REPO, TINY, cli_env, read_metrics, run_cli
 
 pytestmark = pytest.mark.slow
 OURS = "hydra/sweeper=newllm_optuna"
 LEAN = ["save_checkpoint=false", "save_contexts=false"]  # trials write only what the tests read
+FAST_ONLY = [o for o in FAST if o not in TINY]  # shorter phases on top of TINY
 
 
-def sweep(tmp: Path, *overrides: str, name: str = "s", check: bool = True, storage: str | None = None):
-    """One `python -m newllm.run -m` sweep in tmp; returns (study, process)."""
-    args = ["-m", *TINY, *LEAN, f"paths.output_root={tmp / 'outputs'}", f"hydra.sweep.dir={tmp / 'sweep'}",
-            f"hydra.sweeper.study_name={name}", *overrides]
+def sweep(tmp: Path, *overrides: str, name: str = "s", check: bool = True, storage: str | None = None,
+          sweep_dir: str | None = "sweep", env: dict[str, str] | None = None):
+    """One `python -m newllm.run -m` sweep in tmp, job folders under tmp/<sweep_dir> (None: the preset's
+    default folder); returns (study, process)."""
+    args = ["-m", *TINY, *LEAN, f"paths.output_root={tmp / 'outputs'}", f"hydra.sweeper.study_name={name}",
+            *overrides]
+    if sweep_dir:
+        args.append(f"hydra.sweep.dir={tmp / sweep_dir}")
     if storage:
         args.append(f"hydra.sweeper.storage={storage}")
-    proc = run_cli(args, cwd=tmp, check=check)
+    proc = run_cli(args, cwd=tmp, check=check, env=env)
     return optuna.load_study(study_name=name, storage=storage or f"sqlite:///{tmp / 'outputs' / 'optuna.db'}"), proc
 
 
@@ -60,15 +68,24 @@ def test_official_optuna_sweeper_multi_objective(tmp_path):
 JOBLIB = ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "hydra.sweeper.n_jobs=2"]
 
 
-def test_median_pruner_stops_bad_trials_in_joblib_workers(tmp_path):
-    """A trial whose Phase-2 val loss lags the median is PRUNED after its first epoch, not FAIL, though it
-    runs in a joblib worker process and reports through the shared storage."""
-    study, proc = sweep(tmp_path, OURS, "hydra/sweeper/pruner=median", "hydra.sweeper.pruner.n_startup_trials=1",
+@pytest.fixture(scope="module")
+def pruned_study(tmp_path_factory) -> dict:
+    """A real study of our sweeper: median pruner, 3 trials in 2 joblib workers; seed 11 proposes Phase-2
+    lr 0.003, 1e-7, 1e-7, and the two 1e-7 trials lag the first at Phase-2 epoch 1 (pruned there)."""
+    tmp = tmp_path_factory.mktemp("pruned")
+    study, proc = sweep(tmp, OURS, "hydra/sweeper/pruner=median", "hydra.sweeper.pruner.n_startup_trials=1",
                         "hydra/sweeper/sampler=random", "hydra.sweeper.sampler.seed=11", "objectives=[phase2/val_ppl]",
                         "hydra.sweeper.direction=minimize", "hydra.sweeper.n_trials=3", "training.phase2.epochs=2",
                         "training.phase2.patience=5", "training.phase2.lr=choice(0.003,0.0000001)", *JOBLIB)
-    # seed 11 proposes lr 0.003, 1e-7, 1e-7. Phase-1 iteration k reports at step k, Phase-2 epoch e at
-    # phase1.max_iterations + 1 + e = 7 + e (training=quick).
+    return {"tmp": tmp, "study": study, "storage": f"sqlite:///{tmp / 'outputs' / 'optuna.db'}", "proc": proc}
+
+
+def test_median_pruner_stops_bad_trials_in_joblib_workers(pruned_study):
+    """A trial whose Phase-2 val loss lags the median is PRUNED after its first epoch, not FAIL, though it
+    runs in a joblib worker process and reports through the shared storage."""
+    study = pruned_study["study"]
+    # Phase-1 iteration k reports at step k, Phase-2 epoch e at phase1.max_iterations + 1 + e = 7 + e
+    # (training=quick).
     def phase2_steps(t):
         return sorted(s for s in t.intermediate_values if s > 7)
 
@@ -85,6 +102,75 @@ def test_median_pruner_stops_bad_trials_in_joblib_workers(tmp_path):
         assert t.value == pytest.approx(t.user_attrs["phase2/val_ppl"])
     assert study.trials[0].state == TrialState.COMPLETE and study.trials[0].params["training.phase2.lr"] == 0.003
     assert len(study.trials) == 3 and "FAIL" not in states(study)  # pruned trials count toward n_trials
+
+
+def test_studies_name_their_objectives_and_pruned_values_keep_their_scale(pruned_study):
+    """Every Optuna client shows the objective names; a pruned trial's value is its objective (validation
+    perplexity at the epoch it stopped), not the validation loss the pruner compared (5-6 among ppl ~200-400)."""
+    study = optuna.load_study(study_name="s", storage=pruned_study["storage"])
+    assert study.metric_names == ["phase2/val_ppl"]
+    assert "value_phase2/val_ppl" in study.trials_dataframe().columns  # what `optuna trials` and pandas show
+    pruned = study.get_trials(states=(TrialState.PRUNED,))
+    assert pruned
+    for t in pruned:
+        assert t.value == pytest.approx(math.exp(t.intermediate_values[8]), rel=1e-9)  # val_ppl = exp(val_loss)
+        assert t.value > 100.0
+    assert analysis.objective_names(study) == ["phase2/val_ppl"]
+
+
+def test_analyze_runs_shows_pruned_trials_as_pruned(pruned_study):
+    study, root = pruned_study["study"], pruned_study["tmp"] / "sweep"
+    runs = analysis.load_runs(root, cache=False).set_index("run_dir")
+    for t in study.trials:
+        row = runs.loc[t.user_attrs["run_dir"]]
+        assert row["status"] == {"COMPLETE": "completed", "PRUNED": "pruned"}[t.state.name]
+        if t.state == TrialState.PRUNED:
+            assert row["pruned_reason"] == t.user_attrs["pruned_reason"] and row["error"] is None
+    proc = run_cli(["runs", str(root), "--status", "pruned", "--no-cache"], cwd=pruned_study["tmp"],
+                   module="newllm.analyze")
+    n = len(study.get_trials(states=(TrialState.PRUNED,)))
+    assert proc.stdout.splitlines()[0] == f"{n} runs under {root} ({n} pruned)"
+
+
+def test_optuna_dashboard_reads_our_study(pruned_study):
+    """optuna-dashboard (extra `dashboard`), started as README says, serves the study, its objective names and
+    each trial's user attrs over its HTTP API."""
+    pytest.importorskip("optuna_dashboard", reason="pip install -e '.[dashboard]' (.ci/run installs it)")
+    import urllib.request
+
+    port = free_port()
+    server = subprocess.Popen([str(Path(sys.executable).with_name("optuna-dashboard")), pruned_study["storage"],
+                               "--host", "127.0.0.1", "--port", str(port), "--quiet"],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+    def get(path: str) -> dict:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as reply:
+            return json.loads(reply.read())
+
+    try:
+        for _ in range(120):  # the server is up within a few seconds
+            try:
+                summaries = get("/api/studies")["study_summaries"]
+                break
+            except OSError:
+                assert server.poll() is None, server.stdout.read()
+                time.sleep(0.5)
+        else:
+            pytest.fail("optuna-dashboard did not answer within 60 s")
+        [summary] = [s for s in summaries if s["study_name"] == "s"]
+        detail = get(f"/api/studies/{summary['study_id']}")
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    assert detail["objective_names"] == ["phase2/val_ppl"] and detail["directions"] == ["minimize"]
+    study = pruned_study["study"]
+    assert [t["number"] for t in detail["trials"]] == [t.number for t in study.trials]
+    for shown, t in zip(detail["trials"], study.trials, strict=True):
+        attrs = {a["key"]: a["value"] for a in shown["user_attrs"]}
+        assert attrs["run_dir"] == t.user_attrs["run_dir"] and shown["state"] == t.state.name.capitalize()
+        assert shown["values"] == pytest.approx(t.values)
+        if t.state == TrialState.COMPLETE:
+            assert float(attrs["phase2/val_ppl"]) == pytest.approx(t.value)
 
 
 def test_hyperband_pruner_prunes_lagging_trials(tmp_path):
@@ -224,6 +310,80 @@ def test_resume_continues_to_n_trials_in_total_and_keeps_every_job_dir(tmp_path)
     assert results["n_trials"]["complete"] == 2 and results["n_trials"]["fail"] == 1
 
 
+# Trials that only build their model (seconds): the tests below are about what the sweeper does around them.
+PHASES_OFF = ["training.phase1.enabled=false", "training.phase2.enabled=false"]
+
+
+def abandon_a_trial(study: optuna.Study) -> None:
+    """A trial left RUNNING by a sweep process killed during it (pid 2**22 + 1 is above Linux's pid_max)."""
+    trial = study.ask()
+    study._storage.set_trial_system_attr(trial._trial_id, "newllm:owner", f"{os.uname().nodename}:{2**22 + 1}")
+
+
+@pytest.mark.parametrize(("preset", "objectives"), [
+    ("optuna_ppl_quick", "[model/params]"),  # TPE, within its random startup trials
+    ("optuna_cvfp_quick", "[model/params,model/params_core]"),  # NSGA-II, within its random first generation
+], ids=["tpe", "nsgaii"])
+def test_resumed_study_continues_its_search_instead_of_replaying_it(tmp_path, preset, objectives):
+    """Killed during trial 2 and re-run with the same command, the sampler goes on proposing new points (on
+    main, trials 3 and 4 repeated trials 0 and 1); a fresh study with the same seed still repeats the first run."""
+    args = [f"+sweep={preset}", *PHASES_OFF, f"objectives={objectives}", "hydra.sweeper.sampler.seed=0",
+            "model.context_dim=choice(16,24,32,48,64)"]
+    study, _ = sweep(tmp_path, *args, "hydra.sweeper.n_trials=2")
+    abandon_a_trial(study)
+    study, proc = sweep(tmp_path, *args, "hydra.sweeper.n_trials=4")
+    assert states(study) == ["COMPLETE", "COMPLETE", "FAIL", "COMPLETE", "COMPLETE"]
+    first, resumed = [t.params for t in study.trials[:2]], [t.params for t in study.trials[3:]]
+    assert all(p not in first for p in resumed), (first, resumed)
+    assert "reseeded" in proc.stdout  # the log says why the stream differs from a fresh study's
+
+    fresh, _ = sweep(tmp_path, *args, "hydra.sweeper.n_trials=2", name="fresh", sweep_dir="fresh")
+    assert [t.params for t in fresh.trials] == first
+
+
+def overrides_of(run_dir: Path) -> list[str]:
+    return yaml.safe_load((run_dir / ".hydra" / "overrides.yaml").read_text())
+
+
+def test_job_folders_belong_to_one_storage_study_and_trial(tmp_path):
+    """One study name in two storages: the preset's default folders differ and each trial's run_dir holds its
+    own results (on main both wrote outputs/sweeps/s/trial_0). A sweep pointed at a folder that another study
+    owns, or at a job folder it did not make, stops with one line before writing anything there."""
+    args = ["+sweep=optuna_ppl_quick", *PHASES_OFF, "objectives=[model/params]", "hydra.sweeper.n_trials=1"]
+    storages = {db: f"sqlite:///{tmp_path / db}.db" for db in ("a", "b")}
+    studies = {db: sweep(tmp_path, *args, f"hydra.sweeper.sampler.seed={seed}", storage=url, sweep_dir=None)[0]
+               for seed, (db, url) in enumerate(storages.items())}
+    run_dirs = {db: Path(s.trials[0].user_attrs["run_dir"]) for db, s in studies.items()}
+    assert run_dirs["a"].parent != run_dirs["b"].parent
+    assert all(d.is_relative_to(tmp_path / "outputs" / "sweeps" / "s") for d in run_dirs.values())
+    for db, study in studies.items():  # every run_dir holds its own trial's results
+        weight = study.trials[0].params["training.dist_reg_weight"]
+        assert f"training.dist_reg_weight={weight}" in overrides_of(run_dirs[db])
+        assert read_metrics(run_dirs[db])["model/params"] == study.trials[0].value
+
+    before = {p: p.stat().st_mtime_ns for p in run_dirs["a"].parent.rglob("*")}
+    proc = run_cli(["-m", *TINY, *LEAN, *args, f"paths.output_root={tmp_path / 'outputs'}",
+                    "hydra.sweeper.study_name=s", f"hydra.sweeper.storage=sqlite:///{tmp_path / 'c.db'}",
+                    f"hydra.sweep.dir={run_dirs['a'].parent}"], cwd=tmp_path, check=False)
+    assert proc.returncode == 2
+    [line] = proc.stderr.strip().splitlines()[-1:]
+    assert line.startswith(f"error: hydra.sweep.dir={run_dirs['a'].parent} holds the job folders of study 's' in "
+                           f"{storages['a']}"), proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "c.db").exists()
+    assert {p: p.stat().st_mtime_ns for p in run_dirs["a"].parent.rglob("*")} == before
+
+    # A job folder the sweeper did not make (copied in, another tool's) is never written into either.
+    stranger = run_dirs["a"].parent / "trial_1"
+    (stranger / ".hydra").mkdir(parents=True)
+    (stranger / ".hydra" / "config.yaml").write_text("not: ours\n")
+    study, proc = sweep(tmp_path, *args, "hydra.sweeper.n_trials=2", storage=storages["a"],
+                        sweep_dir=str(run_dirs["a"].parent), check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"error: job folder {stranger} exists")
+    assert sorted(p.name for p in stranger.rglob("*")) == [".hydra", "config.yaml"]
+    assert states(study) == ["COMPLETE", "FAIL"] and study.trials[1].user_attrs["fail_reason"].startswith("job folder")
+
+
 def test_presets_compose():
     from hydra import compose, initialize_config_dir
 
@@ -268,10 +428,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@dataclass
+class Postgres:
+    """A private PostgreSQL server on 127.0.0.1 whose TCP connections need a password, as a shared one does."""
+
+    port: int
+    password: str
+    user: str = "newllm"
+    database: str = "postgres"
+
+    def url(self, password: str = "") -> str:
+        secret = f":{password}" if password else ""
+        return f"postgresql+psycopg://{self.user}{secret}@127.0.0.1:{self.port}/{self.database}"
+
+
 @pytest.fixture(scope="module")
-def postgres_url():
-    """A private PostgreSQL cluster on 127.0.0.1 (initdb + pg_ctl as a non-root user), stopped afterwards."""
+def postgres():
+    """initdb + pg_ctl as a non-root user; scram-sha-256 for host connections (trust only on its own Unix
+    socket, which nothing here uses); stopped and deleted afterwards."""
     import glob
+    import secrets
     import shutil
     import tempfile
 
@@ -281,43 +457,110 @@ def postgres_url():
         pytest.skip("PostgreSQL server not installed (Debian: apt-get install postgresql; .ci/run does this)")
     pg_ctl = str(Path(initdb).with_name("pg_ctl"))
     root = Path(tempfile.mkdtemp(prefix="newllm-pg-"))
+    server = Postgres(port=free_port(), password=f"pw-{secrets.token_hex(12)}")
+    (root / "pwfile").write_text(server.password + "\n")
     as_user: list[str] = []
     if os.geteuid() == 0:  # the server refuses to run as root
-        shutil.chown(root, "postgres")
+        for path in (root, root / "pwfile"):
+            shutil.chown(path, "postgres")
         as_user = ["runuser", "-u", "postgres", "--"]
-    port = free_port()
     data = root / "data"
-    subprocess.run([*as_user, initdb, "-D", str(data), "-U", "newllm", "--auth=trust"], check=True,
-                   capture_output=True)
-    opts = f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c max_connections=50"
+    subprocess.run([*as_user, initdb, "-D", str(data), "-U", server.user, f"--pwfile={root / 'pwfile'}",
+                    "--auth-local=trust", "--auth-host=scram-sha-256"], check=True, capture_output=True)
+    (root / "pwfile").unlink()
+    opts = f"-p {server.port} -k {root} -c listen_addresses=127.0.0.1 -c max_connections=80"
     subprocess.run([*as_user, pg_ctl, "-D", str(data), "-o", opts, "-l", str(root / "log"), "-w", "start"],
                    check=True, capture_output=True)
     try:
-        yield f"postgresql+psycopg://newllm@127.0.0.1:{port}/postgres"
+        yield server
     finally:
         subprocess.run([*as_user, pg_ctl, "-D", str(data), "-m", "immediate", "stop"], capture_output=True)
         shutil.rmtree(root, ignore_errors=True)
 
 
-def test_two_sweep_processes_share_one_postgres_study(tmp_path, postgres_url):
-    n = 4
+def test_four_sweep_processes_share_one_postgres_study(tmp_path, postgres):
+    """4 sweep processes at once on one study (password from PGPASSWORD, as README's recipe allows): trial
+    numbers 0..N-1 each exactly once, n_trials COMPLETE trials with their results, every process stops there."""
+    n, workers = 6, (1, 2, 3, 4)
     procs = []
-    for worker in (1, 2):
-        args = ["-m", *TINY, *LEAN, f"paths.output_root={tmp_path / 'outputs'}",
-                f"hydra.sweep.dir={tmp_path / f'w{worker}'}", OURS, f"hydra.sweeper.storage={postgres_url}",
+    for worker in workers:
+        args = ["-m", *FAST, *LEAN, f"paths.output_root={tmp_path / 'outputs'}",
+                f"hydra.sweep.dir={tmp_path / f'w{worker}'}", OURS, f"hydra.sweeper.storage={postgres.url()}",
                 "hydra.sweeper.study_name=shared", f"hydra.sweeper.n_trials={n}", "hydra/sweeper/sampler=random",
-                f"hydra.sweeper.sampler.seed={worker}",
-                "training.dist_reg_weight=interval(0.0,1.0)", "model.layers=choice(1,2)",
+                f"hydra.sweeper.sampler.seed={worker}", "hydra.sweeper.direction=minimize",
+                "training.dist_reg_weight=interval(0.0,1.0)", "model.context_dim=choice(16,32)",
                 "objectives=[phase2/val_ppl]"]
-        procs.append(subprocess.Popen([sys.executable, "-m", "newllm.run", *args], cwd=tmp_path, env=cli_env(),
+        procs.append(subprocess.Popen([sys.executable, "-m", "newllm.run", *args], cwd=tmp_path,
+                                      env={**cli_env(), "PGPASSWORD": postgres.password},
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    outs = [p.communicate(timeout=600) for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], outs[0][1][-2000:] + outs[1][1][-2000:]
-    study = optuna.load_study(study_name="shared", storage=postgres_url)
+    outs = [p.communicate(timeout=900) for p in procs]
+    assert [p.returncode for p in procs] == [0] * len(workers), "\n".join(err[-2000:] for _, err in outs)
+    study = optuna.load_study(study_name="shared", storage=postgres.url(postgres.password))
     numbers = [t.number for t in study.trials]
     assert sorted(numbers) == list(range(len(numbers)))  # every number exactly once
-    assert len(study.get_trials(states=(TrialState.COMPLETE,))) == n
-    surplus = [t for t in study.trials if t.state == TrialState.FAIL]
-    assert all(t.user_attrs["fail_reason"].startswith("surplus") for t in surplus)
-    ran = {Path(t.user_attrs["run_dir"]).parent.name for t in study.get_trials(states=(TrialState.COMPLETE,))}
-    assert ran == {"w1", "w2"}  # both processes did work
+    complete = study.get_trials(states=(TrialState.COMPLETE,))
+    assert len(complete) == n and study.metric_names == ["phase2/val_ppl"]
+    for t in study.trials:  # anything beyond n_trials was dropped before it ran, and says so
+        assert t.state == TrialState.COMPLETE or t.user_attrs["fail_reason"].startswith("surplus"), t
+    run_dirs = [Path(t.user_attrs["run_dir"]) for t in complete]
+    assert len(set(run_dirs)) == n and {d.parent for d in run_dirs} <= {tmp_path / f"w{w}" for w in workers}
+    for t, run_dir in zip(complete, run_dirs, strict=True):  # none lost: each result is in its own folder
+        assert read_metrics(run_dir)["phase2/val_ppl"] == pytest.approx(t.value)
+    # every process stopped at n_trials: no job folder beyond the n COMPLETE trials' (surplus ones never ran)
+    assert sorted(p for w in workers for p in (tmp_path / f"w{w}").glob("trial_*")) == sorted(run_dirs)
+    for worker in workers:
+        results = yaml.safe_load((tmp_path / f"w{worker}" / "optimization_results.yaml").read_text())
+        assert results["n_trials"]["complete"] <= n and results["storage"] == postgres.url()
+
+
+SECRET_STORAGE = "postgresql+psycopg://newllm:${oc.env:NEWLLM_DB_PASSWORD}@127.0.0.1:%d/postgres"
+
+
+SUBMITIT_LOCAL = ["hydra/launcher=submitit_local", "hydra.launcher.timeout_min=5"]
+
+
+@pytest.mark.parametrize("launcher", [[], JOBLIB, SUBMITIT_LOCAL], ids=["basic", "joblib", "submitit_local"])
+def test_database_password_never_lands_in_files_or_logs(tmp_path, postgres, launcher, request):
+    """A password-protected role, the password from ${oc.env:...}: the jobs connect and report, and the password
+    is in no file under the sweep folder (submitit's pickles included), the run folders, outputs/ or the logs;
+    the runs and trials tables and everything newllm records show the URL masked."""
+    import psycopg
+
+    with pytest.raises(psycopg.OperationalError, match="password"):  # the server really wants the password
+        psycopg.connect(host="127.0.0.1", port=postgres.port, user=postgres.user, dbname="postgres").close()
+    secret, name = postgres.password, f"secret_{request.node.callspec.id}"  # one study per case on the server
+    written, masked = SECRET_STORAGE % postgres.port, postgres.url("***")
+    proc = run_cli(["-m", *TINY, *LEAN, *FAST_ONLY, f"paths.output_root={tmp_path / 'outputs'}", OURS,
+                    f"hydra.sweep.dir={tmp_path / 'sweep'}", f"hydra.sweeper.study_name={name}",
+                    f"hydra.sweeper.storage={written}", "hydra.sweeper.n_trials=2", "hydra.sweeper.direction=minimize",
+                    "objectives=[phase2/val_ppl]", "model.layers=choice(1,2)", *launcher],
+                   cwd=tmp_path, env={"NEWLLM_DB_PASSWORD": secret})
+    study = optuna.load_study(study_name=name, storage=postgres.url(secret))
+    assert states(study) == ["COMPLETE", "COMPLETE"]
+    assert all(t.intermediate_values for t in study.trials)  # the jobs themselves reached the study
+    hydra_cfg = yaml.safe_load((tmp_path / "sweep" / "trial_0" / ".hydra" / "hydra.yaml").read_text())["hydra"]
+    assert hydra_cfg["job"]["env_set"]["NEWLLM_OPTUNA_STORAGE"] == masked
+    assert hydra_cfg["sweeper"]["storage"] == written  # as written: resolved only where it is used
+    assert yaml.safe_load((tmp_path / "sweep" / "optimization_results.yaml").read_text())["storage"] == masked
+    assert f"in {masked}" in proc.stdout  # the sweep's log line
+
+    tables = tmp_path / "tables"
+    tables.mkdir()
+    analysis.load_runs(tmp_path).to_csv(tables / "runs.csv")
+    analysis.trials_frame([study]).to_csv(tables / "trials.csv")
+    files = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert any(p.is_relative_to(tmp_path / "outputs") for p in files) and len(files) > 20
+    leaks = [p for p in files if secret.encode() in p.read_bytes()]
+    assert leaks == [] and secret not in proc.stdout + proc.stderr
+
+
+def test_literal_database_password_is_refused_before_anything_is_written(tmp_path):
+    proc = run_cli(["-m", *TINY, OURS, f"paths.output_root={tmp_path / 'outputs'}", f"hydra.sweep.dir={tmp_path / 's'}",
+                    "hydra.sweeper.storage=postgresql+psycopg://alice:s3cr3t@127.0.0.1:9/optuna"], cwd=tmp_path,
+                   check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    [line] = proc.stderr.strip().splitlines()
+    assert line == ("error: hydra.sweeper.storage holds a password, which Hydra would write into every job's "
+                    ".hydra/hydra.yaml: leave it out (PGPASSWORD, ~/.pgpass or PGSERVICE) or write it as "
+                    "postgresql+psycopg://alice:${oc.env:NEWLLM_DB_PASSWORD}@127.0.0.1:9/optuna")
+    assert "s3cr3t" not in proc.stdout and list(tmp_path.iterdir()) == []

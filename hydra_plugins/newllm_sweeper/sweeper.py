@@ -7,8 +7,14 @@ grammar (`create_params_from_overrides`), trial configuration and grid handling.
   - failures: raising or NaN/inf-returning jobs are FAIL with `fail_reason` and are replaced; the sweep
     stops once this run has more than max_failure_rate x n_trials failures; every result is stored
     before anything raises;
-  - resume: n_trials counts COMPLETE + PRUNED (+ running) trials of the whole study, and each job
-    folder is named by its trial number, so a re-run continues and never overwrites;
+  - resume: n_trials counts COMPLETE + PRUNED (+ running) trials of the whole study, and a re-run reseeds
+    the sampler from (seed, trials in the study), so it continues the search instead of replaying it;
+  - job folders: named by trial number; the sweep folder and each job folder carry an owner record
+    (OWNER_FILE: storage, study, trial), and a sweep never writes into a folder it does not own;
+  - names and values: the study's metric names are the config's `objectives`; a pruned trial's value is its
+    objective at the step it stopped, not the intermediate value the pruner compared;
+  - passwords: what this sweeper writes or logs shows the storage URL masked (newllm.storage); each job
+    resolves the real URL in its own environment (newllm.sweeping.job_storage_url);
   - traceability: run_dir, overrides and every metric of metrics.json in each trial's user attrs.
 """
 
@@ -19,31 +25,45 @@ import json
 import logging
 import math
 import os
+import shutil
 import socket
+import sys
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import optuna
 import sqlalchemy
 from hydra.core.utils import JobReturn, JobStatus
+from hydra.utils import instantiate
 from hydra_plugins.hydra_optuna_sweeper._impl import OptunaSweeperImpl, create_params_from_overrides
 from hydra_plugins.hydra_optuna_sweeper.optuna_sweeper import OptunaSweeper
 from omegaconf import DictConfig, OmegaConf
 from optuna.trial import FrozenTrial, TrialState
 
 from hydra_plugins.newllm_sweeper import config as _config  # noqa: F401  (registers configs + presets)
+from newllm import storage as storages
 from newllm import sweeping
+from newllm.config import ConfigError
 from newllm.errors import NewllmError
+from newllm.fileio import atomic_write
 
 log = logging.getLogger(__name__)
 OWNER = f"{socket.gethostname()}:{os.getpid()}"
 COUNTED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
+OWNER_FILE = ".newllm-owner.json"  # in the sweep folder and in each job folder: which study (and trial) owns it
+SAMPLERS = ("hydra_plugins.hydra_optuna_sweeper.*", "optuna.samplers.*")  # what the official plugin instantiates
 
 
 class SweepAborted(NewllmError):
     """Too many failed trials (every result was stored before this was raised)."""
+
+
+class FolderOwned(ConfigError):
+    """A sweep folder or job folder that belongs to another study (or to no study)."""
 
 
 class NewllmOptunaSweeper(OptunaSweeper):
@@ -51,13 +71,21 @@ class NewllmOptunaSweeper(OptunaSweeper):
         super().__init__(**official)  # instantiates the sampler exactly as the official plugin does
         self.sweeper = NewllmOptunaSweeperImpl(
             self.sweeper.sampler, **{k: v for k, v in official.items() if k != "sampler"},
-            pruner=pruner, early_stop=early_stop, report=report, subdir=subdir)
+            sampler_config=official["sampler"], pruner=pruner, early_stop=early_stop, report=report, subdir=subdir)
+
+    def sweep(self, arguments: list[str]) -> None:
+        try:
+            return self.sweeper.sweep(arguments)
+        except ConfigError as err:  # bad settings or a folder it does not own: one line, as newllm.run prints them
+            print(f"error: {err}", file=sys.stderr)
+            sys.exit(2)
 
 
 class NewllmOptunaSweeperImpl(OptunaSweeperImpl):
-    def __init__(self, sampler: Any, *, pruner: Any, early_stop: Any, report: Sequence[str], subdir: str,
-                 **official: Any) -> None:
+    def __init__(self, sampler: Any, *, sampler_config: Any, pruner: Any, early_stop: Any, report: Sequence[str],
+                 subdir: str, **official: Any) -> None:
         super().__init__(sampler, **official)
+        self.sampler_config = sampler_config
         self.task_spec = {"pruner": _plain(pruner), "early_stop": _plain(early_stop), "report": list(report)}
         self.subdir = subdir
         self.last_failure = ""
@@ -66,6 +94,7 @@ class NewllmOptunaSweeperImpl(OptunaSweeperImpl):
 
     # ------------------------------------------------------------------ the loop
     def sweep(self, arguments: list[str]) -> None:
+        self._check_settings()
         self._process_searchspace_config()
         space, fixed_params, fixed_overrides = create_params_from_overrides(
             self._parse_sweeper_params_config() + list(arguments))
@@ -76,8 +105,13 @@ class NewllmOptunaSweeperImpl(OptunaSweeperImpl):
             self.sampler = self.sampler(grid)
             self.n_trials = min(self.n_trials, math.prod(len(v) for v in grid.values()))
         directions = self._get_directions()
-        study = self._open_study(directions)
+        names = None if "objectives" in space else self._objective_names(directions)
+        self.sweep_dir = Path(str(self.config.hydra.sweep.dir)).absolute()
+        self._check_sweep_dir_owner()  # before the study is opened: a refusal leaves no trace
+        study = self._open_study(directions, names)
         self._fail_abandoned(study)
+        self._continue_search(study)
+        self._claim_sweep_dir(study)
 
         launched = failures = 0
         while (todo := self.n_trials - len(study.get_trials(deepcopy=False, states=COUNTED))) > 0:
@@ -85,7 +119,9 @@ class NewllmOptunaSweeperImpl(OptunaSweeperImpl):
             if not trials:
                 continue
             overrides = self._configure_trials(trials, space, fixed_params, fixed_overrides)
-            overrides = [(*o, *self._job_overrides(study, t)) for o, t in zip(overrides, trials, strict=True)]
+            folders = self._make_job_folders(study, trials)
+            overrides = [(*o, *self._job_overrides(study, t, f)) for o, t, f in zip(overrides, trials, folders,
+                                                                                     strict=True)]
             try:
                 returns = self.launcher.launch(overrides, initial_job_idx=self.job_idx)
             except BaseException as err:  # launcher crash / Ctrl-C: no trial stays RUNNING
@@ -104,8 +140,29 @@ class NewllmOptunaSweeperImpl(OptunaSweeperImpl):
                     f"is in user attr fail_reason of study {study.study_name!r}")
         self._save_results(study, directions)
 
+    # ------------------------------------------------------------------ settings
+    def _check_settings(self) -> None:
+        """Settings that would leak a password or share job folders: refused before anything is opened."""
+        written = OmegaConf.to_container(self.config.hydra.sweeper, resolve=False).get("storage")
+        if storages.literal_password(written):
+            raise ConfigError(
+                "hydra.sweeper.storage holds a password, which Hydra would write into every job's .hydra/hydra.yaml: "
+                "leave it out (PGPASSWORD, ~/.pgpass or PGSERVICE) or write it as "
+                + storages.masked(self.storage).replace(storages.MASK, "${oc.env:NEWLLM_DB_PASSWORD}"))
+        if self.subdir.format(number=0) == self.subdir.format(number=1):
+            raise ConfigError(f"hydra.sweeper.subdir={self.subdir!r} is not allowed: it must contain {{number}}, "
+                              "so that every trial gets a job folder of its own")
+
+    def _objective_names(self, directions: list[str]) -> list[str]:
+        """The config's `objectives`: what the task returns, in order, hence the study's metric names."""
+        names = [str(n) for n in self.config.get("objectives") or []]
+        if len(names) != len(directions):
+            raise ConfigError(f"objectives={names} has {len(names)} name(s) for hydra.sweeper.direction={directions}:"
+                              " give one direction per objective")
+        return names
+
     # ------------------------------------------------------------------ study and trials
-    def _open_study(self, directions: list[str]) -> optuna.Study:
+    def _open_study(self, directions: list[str], names: list[str] | None) -> optuna.Study:
         self.storage = _absolute_sqlite(self.storage)
         for attempt in range(5):
             try:
@@ -120,12 +177,86 @@ class NewllmOptunaSweeperImpl(OptunaSweeperImpl):
         if have != list(directions):
             raise ValueError(f"hydra.sweeper.direction={list(directions)} does not match study "
                              f"{study.study_name!r}, which has {have}: pick another hydra.sweeper.study_name")
+        if names is not None and study.metric_names is None:
+            with warnings.catch_warnings():  # "experimental" since Optuna 3.2, and what every client reads
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                study.set_metric_names(names)  # what optuna-dashboard, the optuna CLI and newllm.analysis show
+        elif names is not None and list(study.metric_names) != names:
+            raise ConfigError(f"objectives={names} do not match study {study.study_name!r}, which optimises "
+                              f"{study.metric_names}: pick another hydra.sweeper.study_name")
         if self.storage is None:
             sweeping.IN_PROCESS_STUDIES[study.study_name] = study
         done = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
         log.info("Study %s in %s: %d of %d trials done; sampler %s, directions %s", study.study_name,
-                 self.storage, done, self.n_trials, type(self.sampler).__name__, directions)
+                 storages.masked(self.storage), done, self.n_trials, type(self.sampler).__name__, directions)
         return study
+
+    def _continue_search(self, study: optuna.Study) -> None:
+        """A seeded sampler restarts its random stream in every process: re-running a study would propose again
+        what the first run proposed (TPE's startup points, NSGA-II's first generation). Reseeding it from (seed,
+        trials in the study) keeps a fresh study's seed, continues a resumed one, and both stay reproducible.
+        QMC continues its sequence by sample id and a grid picks unvisited points: they keep their seed."""
+        seed = (self.sampler_config or {}).get("seed")
+        trials = len(study.get_trials(deepcopy=False))
+        if seed is None or trials == 0 or isinstance(self.sampler, (optuna.samplers.QMCSampler,
+                                                                     optuna.samplers.GridSampler)):
+            return
+        new_seed = int(np.random.SeedSequence([int(seed), trials]).generate_state(1)[0])
+        self.sampler = instantiate(OmegaConf.merge(self.sampler_config, {"seed": new_seed}),
+                                   _execution_whitelist_=SAMPLERS)
+        study.sampler = self.sampler
+        log.info("Sampler reseeded from seed %d to %d: the study holds %d trials, so this run continues its "
+                 "search instead of replaying the seed's proposals", seed, new_seed, trials)
+
+    # ------------------------------------------------------------------ folders it owns
+    def _owner(self, study: optuna.Study, trial: optuna.Trial | None = None) -> dict[str, Any]:
+        record = {"storage": storages.masked(self.storage) or "memory (hydra.sweeper.storage=null)",
+                  "storage_id": storages.identity(self.storage),
+                  "study": study.study_name, "study_id": study._study_id}
+        return record if trial is None else {**record, "trial": trial.number}
+
+    def _check_sweep_dir_owner(self) -> None:
+        owner = _read_owner(self.sweep_dir)
+        if owner and (owner.get("storage_id"), owner.get("study")) != (storages.identity(self.storage),
+                                                                        self.study_name):
+            raise FolderOwned(f"hydra.sweep.dir={self.sweep_dir} holds the job folders of study {owner.get('study')!r} "
+                              f"in {owner.get('storage')}: a sweep writes only into its own folders; pick another "
+                              "hydra.sweep.dir")
+
+    def _claim_sweep_dir(self, study: optuna.Study) -> None:
+        """Record this study as the sweep folder's owner. A folder without a record (made before newllm kept one)
+        is claimed only if each job folder in it is the run_dir of one of this study's trials."""
+        owner = _read_owner(self.sweep_dir)
+        if owner is None:
+            made = {str(t.user_attrs.get("run_dir")) for t in study.get_trials(deepcopy=False)}
+            foreign = [p for p in _job_folders(self.sweep_dir) if str(p) not in made]
+            if foreign:
+                raise FolderOwned(f"hydra.sweep.dir={self.sweep_dir} holds job folders that are not trials of study "
+                                  f"{study.study_name!r} (e.g. {foreign[0].name}): pick another hydra.sweep.dir")
+            _write_owner(self.sweep_dir, self._owner(study))
+        elif owner.get("study_id") != study._study_id:
+            raise FolderOwned(f"hydra.sweep.dir={self.sweep_dir} belongs to an earlier study {study.study_name!r} "
+                              f"(id {owner.get('study_id')}) in {owner.get('storage')}, since deleted: pick another "
+                              "hydra.sweep.dir")
+
+    def _make_job_folders(self, study: optuna.Study, trials: list[optuna.Trial]) -> list[Path]:
+        """Each trial's job folder, made here (it must not exist yet) with its owner record, before any job runs."""
+        made: list[Path] = []
+        for trial in trials:
+            folder = self.sweep_dir / self.subdir.format(number=trial.number)
+            try:
+                folder.mkdir(parents=True)
+            except FileExistsError:
+                for path in made:  # nothing ran in them: leave no empty job folders behind
+                    shutil.rmtree(path)
+                reason = (f"job folder {folder} exists: trial {trial.number} of study {study.study_name!r} writes "
+                          "only into a folder it made; move that folder away or pick another hydra.sweep.dir")
+                for t in trials:
+                    self._tell_fail(study, t, reason)
+                raise FolderOwned(reason) from None
+            _write_owner(folder, self._owner(study, trial))
+            made.append(folder)
+        return made
 
     def _ask(self, study: optuna.Study, n: int) -> list[optuna.Trial]:
         """Ask n trials; one that another worker made surplus in the meantime is dropped (FAIL, not counted)."""
@@ -149,11 +280,14 @@ class NewllmOptunaSweeperImpl(OptunaSweeperImpl):
             if h == host and pid.isdigit() and not _alive(int(pid)):
                 self._tell_fail(study, t, f"abandoned: sweep process {owner} is gone")
 
-    def _job_overrides(self, study: optuna.Study, trial: optuna.Trial) -> list[str]:
+    def _job_overrides(self, study: optuna.Study, trial: optuna.Trial, folder: Path) -> list[str]:
         study._storage.set_trial_system_attr(trial._trial_id, sweeping.SPEC_ATTR, self.task_spec)
-        env = {sweeping.ENV_STORAGE: self.storage or "", sweeping.ENV_STUDY: study.study_name,
+        # Hydra writes env_set resolved into the job's .hydra/hydra.yaml: the storage goes there masked, and the
+        # job resolves the real URL in its own environment (sweeping.job_storage_url).
+        env = {sweeping.ENV_STORAGE: storages.masked(self.storage), sweeping.ENV_STUDY: study.study_name,
                sweeping.ENV_TRIAL: str(trial._trial_id)}
-        return [f"hydra.sweep.subdir={self.subdir.format(number=trial.number)}",
+        return [f"hydra.sweep.dir={_quote(str(self.sweep_dir))}",  # the folder made above, wherever the job runs
+                f"hydra.sweep.subdir={_quote(str(folder.relative_to(self.sweep_dir)))}",
                 *(f"++hydra.job.env_set.{k}={_quote(v)}" for k, v in env.items())]
 
     def _tell(self, study: optuna.Study, trial: optuna.Trial, ret: JobReturn, n_objectives: int) -> TrialState:
@@ -163,13 +297,12 @@ class NewllmOptunaSweeperImpl(OptunaSweeperImpl):
             attrs.update(json.loads((run_dir / "metrics.json").read_text()))
         for key, value in attrs.items():
             trial.set_user_attr(key, value)
+        if ret.status == JobStatus.COMPLETED and isinstance(ret.return_value, sweeping.Pruned):
+            return self._tell_pruned(study, trial, ret.return_value.reason, ret.return_value.values)
         if ret.status == JobStatus.FAILED:
             err = ret._return_value
             if isinstance(err, optuna.TrialPruned):
-                trial.set_user_attr("pruned_reason", str(err))
-                study.tell(trial, state=TrialState.PRUNED)
-                log.info("Trial %d pruned: %s", trial.number, err)
-                return TrialState.PRUNED
+                return self._tell_pruned(study, trial, str(err), getattr(err, "values", None))
             return self._tell_fail(study, trial, f"{type(err).__name__}: {err}")
         values, problem = _objective_values(ret.return_value, n_objectives)
         if problem:
@@ -181,6 +314,21 @@ class NewllmOptunaSweeperImpl(OptunaSweeperImpl):
                 raise
         return TrialState.COMPLETE
 
+    def _tell_pruned(self, study: optuna.Study, trial: optuna.Trial, reason: str,
+                     values: list[float] | None) -> TrialState:
+        """PRUNED, valued by its objectives at the step it stopped (none if they were not all measured yet).
+
+        study.tell(state=PRUNED) would store the last *intermediate* value: what the pruner compared (a
+        validation loss, 1 - convergence), so a pruned trial showed 5.2 among perplexities of 200. Pruners and
+        samplers read the intermediate values, which stay as reported; this does what tell() does otherwise.
+        """
+        trial.set_user_attr("pruned_reason", reason)
+        values = [float(v) for v in values] if values and len(values) == len(study.directions) else None
+        study.sampler.after_trial(study, study._storage.get_trial(trial._trial_id), TrialState.PRUNED, values)
+        study._storage.set_trial_state_values(trial._trial_id, TrialState.PRUNED, values)
+        log.info("Trial %d pruned: %s", trial.number, reason)
+        return TrialState.PRUNED
+
     def _tell_fail(self, study: optuna.Study, trial: optuna.Trial | FrozenTrial, reason: str) -> TrialState:
         study._storage.set_trial_user_attr(trial._trial_id, "fail_reason", reason)
         study.tell(trial.number, state=TrialState.FAIL)
@@ -190,7 +338,8 @@ class NewllmOptunaSweeperImpl(OptunaSweeperImpl):
 
     def _save_results(self, study: optuna.Study, directions: list[str]) -> None:
         """optimization_results.yaml in the official format, plus the study's trial counts."""
-        results: dict[str, Any] = {"name": "optuna", "study_name": study.study_name, "storage": self.storage}
+        results: dict[str, Any] = {"name": "optuna", "study_name": study.study_name,
+                                   "storage": storages.masked(self.storage)}
         complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
         if complete and len(directions) == 1:
             results.update(best_params=study.best_trial.params, best_value=study.best_trial.value)
@@ -198,8 +347,8 @@ class NewllmOptunaSweeperImpl(OptunaSweeperImpl):
             results["solutions"] = [{"params": t.params, "values": t.values} for t in study.best_trials]
         results["n_trials"] = {s.name.lower(): len(study.get_trials(deepcopy=False, states=(s,)))
                                for s in TrialState}
-        Path(self.config.hydra.sweep.dir).mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(OmegaConf.create(results), f"{self.config.hydra.sweep.dir}/optimization_results.yaml")
+        self.sweep_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(OmegaConf.create(results), self.sweep_dir / "optimization_results.yaml")
 
 
 def _objective_values(ret: Any, n: int) -> tuple[list[float], str | None]:
@@ -224,11 +373,25 @@ def _quote(value: str) -> str:
 
 def _absolute_sqlite(url: str | None) -> str | None:
     """sqlite:///rel/path -> sqlite:////abs/path (jobs may run elsewhere); creates the parent folder."""
-    if not url or not str(url).startswith("sqlite:///"):
-        return url
-    path = Path(str(url).removeprefix("sqlite:///")).resolve()  # sqlite:////abs keeps its leading /
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{path}"
+    url = storages.absolute_sqlite(url)
+    if url and url.startswith("sqlite:///"):
+        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    return url
+
+
+def _read_owner(folder: Path) -> dict[str, Any] | None:
+    path = folder / OWNER_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _write_owner(folder: Path, owner: dict[str, Any]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write(folder / OWNER_FILE, lambda tmp: Path(tmp).write_text(json.dumps(owner, indent=1) + "\n"))
+
+
+def _job_folders(folder: Path) -> list[Path]:
+    """Folders below `folder` that Hydra made for a job (they hold .hydra/)."""
+    return sorted(p.parent.parent for p in folder.glob("**/.hydra/config.yaml")) if folder.is_dir() else []
 
 
 def _alive(pid: int) -> bool:

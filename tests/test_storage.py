@@ -1,0 +1,63 @@
+"""newllm.storage: what newllm records of an Optuna storage URL (passwords masked) and its folder names."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from newllm import storage
+
+
+@pytest.mark.parametrize(("url", "shown"), [
+    ("postgresql+psycopg://alice:s3cr%40t@db.lab:5432/optuna", "postgresql+psycopg://alice:***@db.lab:5432/optuna"),
+    ("postgresql+psycopg://alice@db.lab/optuna?password=s3cr3t&sslmode=require",
+     "postgresql+psycopg://alice@db.lab/optuna?password=***&sslmode=require"),
+    ("postgresql+psycopg://alice@db.lab/optuna", "postgresql+psycopg://alice@db.lab/optuna"),  # PGPASSWORD/.pgpass
+    ("postgresql+psycopg://", "postgresql+psycopg://"),  # PGSERVICE
+    ("sqlite:///outputs/optuna.db", "sqlite:///outputs/optuna.db"),
+    (None, ""),
+])
+def test_masked_hides_any_password(url, shown):
+    assert storage.masked(url) == shown
+    assert "s3cr" not in storage.masked(url)
+
+
+@pytest.mark.parametrize(("written", "literal"), [
+    ("postgresql+psycopg://alice:s3cr3t@db.lab/optuna", True),
+    ("postgresql+psycopg://alice@db.lab/optuna?password=s3cr3t", True),
+    ("postgresql+psycopg://alice:s3cr3t@${oc.env:DBHOST}/optuna", True),  # the host is interpolated, not the password
+    ("postgresql+psycopg://alice:${oc.env:NEWLLM_DB_PASSWORD}@db.lab/optuna", False),
+    ("postgresql+psycopg://alice:${oc.env:NEWLLM_DB_PASSWORD,${oc.env:PW2}}@db.lab/optuna", False),  # nested
+    ("${oc.env:NEWLLM_STORAGE}", False),  # the whole URL from the environment
+    ("postgresql+psycopg://alice@db.lab/optuna", False),
+    ("sqlite:///${paths.output_root}/optuna.db", False),
+    (None, False),
+])
+def test_literal_password_is_judged_on_the_written_form(written, literal):
+    assert storage.literal_password(written) is literal
+
+
+def test_folder_names_tell_storages_apart(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    names = {
+        storage.folder_name("sqlite:///outputs/optuna.db"),
+        storage.folder_name(f"sqlite:///{tmp_path / 'elsewhere' / 'optuna.db'}"),
+        storage.folder_name("postgresql+psycopg://alice@db.lab:5432/optuna"),
+        storage.folder_name("postgresql+psycopg://alice@db2.lab:5432/optuna"),
+        storage.folder_name(None),
+    }
+    assert len(names) == 5
+    # one storage, spelt two ways (relative / absolute path; another user or password): one folder
+    assert storage.folder_name("sqlite:///outputs/optuna.db") == \
+        storage.folder_name(f"sqlite:///{tmp_path / 'outputs' / 'optuna.db'}")
+    assert storage.folder_name("postgresql+psycopg://alice:pw1@db.lab:5432/optuna") == \
+        storage.folder_name("postgresql+psycopg://bob@db.lab:5432/optuna")
+    assert storage.folder_name("sqlite:///outputs/optuna.db").startswith("optuna-")
+    assert storage.folder_name("postgresql+psycopg://alice@db.lab/optuna").startswith("db.lab-optuna-")
+    # a URL that leaves the server to libpq (PGSERVICE) is told apart by the service it names
+    monkeypatch.setenv("PGSERVICE", "lab")
+    lab = storage.folder_name("postgresql+psycopg://")
+    monkeypatch.setenv("PGSERVICE", "home")
+    assert storage.folder_name("postgresql+psycopg://") != lab and lab.startswith("lab-")
+    assert storage.absolute_sqlite("sqlite:///outputs/optuna.db") == f"sqlite:///{Path(tmp_path) / 'outputs/optuna.db'}"
