@@ -263,7 +263,7 @@ def test_a_run_that_fails_with_a_traceback_records_the_exception_type_and_messag
     row = analysis.read_run(run_dir)
     assert row["status"] == "failed"
     assert row["error"] == ("ValueError: model.hidden_dim=50 is not allowed with the residual updater: expected "
-                            "context_dim + embed_dim = 56 (or null) full_key: model.updater full_key: model")
+                            "context_dim + embed_dim = 56 (or null) full_key: updater")
     # a run.log written before newllm logged that line: the end of Hydra's traceback gives the same
     log = run_dir / "run.log"
     log.write_text("\n".join(t for t in log.read_text().splitlines() if "][newllm][ERROR]" not in t) + "\n")
