@@ -154,7 +154,7 @@ def rewrite_cache_entry(path: Path, ids: list[list[int]], mask: list[list[bool]]
 @pytest.mark.parametrize("damage", ["id_too_large", "negative_id", "row_lengths_differ", "empty_row"])
 def test_token_cache_entries_that_parse_but_hold_bad_rows_are_rebuilt(tmp_path, damage):
     d = data_cfg(num_conversations=60)
-    first = load_data(d, tok_cfg(), tmp_path, seed=0)
+    first = load_data(d, tok_cfg(), tmp_path)
     import datasets
 
     entry = max((tmp_path / "tokens").glob("*.arrow"), key=lambda p: p.stat().st_size)  # the training split
@@ -171,10 +171,10 @@ def test_token_cache_entries_that_parse_but_hold_bad_rows_are_rebuilt(tmp_path, 
     rewrite_cache_entry(entry, ids, mask)
     assert datasets.Dataset.from_file(str(entry)).num_rows == len(ids)  # it still parses, with the same rows
 
-    again = load_data(d, tok_cfg(), tmp_path, seed=0)
+    again = load_data(d, tok_cfg(), tmp_path)
     assert not again.info["data/tokens_cache_hit"]
     assert torch.equal(again.train_ids, first.train_ids) and torch.equal(again.train_mask, first.train_mask)
-    assert load_data(d, tok_cfg(), tmp_path, seed=0).info["data/tokens_cache_hit"]  # rebuilt entry is good
+    assert load_data(d, tok_cfg(), tmp_path).info["data/tokens_cache_hit"]  # rebuilt entry is good
 
 
 def test_a_failing_tokenization_leaves_no_cache_entry(tmp_path, monkeypatch):
@@ -249,7 +249,7 @@ def test_bad_messages_files_name_the_problem(tmp_path, line, expected):
 def test_failed_dataset_builds_leave_nothing_in_the_datasets_cache(tmp_path):
     """A build that fails leaves no 0-byte .lock files or folders of its own; another build's files stay."""
     cache = tmp_path / "cache"
-    load_data(data_cfg(name="ultrachat", path=str(ULTRACHAT_SAMPLE), val_fraction=0.25), tok_cfg(), cache, seed=0)
+    load_data(data_cfg(name="ultrachat", path=str(ULTRACHAT_SAMPLE), val_fraction=0.25), tok_cfg(), cache)
     files = lambda: {p: p.stat().st_mtime_ns if p.is_file() else "dir" for p in (cache / "datasets").rglob("*")}
     built = files()
     assert any(p.suffix == ".lock" for p in built)  # a good build keeps its locks (datasets' own cache)
@@ -259,7 +259,7 @@ def test_failed_dataset_builds_leave_nothing_in_the_datasets_cache(tmp_path):
     latin.write_bytes("Caf\u00e9 cr\u00e8me\n".encode("latin-1"))
     for d in (data_cfg(name="ultrachat", path=str(bad_json)), data_cfg(name="text", files=[str(latin)], loss_on="all")):
         with pytest.raises(DataError):
-            load_data(d, tok_cfg(), cache, seed=0)
+            load_data(d, tok_cfg(), cache)
         left = files()
         shared = {p for p in left.keys() - built.keys() if p.parent == cache / "datasets" and p.is_dir()}
         assert {p: left[p] for p in left.keys() - shared} == built  # at most the builder's (shared) empty folder

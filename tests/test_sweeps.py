@@ -245,7 +245,8 @@ def test_identity_rule_measures_f_without_dropout():
 
     torch.manual_seed(0)
     model = ContextLM(40, "layerwise", 2, 24, 16, None, 0.1, 0.5, partial(GatedUpdater)).train()
-    cfg = OmegaConf.create({"training": {"phase1": {"max_iterations": 5}}, "model": {"context_dim": 24}})
+    cfg = OmegaConf.create({"training": {"phase1": {"max_iterations": 5}}, "model": {"context_dim": 24},
+                           "objectives": ["phase1/val_convergence_rate"]})
     reporter = TrialReporter(optuna.create_study().ask(), {}, cfg, model)
     score = reporter.identity_score()
     assert model.training
