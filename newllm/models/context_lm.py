@@ -14,6 +14,7 @@ from collections.abc import Callable, Mapping
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from newllm.models.updaters import relu_fnn
 
@@ -91,17 +92,60 @@ class ContextLM(nn.Module):
 
     # ------------------------------------------------------------------ sequences
     def contexts_window(self, ids: torch.Tensor, c0: torch.Tensor | None = None) -> torch.Tensor:
-        """Run f left to right over (B, T) ids from c0 (default 0): contexts (B, T, C).
+        """Run f left to right over (B, T) ids from c0 (default 0): contexts (B, T, C)."""
+        return self.recurrence(self.embed(ids), c0)
 
-        The loop over T is inherent to the recurrence; each step is batched over B windows.
+    def recurrence(self, x: torch.Tensor, c0: torch.Tensor | None = None) -> torch.Tensor:
+        """c_t = f(c_{t-1}, x_t) over embedded tokens (B, T, E) from c0 (default 0): contexts (B, T, C).
+
+        Equal to stepping `update` token by token (tested to float tolerance), but everything that does
+        not depend on the context leaves the time loop, as cuDNN does for RNN input projections: the
+        x-part of each block's first Linear (plus its bias) is one (B*T, E) x (E, H) matmul before the
+        loop, and each step only adds the context's matvec into it. Exact for every block whose token
+        input is the embedding itself: all blocks with the gated updater, block 0 with the residual one
+        (which rewrites x from the context, so later blocks see a context-dependent x).
         """
-        x = self.embed(ids)
-        c = self.initial_context(ids.shape[0]) if c0 is None else c0
-        out = []
-        for t in range(ids.shape[1]):
-            c = self.update(c, x[:, t])
-            out.append(c)
-        return torch.stack(out, dim=1)
+        hoisted, weights = self._hoisted_inputs(x), self._context_weights()
+        c = x.new_zeros(x.shape[0], self.context_dim) if c0 is None else c0
+        steps = []
+        for t in range(x.shape[1]):
+            c = self._step(c, x[:, t], [None if p is None else p[:, t] for p in hoisted], weights)
+            steps.append(c)
+        return torch.stack(steps, dim=1) if steps else x.new_zeros(*x.shape[:2], self.context_dim)
+
+    def _hoistable(self) -> list[bool]:
+        """Block i's token input is the embedding iff no block before it rewrites x."""
+        flags, clean = [], True
+        for block in self.blocks:
+            flags.append(clean)
+            clean = clean and not block.updater.rewrites_tokens
+        return flags
+
+    def _hoisted_inputs(self, x: torch.Tensor) -> list[torch.Tensor | None]:
+        """Per block: x W_x^T + b for every position (B, T, H), or None where x depends on the context."""
+        return [F.linear(x, block.fnn[0].weight[:, self.context_dim:], block.fnn[0].bias) if ok else None
+                for block, ok in zip(self.blocks, self._hoistable(), strict=True)]
+
+    def _context_weights(self) -> list[tuple]:
+        """Per block, prepared once per pass rather than per token: the context part W_c^T (C, H) of the
+        first Linear, contiguous, and the gated updater's three gates stacked into one matmul."""
+        return [(block.fnn[0].weight[:, : self.context_dim].t().contiguous(),
+                 None if block.updater.rewrites_tokens else block.updater.fused_weights())
+                for block in self.blocks]
+
+    def _step(self, c: torch.Tensor, x: torch.Tensor, hoisted: list[torch.Tensor | None],
+              weights: list[tuple]) -> torch.Tensor:
+        """One token of f given the hoisted x-projections (None: the block computes its own)."""
+        for block, pre_x, (w_c, gates) in zip(self.blocks, hoisted, weights, strict=True):
+            if pre_x is None:
+                c, x = block(c, x)
+                continue
+            h = block.fnn[1:](torch.addmm(pre_x, c, w_c))
+            if gates is None:
+                c, x = block.updater(c, x, h)
+            else:
+                c = block.updater.fused_step(c, h, gates)
+        return c
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         """Logits (B, T, V); position t predicts token t+1."""
@@ -113,19 +157,21 @@ class ContextLM(nn.Module):
         """Sample n tokens after a 1-D prompt. State is one C-vector: O(1) memory per step."""
         if prompt.numel() == 0:
             raise ValueError("generate(prompt, n): the prompt must hold at least one token")
-        c = self.initial_context(1)
-        for tok in prompt.tolist():
-            c = self.update(c, self.embed(torch.tensor([tok], device=c.device)))
-        out = []
-        for _ in range(n):
+        # The prompt runs through the hoisted recurrence; each sampled token then reads its embedding and
+        # its hoisted x-projections from per-vocabulary tables built once, so a step is the context matvecs.
+        table = self.embed(torch.arange(self.vocab_size, device=prompt.device))
+        hoisted, weights = self._hoisted_inputs(table.unsqueeze(0)), self._context_weights()
+        c = self.recurrence(self.embed(prompt.view(1, -1)))[:, -1]
+        out = torch.empty(n, dtype=torch.long)
+        for i in range(n):
             logits = self.head(c)[0] / max(temperature, 1e-6)
             if top_k is not None:
                 kth = torch.topk(logits, min(top_k, logits.numel())).values[-1]
                 logits = logits.masked_fill(logits < kth, float("-inf"))
-            tok = torch.multinomial(torch.softmax(logits, -1), 1, generator=generator)
-            out.append(int(tok))
-            c = self.update(c, self.embed(tok))
-        return torch.tensor(out, dtype=torch.long)
+            tok = int(torch.multinomial(torch.softmax(logits, -1), 1, generator=generator))
+            out[i] = tok
+            c = self._step(c, table[tok : tok + 1], [None if p is None else p[:, tok] for p in hoisted], weights)
+        return out
 
     def updater_parameters(self) -> list[nn.Parameter]:
         """Everything except the output head: what Phase 1 trains and freeze_updater freezes."""

@@ -17,6 +17,8 @@ class GatedUpdater(nn.Module):
     The token stream passes through unchanged.
     """
 
+    rewrites_tokens = False  # later blocks see the embedding itself: their x-projection can be hoisted
+
     def __init__(self, context_dim: int, embed_dim: int, hidden_dim: int) -> None:
         super().__init__()
         self.forget = nn.Linear(hidden_dim, context_dim)
@@ -34,6 +36,17 @@ class GatedUpdater(nn.Module):
         delta = torch.tanh(self.update(h))
         return self.norm(forget * c + inp * delta), x
 
+    def fused_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The three gate Linears stacked: W^T (H, 3C) and bias (3C,), for one matmul per step in a loop."""
+        layers = (self.forget, self.input, self.update)
+        return torch.cat([m.weight for m in layers]).t().contiguous(), torch.cat([m.bias for m in layers])
+
+    def fused_step(self, c: torch.Tensor, h: torch.Tensor, fused: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """forward(c, x, h)[0] with the gates from one addmm (same math, one kernel instead of three)."""
+        gates = torch.addmm(fused[1], h, fused[0])
+        forget, inp, delta = gates.chunk(3, dim=-1)
+        return self.norm(torch.sigmoid(forget) * c + torch.sigmoid(inp) * torch.tanh(delta))
+
 
 class ResidualUpdater(nn.Module):
     """The "CVFP layer": h = ReLU(Linear([c; x])) is split into (dc, dx);
@@ -41,6 +54,8 @@ class ResidualUpdater(nn.Module):
 
     Needs hidden_dim = C + E (the increment has one entry per context and token dimension).
     """
+
+    rewrites_tokens = True
 
     def __init__(self, context_dim: int, embed_dim: int, hidden_dim: int, layernorm_mix: float = 1.0) -> None:
         super().__init__()

@@ -83,8 +83,8 @@ def initial_contexts(model: torch.nn.Module, x: torch.Tensor, cfg: DictConfig) -
         return zeros_init(model.update, x)
     with evaluating(model):
         if cfg.init == "chunked":
-            return chunked_pass(model.update, x, cfg.init_chunks)
-        return sequential_pass(model.update, x)
+            return chunked_pass(model.update, x, cfg.init_chunks, recurrence=model.recurrence)
+        return sequential_pass(model.update, x, recurrence=model.recurrence)
 
 
 def sweep_inputs(p: torch.Tensor, mode: str) -> torch.Tensor:
@@ -294,7 +294,7 @@ def cold_start_rates(model: torch.nn.Module, x: torch.Tensor, cfg: DictConfig, s
     """
     per_token = cfg.mode == "per_token"
     first = None if per_token else x.new_zeros(x.shape[0], model.context_dim)
-    reference = None if per_token else sequential_pass(model.update, x)
+    reference = None if per_token else sequential_pass(model.update, x, recurrence=model.recurrence)
     p = zeros_init(model.update, x)
     rates: list[float] = []
     distances: list[float] = []

@@ -11,16 +11,26 @@ from collections.abc import Callable
 import torch
 
 Update = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+# A whole left-to-right pass, (S, N, E) embedded tokens and an optional start (S, C) -> contexts (S, N, C):
+# a model's own fast loop (ContextLM.recurrence hoists the input projections), equal to stepping `update`.
+Recurrence = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
 
 
 @torch.no_grad()
-def sequential_pass(update: Update, x: torch.Tensor, c0: torch.Tensor | None = None) -> torch.Tensor:
-    """The one true recurrence, token by token (the only per-position Python loop of Phase 1)."""
-    c = c0 if c0 is not None else x.new_zeros(x.shape[0], _context_dim(update, x))
-    out = []
+def sequential_pass(update: Update, x: torch.Tensor, c0: torch.Tensor | None = None,
+                    recurrence: Recurrence | None = None) -> torch.Tensor:
+    """The one true recurrence, token by token (the only per-position Python loop of Phase 1).
+
+    `recurrence`, when given, runs the same loop faster (hoisted input projections).
+    """
     # Matrix-vector steps are latency-bound (per-op overhead, not FLOPs): no per-token slicing or
     # copies beyond f itself, and no autocast, which would re-cast every weight at every token (no
     # weight cache under no_grad), so pass 0 stays fp32 even under training.precision=bf16.
+    if recurrence is not None:
+        with torch.autocast(x.device.type, enabled=False):
+            return recurrence(x, c0)
+    c = c0 if c0 is not None else x.new_zeros(x.shape[0], _context_dim(update, x))
+    out = []
     with torch.autocast(x.device.type, enabled=False):
         for x_t in x.unbind(1):
             c = update(c, x_t)
@@ -29,7 +39,7 @@ def sequential_pass(update: Update, x: torch.Tensor, c0: torch.Tensor | None = N
 
 
 @torch.no_grad()
-def chunked_pass(update: Update, x: torch.Tensor, chunks: int) -> torch.Tensor:
+def chunked_pass(update: Update, x: torch.Tensor, chunks: int, recurrence: Recurrence | None = None) -> torch.Tensor:
     """Pass 0 on `chunks` slices of every stream at once, each slice from c = 0.
 
     Same fixed point as `sequential_pass` (only the starting guess differs), K times fewer steps.
@@ -39,7 +49,7 @@ def chunked_pass(update: Update, x: torch.Tensor, chunks: int) -> torch.Tensor:
     length = -(-n // k)
     pad = length * k - n
     xp = torch.cat([x, x.new_zeros(s, pad, e)], dim=1) if pad else x
-    out = sequential_pass(update, xp.reshape(s * k, length, e))
+    out = sequential_pass(update, xp.reshape(s * k, length, e), recurrence=recurrence)
     return out.reshape(s, k * length, -1)[:, :n]
 
 
