@@ -13,7 +13,9 @@ random init, seed 0), same random token stream, one stream, objective = CVFP MSE
 - matmul floor: the forward and both backward matmuls of the model's Linear shapes at the same
   rows, timed in the same run: the machine's practical limit for the FLOPs an iteration must do;
 - pass 0 (the sequential no-grad pass), measured (or on a prefix, same rule as naive);
-- `--whole C:L:N` runs the complete train_phase1 (init=sequential, pass 0 included, --iterations
+- pass 0 also against its bandwidth floor: every token reads all of f's weights once (read rate
+  measured in the same run), and stepped through `update` (pass0_stepwise_s) for the hoisting's gain;
+- `--whole C:L:N[:updater[:E]]` runs the complete train_phase1 (init=sequential, pass 0 included, --iterations
   sweeps) and compares it with the floor. `--inits` compares init=sequential|zeros|chunked on real
   data (chatterbot, default objective) for time, convergence and effective rank.
 """
@@ -41,7 +43,7 @@ from benchmarks.common import (
 )
 from newllm.config import DataConfig, Phase1Config, TokenizerConfig
 from newllm.models.context_lm import ContextLM
-from newllm.models.updaters import GatedUpdater
+from newllm.models.updaters import GatedUpdater, ResidualUpdater
 from newllm.training.diversity import FrobeniusDeviation, NoDiversity
 from newllm.training.phase1 import train_phase1
 from newllm.training.solvers import sequential_pass, shifted_inputs
@@ -50,10 +52,34 @@ VOCAB, EMBED = 4096, 96
 MATMUL_ROWS = 2048  # rows of the reference matmuls: large enough for the peak rate, small enough to be quick
 
 
-def make_model(c: int, layers: int, device: torch.device, seed: int = 0, vocab: int = VOCAB) -> ContextLM:
+def make_model(c: int, layers: int, device: torch.device, seed: int = 0, vocab: int = VOCAB,
+               updater: str = "gated", embed: int = EMBED) -> ContextLM:
     torch.manual_seed(seed)
-    return ContextLM(vocab, "layerwise", layers, c, EMBED, None, 0.02, 0.0,
-                     functools.partial(GatedUpdater)).to(device)
+    upd = functools.partial(GatedUpdater) if updater == "gated" else functools.partial(ResidualUpdater)
+    return ContextLM(vocab, "layerwise", layers, c, embed, None, 0.02, 0.0, upd).to(device)
+
+
+def parse_whole(spec: str) -> tuple[int, int, int, str, int]:
+    """C:L:N[:updater[:E]] -> (C, L, N, updater, E); e.g. 768:6:6400:residual:768."""
+    parts = spec.split(":")
+    if not 3 <= len(parts) <= 5 or (len(parts) > 3 and parts[3] not in ("gated", "residual")):
+        raise SystemExit(f"--whole {spec!r} is not allowed: expected C:L:N[:gated|residual[:E]]")
+    c, layers, n = (int(float(v)) for v in parts[:3])
+    return c, layers, n, parts[3] if len(parts) > 3 else "gated", int(parts[4]) if len(parts) > 4 else EMBED
+
+
+def weight_read_seconds(model: ContextLM, tokens: int, device: torch.device) -> tuple[float, float]:
+    """Bandwidth floor of a per-token loop: each token must read every weight of f once.
+
+    Returns (floor seconds for `tokens` tokens, GB/s), from timing a sum over a buffer of f's weight
+    bytes, repeated, in this run: the machine's rate for reading that many bytes from wherever they
+    live (cache for small models, DRAM for large ones).
+    """
+    n_bytes = sum(p.numel() * p.element_size() for p in model.blocks.parameters())
+    buf = torch.ones(n_bytes // 4, device=device)
+    reps = max(1, min(2000, int(2e9 // n_bytes)))
+    seconds = timed(lambda: [buf.sum() for _ in range(reps)], device) / reps
+    return tokens * seconds, n_bytes / seconds / 1e9
 
 
 def phase1_cfg(n: int, iterations: int, **kw) -> object:
@@ -105,11 +131,13 @@ def bench_case(c: int, layers: int, n: int, args, device: torch.device) -> dict:
     x = model.embed(ids.unsqueeze(0)).detach()
     calib0 = timed(lambda: sequential_pass(model.update, x[:, :64]), device) / 64
     m0 = prefix_for_budget(calib0, n, args.naive_budget)
+    read_floor, read_gbs = weight_read_seconds(model, n, device)
     iters = max(2, min(args.iterations, math.ceil(2e10 / flops)))  # fewer sweeps for the big cases
     med = interleaved({
         "naive": lambda: naive_iteration(model, ids[:m], opt),
         "parallel": lambda: parallel_seconds_per_iteration(model, ids, iters, device),
-        "pass0": lambda: sequential_pass(model.update, x[:, :m0]),
+        "pass0": lambda: sequential_pass(model.update, x[:, :m0], recurrence=model.recurrence),
+        "pass0_stepwise": lambda: sequential_pass(model.update, x[:, :m0]),  # f called token by token
         "matmul": lambda: matmul_seconds(shapes, rows, device),  # the reference, interleaved like the rest
     }, args.reps, device)
     mm_rate = train_flops(shapes, rows) / med["matmul"]
@@ -119,13 +147,15 @@ def bench_case(c: int, layers: int, n: int, args, device: torch.device) -> dict:
             "sweep_s": med["parallel"], "gflop_per_it": flops / 1e9,
             "achieved_gflops": flops / med["parallel"] / 1e9, "matmul_gflops": mm_rate / 1e9,
             "efficiency": flops / med["parallel"] / mm_rate, "pass0_tokens": m0,
-            "pass0_s": med["pass0"] * n / m0, "sweeps_timed": iters}
+            "pass0_s": med["pass0"] * n / m0, "pass0_stepwise_s": med["pass0_stepwise"] * n / m0,
+            "pass0_read_floor_s": read_floor, "weight_read_gbs": read_gbs,
+            "pass0_of_read_floor": read_floor / (med["pass0"] * n / m0), "sweeps_timed": iters}
 
 
 def whole_run(spec: str, args, device: torch.device) -> dict:
     """Complete train_phase1 (pass 0 + `--iterations` sweeps + final metrics) against the matmul floor."""
-    c, layers, n = (int(float(v)) for v in spec.split(":"))
-    model = make_model(c, layers, device)
+    c, layers, n, updater, embed = parse_whole(spec)
+    model = make_model(c, layers, device, updater=updater, embed=embed)
     ids = torch.randint(0, VOCAB, (n,), generator=torch.Generator().manual_seed(0)).to(device)
     shapes = linear_shapes(model.blocks)
     rows = min(n, MATMUL_ROWS)
@@ -137,13 +167,15 @@ def whole_run(spec: str, args, device: torch.device) -> dict:
     rates, runs = [mm_rate()], []
     for init in args.whole_inits.split(","):
         wall, res = timed_value(lambda init=init: train_phase1(
-            make_model(c, layers, device), ids, ids[:64], phase1_cfg(n, args.iterations, init=init), 0.0,
+            make_model(c, layers, device, updater=updater, embed=embed), ids, ids[:64],
+            phase1_cfg(n, args.iterations, init=init), 0.0,
             NoDiversity(), device, progress=False), device)
         runs.append((init, wall, res.metrics["phase1/train_time_s"]))
         rates.append(mm_rate())
     rate = sorted(rates)[len(rates) // 2]
     floor = args.iterations * train_flops(shapes, n) / rate
-    return [{"C": c, "L": layers, "N": n, "init": init, "iterations": args.iterations, "whole_s": wall,
+    return [{"C": c, "L": layers, "N": n, "updater": updater, "E": embed, "init": init,
+             "iterations": args.iterations, "whole_s": wall,
              "sweeps_s": sweeps, "pass0_and_metrics_s": wall - sweeps, "matmul_gflops": rate / 1e9,
              "matmul_gflops_range": f"{min(rates) / 1e9:.0f}-{max(rates) / 1e9:.0f}", "floor_s": floor,
              "whole_over_floor": wall / floor, "sweep_efficiency": floor / sweeps} for init, wall, sweeps in runs]
@@ -181,7 +213,8 @@ def main() -> None:
     p.add_argument("--tokens", type=ints, default=None, help="stream lengths (default 1000,10000,100000)")
     p.add_argument("--iterations", type=int, default=10, help="sweeps per timed run")
     p.add_argument("--naive-budget", type=float, default=10.0, help="seconds a naive/pass-0 case may take")
-    p.add_argument("--whole", default=None, help="C:L:N specs for the whole-run check (default 256:2:100000)")
+    p.add_argument("--whole", default=None,
+                   help="C:L:N[:gated|residual[:E]] specs for the whole-run check (default 256:2:100000)")
     p.add_argument("--whole-inits", default="sequential,chunked")
     p.add_argument("--inits", action="store_true", help="also compare training.phase1.init on real data")
     p.add_argument("--init-tokens", type=int, default=16384)
@@ -197,11 +230,12 @@ def main() -> None:
     rows = [bench_case(c, lay, n, args, device) for c in dims for lay in layers for n in tokens]
     report(rows, "phase1_speed", device, args.out, ["C", "L", "N", "naive_tokens", "naive_tok_it_s",
            "parallel_tok_it_s", "speedup", "sweep_s", "gflop_per_it", "achieved_gflops", "matmul_gflops",
-           "efficiency", "pass0_s", "pass0_tokens"])
+           "efficiency", "pass0_s", "pass0_stepwise_s", "pass0_read_floor_s", "pass0_of_read_floor", "weight_read_gbs",
+           "pass0_tokens"])
     if whole:
         rows = [r for spec in whole.split(",") for r in whole_run(spec, args, device)]
-        report(rows, "phase1_whole", device, None, ["C", "L", "N", "init", "iterations", "whole_s", "sweeps_s",
-               "pass0_and_metrics_s", "matmul_gflops", "matmul_gflops_range", "floor_s", "whole_over_floor",
+        report(rows, "phase1_whole", device, None, ["C", "L", "N", "updater", "E", "init", "iterations", "whole_s",
+               "sweeps_s", "pass0_and_metrics_s", "matmul_gflops", "matmul_gflops_range", "floor_s", "whole_over_floor",
                "sweep_efficiency"])
     if args.inits:
         report(init_comparison(args, device), "phase1_inits", device, None, ["init", "C", "L", "N", "wall_s",
