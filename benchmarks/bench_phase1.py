@@ -16,7 +16,7 @@ random init, seed 0), same random token stream, one stream, objective = CVFP MSE
 - pass 0 also against its bandwidth floor: every token reads all of f's weights once (read rate
   measured in the same run), and stepped through `update` (pass0_stepwise_s) for the hoisting's gain;
 - `--whole C:L:N[:updater[:E]]` runs the complete train_phase1 (init=sequential, pass 0 included, --iterations
-  sweeps) and compares it with the floor. `--inits` compares init=sequential|zeros|chunked on real
+  sweeps) and compares it with the floor. `--inits` compares init=sequential|zeros|chunked|burn_in on real
   data (chatterbot, default objective) for time, convergence and effective rank.
 """
 
@@ -182,14 +182,14 @@ def whole_run(spec: str, args, device: torch.device) -> dict:
 
 
 def init_comparison(args, device: torch.device) -> list[dict]:
-    """init=sequential|zeros|chunked on real data with the default objective: same fixed point, other start."""
+    """init=sequential|zeros|chunked|burn_in on real data with the default objective: same fixed point, other start."""
     from newllm.data import load_data
 
     data = load_data(OmegaConf.structured(DataConfig()), OmegaConf.structured(TokenizerConfig()),
                      "outputs/cache", 42)
     n = min(args.init_tokens, data.train_ids.numel())
     rows = []
-    for init in ("sequential", "zeros", "chunked"):
+    for init in ("sequential", "zeros", "chunked", "burn_in"):
         model = make_model(64 if args.quick else 256, 2, device, vocab=data.vocab_size)
         cfg = OmegaConf.structured(Phase1Config(max_tokens=n, max_iterations=args.init_iterations, init=init,
                                                 erank_every=10**9))

@@ -185,8 +185,9 @@ class Phase1Config:
     grad_clip: float = 1.0
     context_noise: float = 0.0  # std of Gaussian noise on the input contexts during training
     chunk_size: int = 16384  # positions per forward/backward chunk (gradients accumulated)
-    init: str = "sequential"  # sequential | zeros | chunked: how pass 0 builds the first contexts
-    init_chunks: int = 16  # init=chunked: slices of the stream run through pass 0 at once
+    init: str = "sequential"  # sequential | zeros | chunked | burn_in: how pass 0 builds the first contexts
+    init_chunks: int = 16  # init=chunked|burn_in: slices of the stream run through pass 0 at once
+    init_burn_in: int = 64  # init=burn_in: tokens each slice starts early from c = 0 (>= N: exact)
     # Held-out measurement (newllm.training.phase1.evaluate_phase1): sweeps from c = 0, no optimizer.
     # phase1/val_convergence_rate is the converged fraction after val_iterations sweeps. 32: on the
     # default run (seed 42) it separates trained 0.875 / untrained 0.570 / lr 1e-7 0.567 / w=0 0.717 /
@@ -417,10 +418,12 @@ def validate(cfg: DictConfig) -> None:
     _choice("training.precision", t.precision, ("fp32", "bf16"))
     p1 = t.phase1
     _choice("training.phase1.mode", p1.mode, ("stream", "per_token"))
-    _choice("training.phase1.init", p1.init, ("sequential", "zeros", "chunked"))
+    _choice("training.phase1.init", p1.init, ("sequential", "zeros", "chunked", "burn_in"))
     for key in ("max_tokens", "num_streams", "max_iterations", "chunk_size", "init_chunks",
                 "erank_samples", "erank_every", "val_iterations", "val_every", "memory_cap", "val_streams"):
         _positive_int(f"training.phase1.{key}", p1[key])
+    _check(isinstance(p1.init_burn_in, int) and p1.init_burn_in >= 0, "training.phase1.init_burn_in",
+           p1.init_burn_in, "a non-negative integer")
     _check(0 <= p1.min_iterations <= p1.max_iterations, "training.phase1.min_iterations",
            p1.min_iterations, f"an integer in [0, max_iterations={p1.max_iterations}]")
     _check(p1.convergence_threshold > 0, "training.phase1.convergence_threshold",

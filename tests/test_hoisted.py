@@ -109,3 +109,25 @@ def test_generate_samples_what_stepping_f_samples(arch, updater):
             c = model.update(c, model.embed(torch.tensor([tok])))
     assert got.tolist() == want
     assert len(set(want)) > 3  # not a constant stream
+
+
+def test_burn_in_pass_is_exact_with_enough_burn_in_and_close_with_some():
+    """init=burn_in: slices start burn_in tokens early from zeros. burn_in >= N is the sequential pass;
+    a short burn-in differs only by what f still remembers of c = 0 (small for the damped gated f)."""
+    from newllm.training.solvers import burn_in_pass
+
+    model = context_lm("layerwise", "gated", layers=2, init_std=0.3)
+    x = model.embed(tokens(model, batch=2, length=203)).detach()
+    with torch.no_grad():
+        exact = sequential_pass(model.update, x)
+        full = burn_in_pass(model.update, x, 8, 203, recurrence=model.recurrence)
+        short = burn_in_pass(model.update, x, 8, 32, recurrence=model.recurrence)
+        none = burn_in_pass(model.update, x, 8, 0, recurrence=model.recurrence)
+        chunked = chunked_pass(model.update, x, 8, recurrence=model.recurrence)
+    assert short.shape == exact.shape == (2, 203, model.context_dim)
+    torch.testing.assert_close(full, exact, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(none, chunked, atol=1e-6, rtol=1e-6)  # burn_in 0 is plain chunks
+    torch.testing.assert_close(short[:, :26], exact[:, :26], atol=1e-4, rtol=1e-4)  # slice 0 starts at 0
+    err_short, err_none = (short - exact).abs().max(), (none - exact).abs().max()
+    assert err_none > 0.1  # plain chunks really differ at the slice starts
+    assert err_short < err_none / 10, (float(err_short), float(err_none))

@@ -391,3 +391,25 @@ def test_memory_length_is_a_flagged_lower_bound_on_streams_shorter_than_the_cap(
     cfg = phase1_cfg(val_iterations=2, val_streams=8, memory_cap=128, erank_samples=64)  # streams of 12
     out = evaluate_phase1(m, held_out_ids(ids, cfg), cfg)
     assert (out["phase1/val_memory_length"], out["phase1/val_memory_length_capped"]) == (11, 1)
+
+
+def test_burn_in_init_with_full_burn_in_trains_exactly_like_the_sequential_init():
+    """init=burn_in is pass 0 only: with burn_in >= N it is the sequential pass, so the whole run agrees."""
+    ids, val = torch.randint(0, 40, (120,), generator=torch.Generator().manual_seed(2)), torch.randint(0, 40, (64,))
+    results = []
+    for init in ("sequential", "burn_in"):
+        m = context_lm("layerwise", context_dim=16, embed_dim=12, init_std=0.1, seed=1)
+        cfg = phase1_cfg(max_iterations=3, min_iterations=3, init=init, init_chunks=4, init_burn_in=120,
+                         val_iterations=4, val_every=3, val_streams=1, erank_samples=64)
+        results.append(train_phase1(m, ids, val, cfg, 0.5, FrobeniusDeviation(), CPU, progress=False))
+    assert results[0].history[-1]["phase1/cvfp_loss"] == pytest.approx(results[1].history[-1]["phase1/cvfp_loss"],
+                                                                          rel=1e-4)
+    for key in ("phase1/residual", "phase1/train_step_stability", "phase1/val_convergence_rate"):
+        assert results[1].metrics[key] == pytest.approx(results[0].metrics[key], rel=1e-4, abs=1e-6), key
+
+
+def test_bad_burn_in_is_a_one_line_config_error(tiny_run):
+    run_dir, proc = tiny_run("bad", "training.phase1.init=burn_in", "training.phase1.init_burn_in=-3", check=False)
+    (line,) = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and "training.phase1.init_burn_in=-3" in line and "non-negative" in line
+    assert not (run_dir / "tokenizer.json").exists()  # refused before the data was read

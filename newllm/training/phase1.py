@@ -34,7 +34,14 @@ from newllm.checkpoint import load_module_state, module_state, rng_state, set_rn
 from newllm.errors import TrainingError
 from newllm.models import evaluating
 from newllm.training.diversity import Diversity
-from newllm.training.solvers import chunked_pass, sequential_pass, shifted_inputs, shifted_into, zeros_init
+from newllm.training.solvers import (
+    burn_in_pass,
+    chunked_pass,
+    sequential_pass,
+    shifted_inputs,
+    shifted_into,
+    zeros_init,
+)
 
 STOP_CONVERGED, STOP_MAX_ITERATIONS, STOP_UNTRAINED = "val_converged", "max_iterations", "untrained"
 
@@ -84,6 +91,8 @@ def initial_contexts(model: torch.nn.Module, x: torch.Tensor, cfg: DictConfig) -
     with evaluating(model):
         if cfg.init == "chunked":
             return chunked_pass(model.update, x, cfg.init_chunks, recurrence=model.recurrence)
+        if cfg.init == "burn_in":
+            return burn_in_pass(model.update, x, cfg.init_chunks, cfg.init_burn_in, recurrence=model.recurrence)
         return sequential_pass(model.update, x, recurrence=model.recurrence)
 
 
