@@ -221,6 +221,7 @@ class Phase2Config:
     patience: int = 2  # early stop after this many epochs without val-loss improvement
     reconstruction_weight: float = 0.0  # lambda of the c_t -> [c_{t-1}; x_t] decoder loss
     max_val_tokens: int | None = None
+    eval_seq_len: int | None = None  # window length of val/test evaluation (null = seq_len); loss by position
     # context=propagate: how each window's recurrence is evaluated in training. sequential: a loop
     # over positions (exact, full BPTT). jacobi: parallel sweeps until the max per-token change
     # <= jacobi_tol (at most jacobi_sweeps; null = seq_len, exact for any f), then
@@ -436,6 +437,9 @@ def validate(cfg: DictConfig) -> None:
     for key in ("seq_len", "batch_size", "epochs"):
         _positive_int(f"training.phase2.{key}", p2[key])
     _check(p2.seq_len >= 2, "training.phase2.seq_len", p2.seq_len, "an integer >= 2")
+    if p2.eval_seq_len is not None:
+        _check(isinstance(p2.eval_seq_len, int) and p2.eval_seq_len >= 2, "training.phase2.eval_seq_len",
+               p2.eval_seq_len, "null (= seq_len) or an integer >= 2")
     _check(p2.lr > 0, "training.phase2.lr", p2.lr, "a positive number")
     rep = t.repetition
     _positive_int("training.repetition.steps_per_stage", rep.steps_per_stage)
