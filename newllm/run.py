@@ -22,6 +22,7 @@ from omegaconf import DictConfig
 from newllm import checkpoint as ckpt
 from newllm.config import TRUSTED_TARGETS, ConfigError, instantiate, register_configs, to_container, validate
 from newllm.data import load_data, phase1_sample
+from newllm.data.recall import recall_metrics
 from newllm.errors import NewllmError, describe, exit_one_line
 from newllm.memory import check_model_fits, out_of_memory_guard
 from newllm.models import build_model, count_parameters, pretrained
@@ -202,6 +203,8 @@ def run(cfg: DictConfig, run_dir: str | Path) -> tuple[dict, float | list[float]
                               contexts_cache=contexts_cache)
         metrics.update(p2.metrics)
         save_position_plot(p2.metrics, run_dir / "loss_by_position.png")
+        if data.recall is not None:
+            metrics.update(recall_metrics(model, data.recall, cfg.training.phase2.batch_size * 4, device))
         log.info("phase 2: val ppl %.2f (uniform %d), val acc %.3f; test ppl %.2f", p2.metrics["phase2/val_ppl"],
                  data.vocab_size, p2.metrics["phase2/val_acc"], p2.metrics.get("phase2/test_ppl", math.nan))
 
