@@ -89,5 +89,12 @@ def plot_recall(table: pd.DataFrame):
 def scaling_fit(root: str | Path, y: str = "phase2/test_loss", offset: bool = False):
     """(runs with N = data/train_tokens, the power-law fit of y against N)."""
     runs = _completed(root, y)
+    cap = runs.get("data.max_train_tokens")
+    if cap is not None:  # the loader caps at most: a budget above the corpus trains on the corpus, mislabelled
+        over = runs[cap.notna() & (cap > runs["data/train_tokens"])]
+        if len(over):
+            raise analysis.AnalysisError(
+                f"data.max_train_tokens={int(over['data.max_train_tokens'].iloc[0])} exceeds the training corpus "
+                f"({int(over['data/train_tokens'].iloc[0])} tokens): use budgets up to that, or more data")
     runs = runs[[c for c in ("data/train_tokens", y, "seed") if c in runs]].copy()
     return runs, scaling.fit_power_law(runs, "data/train_tokens", y, offset=offset)
