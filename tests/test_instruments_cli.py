@@ -37,3 +37,25 @@ def test_data_scaling_quick_and_analyze_scaling(sweeps):
     assert sorted(runs["data/train_tokens"].unique()) == [2000, 4000, 8000] and fit.n_seeds == 2
     proc = run_cli(["scaling", str(out / "scaling")], cwd=tmp, module="newllm.analyze")
     assert "N^-" in proc.stdout and (out / "scaling/analysis/data_scaling.png").exists()
+
+
+def test_notebook_04_executes_on_the_quick_sweeps(sweeps, monkeypatch):
+    import os
+
+    import nbformat
+    from nbclient import NotebookClient
+
+    from tests.conftest import REPO
+
+    _, out = sweeps
+    monkeypatch.setenv("NEWLLM_RECALL_SWEEP", str(out / "recall"))
+    monkeypatch.setenv("NEWLLM_SCALING_SWEEP", str(out / "scaling"))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    nb = nbformat.read(REPO / "notebooks/04_long_context_and_memory.ipynb", as_version=4)
+    NotebookClient(nb, kernel_name="python3", timeout=180,
+                   resources={"metadata": {"path": str(REPO / "notebooks")}}).execute()
+    figures = sum("image/png" in o.get("data", {}) for c in nb.cells for o in c.get("outputs", []))
+    assert figures >= 3
+    text = "".join(o.get("text", "") for c in nb.cells for o in c.get("outputs", []))
+    assert "N^-" in text and "6 runs" in text
