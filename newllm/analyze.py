@@ -3,6 +3,7 @@
     python -m newllm.analyze runs outputs/ --sort phase2/val_ppl --csv runs.csv
     python -m newllm.analyze runs outputs/ --group seed --csv seeds.csv   # mean and 95 % t-interval over seeds
     python -m newllm.analyze studies --storage sqlite:///outputs/optuna.db --out outputs/analysis
+    python -m newllm.analyze positions ROOT | recall ROOT | scaling ROOT [--offset]   # the instruments
 """
 
 from __future__ import annotations
@@ -92,6 +93,36 @@ def cmd_studies(args: argparse.Namespace) -> None:
     print(f"\nwrote {len(plots)} plots to {out}/: {', '.join(plots)}")
 
 
+def cmd_instrument(args: argparse.Namespace) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from newllm import instruments_analysis as ia
+
+    out = Path(args.out or Path(args.root) / "analysis")
+    if args.command == "positions":
+        table = ia.position_table(args.root)
+        _print_table(table)
+        fig, name = ia.plot_positions(table), "loss_by_position.png"
+    elif args.command == "recall":
+        table = ia.recall_table(args.root)
+        _print_table(table)
+        fig, name = ia.plot_recall(table), "recall_vs_pairs.png"
+    else:
+        runs, fit = ia.scaling_fit(args.root, args.y, offset=args.offset)
+        print(f"{args.y} = {fit.a:.4g} * N^-{fit.b:.4f} + {fit.c:.4g}   (N = data/train_tokens; b 95 % CI "
+              f"+- {fit.ci95_b:.3g}; {fit.n_points} runs, {fit.n_seeds} seeds)")
+        fig, name = analysis_scaling_plot(runs, args.y, fit), "data_scaling.png"
+    analysis.save_figure(fig, out / name)
+    print(f"wrote {out / name}")
+
+
+def analysis_scaling_plot(runs, y, fit):
+    from newllm.scaling import plot_power_law
+
+    return plot_power_law(runs, "data/train_tokens", y, fit)
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m newllm.analyze", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -114,6 +145,16 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--study", nargs="+", help="only these study names (default: all)")
     s.add_argument("--out", default="outputs/analysis", help="folder for the plots (default outputs/analysis)")
     s.set_defaults(func=cmd_studies)
+    for name, text in (("positions", "loss by position per run, architectures overlaid"),
+                       ("recall", "recall accuracy vs num_pairs per architecture"),
+                       ("scaling", "power-law fit of loss against data/train_tokens")):
+        c = sub.add_parser(name, help=text)
+        c.add_argument("root", help="folder of runs (e.g. a sweep dir)")
+        c.add_argument("--out", help="folder for the plot (default ROOT/analysis)")
+        if name == "scaling":
+            c.add_argument("--y", default="phase2/test_loss", help="the loss column (default phase2/test_loss)")
+            c.add_argument("--offset", action="store_true", help="fit a N^-b + c (irreducible loss c)")
+        c.set_defaults(func=cmd_instrument)
     return p
 
 

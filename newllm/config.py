@@ -139,6 +139,14 @@ class DataConfig:
     phrase_lengths: list[int] = field(default_factory=lambda: [1, 2, 3])
     repetitions: int = 20
     phrases_per_stage: int = 8
+    # data=recall (newllm.data.recall): token ids generated directly; sequences of seq_len tokens
+    task: str = "mqar"  # mqar | copy | selective_copy
+    vocab_size: int = 64
+    num_pairs: int = 8
+    seq_len: int = 64  # must equal training.phase2.seq_len (one sequence per window)
+    num_train: int = 2000
+    num_val: int = 200
+    num_test: int = 200
 
 
 # ----------------------------------------------------------------------------- training
@@ -222,6 +230,7 @@ class Phase2Config:
     patience: int = 2  # early stop after this many epochs without val-loss improvement
     reconstruction_weight: float = 0.0  # lambda of the c_t -> [c_{t-1}; x_t] decoder loss
     max_val_tokens: int | None = None
+    eval_seq_len: int | None = None  # window length of val/test evaluation (null = seq_len); loss by position
     # context=propagate: how each window's recurrence is evaluated in training. sequential: a loop
     # over positions (exact, full BPTT). jacobi: parallel sweeps until the max per-token change
     # <= jacobi_tol (at most jacobi_sweeps; null = seq_len, exact for any f), then
@@ -359,6 +368,17 @@ def _non_finite(node: Any, prefix: str = "") -> tuple[str, float] | None:
     return None
 
 
+def _check_recall(cfg: DictConfig) -> None:
+    d, p2 = cfg.data, cfg.training.phase2
+    _choice("data.task", d.task, ("mqar", "copy", "selective_copy"))
+    for key in ("vocab_size", "num_pairs", "seq_len", "num_train", "num_val", "num_test"):
+        _positive_int(f"data.{key}", d[key])
+    for key in ("seq_len", "eval_seq_len"):  # a window must be exactly one sequence
+        if p2[key] is not None:
+            _check(p2[key] == d.seq_len, f"training.phase2.{key}", p2[key],
+                   f"data.seq_len={d.seq_len} with data=recall")
+
+
 def validate(cfg: DictConfig) -> None:
     """Check value ranges the types cannot express. Raises ConfigError naming the key."""
     # Every float key at once: a rate, weight or threshold of inf/nan passes `> 0` checks and fails
@@ -394,7 +414,7 @@ def validate(cfg: DictConfig) -> None:
             _check(m.context_dim % m.heads == 0, "model.heads", m.heads, "a divisor of model.context_dim")
 
     d = cfg.data
-    _choice("data.name", d.name, ("chatterbot", "ultrachat", "text", "repetition"))
+    _choice("data.name", d.name, ("chatterbot", "ultrachat", "text", "repetition", "recall"))
     _choice("data.val_protocol", d.val_protocol, ("by_conversation", "subset_of_train"))
     _choice("data.loss_on", d.loss_on, ("assistant", "all"))
     _check(0.0 < d.val_fraction < 1.0, "data.val_fraction", d.val_fraction, "a number in (0, 1)")
@@ -411,6 +431,8 @@ def validate(cfg: DictConfig) -> None:
     _check(isinstance(d.repetitions, int) and d.repetitions >= 2, "data.repetitions", d.repetitions,
            "an integer >= 2 (a phrase must recur to have a cycle)")
     _positive_int("data.phrases_per_stage", d.phrases_per_stage)
+    if d.name == "recall":
+        _check_recall(cfg)
     _positive_int("tokenizer.vocab_size", cfg.tokenizer.vocab_size)
 
     t = cfg.training
@@ -439,6 +461,9 @@ def validate(cfg: DictConfig) -> None:
     for key in ("seq_len", "batch_size", "epochs"):
         _positive_int(f"training.phase2.{key}", p2[key])
     _check(p2.seq_len >= 2, "training.phase2.seq_len", p2.seq_len, "an integer >= 2")
+    if p2.eval_seq_len is not None:
+        _check(isinstance(p2.eval_seq_len, int) and p2.eval_seq_len >= 2, "training.phase2.eval_seq_len",
+               p2.eval_seq_len, "null (= seq_len) or an integer >= 2")
     _check(p2.lr > 0, "training.phase2.lr", p2.lr, "a positive number")
     rep = t.repetition
     _positive_int("training.repetition.steps_per_stage", rep.steps_per_stage)

@@ -22,6 +22,7 @@ from omegaconf import DictConfig
 from newllm import checkpoint as ckpt
 from newllm.config import TRUSTED_TARGETS, ConfigError, instantiate, register_configs, to_container, validate
 from newllm.data import load_data, phase1_sample
+from newllm.data.recall import recall_metrics
 from newllm.errors import NewllmError, describe, exit_one_line
 from newllm.memory import check_model_fits, out_of_memory_guard
 from newllm.models import build_model, count_parameters, pretrained
@@ -29,6 +30,7 @@ from newllm.models.sizing import solve_core_params
 from newllm.sweeping import Pruned, TrialPruned, attach_trial
 from newllm.tracking import RunTracker
 from newllm.training.accel import autocast, maybe_compile
+from newllm.training.instruments import save_position_plot
 from newllm.training.phase1 import train_phase1
 from newllm.training.phase2 import train_phase2
 from newllm.training.repetition import train_repetition
@@ -200,6 +202,9 @@ def run(cfg: DictConfig, run_dir: str | Path) -> tuple[dict, float | list[float]
                               state=resumed["loop"] if stage == "phase2" else None,
                               contexts_cache=contexts_cache)
         metrics.update(p2.metrics)
+        save_position_plot(p2.metrics, run_dir / "loss_by_position.png")
+        if data.recall is not None:
+            metrics.update(recall_metrics(model, data.recall, cfg.training.phase2.batch_size * 4, device))
         log.info("phase 2: val ppl %.2f (uniform %d), val acc %.3f; test ppl %.2f", p2.metrics["phase2/val_ppl"],
                  data.vocab_size, p2.metrics["phase2/val_acc"], p2.metrics.get("phase2/test_ppl", math.nan))
 

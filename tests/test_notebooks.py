@@ -29,7 +29,8 @@ def _texts(nb) -> str:
 
 
 def test_notebooks_are_stored_clean_and_only_call_the_library():
-    assert sorted(p.name for p in NOTEBOOKS.glob("*.ipynb")) == sorted(EXPECTED)
+    # 04 runs on the instruments' own sweeps: tests/test_instruments_cli.py executes it
+    assert sorted(p.name for p in NOTEBOOKS.glob("*.ipynb")) == sorted([*EXPECTED, "04_long_context_and_memory.ipynb"])
     for path in NOTEBOOKS.glob("*.ipynb"):
         nb = nbformat.read(path, as_version=4)
         code = [c for c in nb.cells if c.cell_type == "code"]

@@ -22,7 +22,7 @@ import torch
 from omegaconf import DictConfig
 from tokenizers import Tokenizer
 
-from newllm.data import repetition
+from newllm.data import recall, repetition
 from newllm.data.corpora import TEXT_UNITS, chatterbot_conversations, text_documents, ultrachat_conversations
 from newllm.data.repetition import RepetitionStage
 from newllm.data.streams import Spans, encode_cached, render_chatml
@@ -30,7 +30,7 @@ from newllm.data.tokenizer import check_vocab_size, load_or_train, load_pretrain
 from newllm.errors import DataError
 
 DIALOGUE = ("chatterbot", "ultrachat")
-SOURCES = (*DIALOGUE, "text", "repetition")
+SOURCES = (*DIALOGUE, "text", "repetition", "recall")
 SUBSET_OF_TRAIN_FRACTION = 0.2  # val_protocol=subset_of_train: validation = this tail of the training stream
 
 
@@ -49,6 +49,7 @@ class TokenData:
     test_mask: torch.Tensor | None = None
     test_stages: list[RepetitionStage] | None = None  # data=repetition: held-out test phrases
     train_doc_lengths: torch.Tensor | None = None  # (D,) tokens per training document, in stream order
+    recall: dict[str, recall.RecallSplit] | None = None  # data=recall: val/test sequences with answer distances
 
     @property
     def vocab_size(self) -> int:
@@ -84,7 +85,7 @@ def check_options(d: DictConfig, tok: DictConfig) -> None:
         raise DataError(f"data.name={d.name!r} is not allowed: expected one of {', '.join(SOURCES)}")
     if not tok.pretrained:
         check_vocab_size(tok.vocab_size)
-    if d.name not in DIALOGUE and d.loss_on == "assistant":
+    if d.name not in (*DIALOGUE, "recall") and d.loss_on == "assistant":  # recall: the answer mask
         raise DataError(f"data.loss_on=assistant needs dialogue data (data=chatterbot or ultrachat): "
                         f"data={d.name} has no assistant turns; use data.loss_on=all")
     if d.name == "repetition" and d.val_protocol == "subset_of_train":
@@ -216,10 +217,33 @@ def _load_repetition(d: DictConfig, tok: DictConfig, cache_dir: Path, min_tokens
                    stages={"train": train, "val": val, "test": test if n_test else None})
 
 
+def _recall_stream(s: recall.RecallSplit) -> Split:
+    """Sequences back to back, plus one trailing pad (never a target) so the last one fills a window too."""
+    lengths = torch.full((s.ids.shape[0],), s.ids.shape[1], dtype=torch.long)
+    lengths[-1] += 1
+    return Split(torch.cat([s.ids.reshape(-1), torch.tensor([recall.PAD])]),
+                 torch.cat([s.mask.reshape(-1), torch.tensor([False])]), lengths)
+
+
+def _load_recall(d: DictConfig, min_tokens: int) -> TokenData:
+    """Generated ids (no tokenizer training): every sequence one document, loss only on answers."""
+    splits = recall.make_splits(d.task, (d.num_train, d.num_val, d.num_test), d.seq_len, d.vocab_size,
+                                d.num_pairs, d.split_seed)
+    as_split = {name: _recall_stream(s) for name, s in zip(("train", "val", "test"), splits, strict=True)}
+    info = {"data/task": d.task, "data/num_pairs": d.num_pairs if d.task == "mqar" else 0,
+            "data/seq_len": d.seq_len, **{f"data/{k}_sequences": s.ids.shape[0]
+                                          for k, s in zip(("train", "val", "test"), splits, strict=True)}}
+    data = _finish(d, recall.id_tokenizer(d.vocab_size), as_split, min_tokens, info)
+    data.recall = {"val": splits[1], "test": splits[2]}
+    return data
+
+
 def load_data(data_cfg: DictConfig, tok_cfg: DictConfig, cache_dir: str | Path, min_tokens: int = 2) -> TokenData:
     """Token streams for one run. min_tokens: the shortest usable stream (one training window)."""
     d, cache_dir = data_cfg, Path(cache_dir)
     check_options(d, tok_cfg)
+    if d.name == "recall":
+        return _load_recall(d, min_tokens)
     if d.name == "repetition":  # data.num_conversations does not apply (phrases_per_stage does)
         return _load_repetition(d, tok_cfg, cache_dir, min_tokens)
     texts, spans, source_info = _documents(d, cache_dir)

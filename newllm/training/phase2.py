@@ -29,8 +29,10 @@ from tqdm.auto import tqdm
 
 from newllm import metrics
 from newllm.checkpoint import rng_state, set_rng_state
+from newllm.config import ConfigError
 from newllm.errors import DataError, TrainingError
 from newllm.models import evaluating
+from newllm.training.instruments import PositionLoss
 from newllm.training.solvers import jacobi_window
 
 
@@ -93,17 +95,32 @@ def contexts_of(model: nn.Module, inputs: torch.Tensor, batch_size: int) -> torc
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, windows: tuple[torch.Tensor, ...], batch_size: int) -> dict[str, float]:
-    """Masked CE, perplexity and top-1 accuracy over all windows (fresh state per window)."""
+def evaluate(model: nn.Module, windows: tuple[torch.Tensor, ...], batch_size: int) -> dict:
+    """Masked CE, perplexity and top-1 accuracy over all windows (fresh state per window), and the
+    loss and token counts by position bucket (newllm.training.instruments)."""
     model.eval()
     inputs, targets, mask = windows
     ce_sum, correct, count = 0.0, 0, 0
+    by_pos = PositionLoss(inputs.shape[1])
     for i in range(0, inputs.shape[0], batch_size):
         logits = model.head(model.contexts_window(inputs[i : i + batch_size]))
         s, c, n = metrics.masked_token_stats(logits, targets[i : i + batch_size], mask[i : i + batch_size])
+        by_pos.add(logits, targets[i : i + batch_size], mask[i : i + batch_size])
         ce_sum, correct, count = ce_sum + s, correct + c, count + n
     loss = ce_sum / max(count, 1)
-    return {"loss": loss, "ppl": metrics.perplexity(loss), "acc": correct / max(count, 1), "tokens": count}
+    pos_loss, pos_tokens = by_pos.result()
+    return {"loss": loss, "ppl": metrics.perplexity(loss), "acc": correct / max(count, 1), "tokens": count,
+            "loss_by_position": pos_loss, "tokens_by_position": pos_tokens}
+
+
+def eval_length(model: nn.Module, cfg: DictConfig) -> int:
+    """training.phase2.eval_seq_len (null = seq_len), checked against a transformer's max_len."""
+    length = cfg.get("eval_seq_len") or cfg.seq_len
+    max_len = getattr(model, "max_len", None)
+    if max_len is not None and length > max_len:
+        raise ConfigError(f"training.phase2.eval_seq_len={length} is not allowed: this model reads at most "
+                          f"model.max_len={max_len} positions")
+    return length
 
 
 def train_phase2(model: nn.Module, data, cfg: DictConfig, device: torch.device, seed: int,
@@ -118,14 +135,15 @@ def train_phase2(model: nn.Module, data, cfg: DictConfig, device: torch.device, 
     val_ids, val_mask = data.val_ids, data.val_mask
     if cfg.max_val_tokens:
         val_ids, val_mask = val_ids[: cfg.max_val_tokens + 1], val_mask[: cfg.max_val_tokens + 1]
-    val_w = [t.to(device) for t in make_windows(val_ids, val_mask, cfg.seq_len, "validation")]
+    eval_len = eval_length(model, cfg)
+    val_w = [t.to(device) for t in make_windows(val_ids, val_mask, eval_len, "validation")]
     if int(val_w[2].sum()) == 0:
         raise DataError("the validation windows hold no tokens to predict (loss mask all false); "
                         "use data.loss_on=all or more validation data")
     test_ids = getattr(data, "test_ids", None)
     test_w = None
     if test_ids is not None and test_ids.numel() > 0:
-        test_w = [t.to(device) for t in make_windows(test_ids, data.test_mask, cfg.seq_len, "test")]
+        test_w = [t.to(device) for t in make_windows(test_ids, data.test_mask, eval_len, "test")]
 
     is_context = getattr(model, "is_context_model", False)
     fixed = cfg.context == "fixed"
@@ -216,7 +234,9 @@ def train_phase2(model: nn.Module, data, cfg: DictConfig, device: torch.device, 
     last = result.history[-1]
     result.metrics = {
         "phase2/val_loss": best["loss"], "phase2/val_ppl": best["ppl"], "phase2/val_acc": best["acc"],
-        "phase2/val_tokens": best["tokens"], "phase2/best_epoch": best_epoch,
+        "phase2/val_tokens": best["tokens"], "phase2/best_epoch": best_epoch, "phase2/eval_seq_len": eval_len,
+        "phase2/val_loss_by_position": best["loss_by_position"],
+        "phase2/val_tokens_by_position": best["tokens_by_position"],
         "phase2/epochs": len(result.history), "phase2/steps": step,
         **{f"phase2/train_{k}": best_row[f"phase2/train_{k}"] for k in ("loss", "ppl", "acc")},
         **{f"phase2/last_epoch_train_{k}": last[f"phase2/train_{k}"] for k in ("loss", "ppl", "acc")},
@@ -227,5 +247,7 @@ def train_phase2(model: nn.Module, data, cfg: DictConfig, device: torch.device, 
     if test_w is not None:  # once, with the kept weights: the unbiased figure to report
         test = evaluate(model, test_w, cfg.batch_size * 4)
         result.metrics.update({"phase2/test_loss": test["loss"], "phase2/test_ppl": test["ppl"],
-                               "phase2/test_acc": test["acc"], "phase2/test_tokens": test["tokens"]})
+                               "phase2/test_acc": test["acc"], "phase2/test_tokens": test["tokens"],
+                               "phase2/test_loss_by_position": test["loss_by_position"],
+                               "phase2/test_tokens_by_position": test["tokens_by_position"]})
     return result

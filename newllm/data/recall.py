@@ -1,0 +1,164 @@
+"""data=recall: seeded synthetic memory tasks, token ids generated directly (no text, no BPE).
+
+Every sequence is exactly data.seq_len tokens, so with training.phase2.seq_len (and eval_seq_len)
+equal to it each Phase-2 window is one sequence read from a fresh state. Only answer tokens are
+in the loss mask; `distance` holds, per answer, how many positions back its evidence lies.
+
+  mqar:           k1 v1 k2 v2 ... kP vP | q1 a1 q2 a2 ... (queries of earlier keys, a = its value), pad
+  copy:           x1 ... xL SEP x1 ... xL                       (L = (seq_len - 1) // 2), pad
+  selective_copy: noise with L data tokens scattered, SEP, the L data tokens in order, pad
+
+Ids: 0 pad, 1 separator, 2 noise; mqar keys [3, 3 + K), values [3 + K, vocab) with K = (vocab - 3) // 2.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from tokenizers import Tokenizer
+from tokenizers.models import WordLevel
+
+from newllm.errors import DataError
+
+PAD, SEP, NOISE, FIRST = 0, 1, 2, 3
+TASKS = ("mqar", "copy", "selective_copy")
+
+
+@dataclass
+class RecallSplit:
+    ids: torch.Tensor  # (N, T) long
+    mask: torch.Tensor  # (N, T) bool: answer tokens (the targets scored)
+    distance: torch.Tensor  # (N, T) long: positions back to the evidence (0 where not an answer)
+
+
+def id_tokenizer(vocab_size: int) -> Tokenizer:
+    """A real (saveable, hashable) word-level tokenizer whose tokens are just t0 ... t{V-1}."""
+    return Tokenizer(WordLevel({f"t{i}": i for i in range(vocab_size)}, unk_token="t0"))
+
+
+def _mqar(n: int, t: int, vocab: int, pairs: int, g: torch.Generator) -> tuple[torch.Tensor, ...]:
+    n_keys = (vocab - FIRST) // 2
+    queries = (t - 2 * pairs) // 2
+    if pairs > n_keys or queries < 1:
+        raise DataError(f"data.num_pairs={pairs} is not allowed with data.vocab_size={vocab}, data.seq_len={t}: "
+                        f"expected 1 <= num_pairs <= {n_keys} (distinct keys) and 2 * num_pairs + 2 <= seq_len")
+    keys = torch.rand(n, n_keys, generator=g).argsort(1)[:, :pairs] + FIRST
+    values = torch.randint(FIRST + n_keys, vocab, (n, pairs), generator=g)
+    # which pair each query asks (distinct while there are enough pairs)
+    if queries <= pairs:
+        asked = torch.rand(n, pairs, generator=g).argsort(1)[:, :queries]
+    else:
+        asked = torch.randint(0, pairs, (n, queries), generator=g)
+    ids = torch.full((n, t), PAD, dtype=torch.long)
+    ids[:, 0 : 2 * pairs : 2], ids[:, 1 : 2 * pairs : 2] = keys, values
+    q_pos = 2 * pairs + 2 * torch.arange(queries)  # query key positions; the answer follows
+    ids[:, q_pos], ids[:, q_pos + 1] = keys.gather(1, asked), values.gather(1, asked)
+    mask = torch.zeros(n, t, dtype=torch.bool)
+    mask[:, q_pos + 1] = True
+    distance = torch.zeros(n, t, dtype=torch.long)
+    distance[:, q_pos + 1] = (q_pos + 1) - (2 * asked + 1)  # answer position - value position
+    return ids, mask, distance
+
+
+def _copy(n: int, t: int, vocab: int, selective: bool, g: torch.Generator) -> tuple[torch.Tensor, ...]:
+    length = (t - 1) // 2
+    if length < 1 or vocab <= FIRST:
+        raise DataError(f"data.seq_len={t} / data.vocab_size={vocab} are too small for a copy task: "
+                        "expected seq_len >= 3 and vocab_size >= 4")
+    data = torch.randint(FIRST, vocab, (n, length), generator=g)
+    ids = torch.full((n, t), PAD, dtype=torch.long)
+    if selective:  # data tokens at sorted random positions of a noise span of `length` tokens
+        span = length
+        data = data[:, : max(1, span // 2)]
+        length = data.shape[1]
+        slots = torch.rand(n, span, generator=g).argsort(1)[:, :length].sort(1).values
+        ids[:, :span] = NOISE
+        ids.scatter_(1, slots, data)
+        src = slots
+        start = span + 1
+    else:
+        ids[:, :length] = data
+        src = torch.arange(length).expand(n, length)
+        start = length + 1
+    ids[:, start - 1] = SEP
+    ans = start + torch.arange(length)
+    ids[:, ans] = data
+    mask = torch.zeros(n, t, dtype=torch.bool)
+    mask[:, ans] = True
+    distance = torch.zeros(n, t, dtype=torch.long)
+    distance[:, ans] = ans - src
+    return ids, mask, distance
+
+
+def generate(task: str, n: int, seq_len: int, vocab_size: int, num_pairs: int, g: torch.Generator):
+    if task not in TASKS:
+        raise DataError(f"data.task={task!r} is not allowed: expected one of {', '.join(TASKS)}")
+    if task == "mqar":
+        return _mqar(n, seq_len, vocab_size, num_pairs, g)
+    return _copy(n, seq_len, vocab_size, task == "selective_copy", g)
+
+
+def make_splits(task: str, counts: tuple[int, int, int], seq_len: int, vocab_size: int, num_pairs: int,
+                seed: int) -> tuple[RecallSplit, RecallSplit, RecallSplit]:
+    """Disjoint (train, val, test): duplicates and held-out rows seen in training are dropped."""
+    g = torch.Generator().manual_seed(seed)
+    total = sum(counts)
+    ids, mask, dist = generate(task, total, seq_len, vocab_size, num_pairs, g)
+    _, first = _first_occurrence(ids)
+    keep = first
+    splits, start = [], 0
+    for c in counts:
+        rows = torch.arange(start, start + c)
+        rows = rows[keep[rows]]
+        splits.append(RecallSplit(ids[rows], mask[rows], dist[rows]))
+        start += c
+    for s in splits:
+        if s.ids.shape[0] == 0:
+            raise DataError(f"data=recall: a split has no distinct sequences (data.num_train/val/test={counts})")
+    return tuple(splits)
+
+
+def _first_occurrence(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inverse, is_first): whether each row is the first of its identical rows (in row order)."""
+    _, inverse = torch.unique(ids, dim=0, return_inverse=True)
+    order = torch.arange(len(inverse))
+    firsts = torch.full((int(inverse.max()) + 1,), len(inverse), dtype=torch.long).scatter_reduce(
+        0, inverse, order, reduce="amin")
+    return inverse, firsts[inverse] == order
+
+
+def answer_accuracy(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor, distance: torch.Tensor
+                    ) -> tuple[float, dict[str, float], dict[str, int]]:
+    """Top-1 accuracy on answer targets, overall and by distance bucket (1-8, 9-16, 17-32, ...)."""
+    from newllm.training.instruments import bucket_edges, bucket_labels
+
+    hit = (logits.argmax(-1) == targets)[mask].double()
+    d = distance[mask]
+    top = max(int(d.max()), 1) if d.numel() else 1
+    edges, labels = torch.tensor(bucket_edges(top)), bucket_labels(top)
+    b = torch.bucketize(d, edges)
+    n = torch.zeros(len(edges), dtype=torch.float64).index_add_(0, b, torch.ones_like(hit))
+    s = torch.zeros(len(edges), dtype=torch.float64).index_add_(0, b, hit)
+    by = {k: float(s[i] / n[i]) for i, k in enumerate(labels) if n[i] > 0}
+    counts = {k: int(n[i]) for i, k in enumerate(labels) if n[i] > 0}
+    return float(hit.mean()) if hit.numel() else float("nan"), by, counts
+
+
+@torch.no_grad()
+def evaluate_recall(model, split: RecallSplit, batch_size: int, device) -> tuple[float, dict, dict]:
+    """The model reads each sequence from a fresh state; position t predicts token t+1."""
+    model.eval()
+    logits = torch.cat([model.head(model.contexts_window(split.ids[i : i + batch_size, :-1].to(device))).cpu()
+                        for i in range(0, split.ids.shape[0], batch_size)])
+    return answer_accuracy(logits, split.ids[:, 1:], split.mask[:, 1:], split.distance[:, 1:])
+
+
+def recall_metrics(model, splits: dict[str, RecallSplit], batch_size: int, device) -> dict:
+    out = {}
+    for name in ("val", "test"):
+        if name in splits:
+            acc, by, counts = evaluate_recall(model, splits[name], batch_size, device)
+            out.update({f"recall/{name}_accuracy": acc, f"recall/{name}_accuracy_by_distance": by,
+                        f"recall/{name}_answers_by_distance": counts})
+    return out

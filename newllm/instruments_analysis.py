@@ -1,0 +1,100 @@
+"""Tables and plots of the three instruments over a folder of runs (`python -m newllm.analyze
+positions|recall|scaling ROOT`): loss by position, recall accuracy vs pairs, data scaling."""
+
+from __future__ import annotations
+
+import ast
+import json
+from pathlib import Path
+
+import pandas as pd
+
+from newllm import analysis, scaling
+
+KEYS = ["choices/model", "model/core_params_budget", "seed"]
+
+
+def _as_dict(value) -> dict:
+    """Dict-valued metrics come back as dicts, or as their text from the parquet cache."""
+    if isinstance(value, dict):
+        return value
+    if isinstance(value, str) and value.startswith("{"):
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError:
+            return ast.literal_eval(value)
+    return {}
+
+
+def _completed(root: str | Path, need: str) -> pd.DataFrame:
+    runs = analysis.load_runs(root)
+    runs = runs[runs["status"] == "completed"] if "status" in runs else runs
+    if need not in runs or runs[need].isna().all():
+        raise analysis.AnalysisError(f"no completed run under {root} reports {need}")
+    return runs[runs[need].notna()].copy()
+
+
+def _keys(runs: pd.DataFrame) -> list[str]:
+    return [k for k in KEYS if k in runs]
+
+
+def position_table(root: str | Path, split: str = "test") -> pd.DataFrame:
+    """One row per run (model, core budget, seed, eval_seq_len), one column per position bucket."""
+    col = f"phase2/{split}_loss_by_position"
+    runs = _completed(root, col)
+    curves = pd.DataFrame([_as_dict(v) for v in runs[col]], index=runs.index)
+    order = sorted(curves.columns, key=lambda b: int(str(b).split("-")[0]))
+    keys = _keys(runs) + (["phase2/eval_seq_len"] if "phase2/eval_seq_len" in runs else [])
+    return pd.concat([runs[keys], curves[order]], axis=1).reset_index(drop=True)
+
+
+def plot_positions(table: pd.DataFrame):
+    """Mean curve per (model, core budget) over seeds: the architectures overlaid."""
+    from newllm.training.instruments import plot_loss_by_position
+
+    buckets = [c for c in table.columns if c[0].isdigit()]
+    group = [k for k in ("choices/model", "model/core_params_budget") if k in table]
+    means = table.groupby(group, dropna=False)[buckets].mean() if group else table[buckets].mean().to_frame().T
+    curves = {" ".join(map(str, idx if isinstance(idx, tuple) else (idx,))): row.dropna().to_dict()
+              for idx, row in means.iterrows()}
+    return plot_loss_by_position(curves, "test loss by position")
+
+
+def recall_table(root: str | Path, split: str = "test") -> pd.DataFrame:
+    """Accuracy per (model, core budget, num_pairs): mean and n over seeds."""
+    col = f"recall/{split}_accuracy"
+    runs = _completed(root, col)
+    runs["num_pairs"] = runs["data/num_pairs"]
+    group = [k for k in ("choices/model", "model/core_params_budget") if k in runs] + ["num_pairs"]
+    return runs.groupby(group, dropna=False)[col].agg(["mean", "count"]).reset_index().rename(
+        columns={"mean": "accuracy", "count": "n"})
+
+
+def plot_recall(table: pd.DataFrame):
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    group = [k for k in ("choices/model", "model/core_params_budget") if k in table]
+    for name, part in table.groupby(group, dropna=False):
+        label = " ".join(map(str, name if isinstance(name, tuple) else (name,)))
+        ax.plot(part["num_pairs"], part["accuracy"], marker="o", label=label)
+    ax.set_xlabel("key-value pairs (data.num_pairs)")
+    ax.set_ylabel("answer accuracy")
+    ax.set_xscale("log", base=2)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def scaling_fit(root: str | Path, y: str = "phase2/test_loss", offset: bool = False):
+    """(runs with N = data/train_tokens, the power-law fit of y against N)."""
+    runs = _completed(root, y)
+    cap = runs.get("data.max_train_tokens")
+    if cap is not None:  # the loader caps at most: a budget above the corpus trains on the corpus, mislabelled
+        over = runs[cap.notna() & (cap > runs["data/train_tokens"])]
+        if len(over):
+            raise analysis.AnalysisError(
+                f"data.max_train_tokens={int(over['data.max_train_tokens'].iloc[0])} exceeds the training corpus "
+                f"({int(over['data/train_tokens'].iloc[0])} tokens): use budgets up to that, or more data")
+    runs = runs[[c for c in ("data/train_tokens", y, "seed") if c in runs]].copy()
+    return runs, scaling.fit_power_law(runs, "data/train_tokens", y, offset=offset)

@@ -1,0 +1,85 @@
+"""Loss by position in the evaluation window: does a model use what lies far back?
+
+Positions are 1-based (position t predicts token t+1 from the first t tokens of the window) and
+grouped in log2 buckets 1-8, 9-16, 17-32, ... (the last one ends at the window length). Sums and
+counts are accumulated per bucket with one scatter-add per batch, never a loop over positions.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.nn import functional as F
+
+
+def bucket_edges(seq_len: int) -> list[int]:
+    """Upper (inclusive) positions of the buckets: 8, 16, 32, ... capped at seq_len."""
+    edges, hi = [], 8
+    while hi < seq_len:
+        edges.append(hi)
+        hi *= 2
+    return edges + [seq_len]
+
+
+def bucket_labels(seq_len: int) -> list[str]:
+    edges = bucket_edges(seq_len)
+    return [f"{lo}-{hi}" for lo, hi in zip([1] + [e + 1 for e in edges[:-1]], edges, strict=True)]
+
+
+class PositionLoss:
+    """Accumulates masked per-token cross-entropy per position bucket over (B, T) batches."""
+
+    def __init__(self, seq_len: int) -> None:
+        edges = torch.tensor(bucket_edges(seq_len))
+        self.labels = bucket_labels(seq_len)
+        # bucket index of each 1-based position: first edge >= position
+        self.bucket_of = torch.bucketize(torch.arange(1, seq_len + 1), edges)
+        self.sums = torch.zeros(len(edges), dtype=torch.float64)
+        self.counts = torch.zeros(len(edges), dtype=torch.float64)
+
+    def add(self, logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> None:
+        ce = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="none").view(targets.shape)
+        m = mask.to(ce.dtype)
+        per_pos_sum = (ce * m).sum(0).double().cpu()  # (T,)
+        per_pos_n = m.sum(0).double().cpu()
+        idx = self.bucket_of[: targets.shape[1]]
+        self.sums.index_add_(0, idx, per_pos_sum)
+        self.counts.index_add_(0, idx, per_pos_n)
+
+    def result(self) -> tuple[dict[str, float], dict[str, int]]:
+        """({bucket: mean loss (NaN when no target there)}, {bucket: token count})."""
+        mean = self.sums / self.counts.clamp(min=1)
+        mean[self.counts == 0] = float("nan")
+        return ({k: float(v) for k, v in zip(self.labels, mean, strict=True)},
+                {k: int(n) for k, n in zip(self.labels, self.counts, strict=True)})
+
+
+def plot_loss_by_position(curves: dict[str, dict[str, float]], title: str = ""):
+    """One line per name (e.g. split or architecture): mean loss per position bucket."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for name, curve in curves.items():
+        ax.plot(list(curve), list(curve.values()), marker="o", label=name)
+    ax.set_xlabel("position in window (bucket)")
+    ax.set_ylabel("mean loss (nats)")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    ax.tick_params(axis="x", labelrotation=45)
+    fig.tight_layout()
+    return fig
+
+
+def save_position_plot(metrics: dict, path) -> None:
+    """loss_by_position.png of a run: the val (and test) curves of its metrics, if any."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves = {s: metrics[f"phase2/{s}_loss_by_position"] for s in ("val", "test")
+              if f"phase2/{s}_loss_by_position" in metrics}
+    if not curves:
+        return
+    fig = plot_loss_by_position(curves, f"loss by position (eval_seq_len {metrics.get('phase2/eval_seq_len')})")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
