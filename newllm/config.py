@@ -143,6 +143,8 @@ class DataConfig:
     task: str = "mqar"  # mqar | copy | selective_copy
     vocab_size: int = 64
     num_pairs: int = 8
+    query_gap_min: int = 0  # mqar: noise tokens between the pairs and the queries, uniform in [min, max]
+    query_gap_max: int = 0  # per sequence: how far back the evidence lies
     seq_len: int = 64  # must equal training.phase2.seq_len (one sequence per window)
     num_train: int = 2000
     num_val: int = 200
@@ -373,6 +375,10 @@ def _check_recall(cfg: DictConfig) -> None:
     _choice("data.task", d.task, ("mqar", "copy", "selective_copy"))
     for key in ("vocab_size", "num_pairs", "seq_len", "num_train", "num_val", "num_test"):
         _positive_int(f"data.{key}", d[key])
+    _check(isinstance(d.query_gap_min, int) and d.query_gap_min >= 0, "data.query_gap_min", d.query_gap_min,
+           "a non-negative integer")
+    _check(isinstance(d.query_gap_max, int) and d.query_gap_max >= d.query_gap_min, "data.query_gap_max",
+           d.query_gap_max, f"an integer >= data.query_gap_min={d.query_gap_min}")
     for key in ("seq_len", "eval_seq_len"):  # a window must be exactly one sequence
         if p2[key] is not None:
             _check(p2[key] == d.seq_len, f"training.phase2.{key}", p2[key],

@@ -22,6 +22,23 @@ def test_mqar_layout_answers_and_distances():
             assert row[pos - d[pos]] == answer and row[pos - d[pos] - 1] == key  # distance points at it
 
 
+def test_mqar_query_gap_pushes_the_evidence_back_by_the_gap():
+    """data.query_gap_min/max: noise tokens between pairs and queries, so the distance knob moves answers."""
+    base, _, _ = make_splits("mqar", (200, 10, 10), 32, 40, 4, seed=3)
+    gapped, _, _ = make_splits("mqar", (200, 10, 10), 32, 40, 4, seed=3, gap=(6, 10))
+    assert gapped.mask.sum(1).tolist() == [(32 - 8 - 10) // 2] * len(gapped.ids)  # queries fit the largest gap
+    for row, m, d in zip(gapped.ids.tolist(), gapped.mask.tolist(), gapped.distance.tolist(), strict=True):
+        first_query = next(i for i, on in enumerate(m) if on) - 1
+        assert 8 + 6 <= first_query <= 8 + 10 and set(row[8:first_query]) == {2}  # the gap is noise
+        pairs = dict(zip(row[0:8:2], row[1:8:2], strict=True))
+        for pos in (i for i, on in enumerate(m) if on):
+            assert pairs[row[pos - 1]] == row[pos] and row[pos - d[pos]] == row[pos]
+    # the first answer's evidence lies >= 6 further back than without a gap
+    first = lambda s: s.distance[s.mask].view(len(s.ids), -1)[:, 0].float().mean()  # noqa: E731
+    assert 6 <= float(first(gapped) - first(base)) <= 10
+    assert len({r.index(next(t for t in r[8:] if t != 2), 8) for r in gapped.ids.tolist()}) > 1  # gaps vary
+
+
 def test_copy_and_selective_copy_answers_repeat_the_data():
     for task in ("copy", "selective_copy"):
         tr, _, _ = make_splits(task, (20, 5, 5), 17, 30, 1, seed=0)

@@ -228,9 +228,10 @@ def _recall_stream(s: recall.RecallSplit) -> Split:
 def _load_recall(d: DictConfig, min_tokens: int) -> TokenData:
     """Generated ids (no tokenizer training): every sequence one document, loss only on answers."""
     splits = recall.make_splits(d.task, (d.num_train, d.num_val, d.num_test), d.seq_len, d.vocab_size,
-                                d.num_pairs, d.split_seed)
+                                d.num_pairs, d.split_seed, (d.query_gap_min, d.query_gap_max))
     as_split = {name: _recall_stream(s) for name, s in zip(("train", "val", "test"), splits, strict=True)}
     info = {"data/task": d.task, "data/num_pairs": d.num_pairs if d.task == "mqar" else 0,
+            "data/query_gap_min": d.query_gap_min, "data/query_gap_max": d.query_gap_max,
             "data/seq_len": d.seq_len, **{f"data/{k}_sequences": s.ids.shape[0]
                                           for k, s in zip(("train", "val", "test"), splits, strict=True)}}
     data = _finish(d, recall.id_tokenizer(d.vocab_size), as_split, min_tokens, info)

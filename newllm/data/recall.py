@@ -4,7 +4,7 @@ Every sequence is exactly data.seq_len tokens, so with training.phase2.seq_len (
 equal to it each Phase-2 window is one sequence read from a fresh state. Only answer tokens are
 in the loss mask; `distance` holds, per answer, how many positions back its evidence lies.
 
-  mqar:           k1 v1 k2 v2 ... kP vP | q1 a1 q2 a2 ... (queries of earlier keys, a = its value), pad
+  mqar:           k1 v1 k2 v2 ... kP vP | noise x gap | q1 a1 q2 a2 ... (queries of earlier keys, a = its value), pad
   copy:           x1 ... xL SEP x1 ... xL                       (L = (seq_len - 1) // 2), pad
   selective_copy: noise with L data tokens scattered, SEP, the L data tokens in order, pad
 
@@ -37,12 +37,20 @@ def id_tokenizer(vocab_size: int) -> Tokenizer:
     return Tokenizer(WordLevel({f"t{i}": i for i in range(vocab_size)}, unk_token="t0"))
 
 
-def _mqar(n: int, t: int, vocab: int, pairs: int, g: torch.Generator) -> tuple[torch.Tensor, ...]:
+def _mqar(n: int, t: int, vocab: int, pairs: int, g: torch.Generator,
+          gap: tuple[int, int] = (0, 0)) -> tuple[torch.Tensor, ...]:
+    """Pairs, then `gap` noise tokens (uniform in [gap_min, gap_max] per sequence), then the queries:
+    the gap sets how far back the evidence lies (the distance knob)."""
     n_keys = (vocab - FIRST) // 2
-    queries = (t - 2 * pairs) // 2
+    gap_min, gap_max = gap
+    queries = (t - 2 * pairs - gap_max) // 2
+    if not 0 <= gap_min <= gap_max:
+        raise DataError(f"data.query_gap_min={gap_min}, data.query_gap_max={gap_max} are not allowed: "
+                        "expected 0 <= query_gap_min <= query_gap_max")
     if pairs > n_keys or queries < 1:
-        raise DataError(f"data.num_pairs={pairs} is not allowed with data.vocab_size={vocab}, data.seq_len={t}: "
-                        f"expected 1 <= num_pairs <= {n_keys} (distinct keys) and 2 * num_pairs + 2 <= seq_len")
+        raise DataError(f"data.num_pairs={pairs} is not allowed with data.vocab_size={vocab}, data.seq_len={t}, "
+                        f"data.query_gap_max={gap_max}: expected 1 <= num_pairs <= {n_keys} (distinct keys) and "
+                        "2 * num_pairs + query_gap_max + 2 <= seq_len")
     keys = torch.rand(n, n_keys, generator=g).argsort(1)[:, :pairs] + FIRST
     values = torch.randint(FIRST + n_keys, vocab, (n, pairs), generator=g)
     # which pair each query asks (distinct while there are enough pairs)
@@ -50,14 +58,15 @@ def _mqar(n: int, t: int, vocab: int, pairs: int, g: torch.Generator) -> tuple[t
         asked = torch.rand(n, pairs, generator=g).argsort(1)[:, :queries]
     else:
         asked = torch.randint(0, pairs, (n, queries), generator=g)
+    gaps = torch.randint(gap_min, gap_max + 1, (n, 1), generator=g) if gap_max else torch.zeros(n, 1, dtype=torch.long)
     ids = torch.full((n, t), PAD, dtype=torch.long)
+    ids[:, : 2 * pairs + gap_max] = NOISE  # the gap (the rest of it is overwritten by queries below)
     ids[:, 0 : 2 * pairs : 2], ids[:, 1 : 2 * pairs : 2] = keys, values
-    q_pos = 2 * pairs + 2 * torch.arange(queries)  # query key positions; the answer follows
-    ids[:, q_pos], ids[:, q_pos + 1] = keys.gather(1, asked), values.gather(1, asked)
-    mask = torch.zeros(n, t, dtype=torch.bool)
-    mask[:, q_pos + 1] = True
-    distance = torch.zeros(n, t, dtype=torch.long)
-    distance[:, q_pos + 1] = (q_pos + 1) - (2 * asked + 1)  # answer position - value position
+    q_pos = 2 * pairs + gaps + 2 * torch.arange(queries)  # (n, Q) query key positions; the answer follows
+    ids.scatter_(1, q_pos, keys.gather(1, asked))
+    ids.scatter_(1, q_pos + 1, values.gather(1, asked))
+    mask = torch.zeros(n, t, dtype=torch.bool).scatter_(1, q_pos + 1, True)
+    distance = torch.zeros(n, t, dtype=torch.long).scatter_(1, q_pos + 1, (q_pos + 1) - (2 * asked + 1))
     return ids, mask, distance
 
 
@@ -91,20 +100,21 @@ def _copy(n: int, t: int, vocab: int, selective: bool, g: torch.Generator) -> tu
     return ids, mask, distance
 
 
-def generate(task: str, n: int, seq_len: int, vocab_size: int, num_pairs: int, g: torch.Generator):
+def generate(task: str, n: int, seq_len: int, vocab_size: int, num_pairs: int, g: torch.Generator,
+             gap: tuple[int, int] = (0, 0)):
     if task not in TASKS:
         raise DataError(f"data.task={task!r} is not allowed: expected one of {', '.join(TASKS)}")
     if task == "mqar":
-        return _mqar(n, seq_len, vocab_size, num_pairs, g)
+        return _mqar(n, seq_len, vocab_size, num_pairs, g, gap)
     return _copy(n, seq_len, vocab_size, task == "selective_copy", g)
 
 
 def make_splits(task: str, counts: tuple[int, int, int], seq_len: int, vocab_size: int, num_pairs: int,
-                seed: int) -> tuple[RecallSplit, RecallSplit, RecallSplit]:
+                seed: int, gap: tuple[int, int] = (0, 0)) -> tuple[RecallSplit, RecallSplit, RecallSplit]:
     """Disjoint (train, val, test): duplicates and held-out rows seen in training are dropped."""
     g = torch.Generator().manual_seed(seed)
     total = sum(counts)
-    ids, mask, dist = generate(task, total, seq_len, vocab_size, num_pairs, g)
+    ids, mask, dist = generate(task, total, seq_len, vocab_size, num_pairs, g, gap)
     _, first = _first_occurrence(ids)
     keep = first
     splits, start = [], 0
