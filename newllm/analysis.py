@@ -35,6 +35,7 @@ from omegaconf import OmegaConf
 
 from newllm.errors import NewllmError
 from newllm.fileio import atomic_write
+from newllm.scaling import fit_power_law, plot_power_law  # noqa: F401  (issue 15: newllm.analysis.fit_power_law)
 
 if TYPE_CHECKING:  # torch and matplotlib load lazily: `analyze runs` answers in about a second
     import torch

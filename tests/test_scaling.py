@@ -2,7 +2,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from newllm.scaling import ScalingError, fit_power_law, plot_power_law
+from newllm.analysis import fit_power_law, plot_power_law  # the public path (issue 15)
+from newllm.scaling import ScalingError
 
 
 def _synthetic(a: float, b: float, c: float, seeds: int, noise: float) -> pd.DataFrame:
