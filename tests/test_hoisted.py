@@ -131,3 +131,22 @@ def test_burn_in_pass_is_exact_with_enough_burn_in_and_close_with_some():
     err_short, err_none = (short - exact).abs().max(), (none - exact).abs().max()
     assert err_none > 0.1  # plain chunks really differ at the slice starts
     assert err_short < err_none / 10, (float(err_short), float(err_none))
+
+
+def test_scripted_loop_runs_without_grad_and_equals_the_python_loop():
+    """Layer-wise gated without autograd runs one TorchScript loop; it must equal the Python steps."""
+    from newllm.models import scripted
+
+    model = context_lm("layerwise", "gated", layers=3, init_std=0.3)
+    x = model.embed(tokens(model, length=40)).detach()
+    with torch.no_grad():
+        assert model._scriptable()
+        fast = model.recurrence(x)
+    python_loop = model.recurrence(x).detach()  # grad enabled: the Python loop (a graph is recorded)
+    torch.testing.assert_close(fast, python_loop, atol=1e-4, rtol=1e-4)  # reassociation only, as above
+    assert isinstance(scripted._compiled(), torch.jit.ScriptFunction)  # really scripted, not the fallback
+    dropped = context_lm("layerwise", "gated")
+    dropped.blocks[0].fnn.append(torch.nn.Dropout(0.5))
+    with torch.no_grad():
+        assert not dropped.train()._scriptable() and dropped.eval()._scriptable()
+        assert not context_lm("layerwise", "residual")._scriptable()

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from newllm.models.scripted import gated_layerwise_loop
 from newllm.models.updaters import relu_fnn
 
 
@@ -107,11 +108,26 @@ class ContextLM(nn.Module):
         """
         hoisted, weights = self._hoisted_inputs(x), self._context_weights()
         c = x.new_zeros(x.shape[0], self.context_dim) if c0 is None else c0
+        if self._scriptable() and x.shape[1] > 0:
+            return self._scripted_loop(hoisted, weights, c)
         steps = []
         for t in range(x.shape[1]):
             c = self._step(c, x[:, t], [None if p is None else p[:, t] for p in hoisted], weights)
             steps.append(c)
         return torch.stack(steps, dim=1) if steps else x.new_zeros(*x.shape[:2], self.context_dim)
+
+    def _scriptable(self) -> bool:
+        """The TorchScript loop covers the default family (layer-wise, gated) without autograd, and
+        without dropout (eval mode or p = 0): it has no dropout masks to draw."""
+        dropout = self.training and any(isinstance(m, nn.Dropout) for m in self.blocks.modules())
+        return (not torch.is_grad_enabled() and not dropout and self.architecture == "layerwise"
+                and all(not b.updater.rewrites_tokens for b in self.blocks))
+
+    def _scripted_loop(self, hoisted: list, weights: list, c: torch.Tensor) -> torch.Tensor:
+        norms = [b.updater.norm for b in self.blocks]
+        return gated_layerwise_loop(hoisted, [w for w, _ in weights], [g[0] for _, g in weights],
+                                    [g[1] for _, g in weights], [n.weight for n in norms], [n.bias for n in norms],
+                                    c, norms[0].eps)
 
     def _hoistable(self) -> list[bool]:
         """Block i's token input is the embedding iff no block before it rewrites x."""
