@@ -178,6 +178,7 @@ class ContextLM(nn.Module):
         table = self.embed(torch.arange(self.vocab_size, device=prompt.device))
         hoisted, weights = self._hoisted_inputs(table.unsqueeze(0)), self._context_weights()
         c = self.recurrence(self.embed(prompt.view(1, -1)))[:, -1]
+        scripted = self._scriptable()
         out = torch.empty(n, dtype=torch.long)
         for i in range(n):
             logits = self.head(c)[0] / max(temperature, 1e-6)
@@ -186,7 +187,10 @@ class ContextLM(nn.Module):
                 logits = logits.masked_fill(logits < kth, float("-inf"))
             tok = int(torch.multinomial(torch.softmax(logits, -1), 1, generator=generator))
             out[i] = tok
-            c = self._step(c, table[tok : tok + 1], [None if p is None else p[:, tok] for p in hoisted], weights)
+            if scripted:
+                c = self._scripted_loop([p[:, tok : tok + 1] for p in hoisted], weights, c)[:, 0]
+            else:
+                c = self._step(c, table[tok : tok + 1], [None if p is None else p[:, tok] for p in hoisted], weights)
         return out
 
     def updater_parameters(self) -> list[nn.Parameter]:
