@@ -3,6 +3,7 @@
     python -m newllm.analyze runs outputs/ --sort phase2/val_ppl --csv runs.csv
     python -m newllm.analyze runs outputs/ --group seed --csv seeds.csv   # mean and 95 % t-interval over seeds
     python -m newllm.analyze studies --storage sqlite:///outputs/optuna.db --out outputs/analysis
+    python -m newllm.analyze compare outputs/sweeps/compare_models/<storage folder>   # +sweep=compare_models
 """
 
 from __future__ import annotations
@@ -92,6 +93,15 @@ def cmd_studies(args: argparse.Namespace) -> None:
     print(f"\nwrote {len(plots)} plots to {out}/: {', '.join(plots)}")
 
 
+def cmd_compare(args: argparse.Namespace) -> None:
+    from newllm.compare import compare_models
+
+    table = compare_models(args.root, reference=args.reference)
+    print(f"compare_models below {args.root}: test ppl over seeds (mean, 95 % t-interval), paired by seed "
+          f"against {args.reference}; wrote {Path(args.root) / 'compare_models.csv'}")
+    _print_table(table)
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m newllm.analyze", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -114,6 +124,10 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--study", nargs="+", help="only these study names (default: all)")
     s.add_argument("--out", default="outputs/analysis", help="folder for the plots (default outputs/analysis)")
     s.set_defaults(func=cmd_studies)
+    c = sub.add_parser("compare", help="the +sweep=compare_models table: one row per model (writes compare_models.csv)")
+    c.add_argument("root", help="the sweep folder of +sweep=compare_models (or any folder above it)")
+    c.add_argument("--reference", default="layerwise", help="model label the paired differences are taken against")
+    c.set_defaults(func=cmd_compare)
     return p
 
 
