@@ -70,5 +70,7 @@ def compare_models(root: str | Path, reference: str = REFERENCE) -> pd.DataFrame
     table = pd.DataFrame(rows)
     order = [reference] + sorted(m for m in table.model if m != reference)
     table = table.set_index("model").loc[[m for m in order if m in set(table.model)]].reset_index()
+    tuned = sorted(c for c in table.columns if c.startswith("tuned/"))
+    table = table[["model", *tuned, *(c for c in table.columns if c != "model" and c not in tuned)]]
     table.to_csv(Path(root) / "compare_models.csv", index=False)
     return table
