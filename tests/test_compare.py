@@ -159,3 +159,15 @@ def test_compare_pairs_seeds_and_reruns_are_tagged(compare_outputs):
     attrs = [t.user_attrs for t in study.trials]
     assert sorted(a["rerun_seed"] for a in attrs) == [1, 2] and {a["rerun_label"] for a in attrs} == {"gru"}
     assert all("phase2/test_ppl" in a for a in attrs)
+
+
+@pytest.mark.parametrize(("override", "expected"), [
+    ("training.phase2.patience=0", "error: training.phase2.patience=0 is not allowed: expected a positive integer"),
+    ("training.phase2.eval_every=-1", "error: training.phase2.eval_every=-1 is not allowed: expected an integer >= 0"),
+    ("training.phase2.max_steps=0", "error: training.phase2.max_steps=0 is not allowed: expected a positive integer"),
+    ("training.phase2.min_delta=-0.1", "error: training.phase2.min_delta=-0.1 is not allowed: expected a number >= 0"),
+])
+def test_bad_stopping_settings_are_one_line_errors(tiny_run, override, expected):
+    _, proc = tiny_run("bad", override, check=False)
+    assert proc.returncode == 2
+    assert [line for line in proc.stderr.splitlines() if line.startswith("error:")][0].startswith(expected)
