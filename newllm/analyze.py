@@ -4,6 +4,7 @@
     python -m newllm.analyze runs outputs/ --group seed --csv seeds.csv   # mean and 95 % t-interval over seeds
     python -m newllm.analyze studies --storage sqlite:///outputs/optuna.db --out outputs/analysis
     python -m newllm.analyze positions ROOT | recall ROOT | scaling ROOT [--offset]   # the instruments
+    python -m newllm.analyze compare outputs/sweeps/compare_models/<storage folder>   # +sweep=compare_models
 """
 
 from __future__ import annotations
@@ -123,6 +124,15 @@ def analysis_scaling_plot(runs, y, fit):
     return plot_power_law(runs, "data/train_tokens", y, fit)
 
 
+def cmd_compare(args: argparse.Namespace) -> None:
+    from newllm.compare import compare_models
+
+    table = compare_models(args.root, reference=args.reference)
+    print(f"compare_models below {args.root}: test ppl over seeds (mean, 95 % t-interval), paired by seed "
+          f"against {args.reference}; wrote {Path(args.root) / 'compare_models.csv'}")
+    _print_table(table)
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m newllm.analyze", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -155,6 +165,10 @@ def parser() -> argparse.ArgumentParser:
             c.add_argument("--y", default="phase2/test_loss", help="the loss column (default phase2/test_loss)")
             c.add_argument("--offset", action="store_true", help="fit a N^-b + c (irreducible loss c)")
         c.set_defaults(func=cmd_instrument)
+    c = sub.add_parser("compare", help="the +sweep=compare_models table: one row per model (writes compare_models.csv)")
+    c.add_argument("root", help="the sweep folder of +sweep=compare_models (or any folder above it)")
+    c.add_argument("--reference", default="layerwise", help="model label the paired differences are taken against")
+    c.set_defaults(func=cmd_compare)
     return p
 
 

@@ -224,12 +224,16 @@ class Phase2Config:
     freeze_updater: bool = False
     seq_len: int = 64
     batch_size: int = 32
-    epochs: int = 4
+    epochs: int = 50  # a budget cap: runs normally stop on the validation plateau first
+    max_steps: int | None = None  # a cap on optimizer steps over all epochs (null: none)
     max_steps_per_epoch: int | None = None
     lr: float = 3e-3
     weight_decay: float = 0.0
     grad_clip: float = 1.0
-    patience: int = 2  # early stop after this many epochs without val-loss improvement
+    eval_every: int = 0  # optimizer steps between validation evaluations (0: once per epoch)
+    # Stop after `patience` evaluations in a row without a val-loss gain > min_delta ("plateau").
+    patience: int = 5
+    min_delta: float = 0.0
     reconstruction_weight: float = 0.0  # lambda of the c_t -> [c_{t-1}; x_t] decoder loss
     max_val_tokens: int | None = None
     eval_seq_len: int | None = None  # window length of val/test evaluation (null = seq_len); loss by position
@@ -466,6 +470,12 @@ def validate(cfg: DictConfig) -> None:
     _choice("training.phase2.context", p2.context, ("propagate", "fixed"))
     for key in ("seq_len", "batch_size", "epochs"):
         _positive_int(f"training.phase2.{key}", p2[key])
+    _positive_int("training.phase2.patience", p2.patience)
+    _check(isinstance(p2.eval_every, int) and p2.eval_every >= 0, "training.phase2.eval_every", p2.eval_every,
+           "an integer >= 0 (0: once per epoch)")
+    _check(p2.min_delta >= 0, "training.phase2.min_delta", p2.min_delta, "a number >= 0")
+    if p2.max_steps is not None:
+        _positive_int("training.phase2.max_steps", p2.max_steps)
     _check(p2.seq_len >= 2, "training.phase2.seq_len", p2.seq_len, "an integer >= 2")
     if p2.eval_seq_len is not None:
         _check(isinstance(p2.eval_seq_len, int) and p2.eval_seq_len >= 2, "training.phase2.eval_seq_len",

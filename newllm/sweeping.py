@@ -11,7 +11,8 @@ the reason, valued by its objectives at that step.
 Intermediate values (single-objective studies only; Optuna forbids report() with several):
   Phase 1 iteration k -> step k, value 1 - val_convergence_rate (maximize studies: val_convergence_rate),
                          at the iterations that measure validation (every training.phase1.val_every)
-  Phase 2 epoch e -> step phase1.max_iterations + 1 + e (epochs count from 1), value val_loss (maximize: -val_loss)
+  Phase 2 evaluation e -> step phase1.max_iterations + 1 + e (from 1; one per epoch unless eval_every),
+                         value val_loss (maximize: -val_loss)
 so every trial of a study reports each phase at the same steps, and PhaseWisePruner lets the
 configured pruner see only the current phase of the trial: pruners compare like with like.
 """
@@ -157,7 +158,8 @@ class TrialReporter:
             rate = float(row["phase1/val_convergence_rate"])
             return (1.0 - rate if self.sign > 0 else rate), int(row["step"])
         if row.get("phase") == 2 and "phase2" in self.report and "phase2/val_loss" in row:
-            return self.sign * float(row["phase2/val_loss"]), self.phase2_offset + int(row.get("epoch", 0))
+            evaluation = int(row.get("evaluation", row.get("epoch", 0)))
+            return self.sign * float(row["phase2/val_loss"]), self.phase2_offset + evaluation
         return None, 0
 
 

@@ -97,3 +97,19 @@ def _make_analysis_outputs(tmp: Path, out: Path, common: list[str]) -> None:
                  "hydra.sweeper.direction=[maximize,minimize]", f"hydra.sweeper.storage={storage}",
                  f"hydra.sweeper.study_name={arch}", "hydra.sweeper.sampler.seed=0", *STUDY_PARAMS,
                  f"hydra.sweep.dir={out}/multirun/study_{arch}"], cwd=tmp)
+
+
+# +sweep=compare_models_quick, smaller still: 1 trial per model, best re-run with seeds 1 and 2 (12 runs).
+COMPARE_QUICK = ["+sweep=compare_models_quick", "hydra.sweeper.n_trials=1", "hydra.sweeper.rerun_best.seeds=[1,2]"]
+
+
+@pytest.fixture(scope="session")
+def compare_outputs(tmp_path_factory) -> Path:
+    """The sweep folder of a real compare_models run (4 models) through `python -m newllm.run -m`."""
+    tmp = tmp_path_factory.mktemp("compare")
+    sweep_dir = tmp / "outputs" / "sweeps" / "compare"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("OMP_NUM_THREADS", "1")
+        run_cli(["-m", *COMPARE_QUICK, f"paths.output_root={tmp / 'outputs'}", f"hydra.sweep.dir={sweep_dir}"],
+                cwd=tmp)
+    return sweep_dir

@@ -41,8 +41,9 @@ def test_notebooks_are_stored_clean_and_only_call_the_library():
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
-def test_notebook_executes(name, analysis_outputs, monkeypatch):
+def test_notebook_executes(name, analysis_outputs, compare_outputs, monkeypatch):
     monkeypatch.setenv("NEWLLM_OUTPUTS", str(analysis_outputs["outputs"]))
+    monkeypatch.setenv("NEWLLM_COMPARE", str(compare_outputs))
     monkeypatch.setenv("NEWLLM_SWEEP", analysis_outputs["grid"])
     monkeypatch.setenv("NEWLLM_OPTUNA_STORAGE", analysis_outputs["storage"])
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
@@ -54,4 +55,6 @@ def test_notebook_executes(name, analysis_outputs, monkeypatch):
     min_figures, text = EXPECTED[name]
     assert figures >= min_figures, f"{name}: {figures} figures"
     assert text in _texts(nb)
+    if name == "02_architecture_sweep.ipynb":  # the compare_models table, one row per model
+        assert "test_ppl_minus_layerwise/mean" in _texts(nb) and "transformer" in _texts(nb)
     assert not any(o.get("output_type") == "error" for c in nb.cells for o in c.get("outputs", []))

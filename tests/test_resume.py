@@ -26,7 +26,7 @@ LIFECYCLE = [*TINY, "data.num_conversations=150", "training.phase1.max_tokens=25
              "training.phase2.max_steps_per_epoch=3", "training.phase2.seq_len=16",
              "training.phase2.batch_size=8", "training.phase2.max_val_tokens=256", "model.dropout=0.1"]
 VOLATILE = {"time/wall_s", "time/wall_s_this_process", "phase1/held_out_time_s", "phase1/train_time_s",
-            "phase2/train_time_s", "phase1/token_iterations_per_s", "phase2/tokens_per_s"}
+            "phase2/train_time_s", "phase1/token_iterations_per_s", "phase2/tokens_per_s", "phase2/time_to_best_s"}
 
 # The real CLI, killed with SIGKILL by itself right after it logs row (phase, step): no cleanup runs.
 # Optionally it first pauses PAUSE_S seconds after row (pause phase, pause step): slow work that a

@@ -62,6 +62,21 @@ class EarlyStopConfig:
 
 
 @dataclass
+class StudyConfig:
+    """One of several studies a single `-m` command runs in turn (hydra.sweeper.studies.<label>)."""
+
+    overrides: list[str] = field(default_factory=list)  # fixed for this study, e.g. [model=gru]
+    params: dict[str, str] = field(default_factory=dict)  # search space added to hydra.sweeper.params
+
+
+@dataclass
+class RerunBestConfig:
+    """After a study: its best trial re-run once per seed, in study <study>_reruns (folder <sweep dir>/reruns)."""
+
+    seeds: list[int] = field(default_factory=list)  # empty: no reruns
+
+
+@dataclass
 class NewllmOptunaSweeperConf(OptunaSweeperConf):
     _target_: str = "hydra_plugins.newllm_sweeper.sweeper.NewllmOptunaSweeper"
     defaults: list[Any] = field(default_factory=lambda: [{"sampler": "tpe"}, {"pruner": "none"}])
@@ -79,6 +94,10 @@ class NewllmOptunaSweeperConf(OptunaSweeperConf):
     n_jobs: int = 1  # trials per batch (run in parallel by the joblib/submitit launchers)
     # Job folder under hydra.sweep.dir, named by trial number so re-runs never overwrite one.
     subdir: str = "trial_{number}"
+    # label -> StudyConfig: one study per label, named <study_name>_<label>, folder <sweep dir>/<label>,
+    # each with n_trials and a freshly seeded sampler (the same search budget for every label).
+    studies: dict[str, StudyConfig] = field(default_factory=dict)
+    rerun_best: RerunBestConfig = field(default_factory=RerunBestConfig)
 
 
 def sweeps_dir() -> Path:

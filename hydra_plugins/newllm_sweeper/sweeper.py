@@ -15,7 +15,10 @@ grammar (`create_params_from_overrides`), trial configuration and grid handling.
     objective at the step it stopped, not the intermediate value the pruner compared;
   - passwords: what this sweeper writes or logs shows the storage URL masked (newllm.storage); each job
     resolves the real URL in its own environment (newllm.sweeping.job_storage_url);
-  - traceability: run_dir, overrides and every metric of metrics.json in each trial's user attrs.
+  - traceability: run_dir, overrides and every metric of metrics.json in each trial's user attrs;
+  - several studies in one command (`studies`: a label -> fixed overrides and extra params), and the best
+    trial of each re-run with `rerun_best.seeds` as trials of study <study>_reruns (user attrs rerun_of,
+    rerun_seed, rerun_label; their folder holds rerun_best.json with the tuned params).
 """
 
 from __future__ import annotations
@@ -67,11 +70,13 @@ class FolderOwned(ConfigError):
 
 
 class NewllmOptunaSweeper(OptunaSweeper):
-    def __init__(self, *, pruner: Any, early_stop: Any, report: Sequence[str], subdir: str, **official: Any) -> None:
+    def __init__(self, *, pruner: Any, early_stop: Any, report: Sequence[str], subdir: str, studies: Any = None,
+                 rerun_best: Any = None, **official: Any) -> None:
         super().__init__(**official)  # instantiates the sampler exactly as the official plugin does
         self.sweeper = NewllmOptunaSweeperImpl(
             self.sweeper.sampler, **{k: v for k, v in official.items() if k != "sampler"},
-            sampler_config=official["sampler"], pruner=pruner, early_stop=early_stop, report=report, subdir=subdir)
+            sampler_config=official["sampler"], pruner=pruner, early_stop=early_stop, report=report, subdir=subdir,
+            studies=_plain(studies) or {}, rerun_seeds=list((_plain(rerun_best) or {}).get("seeds") or []))
 
     def sweep(self, arguments: list[str]) -> None:
         try:
@@ -83,8 +88,10 @@ class NewllmOptunaSweeper(OptunaSweeper):
 
 class NewllmOptunaSweeperImpl(OptunaSweeperImpl):
     def __init__(self, sampler: Any, *, sampler_config: Any, pruner: Any, early_stop: Any, report: Sequence[str],
-                 subdir: str, **official: Any) -> None:
+                 subdir: str, studies: dict | None = None, rerun_seeds: Sequence[int] = (), **official: Any) -> None:
         super().__init__(sampler, **official)
+        self.studies = dict(studies or {})
+        self.rerun_seeds = [int(s) for s in rerun_seeds]
         self.sampler_config = sampler_config
         self.task_spec = {"pruner": _plain(pruner), "early_stop": _plain(early_stop), "report": list(report)}
         self.subdir = subdir
@@ -96,6 +103,21 @@ class NewllmOptunaSweeperImpl(OptunaSweeperImpl):
     def sweep(self, arguments: list[str]) -> None:
         self._check_settings()
         self._process_searchspace_config()
+        base_dir = Path(str(self.config.hydra.sweep.dir)).absolute()
+        if not self.studies:
+            return self._sweep_study(list(arguments), self.study_name, base_dir, self.sampler)
+        base_name, base_params = self.study_name, dict(self.params or {})
+        for label, study in self.studies.items():  # one after another, each with a fresh sampler
+            self.params = {**base_params, **(study.get("params") or {})}
+            sampler = instantiate(self.sampler_config, _execution_whitelist_=SAMPLERS) if self.sampler_config \
+                else self.sampler
+            self._sweep_study([*arguments, *(study.get("overrides") or [])], f"{base_name}_{label}",
+                              base_dir / label, sampler, label)
+        self.study_name, self.params = base_name, base_params
+
+    def _sweep_study(self, arguments: list[str], name: str | None, sweep_dir: Path, sampler: Any,
+                     label: str | None = None) -> None:
+        self.study_name, self.sampler, self.sweep_dir = name, sampler, sweep_dir
         space, fixed_params, fixed_overrides = create_params_from_overrides(
             self._parse_sweeper_params_config() + list(arguments))
         for name in fixed_params:
@@ -106,9 +128,10 @@ class NewllmOptunaSweeperImpl(OptunaSweeperImpl):
             self.n_trials = min(self.n_trials, math.prod(len(v) for v in grid.values()))
         directions = self._get_directions()
         names = None if "objectives" in space else self._objective_names(directions)
-        self.sweep_dir = Path(str(self.config.hydra.sweep.dir)).absolute()
         self._check_sweep_dir_owner()  # before the study is opened: a refusal leaves no trace
         study = self._open_study(directions, names)
+        if label is not None:
+            study.set_user_attr("label", label)
         self._fail_abandoned(study)
         self._continue_search(study)
         self._claim_sweep_dir(study)
@@ -119,19 +142,8 @@ class NewllmOptunaSweeperImpl(OptunaSweeperImpl):
             if not trials:
                 continue
             overrides = self._configure_trials(trials, space, fixed_params, fixed_overrides)
-            folders = self._make_job_folders(study, trials)
-            overrides = [(*o, *self._job_overrides(study, t, f)) for o, t, f in zip(overrides, trials, folders,
-                                                                                     strict=True)]
-            try:
-                returns = self.launcher.launch(overrides, initial_job_idx=self.job_idx)
-            except BaseException as err:  # launcher crash / Ctrl-C: no trial stays RUNNING
-                for t in trials:
-                    self._tell_fail(study, t, f"launcher: {type(err).__name__}: {err}")
-                raise
-            self.job_idx += len(returns)
-            for trial, ret in zip(trials, returns, strict=True):
-                failures += self._tell(study, trial, ret, len(directions)) == TrialState.FAIL
-            launched += len(returns)
+            failures += self._launch(study, trials, overrides, len(directions))
+            launched += len(trials)
             if failures > self.max_failure_rate * self.n_trials:
                 self._save_results(study, directions)
                 raise SweepAborted(
@@ -139,6 +151,56 @@ class NewllmOptunaSweeperImpl(OptunaSweeperImpl):
                     f"{self.max_failure_rate} x n_trials={self.n_trials} (last: {self.last_failure}); every reason "
                     f"is in user attr fail_reason of study {study.study_name!r}")
         self._save_results(study, directions)
+        if self.rerun_seeds:
+            self._rerun_best(study, space, fixed_params, fixed_overrides, directions, names, label)
+
+    def _launch(self, study: optuna.Study, trials: list[optuna.Trial], overrides: Sequence[Sequence[str]],
+                n_objectives: int) -> int:
+        """Run the trials' jobs in their own folders and tell the study; returns how many failed."""
+        folders = self._make_job_folders(study, trials)
+        overrides = [(*o, *self._job_overrides(study, t, f)) for o, t, f in zip(overrides, trials, folders,
+                                                                                 strict=True)]
+        try:
+            returns = self.launcher.launch(overrides, initial_job_idx=self.job_idx)
+        except BaseException as err:  # launcher crash / Ctrl-C: no trial stays RUNNING
+            for t in trials:
+                self._tell_fail(study, t, f"launcher: {type(err).__name__}: {err}")
+            raise
+        self.job_idx += len(returns)
+        return sum(self._tell(study, trial, ret, n_objectives) == TrialState.FAIL
+                   for trial, ret in zip(trials, returns, strict=True))
+
+    def _rerun_best(self, study: optuna.Study, space: dict, fixed_params: dict, fixed_overrides: list[str],
+                    directions: list[str], names: list[str] | None, label: str | None) -> None:
+        """The best trial's params once per seed in rerun_best.seeds: trials of study <study>_reruns (the same
+        distributions, enqueued values), so they carry every metric in their user attrs like any trial."""
+        complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        if not complete or len(directions) != 1:
+            raise ConfigError(f"hydra.sweeper.rerun_best.seeds={self.rerun_seeds} needs a single-objective study "
+                              f"with a complete trial; study {study.study_name!r} has {len(complete)}")
+        best, tuned_name, tuned_dir = study.best_trial, study.study_name, self.sweep_dir
+        self.study_name, self.sweep_dir = f"{tuned_name}_reruns", tuned_dir / "reruns"
+        self._check_sweep_dir_owner()
+        reruns = self._open_study(directions, names)
+        self._claim_sweep_dir(reruns)
+        done = {t.user_attrs.get("rerun_seed") for t in reruns.get_trials(deepcopy=False, states=COUNTED)}
+        todo = [s for s in self.rerun_seeds if s not in done]
+        tag = {"rerun_of": best.number, "rerun_study": tuned_name, "rerun_label": label}
+        for seed in todo:
+            reruns.enqueue_trial(best.params, user_attrs={**tag, "rerun_seed": seed}, skip_if_exists=False)
+        trials = [reruns.ask() for _ in todo]
+        overrides = [(*o, f"seed={t.user_attrs['rerun_seed']}")
+                     for o, t in zip(self._configure_trials(trials, space, {k: v for k, v in fixed_params.items()
+                                                                             if k != "seed"}, fixed_overrides),
+                                     trials, strict=True)]
+        if trials:
+            self._launch(reruns, trials, overrides, len(directions))
+        record = {**tag, "label": label, "best_value": best.value, "params": best.params,
+                  "fixed": {k: v for k, v in fixed_params.items() if k != "seed"}, "seeds": self.rerun_seeds}
+        atomic_write(self.sweep_dir / "rerun_best.json",
+                     lambda tmp: Path(tmp).write_text(json.dumps(record, indent=1, default=str) + "\n"))
+        self._save_results(reruns, directions)
+        self.study_name, self.sweep_dir = tuned_name, tuned_dir
 
     # ------------------------------------------------------------------ settings
     def _check_settings(self) -> None:

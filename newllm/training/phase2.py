@@ -3,9 +3,11 @@
 The stream is cut into windows of seq_len + 1 tokens; every model reads a window from a fresh
 state (c = 0 for context models) and position t predicts token t+1, where the target's loss
 mask is set (assistant tokens for dialogue). Evaluation uses the same windows on validation,
-so perplexities of all models are measured identically. Validation picks the epoch whose weights
-are kept (and feeds early stopping and pruning); those kept weights are then evaluated once on the
-test split (phase2/test_*), which nothing selects on.
+so perplexities of all models are measured identically. Validation runs every eval_every steps
+(0: once per epoch); it picks the weights that are kept (the best evaluation, restored at the end)
+and feeds the stopping rule -- `patience` evaluations without a val-loss gain > min_delta stop the
+run ("plateau"), else the epochs / max_steps budget does ("cap") -- and pruning. The kept weights
+are then evaluated once on the test split (phase2/test_*), which nothing selects on.
 
 context=propagate: run f over each window (truncated BPTT over seq_len), train head and f
                    (f frozen with freeze_updater).
@@ -40,6 +42,40 @@ from newllm.training.solvers import jacobi_window
 class Phase2Result:
     history: list[dict] = field(default_factory=list)
     metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class Plateau:
+    """Early stopping on validation: stop after `patience` evaluations in a row that did not lower the best
+    val loss by more than `min_delta`; keeps the best weights and when they were reached."""
+
+    patience: int
+    min_delta: float
+    best_state: dict
+    best: dict = field(default_factory=lambda: {"loss": math.inf})
+    bad: int = 0
+    evaluations: int = 0
+    best_evaluation: int = 0
+    best_epoch: int = 0
+    best_step: int = 0
+    time_to_best_s: float = 0.0
+
+    def update(self, row: dict, val: dict, model: nn.Module) -> bool:
+        self.evaluations += 1
+        improved = val["loss"] < self.best["loss"] - self.min_delta  # what resets the patience count
+        if val["loss"] < self.best["loss"]:  # the kept weights are the best seen, however small the gain
+            self.best, self.best_evaluation = val, self.evaluations
+            self.best_epoch, self.best_step, self.time_to_best_s = row["epoch"], row["step"], row["phase2/time_s"]
+            self.best_state = copy.deepcopy(model.state_dict())
+        self.bad = 0 if improved else self.bad + 1
+        return self.bad >= self.patience
+
+    def state(self) -> dict:
+        return dict(vars(self))
+
+    def load(self, state: dict) -> None:
+        for key, value in state.items():
+            setattr(self, key, value)
 
 
 def make_windows(ids: torch.Tensor, mask: torch.Tensor, seq_len: int, what: str) -> tuple[torch.Tensor, ...]:
@@ -164,28 +200,45 @@ def train_phase2(model: nn.Module, data, cfg: DictConfig, device: torch.device, 
         train_contexts = (compute() if contexts_cache is None else contexts_cache(train_w[0], compute)).to(device)
     g = torch.Generator().manual_seed(seed)
     result = Phase2Result()
-    best = {"loss": math.inf}
-    best_state = copy.deepcopy(model.state_dict())
-    bad_epochs, step, n_seen, start, best_epoch, elapsed_before = 0, 0, 0, 1, 0, 0.0
+    stop = Plateau(cfg.patience, cfg.min_delta, copy.deepcopy(model.state_dict()))
+    step, n_seen, start, elapsed_before = 0, 0, 1, 0.0
+    running = [0.0, 0, 0]  # train CE sum, correct, count since the last evaluation
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
         if decoder is not None:
             decoder.load_state_dict(state["decoder"])
         g.set_state(state["generator"])
         result.history = list(state["history"])
-        best, best_epoch, best_state = dict(state["best"]), state["best_epoch"], state["best_state"]
-        bad_epochs, step, n_seen, start = state["bad_epochs"], state["step"], state["n_seen"], state["epoch"] + 1
+        stop.load(state["stop"])
+        step, n_seen, start = state["step"], state["n_seen"], state["epoch"] + 1
+        running = list(state["running"])
         elapsed_before = state.get("elapsed_s", 0.0)  # time up to that checkpoint, in earlier processes
         set_rng_state(state["rng"])
     every = cfg.get("checkpoint_every", 0)
     t0 = time.perf_counter() - elapsed_before  # times and tokens/s below are totals over every resume
+    reason = "cap"
+
+    def evaluation(epoch: int) -> bool:
+        """Validate now, log the row, update the plateau rule; True when it says stop."""
+        train_loss = running[0] / max(running[2], 1)
+        val = evaluate(model, val_w, cfg.batch_size * 4)
+        row = {"phase": 2, "step": step, "epoch": epoch, "evaluation": stop.evaluations + 1,
+               "phase2/train_loss": train_loss, "phase2/train_ppl": metrics.perplexity(train_loss),
+               "phase2/train_acc": running[1] / max(running[2], 1),
+               "phase2/val_loss": val["loss"], "phase2/val_ppl": val["ppl"], "phase2/val_acc": val["acc"],
+               "phase2/time_s": time.perf_counter() - t0}
+        running[:] = [0.0, 0, 0]
+        result.history.append(row)
+        if on_epoch is not None:
+            on_epoch(row)
+        return stop.update(row, val, model)
+
     for epoch in range(start, cfg.epochs + 1):
         model.train()
         order = torch.randperm(train_w[0].shape[0], generator=g).to(device)
         batches = order.split(cfg.batch_size)
         if cfg.max_steps_per_epoch:
             batches = batches[: cfg.max_steps_per_epoch]
-        ce_sum, correct, count = 0.0, 0, 0
         for idx in tqdm(batches, desc=f"phase2 epoch {epoch}", disable=not progress, leave=False):
             inputs, targets, mask = (t[idx] for t in train_w)
             contexts = train_contexts[idx] if fixed else train_contexts_window(model, inputs, cfg)
@@ -203,41 +256,44 @@ def train_phase2(model: nn.Module, data, cfg: DictConfig, device: torch.device, 
             step += 1
             n_seen += inputs.numel()
             s, c, n = metrics.masked_token_stats(logits.detach(), targets, mask)
-            ce_sum, correct, count = ce_sum + s, correct + c, count + n
-        train_loss = ce_sum / max(count, 1)
-        val = evaluate(model, val_w, cfg.batch_size * 4)
-        row = {"phase": 2, "step": step, "epoch": epoch, "phase2/train_loss": train_loss,
-               "phase2/train_ppl": metrics.perplexity(train_loss), "phase2/train_acc": correct / max(count, 1),
-               "phase2/val_loss": val["loss"], "phase2/val_ppl": val["ppl"], "phase2/val_acc": val["acc"],
-               "phase2/time_s": time.perf_counter() - t0}
-        result.history.append(row)
-        if on_epoch is not None:
-            on_epoch(row)
-        if val["loss"] < best["loss"]:
-            best, best_epoch, bad_epochs = val, epoch, 0
-            best_state = copy.deepcopy(model.state_dict())
-        else:
-            bad_epochs += 1
-            if bad_epochs >= cfg.patience:
-                break
-        if checkpoint is not None and every and epoch % every == 0 and epoch < cfg.epochs:
-            checkpoint({"epoch": epoch, "elapsed_s": time.perf_counter() - t0, "optimizer": optimizer.state_dict(),
-                        "generator": g.get_state(), "decoder": decoder.state_dict() if decoder is not None else None,
-                        "history": result.history, "best": best, "best_epoch": best_epoch, "best_state": best_state,
-                        "bad_epochs": bad_epochs, "step": step, "n_seen": n_seen, "rng": rng_state()})
+            running[0], running[1], running[2] = running[0] + s, running[1] + c, running[2] + n
+            capped = cfg.max_steps is not None and step >= cfg.max_steps
+            if (cfg.eval_every and step % cfg.eval_every == 0) or capped:
+                if evaluation(epoch):
+                    reason = "plateau"
+                if capped or reason == "plateau":
+                    break
+                model.train()
+        else:  # the epoch ran to its end
+            last_epoch = epoch == cfg.epochs
+            pending = running[2] > 0 or not result.history  # steps not yet validated
+            if (not cfg.eval_every or (last_epoch and pending)) and evaluation(epoch):
+                reason = "plateau"
+            if reason != "plateau":
+                if checkpoint is not None and every and epoch % every == 0 and not last_epoch:
+                    checkpoint({"epoch": epoch, "elapsed_s": time.perf_counter() - t0,
+                                "optimizer": optimizer.state_dict(), "generator": g.get_state(),
+                                "decoder": decoder.state_dict() if decoder is not None else None,
+                                "history": result.history, "stop": stop.state(), "step": step,
+                                "n_seen": n_seen, "running": list(running), "rng": rng_state()})
+                continue
+        break  # a plateau, or the max_steps cap
     train_time = time.perf_counter() - t0
-    if best_epoch == 0:
+    if stop.best_epoch == 0:
         raise TrainingError("phase 2 validation loss was never finite; lower training.phase2.lr")
-    model.load_state_dict(best_state)  # report (and keep) the best validation epoch
-    # train_* of the same epoch as the kept weights and val_*; the last epoch's under last_epoch_*
-    best_row = next(row for row in result.history if row["epoch"] == best_epoch)
+    model.load_state_dict(stop.best_state)  # report (and keep) the best validation evaluation
+    # train_* of the same evaluation as the kept weights and val_*; the last one's under last_epoch_*
+    best_row = result.history[stop.best_evaluation - 1]
     last = result.history[-1]
+    best = stop.best
     result.metrics = {
         "phase2/val_loss": best["loss"], "phase2/val_ppl": best["ppl"], "phase2/val_acc": best["acc"],
-        "phase2/val_tokens": best["tokens"], "phase2/best_epoch": best_epoch, "phase2/eval_seq_len": eval_len,
+        "phase2/val_tokens": best["tokens"], "phase2/best_epoch": stop.best_epoch, "phase2/eval_seq_len": eval_len,
         "phase2/val_loss_by_position": best["loss_by_position"],
         "phase2/val_tokens_by_position": best["tokens_by_position"],
-        "phase2/epochs": len(result.history), "phase2/steps": step,
+        "phase2/best_step": stop.best_step, "phase2/best_evaluation": stop.best_evaluation,
+        "phase2/time_to_best_s": stop.time_to_best_s, "phase2/stop_reason": reason,
+        "phase2/epochs": last["epoch"], "phase2/steps": step, "phase2/evaluations": stop.evaluations,
         **{f"phase2/train_{k}": best_row[f"phase2/train_{k}"] for k in ("loss", "ppl", "acc")},
         **{f"phase2/last_epoch_train_{k}": last[f"phase2/train_{k}"] for k in ("loss", "ppl", "acc")},
         "phase2/uniform_ppl": float(model.vocab_size),

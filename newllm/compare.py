@@ -1,0 +1,76 @@
+"""The `compare_models` table: one row per model from the seed re-runs of each study's best trial.
+
+`+sweep=compare_models` leaves, per model label, <sweep dir>/<label>/reruns/rerun_best.json (the tuned
+params, which trial they came from) next to one job folder per seed. `compare_models(root)` reads them
+all and reports, per model: the tuned hyperparameters, core parameters, test perplexity mean and
+Student-t ci95 over seeds, the paired (same seed, same split) test-ppl difference against a reference
+model with its ci95, steps and wall time to the best validation evaluation, and how the runs stopped.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+from newllm.analysis import AnalysisError, ci95
+
+REFERENCE = "layerwise"  # the context LM (layer-wise): what every other model is paired against
+METRIC = "phase2/test_ppl"
+
+
+def rerun_runs(root: str | Path) -> pd.DataFrame:
+    """One row per completed re-run below root: label, seed, tuned params (tuned/<name>) and its metrics."""
+    rows = []
+    for record_path in sorted(Path(root).rglob("rerun_best.json")):
+        record = json.loads(record_path.read_text())
+        for metrics_path in sorted(record_path.parent.glob("*/metrics.json")):
+            config = yaml.safe_load((metrics_path.parent / ".hydra" / "config.yaml").read_text())
+            rows.append({"model": record["label"] or record["rerun_study"], "seed": int(config["seed"]),
+                         "split_seed": int(config["data"]["split_seed"]),
+                         **{f"tuned/{k}": v for k, v in record["params"].items()},
+                         **json.loads(metrics_path.read_text())})
+    if not rows:
+        raise AnalysisError(f"no compare_models re-runs below {root} (no rerun_best.json with finished runs): "
+                            "run python -m newllm.run -m +sweep=compare_models first")
+    return pd.DataFrame(rows)
+
+
+def _paired(runs: pd.DataFrame, model: str, reference: str) -> tuple[float, float, int]:
+    """Mean and ci95 of (model - reference) test ppl over the seeds both have."""
+    a = runs[runs.model == model].set_index("seed")[METRIC]
+    b = runs[runs.model == reference].set_index("seed")[METRIC]
+    diff = (a - b).dropna()
+    return (float(diff.mean()) if len(diff) else float("nan")), ci95(diff), len(diff)
+
+
+def compare_models(root: str | Path, reference: str = REFERENCE) -> pd.DataFrame:
+    """The comparison table (one row per model, the reference first); also written to ROOT/compare_models.csv."""
+    runs = rerun_runs(root)
+    if runs.split_seed.nunique() != 1:
+        raise AnalysisError(f"the re-runs below {root} used data.split_seed {sorted(runs.split_seed.unique())}: "
+                            "seeds are paired only on one split")
+    has_reference = reference in set(runs.model)
+    rows = []
+    for model, group in runs.groupby("model", sort=False):
+        tuned = {c: group[c].iloc[0] for c in group.columns if c.startswith("tuned/") and group[c].notna().any()}
+        reasons = group["phase2/stop_reason"].value_counts()
+        row = {"model": model, **tuned, "core_params": int(group["model/params_core"].iloc[0]), "seeds": len(group),
+               "test_ppl/mean": group[METRIC].mean(), "test_ppl/ci95": ci95(group[METRIC]),
+               "val_ppl/mean": group["phase2/val_ppl"].mean()}
+        if has_reference and model != reference:
+            mean, half, _ = _paired(runs, model, reference)
+            row |= {f"test_ppl_minus_{reference}/mean": mean, f"test_ppl_minus_{reference}/ci95": half}
+        row |= {"best_step/mean": group["phase2/best_step"].mean(),
+                "time_to_best_s/mean": group["phase2/time_to_best_s"].mean(),
+                "stopped_plateau": int(reasons.get("plateau", 0)), "stopped_cap": int(reasons.get("cap", 0))}
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    order = [reference] + sorted(m for m in table.model if m != reference)
+    table = table.set_index("model").loc[[m for m in order if m in set(table.model)]].reset_index()
+    tuned = sorted(c for c in table.columns if c.startswith("tuned/"))
+    table = table[["model", *tuned, *(c for c in table.columns if c != "model" and c not in tuned)]]
+    table.to_csv(Path(root) / "compare_models.csv", index=False)
+    return table
