@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
-from scipy import optimize, stats
+from scipy import optimize
 
 from newllm.errors import NewllmError
 
@@ -69,6 +69,8 @@ def _clean(df: pd.DataFrame, x: str, y: str) -> pd.DataFrame:
 def fit_power_law(df: pd.DataFrame, x: str, y: str, offset: bool = False, n_boot: int = 1000,
                   seed: int = 0) -> PowerLawFit:
     """Fit df[y] = a df[x]^-b (+ c) over all rows; ci95 on b from per-seed fits (or a bootstrap)."""
+    from newllm.analysis import ci95  # the one Student-t interval (newllm.analysis re-exports this module)
+
     d = _clean(df, x, y)
     if offset and d[x].nunique() < 3:
         raise ScalingError(f"a fit with offset needs >= 3 distinct values of {x}; got {d[x].nunique()}")
@@ -79,7 +81,7 @@ def fit_power_law(df: pd.DataFrame, x: str, y: str, offset: bool = False, n_boot
     per_seed = [g for g in per_seed if g[x].nunique() >= (3 if offset else 2)]
     if len(per_seed) >= 2:
         bs = np.array([_fit_one(g[x].to_numpy(float), g[y].to_numpy(float), offset)[1] for g in per_seed])
-        ci = float(stats.t.ppf(0.975, len(bs) - 1) * bs.std(ddof=1) / math.sqrt(len(bs)))
+        ci = ci95(bs)
     else:  # one seed: bootstrap over the points (resamples with < 2 distinct x are skipped)
         rng = np.random.default_rng(seed)
         bs_list = []
