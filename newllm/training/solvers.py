@@ -44,13 +44,7 @@ def chunked_pass(update: Update, x: torch.Tensor, chunks: int, recurrence: Recur
 
     Same fixed point as `sequential_pass` (only the starting guess differs), K times fewer steps.
     """
-    s, n, e = x.shape
-    k = max(1, min(chunks, n))
-    length = -(-n // k)
-    pad = length * k - n
-    xp = torch.cat([x, x.new_zeros(s, pad, e)], dim=1) if pad else x
-    out = sequential_pass(update, xp.reshape(s * k, length, e), recurrence=recurrence)
-    return out.reshape(s, k * length, -1)[:, :n]
+    return burn_in_pass(update, x, chunks, 0, recurrence=recurrence)
 
 
 @torch.no_grad()
