@@ -115,12 +115,18 @@ def perplexity(mean_cross_entropy: float) -> float:
     return math.exp(mean_cross_entropy) if mean_cross_entropy < 700 else math.inf
 
 
-def masked_token_stats(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> tuple[float, int, int]:
-    """(sum of CE, number of correct top-1 predictions, number of predicted tokens) over mask."""
+def masked_token_losses(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(CE, top-1 hit) of each predicted token, in the row-major order of mask's True entries."""
     mask = mask.bool()
     logits, targets = logits[mask], targets[mask]
-    if targets.numel() == 0:
+    ce = torch.nn.functional.cross_entropy(logits.float(), targets, reduction="none")
+    return ce, logits.argmax(-1) == targets
+
+
+def masked_token_stats(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> tuple[float, int, int]:
+    """(sum of CE, number of correct top-1 predictions, number of predicted tokens) over mask."""
+    if not mask.any():
         return 0.0, 0, 0
-    ce = torch.nn.functional.cross_entropy(logits.float(), targets, reduction="sum")
-    correct = int((logits.argmax(-1) == targets).sum())
-    return float(ce), correct, int(targets.numel())
+    ce, hit = masked_token_losses(logits, targets, mask)
+    return float(ce.sum()), int(hit.sum()), int(ce.numel())

@@ -8,7 +8,8 @@ counts are accumulated per bucket with one scatter-add per batch, never a loop o
 from __future__ import annotations
 
 import torch
-from torch.nn import functional as F
+
+from newllm.metrics import masked_token_losses
 
 
 def bucket_edges(seq_len: int) -> list[int]:
@@ -37,13 +38,14 @@ class PositionLoss:
         self.counts = torch.zeros(len(edges), dtype=torch.float64)
 
     def add(self, logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> None:
-        ce = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="none").view(targets.shape)
-        m = mask.to(ce.dtype)
-        per_pos_sum = (ce * m).sum(0).double().cpu()  # (T,)
-        per_pos_n = m.sum(0).double().cpu()
-        idx = self.bucket_of[: targets.shape[1]]
-        self.sums.index_add_(0, idx, per_pos_sum)
-        self.counts.index_add_(0, idx, per_pos_n)
+        self.add_losses(masked_token_losses(logits, targets, mask)[0], mask)
+
+    def add_losses(self, ce: torch.Tensor, mask: torch.Tensor) -> None:
+        """ce: per-token CE of mask's True entries in row-major order (metrics.masked_token_losses)."""
+        positions = mask.bool().nonzero()[:, 1].cpu()
+        idx = self.bucket_of[positions]
+        self.sums.index_add_(0, idx, ce.detach().double().cpu())
+        self.counts.index_add_(0, idx, torch.ones_like(idx, dtype=torch.float64))
 
     def result(self) -> tuple[dict[str, float], dict[str, int]]:
         """({bucket: mean loss (NaN when no target there)}, {bucket: token count})."""

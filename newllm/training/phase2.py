@@ -140,9 +140,9 @@ def evaluate(model: nn.Module, windows: tuple[torch.Tensor, ...], batch_size: in
     by_pos = PositionLoss(inputs.shape[1])
     for i in range(0, inputs.shape[0], batch_size):
         logits = model.head(model.contexts_window(inputs[i : i + batch_size]))
-        s, c, n = metrics.masked_token_stats(logits, targets[i : i + batch_size], mask[i : i + batch_size])
-        by_pos.add(logits, targets[i : i + batch_size], mask[i : i + batch_size])
-        ce_sum, correct, count = ce_sum + s, correct + c, count + n
+        ce, hit = metrics.masked_token_losses(logits, targets[i : i + batch_size], mask[i : i + batch_size])
+        by_pos.add_losses(ce, mask[i : i + batch_size])  # the same per-token CE, bucketed by position
+        ce_sum, correct, count = ce_sum + float(ce.sum()), correct + int(hit.sum()), count + ce.numel()
     loss = ce_sum / max(count, 1)
     pos_loss, pos_tokens = by_pos.result()
     return {"loss": loss, "ppl": metrics.perplexity(loss), "acc": correct / max(count, 1), "tokens": count,
