@@ -109,7 +109,7 @@ class ContextLM(nn.Module):
         hoisted, weights = self._hoisted_inputs(x), self._context_weights()
         c = x.new_zeros(x.shape[0], self.context_dim) if c0 is None else c0
         if self._scriptable() and x.shape[1] > 0:
-            return self._scripted_loop(hoisted, weights, c)
+            return gated_layerwise_loop(hoisted, c, *self._scripted_params(weights))
         steps = []
         for t in range(x.shape[1]):
             c = self._step(c, x[:, t], [None if p is None else p[:, t] for p in hoisted], weights)
@@ -123,11 +123,11 @@ class ContextLM(nn.Module):
         return (not torch.is_grad_enabled() and not dropout and self.architecture == "layerwise"
                 and all(not b.updater.rewrites_tokens for b in self.blocks))
 
-    def _scripted_loop(self, hoisted: list, weights: list, c: torch.Tensor) -> torch.Tensor:
+    def _scripted_params(self, weights: list) -> tuple:
+        """What gated_layerwise_loop takes after (hoisted, c): gathered once per pass, not per token."""
         norms = [b.updater.norm for b in self.blocks]
-        return gated_layerwise_loop(hoisted, [w for w, _ in weights], [g[0] for _, g in weights],
-                                    [g[1] for _, g in weights], [n.weight for n in norms], [n.bias for n in norms],
-                                    c, norms[0].eps)
+        return ([w for w, _ in weights], [g[0] for _, g in weights], [g[1] for _, g in weights],
+                [n.weight for n in norms], [n.bias for n in norms], norms[0].eps)
 
     def _hoistable(self) -> list[bool]:
         """Block i's token input is the embedding iff no block before it rewrites x."""
@@ -178,7 +178,7 @@ class ContextLM(nn.Module):
         table = self.embed(torch.arange(self.vocab_size, device=prompt.device))
         hoisted, weights = self._hoisted_inputs(table.unsqueeze(0)), self._context_weights()
         c = self.recurrence(self.embed(prompt.view(1, -1)))[:, -1]
-        scripted = self._scriptable()
+        scripted = self._scripted_params(weights) if self._scriptable() else None
         out = torch.empty(n, dtype=torch.long)
         for i in range(n):
             logits = self.head(c)[0] / max(temperature, 1e-6)
@@ -187,8 +187,8 @@ class ContextLM(nn.Module):
                 logits = logits.masked_fill(logits < kth, float("-inf"))
             tok = int(torch.multinomial(torch.softmax(logits, -1), 1, generator=generator))
             out[i] = tok
-            if scripted:
-                c = self._scripted_loop([p[:, tok : tok + 1] for p in hoisted], weights, c)[:, 0]
+            if scripted is not None:
+                c = gated_layerwise_loop([p[:, tok : tok + 1] for p in hoisted], c, *scripted)[:, 0]
             else:
                 c = self._step(c, table[tok : tok + 1], [None if p is None else p[:, tok] for p in hoisted], weights)
         return out

@@ -19,9 +19,9 @@ import torch
 from torch.nn import functional as F
 
 
-def _gated_layerwise_loop(hoisted: list[torch.Tensor], w_c: list[torch.Tensor], w_g: list[torch.Tensor],
-                         b_g: list[torch.Tensor], ln_w: list[torch.Tensor], ln_b: list[torch.Tensor],
-                         c: torch.Tensor, eps: float) -> torch.Tensor:
+def _gated_layerwise_loop(hoisted: list[torch.Tensor], c: torch.Tensor, w_c: list[torch.Tensor],
+                          w_g: list[torch.Tensor], b_g: list[torch.Tensor], ln_w: list[torch.Tensor],
+                          ln_b: list[torch.Tensor], eps: float) -> torch.Tensor:
     """hoisted[k] (B, T, H): block k's x-projection plus bias; w_c[k] (C, H); w_g[k] (H, 3C): the three
     gates stacked; ln_*: the block's LayerNorm. Returns contexts (B, T, C) from c (B, C)."""
     steps: list[torch.Tensor] = []
@@ -47,7 +47,7 @@ def _compiled():
         return _gated_layerwise_loop
 
 
-def gated_layerwise_loop(hoisted: list[torch.Tensor], w_c: list[torch.Tensor], w_g: list[torch.Tensor],
-                         b_g: list[torch.Tensor], ln_w: list[torch.Tensor], ln_b: list[torch.Tensor],
-                         c: torch.Tensor, eps: float) -> torch.Tensor:
-    return _compiled()(hoisted, w_c, w_g, b_g, ln_w, ln_b, c, eps)
+def gated_layerwise_loop(hoisted: list[torch.Tensor], c: torch.Tensor, w_c: list[torch.Tensor],
+                         w_g: list[torch.Tensor], b_g: list[torch.Tensor], ln_w: list[torch.Tensor],
+                         ln_b: list[torch.Tensor], eps: float) -> torch.Tensor:
+    return _compiled()(hoisted, c, w_c, w_g, b_g, ln_w, ln_b, eps)
