@@ -16,7 +16,7 @@ import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from newllm import checkpoint as ckpt
 from newllm.config import TRUSTED_TARGETS, ConfigError, instantiate, register_configs, to_container, validate
@@ -61,6 +61,12 @@ def flatten(d: dict, prefix: str = "") -> dict:
         else:
             out[key] = v
     return out
+
+
+def typed(node: DictConfig):
+    """The dataclass instance a schema'd config node stands for (Phase1Config, ...): loops read plain
+    attributes, and a key the schema lacks is an AttributeError, not a silent default."""
+    return OmegaConf.to_object(node)
 
 
 def objective_values(metrics: dict, names: list[str]) -> float | list[float]:
@@ -164,7 +170,7 @@ def phase1_stage(cfg: DictConfig, model, data, device: torch.device, tracker: Ru
     # Whole training documents in a seeded random order (data.split_seed), not the corpus's first files.
     p1_ids, p1_documents = phase1_sample(data, p1_cfg.max_tokens, cfg.data.split_seed)
     with autocast(device, cfg.training.precision), out_of_memory_guard(cfg, "phase 1"):
-        p1 = train_phase1(model, p1_ids, data.val_ids, p1_cfg, cfg.training.dist_reg_weight, diversity, device,
+        p1 = train_phase1(model, p1_ids, data.val_ids, typed(p1_cfg), cfg.training.dist_reg_weight, diversity, device,
                           on_iteration=tracker.log, progress=cfg.progress, state=life.loop_state(PHASE1),
                           checkpoint=life.checkpointer(PHASE1), test_ids=getattr(data, "test_ids", None))
     p1.metrics["phase1/documents"] = p1_documents  # kept with the Phase-1 checkpoint (from_run)
@@ -200,7 +206,7 @@ def repetition_stage(cfg: DictConfig, model, data, device: torch.device, tracker
         raise ConfigError(f"training.repetition.enabled=true needs phrase stages: use data=repetition "
                           f"(got data={cfg.data.name})")
     with out_of_memory_guard(cfg, "repetition training"):
-        rep = train_repetition(model, stages, cfg.training.repetition, cfg.training.dist_reg_weight,
+        rep = train_repetition(model, stages, typed(cfg.training.repetition), cfg.training.dist_reg_weight,
                                instantiate(cfg.training.diversity).to(device), device, on_step=tracker.log,
                                progress=cfg.progress, val_stages=getattr(data, "val_stages", None),
                                test_stages=getattr(data, "test_stages", None))
@@ -223,7 +229,7 @@ def phase2_stage(cfg: DictConfig, model, data, device: torch.device, tracker: Ru
         return ckpt.cached_contexts(contexts_dir, ckpt.contexts_key(inputs, weights, cfg.training.precision), compute)
 
     with autocast(device, cfg.training.precision), out_of_memory_guard(cfg, "phase 2"):
-        p2 = train_phase2(model, data, cfg.training.phase2, device, cfg.seed, on_epoch=tracker.log,
+        p2 = train_phase2(model, data, typed(cfg.training.phase2), device, cfg.seed, on_epoch=tracker.log,
                           progress=cfg.progress, checkpoint=life.checkpointer(PHASE2),
                           state=life.loop_state(PHASE2), contexts_cache=contexts_cache)
     metrics = dict(p2.metrics)

@@ -114,7 +114,7 @@ def _masked_ce(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) 
 
 def train_contexts_window(model: nn.Module, inputs: torch.Tensor, cfg: DictConfig) -> torch.Tensor:
     """Training-time contexts of (B, T) windows: the sequential loop, or Jacobi sweeps (solver=jacobi)."""
-    if cfg.get("solver", "sequential") != "jacobi" or not getattr(model, "is_context_model", False):
+    if cfg.solver != "jacobi" or not getattr(model, "is_context_model", False):
         return model.contexts_window(inputs)
     x = model.embed(inputs)
     sweeps = cfg.jacobi_sweeps or inputs.shape[1]
@@ -152,7 +152,7 @@ def evaluate(model: nn.Module, windows: tuple[torch.Tensor, ...], batch_size: in
 
 def eval_length(model: nn.Module, cfg: DictConfig) -> int:
     """training.phase2.eval_seq_len (null = seq_len), checked against a transformer's max_len."""
-    length = cfg.get("eval_seq_len") or cfg.seq_len
+    length = cfg.eval_seq_len or cfg.seq_len
     max_len = getattr(model, "max_len", None)
     if max_len is not None and length > max_len:
         raise ConfigError(f"training.phase2.eval_seq_len={length} is not allowed: this model reads at most "
