@@ -36,6 +36,7 @@ from omegaconf import OmegaConf
 from newllm.errors import NewllmError
 from newllm.fileio import atomic_write
 from newllm.scaling import fit_power_law, plot_power_law  # noqa: F401  (issue 15: newllm.analysis.fit_power_law)
+from newllm.utils import flatten
 
 if TYPE_CHECKING:  # torch and matplotlib load lazily: `analyze runs` answers in about a second
     import torch
@@ -93,18 +94,10 @@ def _signature(run_dir: Path) -> str:
     return "|".join(parts)
 
 
-def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
-    """{'model': {'layers': 2}} -> {'model.layers': 2}; lists become JSON strings (one table cell)."""
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(flatten(v, key + "."))
-        elif isinstance(v, (list, tuple)):
-            out[key] = json.dumps(v)
-        else:
-            out[key] = v
-    return out
+def _config_cells(config: dict) -> dict[str, Any]:
+    """{'model': {'layers': 2, 'sizes': [1, 2]}} -> {'model.layers': 2, 'model.sizes': '[1, 2]'}: one table
+    cell per key, lists as JSON strings."""
+    return {k: json.dumps(v) if isinstance(v, (list, tuple)) else v for k, v in flatten(config).items()}
 
 
 def _as_number(value: Any) -> Any:
@@ -205,7 +198,7 @@ def read_run(run_dir: str | Path, root: str | Path | None = None) -> dict[str, A
         "pruned_reason": pruned,
         **{f"choices/{k}": v for k, v in choices.items() if not k.startswith("hydra/")},
         **{k: _as_number(v) for k, v in metrics.items()},
-        **flatten(_resolved_config(hydra_dir / "config.yaml")),
+        **_config_cells(_resolved_config(hydra_dir / "config.yaml")),
     }
     if row.get("model.core_params") is not None:  # a budget: the widths that ran were solved from it
         for key in ("context_dim", "hidden_dim"):

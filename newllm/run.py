@@ -34,6 +34,7 @@ from newllm.training.instruments import save_position_plot
 from newllm.training.phase1 import train_phase1
 from newllm.training.phase2 import train_phase2
 from newllm.training.repetition import train_repetition
+from newllm.utils import flatten
 
 log = logging.getLogger("newllm")
 register_configs()
@@ -50,17 +51,6 @@ def resolve_device(name: str) -> torch.device:
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     torch.manual_seed(seed)
-
-
-def flatten(d: dict, prefix: str = "") -> dict:
-    out: dict = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
 
 
 def objective_values(metrics: dict, names: list[str]) -> float | list[float]:
