@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from tokenizers import Tokenizer
 
 from newllm.errors import NewllmError
-from newllm.tracking import save_checkpoint
+from newllm.fileio import save_checkpoint
 from newllm.utils import flatten
 
 FORMAT = "newllm-checkpoint"

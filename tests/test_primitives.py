@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import yaml
@@ -26,3 +28,13 @@ def test_runs_table_config_cells_hold_lists_as_json(tmp_path: Path):
     row = analysis.read_run(tmp_path)
     assert row["model.updater.gates"] == "[1, 2]" and row["data.files"] == '["a.txt", {"b": 1}]'
     assert row["model.layers"] == 2 and row["seed"] is None and "model.extra" not in row
+
+
+def test_checkpoint_module_sits_below_tracking():
+    """checkpoint.py writes through fileio, not tracking (arrows point down); the old import path still works."""
+    from newllm import fileio, tracking
+
+    probe = "import sys, newllm.checkpoint; print('newllm.tracking' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
+    assert tracking.save_checkpoint is fileio.save_checkpoint and tracking.save_json is fileio.save_json
