@@ -1,14 +1,22 @@
-"""The primitives every layer shares, each implemented once: flatten, ..."""
+"""Primitives implemented once and shared: flatten, the weight init, the file writers."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
+import pytest
+import torch
 import yaml
+from torch import nn
 
 from newllm import analysis
+from newllm.models.baselines import GRULM, TransformerLM
+from newllm.models.context_lm import ContextLM
+from newllm.models.updaters import GatedUpdater, ResidualUpdater
+from newllm.models.weights import init_normal_
 from newllm.utils import flatten
 
 CONFIG = {"model": {"layers": 2, "updater": {"_target_": "g", "gates": [1, 2]}, "extra": {}},
@@ -38,3 +46,43 @@ def test_checkpoint_module_sits_below_tracking():
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
     assert tracking.save_checkpoint is fileio.save_checkpoint and tracking.save_json is fileio.save_json
+
+
+def _model(kind: str) -> nn.Module:
+    torch.manual_seed(0)
+    if kind == "sequential":
+        return ContextLM(40, "sequential", 2, 24, 16, None, 0.1, 0.0, partial(GatedUpdater))
+    if kind == "layerwise":
+        return ContextLM(40, "layerwise", 2, 24, 16, None, 0.1, 0.0, partial(ResidualUpdater, layernorm_mix=1.0))
+    if kind == "gru":
+        return GRULM(40, 2, 24, 16, None, 0.05, 0.0)
+    return TransformerLM(40, 2, 24, 16, None, 0.05, 0.0, heads=4, max_len=32)
+
+
+# Seed 0, recorded before the two init copies (ContextLM._init_weights, baselines._init_normal) became
+# init_normal_: sum |w| over all parameters, then embedding[0, 0], head[0, 0] and a core weight [0, 0].
+INIT_PINS = {
+    "sequential": (330.46863421254375, "blocks.0.fnn.0.weight", (0.00132786, -0.00210148, 0.0883783)),
+    "layerwise": (380.04562417072293, "blocks.0.fnn.0.weight", (-0.01493104, -0.02391453, 0.0456514)),
+    "gru": (750.3619597523375, "rnn.weight_hh_l0", (0.03853565, 0.00270689, 0.16242789)),
+    "transformer": (1067.9438819077168, "decoder.layers.0.linear1.weight", (-0.04623143, 0.08622833, -0.02524977)),
+}
+
+
+@pytest.mark.parametrize("kind", list(INIT_PINS))
+def test_initial_weights_of_a_seed_are_pinned(kind):
+    mass, core, values = INIT_PINS[kind]
+    sd = _model(kind).state_dict()
+    assert float(sum(t.double().abs().sum() for t in sd.values())) == pytest.approx(mass, rel=1e-9)
+    firsts = (sd["embedding.weight"][0, 0], sd["head.weight"][0, 0], sd[core].flatten()[0])
+    assert [float(v) for v in firsts] == pytest.approx(values, abs=1e-8)
+
+
+def test_init_normal_std_by_prefix_and_zero_biases():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Embedding(500, 64), nn.Linear(64, 64), nn.LayerNorm(64))
+    nn.init.normal_(net[1].bias)
+    init_normal_(net, 0.02, {"1": 0.3})
+    assert net[0].weight.std().item() == pytest.approx(0.02, rel=0.05)
+    assert net[1].weight.std().item() == pytest.approx(0.3, rel=0.05)
+    assert not net[1].bias.any() and (net[2].weight == 1).all()  # LayerNorm keeps its own init

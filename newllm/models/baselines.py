@@ -9,13 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-
-def _init_normal(module: nn.Module, std: float) -> None:
-    for m in module.modules():
-        if isinstance(m, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(m.weight, 0.0, std)
-            if getattr(m, "bias", None) is not None:
-                nn.init.zeros_(m.bias)
+from newllm.models.weights import init_normal_
 
 
 class GRULM(nn.Module):
@@ -32,8 +26,8 @@ class GRULM(nn.Module):
         self.rnn = nn.GRU(embed_dim, context_dim, num_layers=layers, batch_first=True,
                           dropout=dropout if layers > 1 else 0.0)
         self.head = nn.Linear(context_dim, vocab_size)
-        _init_normal(self.embedding, init_std)
-        _init_normal(self.head, init_std)
+        init_normal_(self.embedding, init_std)
+        init_normal_(self.head, init_std)
 
     def contexts_window(self, ids: torch.Tensor) -> torch.Tensor:
         out, _ = self.rnn(self.embed_norm(self.embedding(ids)))
@@ -62,7 +56,7 @@ class TransformerLM(nn.Module):
         self.decoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(context_dim)
         self.head = nn.Linear(context_dim, vocab_size)
-        _init_normal(self, init_std)
+        init_normal_(self, init_std)
 
     def contexts_window(self, ids: torch.Tensor) -> torch.Tensor:
         t = ids.shape[1]
