@@ -25,7 +25,7 @@ from newllm.data import load_data, phase1_sample
 from newllm.data.recall import recall_metrics
 from newllm.errors import NewllmError, describe, exit_one_line
 from newllm.memory import check_model_fits, out_of_memory_guard
-from newllm.models import build_model, count_parameters, pretrained
+from newllm.models import ContextModel, build_model, count_parameters, pretrained
 from newllm.models.sizing import solve_core_params
 from newllm.sweeping import Pruned, TrialPruned, attach_trial
 from newllm.tracking import RunTracker
@@ -139,7 +139,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> tuple[dict, float | list[float]
         metrics.update(source["metrics"])
         metrics["phase1/from_run"] = str(ckpt.phase1_checkpoint_path(p1_cfg.from_run))
         log.info("phase 1: skipped, weights from %s", metrics["phase1/from_run"])
-    elif stage == "phase1" and p1_cfg.enabled and getattr(model, "is_context_model", False):
+    elif stage == "phase1" and p1_cfg.enabled and isinstance(model, ContextModel):
         diversity = instantiate(cfg.training.diversity).to(device)
         # Whole training documents in a seeded random order (data.split_seed), not the corpus's first files.
         p1_ids, p1_documents = phase1_sample(data, p1_cfg.max_tokens, cfg.data.split_seed)

@@ -1,4 +1,4 @@
-"""Primitives implemented once and shared: flatten, the weight init, the file writers."""
+"""Primitives implemented once and shared: flatten, the weight init, the file writers, the ContextModel type."""
 
 from __future__ import annotations
 
@@ -13,10 +13,12 @@ import yaml
 from torch import nn
 
 from newllm import analysis
+from newllm.models import ContextModel, ContextUpdate
 from newllm.models.baselines import GRULM, TransformerLM
 from newllm.models.context_lm import ContextLM
 from newllm.models.updaters import GatedUpdater, ResidualUpdater
 from newllm.models.weights import init_normal_
+from newllm.training.solvers import sequential_pass, zeros_init
 from newllm.utils import flatten
 
 CONFIG = {"model": {"layers": 2, "updater": {"_target_": "g", "gates": [1, 2]}, "extra": {}},
@@ -86,3 +88,27 @@ def test_init_normal_std_by_prefix_and_zero_biases():
     assert net[0].weight.std().item() == pytest.approx(0.02, rel=0.05)
     assert net[1].weight.std().item() == pytest.approx(0.3, rel=0.05)
     assert not net[1].bias.any() and (net[2].weight == 1).all()  # LayerNorm keeps its own init
+
+
+class ToyMap:
+    """The least a solver needs: f(c, x) and context_dim."""
+
+    context_dim = 3
+
+    def update(self, c: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(c + x[..., :3])
+
+
+@pytest.mark.parametrize("kind", list(INIT_PINS))
+def test_context_models_are_told_apart_by_their_interface(kind):
+    model = _model(kind)
+    assert isinstance(model, ContextModel) == (kind in ("sequential", "layerwise"))
+    assert isinstance(model, ContextUpdate) == (kind in ("sequential", "layerwise"))
+
+
+def test_solvers_take_the_state_size_from_the_owner_of_update():
+    toy, x = ToyMap(), torch.randn(2, 5, 4)
+    assert isinstance(toy, ContextUpdate) and not isinstance(toy, ContextModel)
+    assert zeros_init(toy.update, x).shape == (2, 5, 3) and sequential_pass(toy.update, x).shape == (2, 5, 3)
+    with pytest.raises(TypeError, match="bound `update` method"):
+        zeros_init(lambda c, t: c, x)

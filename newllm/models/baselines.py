@@ -15,8 +15,6 @@ from newllm.models.weights import init_normal_
 class GRULM(nn.Module):
     """Embedding + LN -> nn.GRU(E -> C, `layers` deep) -> Linear(C -> V)."""
 
-    is_context_model = False
-
     def __init__(self, vocab_size: int, layers: int, context_dim: int, embed_dim: int,
                  hidden_dim: int | None, init_std: float, dropout: float) -> None:
         super().__init__()
@@ -39,8 +37,6 @@ class GRULM(nn.Module):
 
 class TransformerLM(nn.Module):
     """A small pre-LN causal decoder: d_model = context_dim, learned positions, FFN hidden_dim."""
-
-    is_context_model = False
 
     def __init__(self, vocab_size: int, layers: int, context_dim: int, embed_dim: int,
                  hidden_dim: int | None, init_std: float, dropout: float, heads: int = 4,

@@ -34,8 +34,6 @@ class Block(nn.Module):
 
 
 class ContextLM(nn.Module):
-    is_context_model = True
-
     def __init__(self, vocab_size: int, architecture: str, layers: int, context_dim: int, embed_dim: int,
                  hidden_dim: int | None, init_std: float, dropout: float,
                  updater: Callable[..., nn.Module], embedding: Mapping | None = None) -> None:

@@ -33,7 +33,7 @@ from newllm import metrics
 from newllm.checkpoint import rng_state, set_rng_state
 from newllm.config import ConfigError
 from newllm.errors import DataError, TrainingError
-from newllm.models import evaluating
+from newllm.models import ContextModel, evaluating
 from newllm.training.instruments import PositionLoss
 from newllm.training.solvers import jacobi_window
 
@@ -113,7 +113,7 @@ def _masked_ce(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) 
 
 def train_contexts_window(model: nn.Module, inputs: torch.Tensor, cfg: DictConfig) -> torch.Tensor:
     """Training-time contexts of (B, T) windows: the sequential loop, or Jacobi sweeps (solver=jacobi)."""
-    if cfg.get("solver", "sequential") != "jacobi" or not getattr(model, "is_context_model", False):
+    if cfg.get("solver", "sequential") != "jacobi" or not isinstance(model, ContextModel):
         return model.contexts_window(inputs)
     x = model.embed(inputs)
     sweeps = cfg.jacobi_sweeps or inputs.shape[1]
@@ -181,7 +181,7 @@ def train_phase2(model: nn.Module, data, cfg: DictConfig, device: torch.device, 
     if test_ids is not None and test_ids.numel() > 0:
         test_w = [t.to(device) for t in make_windows(test_ids, data.test_mask, eval_len, "test")]
 
-    is_context = getattr(model, "is_context_model", False)
+    is_context = isinstance(model, ContextModel)
     fixed = cfg.context == "fixed"
     freeze = is_context and (cfg.freeze_updater or fixed)
     for p in (model.updater_parameters() if is_context else []):

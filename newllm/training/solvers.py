@@ -10,6 +10,8 @@ from collections.abc import Callable
 
 import torch
 
+from newllm.models.interface import ContextUpdate
+
 Update = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 # A whole left-to-right pass, (S, N, E) embedded tokens and an optional start (S, C) -> contexts (S, N, C):
 # a model's own fast loop (ContextLM.recurrence hoists the input projections), equal to stepping `update`.
@@ -141,7 +143,7 @@ def shifted_into(out: torch.Tensor, contexts: torch.Tensor) -> torch.Tensor:
 
 
 def _context_dim(update: Update, x: torch.Tensor) -> int:
-    owner = getattr(update, "__self__", None)
-    if owner is None or not hasattr(owner, "context_dim"):
+    owner = getattr(update, "__self__", None)  # `update` is a bound method: its model sets the state size
+    if not isinstance(owner, ContextUpdate):
         raise TypeError("pass the model's bound `update` method (its context_dim sets the state size)")
     return owner.context_dim
