@@ -9,6 +9,7 @@ stage it is in, the model, the metrics and history so far, and the wall time of 
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ from newllm import checkpoint as ckpt
 from newllm.config import to_container
 
 PHASE1, PHASE2 = "phase1", "phase2"
+log = logging.getLogger("newllm")
 
 
 class Stateful(Protocol):  # the stopping rule of Phase 2 (phase2.Plateau)
@@ -145,6 +147,7 @@ class RunLifecycle:
             history[:] = list(self.resumed["history"])
             model.load_state_dict(self.resumed["model"])
             metrics.update(self.resumed["metrics"])
+            log.info("resuming %s from %s", self.stage, self.run_dir / ckpt.RESUME_FILE)
 
     def loop_state(self, stage: str) -> dict | None:
         """The saved loop state to continue `stage` from, or None to start it fresh."""

@@ -25,7 +25,7 @@ from newllm.data.recall import recall_metrics
 from newllm.errors import NewllmError, describe, exit_one_line
 from newllm.lifecycle import PHASE1, PHASE2, RunLifecycle, final_payload
 from newllm.memory import check_model_fits, out_of_memory_guard
-from newllm.models import build_model, count_parameters, pretrained
+from newllm.models import ContextModel, build_model, count_parameters, pretrained
 from newllm.models.sizing import solve_core_params
 from newllm.sweeping import Pruned, TrialPruned, attach_trial
 from newllm.tracking import RunTracker
@@ -34,6 +34,7 @@ from newllm.training.instruments import save_position_plot
 from newllm.training.phase1 import train_phase1
 from newllm.training.phase2 import train_phase2
 from newllm.training.repetition import train_repetition
+from newllm.utils import flatten
 
 log = logging.getLogger("newllm")
 register_configs()
@@ -50,17 +51,6 @@ def resolve_device(name: str) -> torch.device:
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     torch.manual_seed(seed)
-
-
-def flatten(d: dict, prefix: str = "") -> dict:
-    out: dict = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
 
 
 def typed(node: DictConfig):
@@ -164,7 +154,7 @@ def phase1_stage(cfg: DictConfig, model, data, device: torch.device, tracker: Ru
     p1_cfg = cfg.training.phase1
     if p1_cfg.from_run:
         return phase1_from_run(cfg, model, data)
-    if not (p1_cfg.enabled and getattr(model, "is_context_model", False)):
+    if not (p1_cfg.enabled and isinstance(model, ContextModel)):
         return {}
     diversity = instantiate(cfg.training.diversity).to(device)
     # Whole training documents in a seeded random order (data.split_seed), not the corpus's first files.

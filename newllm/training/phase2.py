@@ -32,7 +32,7 @@ from newllm import metrics
 from newllm.config import ConfigError
 from newllm.errors import DataError, TrainingError
 from newllm.lifecycle import Phase2State, TrainTally
-from newllm.models import evaluating
+from newllm.models import ContextModel, evaluating
 from newllm.training.instruments import PositionLoss
 from newllm.training.solvers import jacobi_window
 
@@ -114,7 +114,7 @@ def _masked_ce(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) 
 
 def train_contexts_window(model: nn.Module, inputs: torch.Tensor, cfg: DictConfig) -> torch.Tensor:
     """Training-time contexts of (B, T) windows: the sequential loop, or Jacobi sweeps (solver=jacobi)."""
-    if cfg.solver != "jacobi" or not getattr(model, "is_context_model", False):
+    if cfg.solver != "jacobi" or not isinstance(model, ContextModel):
         return model.contexts_window(inputs)
     x = model.embed(inputs)
     sweeps = cfg.jacobi_sweeps or inputs.shape[1]
@@ -194,7 +194,7 @@ class Phase2Loop:
     def __init__(self, model: nn.Module, windows: Windows, cfg: DictConfig, device: torch.device, seed: int,
                  on_epoch: Callable[[dict], None] | None, contexts_cache: ContextsCache | None) -> None:
         self.model, self.windows, self.cfg, self.on_epoch = model, windows, cfg, on_epoch
-        is_context = getattr(model, "is_context_model", False)
+        is_context = isinstance(model, ContextModel)
         self.fixed = cfg.context == "fixed"
         freeze = is_context and (cfg.freeze_updater or self.fixed)
         for p in (model.updater_parameters() if is_context else []):

@@ -10,6 +10,8 @@ from collections.abc import Callable
 
 import torch
 
+from newllm.models.interface import ContextUpdate
+
 Update = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 # A whole left-to-right pass, (S, N, E) embedded tokens and an optional start (S, C) -> contexts (S, N, C):
 # a model's own fast loop (ContextLM.recurrence hoists the input projections), equal to stepping `update`.
@@ -121,7 +123,7 @@ def jacobi_window(update: Update, x: torch.Tensor, c0: torch.Tensor, max_sweeps:
 
 
 def _context_dim(update: Update, x: torch.Tensor) -> int:
-    owner = getattr(update, "__self__", None)
-    if owner is None or not hasattr(owner, "context_dim"):
+    owner = getattr(update, "__self__", None)  # `update` is a bound method: its model sets the state size
+    if not isinstance(owner, ContextUpdate):
         raise TypeError("pass the model's bound `update` method (its context_dim sets the state size)")
     return owner.context_dim
