@@ -7,7 +7,7 @@ import torch
 
 from newllm.training.diversity import DimUsage, EMAVariance, FrobeniusDeviation, NoDiversity, VICReg
 from newllm.training.phase1 import train_phase1
-from tests.helpers_science import context_lm, one_thread, phase1_cfg  # noqa: F401
+from tests.helpers_science import context_lm, phase1_cfg
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -5,6 +5,8 @@ import pytest
 from newllm.instruments_analysis import position_table, recall_table, scaling_fit
 from tests.conftest import run_cli
 
+pytestmark = pytest.mark.slow  # every test here starts the CLI
+
 
 @pytest.fixture(scope="module")
 def sweeps(tmp_path_factory):

@@ -8,7 +8,7 @@ import torch
 from newllm.models import count_parameters
 from newllm.models.baselines import GRULM, TransformerLM
 from newllm.training.solvers import sequential_pass
-from tests.helpers_science import context_lm, one_thread  # noqa: F401
+from tests.helpers_science import context_lm
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

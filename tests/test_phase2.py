@@ -9,7 +9,7 @@ from newllm.data import TokenData
 from newllm.errors import DataError
 from newllm.models.baselines import GRULM, TransformerLM
 from newllm.training.phase2 import make_windows, train_phase2
-from tests.helpers_science import context_lm, one_thread, phase2_cfg  # noqa: F401
+from tests.helpers_science import context_lm, phase2_cfg
 
 CPU = torch.device("cpu")
 V = 16
