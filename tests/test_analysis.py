@@ -249,7 +249,7 @@ def test_cli_nothing_to_analyse(tmp_path, args, message):
     assert not os.path.exists(tmp_path / "missing.db")  # looking did not create an empty storage
 
 
-# A bug surfacing mid-run, as issue 12 saw it: the residual updater's constructor rejecting a width
+# A bug surfacing mid-run, as one once did: the residual updater's constructor rejecting a width
 # (Hydra's instantiate appends unindented 'full_key: ...' lines to the message). Here the width is
 # set after the config checks, which now refuse it up front.
 BAD_WIDTH = """

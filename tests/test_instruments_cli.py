@@ -1,4 +1,5 @@
-"""The quick presets of issue 15 end to end through the real CLI, and the analyze subcommands on them."""
+"""The long-context presets (recall_capacity_quick, data_scaling_quick) end to end through the real CLI, and
+the analyze subcommands on them."""
 
 import pytest
 

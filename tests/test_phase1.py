@@ -287,7 +287,7 @@ def test_held_out_measurements_ignore_dropout():
     assert rates == pytest.approx([rates[0]] * 3, rel=1e-4)  # lr ~ 0: f unchanged, so the same held-out figure
 
 
-# ----------------------------------------------------------------------------- issue 11, item 1
+# ------------------------------------------------------------ held-out objective, test stream, memory length, burn-in
 def phase1_run(tmp_path, name: str, *overrides: str) -> dict:
     """A real run (data, model, Phase 1, metrics) in-process, TINY settings, Phase 2 off."""
     from hydra import compose, initialize_config_dir
