@@ -45,6 +45,17 @@ def states(study: optuna.Study) -> list[str]:
     return [t.state.name for t in study.trials]
 
 
+def pin_trials(tmp: Path, direction: str, *params: dict, name: str = "s") -> list[dict]:
+    """The first trials of study `name` in the sweep's default storage, fixed beforehand: the study is made with
+    them enqueued, and the sweeper, which loads it, asks them first whatever its sampler would propose."""
+    (tmp / "outputs").mkdir(exist_ok=True)
+    study = optuna.create_study(study_name=name, storage=f"sqlite:///{tmp / 'outputs' / 'optuna.db'}",
+                                direction=direction)
+    for p in params:
+        study.enqueue_trial(p)
+    return list(params)
+
+
 @pytest.mark.slow
 def test_official_optuna_sweeper_multi_objective(tmp_path):
     """hydra/sweeper=optuna as its docs say: params grammar, sampler, direction list, storage, results file."""
@@ -69,23 +80,32 @@ def test_official_optuna_sweeper_multi_objective(tmp_path):
 JOBLIB = ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "hydra.sweeper.n_jobs=2"]
 
 
+# Phase-2 lr of the pinned trials: one that learns, then two that do not (1e-7: the untrained model's loss).
+LEARNS_THEN_LAGS = ({"training.phase2.lr": 0.003}, {"training.phase2.lr": 1e-7}, {"training.phase2.lr": 1e-7})
+
+
 @pytest.fixture(scope="module")
 def pruned_study(tmp_path_factory) -> dict:
-    """A real study of our sweeper: median pruner, 3 trials in 2 joblib workers; seed 11 proposes Phase-2
-    lr 0.003, 1e-7, 1e-7, and the two 1e-7 trials lag the first at Phase-2 epoch 1 (pruned there)."""
+    """A real study of our sweeper: median pruner (after 1 finished trial), 3 pinned trials in 2 joblib workers:
+    trials 0 (lr 0.003) and 1 (1e-7) run at once, trial 2 (1e-7) after both."""
     tmp = tmp_path_factory.mktemp("pruned")
+    pinned = pin_trials(tmp, "minimize", *LEARNS_THEN_LAGS)
     study, proc = sweep(tmp, OURS, "hydra/sweeper/pruner=median", "hydra.sweeper.pruner.n_startup_trials=1",
-                        "hydra/sweeper/sampler=random", "hydra.sweeper.sampler.seed=11", "objectives=[phase2/val_ppl]",
+                        "hydra/sweeper/sampler=random", "objectives=[phase2/val_ppl]",
                         "hydra.sweeper.direction=minimize", "hydra.sweeper.n_trials=3", "training.phase2.epochs=2",
                         "training.phase2.patience=5", "training.phase2.lr=choice(0.003,0.0000001)", *JOBLIB)
-    return {"tmp": tmp, "study": study, "storage": f"sqlite:///{tmp / 'outputs' / 'optuna.db'}", "proc": proc}
+    return {"tmp": tmp, "study": study, "storage": f"sqlite:///{tmp / 'outputs' / 'optuna.db'}", "proc": proc,
+            "pinned": pinned}
 
 
 @pytest.mark.slow
 def test_median_pruner_stops_bad_trials_in_joblib_workers(pruned_study):
     """A trial whose Phase-2 val loss lags the median is PRUNED after its first epoch, not FAIL, though it
-    runs in a joblib worker process and reports through the shared storage."""
+    runs in a joblib worker process and reports through the shared storage. What holds whatever the workers'
+    timing: trial 0 completes (nothing had finished to prune it against), trial 2 is pruned (it starts after
+    0 and 1 have finished), trial 1 may be either (it races trial 0 to the pruner's startup)."""
     study = pruned_study["study"]
+    assert [t.params for t in study.trials] == pruned_study["pinned"]
     # Phase-1 iteration k reports at step k, Phase-2 epoch e at phase1.max_iterations + 1 + e = 7 + e
     # (training=quick).
     def phase2_steps(t):
@@ -102,8 +122,10 @@ def test_median_pruner_stops_bad_trials_in_joblib_workers(pruned_study):
         # Phase 1 reports its held-out convergence where it measures it: every val_every = 3 iterations
         assert phase2_steps(t) == [8, 9] and sorted(s for s in t.intermediate_values if s <= 7) == [3, 6]
         assert t.value == pytest.approx(t.user_attrs["phase2/val_ppl"])
-    assert study.trials[0].state == TrialState.COMPLETE and study.trials[0].params["training.phase2.lr"] == 0.003
+    assert study.trials[0].state == TrialState.COMPLETE and study.trials[2].state == TrialState.PRUNED
     assert len(study.trials) == 3 and "FAIL" not in states(study)  # pruned trials count toward n_trials
+    run_dirs = [t.user_attrs["run_dir"] for t in study.trials]
+    assert len(set(run_dirs)) == 3  # each trial ran once, in its own folder
 
 
 @pytest.mark.slow
@@ -182,13 +204,15 @@ def test_optuna_dashboard_reads_our_study(pruned_study):
 def test_hyperband_pruner_prunes_lagging_trials(tmp_path):
     """hydra/sweeper/pruner=hyperband: one bracket (resources 8..10 = the Phase-2 steps of training=quick) so
     successive halving at step 8 compares every trial with the earlier ones, deterministically."""
+    pinned = pin_trials(tmp_path, "minimize", *LEARNS_THEN_LAGS)
     study, _ = sweep(tmp_path, OURS, "hydra/sweeper/pruner=hyperband", "hydra.sweeper.pruner.reduction_factor=2",
                      "hydra.sweeper.pruner.min_resource=8", "hydra.sweeper.pruner.max_resource=10",
-                     "hydra/sweeper/sampler=random", "hydra.sweeper.sampler.seed=11", "objectives=[phase2/val_ppl]",
+                     "hydra/sweeper/sampler=random", "objectives=[phase2/val_ppl]",
                      "hydra.sweeper.direction=minimize", "hydra.sweeper.n_trials=3", "training.phase2.epochs=3",
                      "training.phase2.patience=5", "training.phase2.lr=choice(0.003,0.0000001)",
                      "hydra.sweeper.report=[phase2]")
-    # seed 11 proposes lr 0.003, 1e-7, 1e-7: the first sets the rung, the second and third lag it at step 8.
+    # lr 0.003, 1e-7, 1e-7: the first sets the rung, the second and third lag it at step 8.
+    assert [t.params for t in study.trials] == pinned
     assert states(study) == ["COMPLETE", "PRUNED", "PRUNED"]
     for t in study.trials[1:]:
         assert t.user_attrs["pruned_reason"].startswith("HyperbandPruner: intermediate value 6.2")
@@ -266,11 +290,15 @@ def test_identity_rule_measures_f_without_dropout():
 def test_failures_are_recorded_and_replaced_until_the_rate_is_exceeded(tmp_path):
     """Raising (ConfigError) and NaN-returning trials are FAIL with their reason and are replaced; the sweep
     stops once failures exceed max_failure_rate x n_trials; the finished trial is kept."""
-    study, proc = sweep(tmp_path, OURS, "hydra/sweeper/sampler=random", "hydra.sweeper.sampler.seed=33",
+    raising, nan_objective, finishing = ({"training.dist_reg_weight": w, "objectives": o} for w, o in
+                             ((1.5, "[phase2/val_ppl]"), (0.5, "[phase2/no_such_metric]"), (0.5, "[phase2/val_ppl]")))
+    # dist_reg_weight=1.5 (raises), a missing objective (NaN), a good trial, 1.5 again.
+    pinned = pin_trials(tmp_path, "minimize", raising, nan_objective, finishing, raising)
+    study, proc = sweep(tmp_path, OURS, "hydra/sweeper/sampler=random",
                         "hydra.sweeper.direction=minimize", "training.dist_reg_weight=choice(0.5,1.5)",
                         "objectives=choice([phase2/val_ppl],[phase2/no_such_metric])", "hydra.sweeper.n_trials=2",
                         "hydra.sweeper.max_failure_rate=1.0", check=False)
-    # seed 33 proposes: dist_reg_weight=1.5 (raises), a missing objective (NaN), a good trial, 1.5 again.
+    assert [t.params for t in study.trials] == pinned
     assert states(study) == ["FAIL", "FAIL", "COMPLETE", "FAIL"]
     raised = "ConfigError: training.dist_reg_weight=1.5 is not allowed: expected a number in [0, 1]"
     assert study.trials[0].user_attrs["fail_reason"] == raised == study.trials[3].user_attrs["fail_reason"]
