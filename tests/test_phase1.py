@@ -16,7 +16,7 @@ from newllm.models.updaters import GatedUpdater
 from newllm.training.diversity import DimUsage, EMAVariance, FrobeniusDeviation, NoDiversity, VICReg
 from newllm.training.phase1 import initial_contexts, sweep, sweep_loss, train_phase1
 from newllm.training.solvers import chunked_pass, jacobi_window, sequential_pass, shifted_inputs
-from tests.helpers_science import context_lm, one_thread, phase1_cfg  # noqa: F401
+from tests.helpers_science import context_lm, phase1_cfg
 
 CPU = torch.device("cpu")
 
@@ -242,6 +242,7 @@ def test_validation_stream_too_short_fails_loudly():
                      phase1_cfg(max_iterations=1, min_iterations=0), 0.0, NoDiversity(), CPU, progress=False)
 
 
+@pytest.mark.slow
 def test_architecture_by_training_multirun_cli(tmp_path, monkeypatch):
     """'sequential vs layer-wise x trained vs untrained' is one multirun (per-token fixed point)."""
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # tiny models: extra threads only contend
@@ -296,7 +297,7 @@ def test_held_out_measurements_ignore_dropout():
     assert rates == pytest.approx([rates[0]] * 3, rel=1e-4)  # lr ~ 0: f unchanged, so the same held-out figure
 
 
-# ----------------------------------------------------------------------------- issue 11, item 1
+# ------------------------------------------------------------ held-out objective, test stream, memory length, burn-in
 def phase1_run(tmp_path, name: str, *overrides: str) -> dict:
     """A real run (data, model, Phase 1, metrics) in-process, TINY settings, Phase 2 off."""
     from hydra import compose, initialize_config_dir
@@ -418,6 +419,7 @@ def test_burn_in_init_with_full_burn_in_trains_exactly_like_the_sequential_init(
         assert results[1].metrics[key] == pytest.approx(results[0].metrics[key], rel=1e-4, abs=1e-6), key
 
 
+@pytest.mark.slow
 def test_bad_burn_in_is_a_one_line_config_error(tiny_run):
     run_dir, proc = tiny_run("bad", "training.phase1.init=burn_in", "training.phase1.init_burn_in=-3", check=False)
     (line,) = proc.stderr.strip().splitlines()
