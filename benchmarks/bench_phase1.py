@@ -129,15 +129,15 @@ def bench_case(c: int, layers: int, n: int, args, device: torch.device) -> dict:
     calib = timed(lambda: naive_iteration(model, ids[:64], opt), device) / 64
     m = prefix_for_budget(calib, n, args.naive_budget)
     x = model.embed(ids.unsqueeze(0)).detach()
-    calib0 = timed(lambda: sequential_pass(model.update, x[:, :64]), device) / 64
+    calib0 = timed(lambda: sequential_pass(model, x[:, :64]), device) / 64
     m0 = prefix_for_budget(calib0, n, args.naive_budget)
     read_floor, read_gbs = weight_read_seconds(model, n, device)
     iters = max(2, min(args.iterations, math.ceil(2e10 / flops)))  # fewer sweeps for the big cases
     med = interleaved({
         "naive": lambda: naive_iteration(model, ids[:m], opt),
         "parallel": lambda: parallel_seconds_per_iteration(model, ids, iters, device),
-        "pass0": lambda: sequential_pass(model.update, x[:, :m0], recurrence=model.recurrence),
-        "pass0_stepwise": lambda: sequential_pass(model.update, x[:, :m0]),  # f called token by token
+        "pass0": lambda: sequential_pass(model, x[:, :m0], recurrence=model.recurrence),
+        "pass0_stepwise": lambda: sequential_pass(model, x[:, :m0]),  # f called token by token
         "matmul": lambda: matmul_seconds(shapes, rows, device),  # the reference, interleaved like the rest
     }, args.reps, device)
     mm_rate = train_flops(shapes, rows) / med["matmul"]

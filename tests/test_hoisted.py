@@ -84,10 +84,10 @@ def test_only_blocks_reading_the_embedding_are_hoisted():
 def test_pass0_solvers_agree_with_and_without_the_model_loop(updater):
     model = context_lm("layerwise", updater, layers=2, init_std=0.3)
     x = model.embed(tokens(model, batch=2, length=30)).detach()
-    torch.testing.assert_close(sequential_pass(model.update, x, recurrence=model.recurrence),
-                               sequential_pass(model.update, x), atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(chunked_pass(model.update, x, 4, recurrence=model.recurrence),
-                               chunked_pass(model.update, x, 4), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(sequential_pass(model, x, recurrence=model.recurrence),
+                               sequential_pass(model, x), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(chunked_pass(model, x, 4, recurrence=model.recurrence),
+                               chunked_pass(model, x, 4), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize(("arch", "updater"), CASES)
@@ -119,14 +119,14 @@ def test_burn_in_pass_is_exact_with_enough_burn_in_and_close_with_some():
     model = context_lm("layerwise", "gated", layers=2, init_std=0.3)
     x = model.embed(tokens(model, batch=2, length=203)).detach()
     with torch.no_grad():
-        exact = sequential_pass(model.update, x)
-        full = burn_in_pass(model.update, x, 8, 203, recurrence=model.recurrence)
-        short = burn_in_pass(model.update, x, 8, 32, recurrence=model.recurrence)
-        none = burn_in_pass(model.update, x, 8, 0, recurrence=model.recurrence)
-        chunked = chunked_pass(model.update, x, 8, recurrence=model.recurrence)
+        exact = sequential_pass(model, x)
+        full = burn_in_pass(model, x, 8, 203, recurrence=model.recurrence)
+        short = burn_in_pass(model, x, 8, 32, recurrence=model.recurrence)
+        none = burn_in_pass(model, x, 8, 0, recurrence=model.recurrence)
+        chunked = chunked_pass(model, x, 8, recurrence=model.recurrence)
     assert short.shape == exact.shape == (2, 203, model.context_dim)
     torch.testing.assert_close(full, exact, atol=1e-4, rtol=1e-4)
-    by_hand = torch.cat([sequential_pass(model.update, x[:, a : a + 26]) for a in range(0, 203, 26)], dim=1)
+    by_hand = torch.cat([sequential_pass(model, x[:, a : a + 26]) for a in range(0, 203, 26)], dim=1)
     torch.testing.assert_close(none, by_hand, atol=1e-5, rtol=1e-5)  # burn_in 0: each slice from zeros
     torch.testing.assert_close(chunked, none, atol=1e-6, rtol=1e-6)  # chunked_pass is burn_in 0
     torch.testing.assert_close(short[:, :26], exact[:, :26], atol=1e-4, rtol=1e-4)  # slice 0 starts at 0

@@ -55,7 +55,7 @@ def test_embedding_layernorm_in_every_path():
     with torch.no_grad():
         x = m.embed_norm(m.embedding(ids))
         assert torch.allclose(m.embed(ids), x)
-        ref = sequential_pass(m.update, x)  # the Phase-1 path
+        ref = sequential_pass(m, x)  # the Phase-1 path
         assert torch.allclose(m.contexts_window(ids), ref, atol=1e-6)  # the Phase-2 path
     # generate (greedy via top_k=1) follows the same contexts: its first token is argmax head(c_T)
     out = m.generate(ids[0], 1, top_k=1)

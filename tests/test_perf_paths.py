@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import functools
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -31,7 +32,7 @@ def test_phase1_loop_is_plain_jacobi_iteration_with_chunks_and_buffer_swap():
     res = train_phase1(model, ids, ids, cfg, 0.0, NoDiversity(), CPU, progress=False)
     with torch.no_grad():
         x = model.embed(ids.unsqueeze(0))
-        p = sequential_pass(model.update, x)
+        p = sequential_pass(model, x)
         expected = []
         for _ in range(4):
             new = jacobi_sweep(model.update, p, x)
@@ -47,7 +48,7 @@ def test_jacobi_window_equals_sequential_recurrence():
     x = model.embed(torch.randint(0, 64, (3, 20), generator=torch.Generator().manual_seed(2)))
     c0 = torch.randn(3, 16, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
-        seq = sequential_pass(model.update, x, c0)
+        seq = sequential_pass(model, x, c0)
         exact, sweeps = jacobi_window(model.update, x, c0, max_sweeps=20, tol=0.0)  # T sweeps: exact for any f
     torch.testing.assert_close(exact, seq, atol=1e-5, rtol=1e-5)
     assert sweeps == 21  # 20 no-grad sweeps + 1 with grad
@@ -59,7 +60,7 @@ def test_jacobi_window_tolerance_stops_early_on_a_contraction():
 
     x = torch.randn(2, 30, 4, generator=torch.Generator().manual_seed(8))
     c0 = torch.zeros(2, 4)
-    seq = sequential_pass(update, x, c0)
+    seq = sequential_pass(SimpleNamespace(update=update, context_dim=4), x, c0)
     approx, used = jacobi_window(update, x, c0, max_sweeps=30, tol=1e-12)
     assert used < 15
     torch.testing.assert_close(approx, seq, atol=1e-5, rtol=1e-5)

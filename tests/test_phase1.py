@@ -50,7 +50,7 @@ def test_jacobi_sweeps_match_sequential_pass_on_a_contraction():
     f = Contraction()
     x = torch.randn(2, 300, 8)
     first = torch.zeros(2, 12)
-    ref = sequential_pass(f.update, x)
+    ref = sequential_pass(f, x)
     with torch.no_grad():
         out, sweeps = jacobi_window(f.update, x, first, max_sweeps=300, tol=1e-14, grad_sweeps=0)
     assert float((out - ref).abs().max()) < 1e-5
@@ -61,7 +61,7 @@ def test_jacobi_is_exact_after_n_sweeps_for_any_f():
     m = context_lm("sequential", init_std=0.5).double()  # deep, not damped: no contraction needed
     with torch.no_grad():
         x = m.embed(torch.randint(0, 40, (1, 12)))
-        ref = sequential_pass(m.update, x)
+        ref = sequential_pass(m, x)
         start = torch.zeros(1, 24, dtype=torch.float64)
         out, sweeps = jacobi_window(m.update, x, start, max_sweeps=12, tol=0.0, grad_sweeps=0)
         half, _ = jacobi_window(m.update, x, start, max_sweeps=6, tol=0.0, grad_sweeps=0)
@@ -90,7 +90,7 @@ def test_first_sweep_by_hand_carry_over_and_same_mse_for_loss_and_convergence():
                      val_iterations=1, erank_samples=64)
     with torch.no_grad():
         x = m.embed(ids[None])
-        p0 = sequential_pass(m.update, x)
+        p0 = sequential_pass(m, x)
         new = m.update(shifted_inputs(p0), x)
     r = train_phase1(m, ids, ids, cfg, 0.0, NoDiversity(), CPU, progress=False)
     row = r.history[0]
@@ -149,7 +149,7 @@ def sweep_gradients(chunk: int, reg, ids: torch.Tensor, w: float = 0.5, dropout:
     """One training sweep through phase1.sweep from the sequential pass: (mse, div, grads, output)."""
     m = dropout_lm(dropout, seed) if dropout else context_lm("layerwise", seed=seed)
     with torch.no_grad():
-        p = sequential_pass(m.update, m.embed(ids[None]))
+        p = sequential_pass(m, m.embed(ids[None]))
     out = torch.empty_like(p)
     torch.manual_seed(11)
     mse, div, _ = sweep(m, ids[None], shifted_inputs(p), p, out, w, reg, chunk, train=True)
@@ -187,7 +187,7 @@ def test_chunked_sweep_replays_dropout_masks_for_its_gradient():
     mse, div, grads, out = sweep_gradients(20, FrobeniusDeviation(), ids, dropout=0.3)
     m = dropout_lm(0.3, seed=3)
     with torch.no_grad():
-        p = sequential_pass(m.update, m.embed(ids[None]))
+        p = sequential_pass(m, m.embed(ids[None]))
     c_in = shifted_inputs(p)
     torch.manual_seed(11)  # the same masks, drawn chunk by chunk in the same order, but with the graph kept
     c = torch.cat([m.update(c_in[:, a:a + 20], m.embed(ids[None, a:a + 20])) for a in range(0, 60, 20)], dim=1)
@@ -281,7 +281,7 @@ def test_pass0_is_computed_in_eval_mode_whatever_mode_training_left():
         p0_chunked = initial_contexts(m, x, phase1_cfg(init="chunked", init_chunks=5))
         assert m.training  # the caller's mode is restored
         m.eval()
-        expected, expected_chunked = sequential_pass(m.update, x), chunked_pass(m.update, x, 5)
+        expected, expected_chunked = sequential_pass(m, x), chunked_pass(m, x, 5)
     torch.testing.assert_close(p0, expected)
     torch.testing.assert_close(p0_chunked, expected_chunked)
 

@@ -107,9 +107,9 @@ def test_context_models_are_told_apart_by_their_interface(kind):
     assert isinstance(model, ContextUpdate) == (kind in ("sequential", "layerwise"))
 
 
-def test_solvers_take_the_state_size_from_the_owner_of_update():
+def test_solvers_take_the_state_size_from_the_context_update():
     toy, x = ToyMap(), torch.randn(2, 5, 4)
     assert isinstance(toy, ContextUpdate) and not isinstance(toy, ContextModel)
-    assert zeros_init(toy.update, x).shape == (2, 5, 3) and sequential_pass(toy.update, x).shape == (2, 5, 3)
-    with pytest.raises(TypeError, match="bound `update` method"):
+    assert zeros_init(toy, x).shape == (2, 5, 3) and sequential_pass(toy, x).shape == (2, 5, 3)
+    with pytest.raises(TypeError, match="update\\(c, x\\) and context_dim"):
         zeros_init(lambda c, t: c, x)

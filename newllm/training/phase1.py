@@ -81,13 +81,13 @@ def initial_contexts(model: torch.nn.Module, x: torch.Tensor, cfg: DictConfig) -
     A measurement of f, so in eval mode (no dropout) whatever mode training left the model in.
     """
     if cfg.mode == "per_token" or cfg.init == "zeros":
-        return zeros_init(model.update, x)
+        return zeros_init(model, x)
     with evaluating(model):
         if cfg.init == "chunked":
-            return chunked_pass(model.update, x, cfg.init_chunks, recurrence=model.recurrence)
+            return chunked_pass(model, x, cfg.init_chunks, recurrence=model.recurrence)
         if cfg.init == "burn_in":
-            return burn_in_pass(model.update, x, cfg.init_chunks, cfg.init_burn_in, recurrence=model.recurrence)
-        return sequential_pass(model.update, x, recurrence=model.recurrence)
+            return burn_in_pass(model, x, cfg.init_chunks, cfg.init_burn_in, recurrence=model.recurrence)
+        return sequential_pass(model, x, recurrence=model.recurrence)
 
 
 def unique_tokens(ids: torch.Tensor, limit: int) -> torch.Tensor:
@@ -322,8 +322,8 @@ def cold_start_rates(model: torch.nn.Module, x: torch.Tensor, cfg: DictConfig, s
     """
     per_token = cfg.mode == "per_token"
     first = None if per_token else x.new_zeros(x.shape[0], model.context_dim)
-    reference = None if per_token else sequential_pass(model.update, x, recurrence=model.recurrence)
-    p = zeros_init(model.update, x)
+    reference = None if per_token else sequential_pass(model, x, recurrence=model.recurrence)
+    p = zeros_init(model, x)
     rates: list[float] = []
     distances: list[float] = []
     kept = p

@@ -1,7 +1,9 @@
 """Fixed-point solvers for c_t = f(c_{t-1}, x_t) over a batch of streams, as small functions.
 
 Shapes: ids/embedded tokens X (S, N, E) for S parallel streams of N positions, contexts (S, N, C).
-`update(c, x)` is the model's f, position-wise, so one call covers every position.
+`update(c, x)` is the model's f, position-wise, so one call covers every position. Passes that start
+from zeros take the model itself (`f`: a ContextUpdate, whose context_dim sets the state size); the
+Jacobi sweeps are given their start c0 and take `update` alone.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ Recurrence = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
 
 
 @torch.no_grad()
-def sequential_pass(update: Update, x: torch.Tensor, c0: torch.Tensor | None = None,
+def sequential_pass(f: ContextUpdate, x: torch.Tensor, c0: torch.Tensor | None = None,
                     recurrence: Recurrence | None = None) -> torch.Tensor:
     """The one true recurrence, token by token (the only per-position Python loop of Phase 1).
 
@@ -31,26 +33,27 @@ def sequential_pass(update: Update, x: torch.Tensor, c0: torch.Tensor | None = N
     if recurrence is not None:
         with torch.autocast(x.device.type, enabled=False):
             return recurrence(x, c0)
-    c = c0 if c0 is not None else x.new_zeros(x.shape[0], _context_dim(update, x))
+    c = c0 if c0 is not None else x.new_zeros(x.shape[0], _context_dim(f))
     out = []
     with torch.autocast(x.device.type, enabled=False):
         for x_t in x.unbind(1):
-            c = update(c, x_t)
+            c = f.update(c, x_t)
             out.append(c)
     return torch.stack(out, dim=1) if out else x.new_zeros(*x.shape[:2], c.shape[-1])
 
 
 @torch.no_grad()
-def chunked_pass(update: Update, x: torch.Tensor, chunks: int, recurrence: Recurrence | None = None) -> torch.Tensor:
+def chunked_pass(f: ContextUpdate, x: torch.Tensor, chunks: int, recurrence: Recurrence | None = None,
+                 ) -> torch.Tensor:
     """Pass 0 on `chunks` slices of every stream at once, each slice from c = 0.
 
     Same fixed point as `sequential_pass` (only the starting guess differs), K times fewer steps.
     """
-    return burn_in_pass(update, x, chunks, 0, recurrence=recurrence)
+    return burn_in_pass(f, x, chunks, 0, recurrence=recurrence)
 
 
 @torch.no_grad()
-def burn_in_pass(update: Update, x: torch.Tensor, chunks: int, burn_in: int,
+def burn_in_pass(f: ContextUpdate, x: torch.Tensor, chunks: int, burn_in: int,
                  recurrence: Recurrence | None = None) -> torch.Tensor:
     """Pass 0 on `chunks` slices at once, each slice started `burn_in` tokens early from c = 0.
 
@@ -65,14 +68,14 @@ def burn_in_pass(update: Update, x: torch.Tensor, chunks: int, burn_in: int,
     window_starts = (starts - burn_in).clamp(min=0)
     width = int(min(burn_in, n)) + length
     idx = (window_starts[:, None] + torch.arange(width, device=x.device)).clamp(max=n - 1)  # (K, W)
-    out = sequential_pass(update, x[:, idx].reshape(s * k, width, e), recurrence=recurrence)
+    out = sequential_pass(f, x[:, idx].reshape(s * k, width, e), recurrence=recurrence)
     keep = (starts - window_starts)[:, None] + torch.arange(length, device=x.device)  # (K, length)
     out = out.reshape(s, k, width, -1).gather(2, keep[None, :, :, None].expand(s, k, length, out.shape[-1]))
     return out.reshape(s, k * length, -1)[:, :n]
 
 
-def zeros_init(update: Update, x: torch.Tensor) -> torch.Tensor:
-    return x.new_zeros(*x.shape[:-1], _context_dim(update, x))
+def zeros_init(f: ContextUpdate, x: torch.Tensor) -> torch.Tensor:
+    return x.new_zeros(*x.shape[:-1], _context_dim(f))
 
 
 def shifted_inputs(contexts: torch.Tensor, first: torch.Tensor | None = None,
@@ -122,8 +125,7 @@ def jacobi_window(update: Update, x: torch.Tensor, c0: torch.Tensor, max_sweeps:
     return contexts, sweeps + grad_sweeps
 
 
-def _context_dim(update: Update, x: torch.Tensor) -> int:
-    owner = getattr(update, "__self__", None)  # `update` is a bound method: its model sets the state size
-    if not isinstance(owner, ContextUpdate):
-        raise TypeError("pass the model's bound `update` method (its context_dim sets the state size)")
-    return owner.context_dim
+def _context_dim(f: ContextUpdate) -> int:
+    if not isinstance(f, ContextUpdate):
+        raise TypeError(f"pass the model (an object with update(c, x) and context_dim), not {type(f).__name__}")
+    return f.context_dim
