@@ -23,17 +23,13 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tokenizers import Tokenizer
 
-from newllm.errors import NewllmError
+from newllm.errors import CheckpointError
 from newllm.tracking import save_checkpoint
 
 FORMAT = "newllm-checkpoint"
 VERSION = 1
 RESUME_FILE = "checkpoints/last.pt"
 PHASE1_FILE = "checkpoints/phase1.pt"
-
-
-class CheckpointError(NewllmError):
-    """A checkpoint that is missing, truncated, foreign, or does not fit the current run."""
 
 
 def save(path: str | Path, kind: str, payload: dict) -> Path:

@@ -33,7 +33,7 @@ from omegaconf import DictConfig
 
 from newllm import metrics
 from newllm import storage as storages
-from newllm.errors import NewllmError
+from newllm.errors import ConfigError, first_line
 from newllm.models import evaluating
 
 ENV_STORAGE, ENV_STUDY, ENV_TRIAL = "NEWLLM_OPTUNA_STORAGE", "NEWLLM_OPTUNA_STUDY", "NEWLLM_OPTUNA_TRIAL_ID"
@@ -174,11 +174,10 @@ def job_storage_url(recorded: str) -> str:
     try:
         url = storages.absolute_sqlite(str(HydraConfig.get().sweeper.storage))
     except Exception as err:  # e.g. ${oc.env:NEWLLM_DB_PASSWORD} is not set where this job runs
-        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
-        raise NewllmError(f"hydra.sweeper.storage cannot be resolved in this job ({type(err).__name__}: {first}): "
+        raise ConfigError(f"hydra.sweeper.storage cannot be resolved in this job ({first_line(err)}): "
                           "set the variables it reads in the environment the jobs run in") from None
     if storages.masked(url) != recorded:
-        raise NewllmError(f"hydra.sweeper.storage resolves to {storages.masked(url)} in this job but to {recorded} "
+        raise ConfigError(f"hydra.sweeper.storage resolves to {storages.masked(url)} in this job but to {recorded} "
                           "in the sweep process: give jobs the same environment")
     return url
 
@@ -190,7 +189,7 @@ def attach_trial(hooks: list[Callable[[dict], None]], cfg: DictConfig, model: to
         return
     url, name = job_storage_url(os.environ.get(ENV_STORAGE, "")), os.environ[ENV_STUDY]
     if not url and name not in IN_PROCESS_STUDIES:
-        raise NewllmError("hydra.sweeper.storage=null keeps the study inside the sweep process; trials run by "
+        raise ConfigError("hydra.sweeper.storage=null keeps the study inside the sweep process; trials run by "
                           "another process (joblib, submitit) need a storage URL such as sqlite:///outputs/optuna.db")
     storage = optuna.storages.get_storage(url) if url else IN_PROCESS_STUDIES[name]._storage
     spec = storage.get_trial_system_attrs(int(trial_id)).get(SPEC_ATTR, {})

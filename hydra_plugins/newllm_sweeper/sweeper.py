@@ -30,7 +30,6 @@ import math
 import os
 import shutil
 import socket
-import sys
 import time
 import warnings
 from collections.abc import Sequence
@@ -50,8 +49,7 @@ from optuna.trial import FrozenTrial, TrialState
 from hydra_plugins.newllm_sweeper import config as _config  # noqa: F401  (registers configs + presets)
 from newllm import storage as storages
 from newllm import sweeping
-from newllm.config import ConfigError
-from newllm.errors import NewllmError
+from newllm.errors import ConfigError, FolderOwned, SweepAborted, exit_one_line  # importable from here as before
 from newllm.fileio import atomic_write
 
 log = logging.getLogger(__name__)
@@ -59,14 +57,6 @@ OWNER = f"{socket.gethostname()}:{os.getpid()}"
 COUNTED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
 OWNER_FILE = ".newllm-owner.json"  # in the sweep folder and in each job folder: which study (and trial) owns it
 SAMPLERS = ("hydra_plugins.hydra_optuna_sweeper.*", "optuna.samplers.*")  # what the official plugin instantiates
-
-
-class SweepAborted(NewllmError):
-    """Too many failed trials (every result was stored before this was raised)."""
-
-
-class FolderOwned(ConfigError):
-    """A sweep folder or job folder that belongs to another study (or to no study)."""
 
 
 class NewllmOptunaSweeper(OptunaSweeper):
@@ -82,8 +72,7 @@ class NewllmOptunaSweeper(OptunaSweeper):
         try:
             return self.sweeper.sweep(arguments)
         except ConfigError as err:  # bad settings or a folder it does not own: one line, as newllm.run prints them
-            print(f"error: {err}", file=sys.stderr)
-            sys.exit(2)
+            exit_one_line(err)
 
 
 class NewllmOptunaSweeperImpl(OptunaSweeperImpl):
@@ -96,8 +85,6 @@ class NewllmOptunaSweeperImpl(OptunaSweeperImpl):
         self.task_spec = {"pruner": _plain(pruner), "early_stop": _plain(early_stop), "report": list(report)}
         self.subdir = subdir
         self.last_failure = ""
-        if self.n_trials < 1:
-            raise ValueError(f"hydra.sweeper.n_trials={self.n_trials} is not allowed: expected an integer >= 1")
 
     # ------------------------------------------------------------------ the loop
     def sweep(self, arguments: list[str]) -> None:
@@ -204,7 +191,9 @@ class NewllmOptunaSweeperImpl(OptunaSweeperImpl):
 
     # ------------------------------------------------------------------ settings
     def _check_settings(self) -> None:
-        """Settings that would leak a password or share job folders: refused before anything is opened."""
+        """Settings that would leak a password, share job folders or run nothing: refused before anything is opened."""
+        if self.n_trials < 1:
+            raise ConfigError(f"hydra.sweeper.n_trials={self.n_trials} is not allowed: expected an integer >= 1")
         written = OmegaConf.to_container(self.config.hydra.sweeper, resolve=False).get("storage")
         if storages.literal_password(written):
             raise ConfigError(
@@ -237,7 +226,7 @@ class NewllmOptunaSweeperImpl(OptunaSweeperImpl):
                 time.sleep(1.0 + attempt)
         have = [d.name.lower() for d in study.directions]
         if have != list(directions):
-            raise ValueError(f"hydra.sweeper.direction={list(directions)} does not match study "
+            raise ConfigError(f"hydra.sweeper.direction={list(directions)} does not match study "
                              f"{study.study_name!r}, which has {have}: pick another hydra.sweeper.study_name")
         if names is not None and study.metric_names is None:
             with warnings.catch_warnings():  # "experimental" since Optuna 3.2, and what every client reads
