@@ -15,6 +15,7 @@ any other exception is a bug and keeps its traceback. The subclasses say which p
       GenerationError    a sampling request the model cannot serve (also a ValueError)
       ScalingError       too few or unusable points for a power-law fit
       SweepAborted       too many failed trials
+      CompatError        an Optuna / Hydra release without a private API newllm.compat wraps
 
 Modules that defined these before keep re-exporting them (`newllm.config.ConfigError`, ...).
 """
@@ -77,10 +78,16 @@ class SweepAborted(NewllmError):
     """Too many failed trials (every result was stored before this was raised)."""
 
 
-def first_line(err: BaseException) -> str:
-    """A wrapped library error in one line: `Type: first line of its message` (`Type` when it has none)."""
+class CompatError(NewllmError):
+    """An installed Optuna or Hydra lacks a private API that newllm.compat wraps (the message names the
+    package, the version found and the version range newllm is tested with)."""
+
+
+def first_line(err: BaseException, limit: int | None = None) -> str:
+    """A wrapped library error in one line: `Type: first line of its message` (`Type` when it has none),
+    that line cut to `limit` characters if given."""
     lines = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
+    return f"{type(err).__name__}: {lines[0][:limit]}" if lines else type(err).__name__
 
 
 def describe(err: BaseException) -> str:

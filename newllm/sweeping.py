@@ -31,7 +31,7 @@ import optuna
 import torch
 from omegaconf import DictConfig
 
-from newllm import metrics
+from newllm import compat, metrics
 from newllm import storage as storages
 from newllm.errors import ConfigError, first_line
 from newllm.models import evaluating
@@ -191,10 +191,10 @@ def attach_trial(hooks: list[Callable[[dict], None]], cfg: DictConfig, model: to
     if not url and name not in IN_PROCESS_STUDIES:
         raise ConfigError("hydra.sweeper.storage=null keeps the study inside the sweep process; trials run by "
                           "another process (joblib, submitit) need a storage URL such as sqlite:///outputs/optuna.db")
-    storage = optuna.storages.get_storage(url) if url else IN_PROCESS_STUDIES[name]._storage
+    storage = compat.open_storage(url) if url else compat.study_storage(IN_PROCESS_STUDIES[name])
     spec = storage.get_trial_system_attrs(int(trial_id)).get(SPEC_ATTR, {})
     pruner = hydra.utils.instantiate(spec.get("pruner") or {"_target_": "optuna.pruners.NopPruner"},
                                      _execution_whitelist_=("optuna.pruners.*",))
     pruner = PhaseWisePruner(pruner, phase2_start(cfg))
     study = optuna.load_study(study_name=name, storage=storage, pruner=pruner)
-    hooks.append(TrialReporter(optuna.trial.Trial(study, int(trial_id)), spec, cfg, model))
+    hooks.append(TrialReporter(compat.trial_of(study, int(trial_id)), spec, cfg, model))

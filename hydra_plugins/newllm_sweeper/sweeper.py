@@ -41,14 +41,13 @@ import optuna
 import sqlalchemy
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.utils import instantiate
-from hydra_plugins.hydra_optuna_sweeper._impl import OptunaSweeperImpl, create_params_from_overrides
 from hydra_plugins.hydra_optuna_sweeper.optuna_sweeper import OptunaSweeper
 from omegaconf import DictConfig, OmegaConf
 from optuna.trial import FrozenTrial, TrialState
 
 from hydra_plugins.newllm_sweeper import config as _config  # noqa: F401  (registers configs + presets)
+from newllm import compat, sweeping
 from newllm import storage as storages
-from newllm import sweeping
 from newllm.errors import ConfigError, FolderOwned, SweepAborted, exit_one_line  # importable from here as before
 from newllm.fileio import atomic_write
 
@@ -57,6 +56,7 @@ OWNER = f"{socket.gethostname()}:{os.getpid()}"
 COUNTED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
 OWNER_FILE = ".newllm-owner.json"  # in the sweep folder and in each job folder: which study (and trial) owns it
 SAMPLERS = ("hydra_plugins.hydra_optuna_sweeper.*", "optuna.samplers.*")  # what the official plugin instantiates
+OptunaSweeperImpl, create_params_from_overrides = compat.optuna_sweeper_impl()  # private in hydra-optuna-sweeper
 
 
 class NewllmOptunaSweeper(OptunaSweeper):
@@ -263,7 +263,7 @@ class NewllmOptunaSweeperImpl(OptunaSweeperImpl):
     def _owner(self, study: optuna.Study, trial: optuna.Trial | None = None) -> dict[str, Any]:
         record = {"storage": storages.masked(self.storage) or "memory (hydra.sweeper.storage=null)",
                   "storage_id": storages.identity(self.storage),
-                  "study": study.study_name, "study_id": study._study_id}
+                  "study": study.study_name, "study_id": compat.study_id(study)}
         return record if trial is None else {**record, "trial": trial.number}
 
     def _check_sweep_dir_owner(self) -> None:
@@ -285,7 +285,7 @@ class NewllmOptunaSweeperImpl(OptunaSweeperImpl):
                 raise FolderOwned(f"hydra.sweep.dir={self.sweep_dir} holds job folders that are not trials of study "
                                   f"{study.study_name!r} (e.g. {foreign[0].name}): pick another hydra.sweep.dir")
             _write_owner(self.sweep_dir, self._owner(study))
-        elif owner.get("study_id") != study._study_id:
+        elif owner.get("study_id") != compat.study_id(study):
             raise FolderOwned(f"hydra.sweep.dir={self.sweep_dir} belongs to an earlier study {study.study_name!r} "
                               f"(id {owner.get('study_id')}) in {owner.get('storage')}, since deleted: pick another "
                               "hydra.sweep.dir")
@@ -314,7 +314,7 @@ class NewllmOptunaSweeperImpl(OptunaSweeperImpl):
         trials = []
         for _ in range(n):
             trial = study.ask()
-            study._storage.set_trial_system_attr(trial._trial_id, "newllm:owner", OWNER)
+            compat.set_trial_system_attr(study, trial, "newllm:owner", OWNER)
             ahead = sum(t.number < trial.number for t in study.get_trials(deepcopy=False, states=COUNTED))
             if ahead >= self.n_trials:
                 self._tell_fail(study, trial, f"surplus: the study already held n_trials={self.n_trials} trials")
@@ -332,11 +332,11 @@ class NewllmOptunaSweeperImpl(OptunaSweeperImpl):
                 self._tell_fail(study, t, f"abandoned: sweep process {owner} is gone")
 
     def _job_overrides(self, study: optuna.Study, trial: optuna.Trial, folder: Path) -> list[str]:
-        study._storage.set_trial_system_attr(trial._trial_id, sweeping.SPEC_ATTR, self.task_spec)
+        compat.set_trial_system_attr(study, trial, sweeping.SPEC_ATTR, self.task_spec)
         # Hydra writes env_set resolved into the job's .hydra/hydra.yaml: the storage goes there masked, and the
         # job resolves the real URL in its own environment (sweeping.job_storage_url).
         env = {sweeping.ENV_STORAGE: storages.masked(self.storage), sweeping.ENV_STUDY: study.study_name,
-               sweeping.ENV_TRIAL: str(trial._trial_id)}
+               sweeping.ENV_TRIAL: str(compat.trial_id(trial))}
         return [f"hydra.sweep.dir={_quote(str(self.sweep_dir))}",  # the folder made above, wherever the job runs
                 f"hydra.sweep.subdir={_quote(str(folder.relative_to(self.sweep_dir)))}",
                 *(f"++hydra.job.env_set.{k}={_quote(v)}" for k, v in env.items())]
@@ -351,7 +351,7 @@ class NewllmOptunaSweeperImpl(OptunaSweeperImpl):
         if ret.status == JobStatus.COMPLETED and isinstance(ret.return_value, sweeping.Pruned):
             return self._tell_pruned(study, trial, ret.return_value.reason, ret.return_value.values)
         if ret.status == JobStatus.FAILED:
-            err = ret._return_value
+            err = compat.job_error(ret)
             if isinstance(err, optuna.TrialPruned):
                 return self._tell_pruned(study, trial, str(err), getattr(err, "values", None))
             return self._tell_fail(study, trial, f"{type(err).__name__}: {err}")
@@ -375,13 +375,12 @@ class NewllmOptunaSweeperImpl(OptunaSweeperImpl):
         """
         trial.set_user_attr("pruned_reason", reason)
         values = [float(v) for v in values] if values and len(values) == len(study.directions) else None
-        study.sampler.after_trial(study, study._storage.get_trial(trial._trial_id), TrialState.PRUNED, values)
-        study._storage.set_trial_state_values(trial._trial_id, TrialState.PRUNED, values)
+        compat.finish_pruned(study, trial, values)
         log.info("Trial %d pruned: %s", trial.number, reason)
         return TrialState.PRUNED
 
     def _tell_fail(self, study: optuna.Study, trial: optuna.Trial | FrozenTrial, reason: str) -> TrialState:
-        study._storage.set_trial_user_attr(trial._trial_id, "fail_reason", reason)
+        compat.set_trial_user_attr(study, trial, "fail_reason", reason)
         study.tell(trial.number, state=TrialState.FAIL)
         log.warning("Trial %d failed: %s", trial.number, reason)
         self.last_failure = reason
