@@ -78,9 +78,12 @@ class SweepAborted(NewllmError):
     """Too many failed trials (every result was stored before this was raised)."""
 
 
-class CompatError(NewllmError):
+class CompatError(NewllmError, ImportError):
     """An installed Optuna or Hydra lacks a private API that newllm.compat wraps (the message names the
-    package, the version found and the version range newllm is tested with)."""
+    package, the version found and the version range newllm is tested with).
+
+    Also an ImportError: Hydra's plugin scanner then skips the newllm sweeper with this message as a
+    warning, instead of failing every run (sweep or not) at start-up."""
 
 
 def first_line(err: BaseException, limit: int | None = None) -> str:

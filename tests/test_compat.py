@@ -103,6 +103,13 @@ def test_a_version_outside_the_range_is_one_line_naming_package_version_and_rang
 def test_a_removed_private_api_is_a_compat_error_naming_the_versions():
     with pytest.raises(CompatError) as err:
         compat.study_id(object())  # type: ignore[arg-type]
-    assert isinstance(err.value, NewllmError)
+    assert isinstance(err.value, NewllmError) and isinstance(err.value, ImportError)  # Hydra skips the plugin
     message = str(err.value)
     assert "object._study_id is gone in optuna " in message and "newllm is tested with optuna==" in message
+
+
+def test_a_sweeper_base_without_a_method_we_call_is_a_compat_error(monkeypatch):
+    monkeypatch.setattr(compat, "SWEEPER_IMPL_METHODS", (*compat.SWEEPER_IMPL_METHODS, "_gone"))
+    with pytest.raises(CompatError, match=r"OptunaSweeperImpl has no _gone in hydra-optuna-sweeper \S+ \(newllm is "
+                                          r"tested with hydra-optuna-sweeper=="):
+        compat.optuna_sweeper_impl()
