@@ -6,7 +6,8 @@ its password masked, see job_storage_url). `attach_trial`
 re-attaches to that trial through the shared storage and registers a RunTracker hook, which sees
 every Phase-1 iteration and Phase-2 epoch row. It raises `TrialPruned` when the pruner or an
 early-stop rule says so; the run returns `Pruned` and the sweeper records the trial as PRUNED with
-the reason, valued by its objectives at that step.
+the reason, valued by its objectives at that step. Optuna's private parts (the storage of an
+in-process study, a trial handle from its id) are reached through newllm.compat.
 
 Intermediate values (single-objective studies only; Optuna forbids report() with several):
   Phase 1 iteration k -> step k, value 1 - val_convergence_rate (maximize studies: val_convergence_rate),

@@ -19,6 +19,8 @@ grammar (`create_params_from_overrides`), trial configuration and grid handling.
   - several studies in one command (`studies`: a label -> fixed overrides and extra params), and the best
     trial of each re-run with `rerun_best.seeds` as trials of study <study>_reruns (user attrs rerun_of,
     rerun_seed, rerun_label; their folder holds rerun_best.json with the tuned params).
+The private parts of hydra-optuna-sweeper and Optuna it relies on (the `_impl` base class, storage and
+trial ids, a job's exception) are reached only through newllm.compat, which checks their versions.
 """
 
 from __future__ import annotations
