@@ -24,7 +24,8 @@ from omegaconf import DictConfig, OmegaConf
 from tokenizers import Tokenizer
 
 from newllm.errors import CheckpointError, first_line
-from newllm.tracking import save_checkpoint
+from newllm.fileio import save_checkpoint
+from newllm.utils import flatten
 
 FORMAT = "newllm-checkpoint"
 VERSION = 1
@@ -136,15 +137,6 @@ def phase1_checkpoint_path(source: str | Path) -> Path:
     return source / PHASE1_FILE if source.is_dir() else source
 
 
-def _flat(d: Any, prefix: str = "") -> dict:
-    if not isinstance(d, dict):
-        return {prefix.rstrip("."): d}
-    out: dict = {}
-    for k, v in d.items():
-        out.update(_flat(v, f"{prefix}{k}."))
-    return out
-
-
 def load_phase1(source: str | Path, model_cfg: dict, tokenizer: Tokenizer) -> dict:
     """The Phase-1 checkpoint of a run dir (or a checkpoint path), checked against this run."""
     path = phase1_checkpoint_path(source)
@@ -154,7 +146,7 @@ def load_phase1(source: str | Path, model_cfg: dict, tokenizer: Tokenizer) -> di
     if state.get("kind") != "phase1":
         raise CheckpointError(f"training.phase1.from_run={str(source)!r}: {path} holds a {state.get('kind')!r} "
                               f"checkpoint; point it at a run dir or its {PHASE1_FILE}")
-    theirs, ours = _flat(state["config"]["model"]), _flat(model_cfg)
+    theirs, ours = flatten(state["config"]["model"]), flatten(model_cfg)
     differing = sorted(k for k in theirs.keys() | ours.keys() if theirs.get(k, "<unset>") != ours.get(k, "<unset>"))
     if differing:
         detail = ", ".join(f"model.{k}: {theirs.get(k, '<unset>')!r} there, {ours.get(k, '<unset>')!r} here"

@@ -396,7 +396,17 @@ def validate(cfg: DictConfig) -> None:
         node = OmegaConf.select(cfg, key)
         if node is not None and not isinstance(node, DictConfig):
             _check(False, key, node, f"a config option: select one with {group}=<name> (a slash, not a dot)")
-    m = cfg.model
+    _check_model(cfg.model)
+    _check_data(cfg)
+    _check_phase1(cfg.training)
+    _check_phase2(cfg.training.phase2)
+    _check_pairing(cfg)
+    _check(cfg.device == "auto" or cfg.device == "cpu" or str(cfg.device).startswith("cuda"),
+           "device", cfg.device, "auto, cpu, cuda or cuda:N")
+    _check(len(cfg.objectives) > 0, "objectives", list(cfg.objectives), "a non-empty list of metric keys")
+
+
+def _check_model(m: DictConfig) -> None:
     for key in ("layers", "context_dim", "embed_dim"):
         _positive_int(f"model.{key}", m[key])
     if m.get("hidden_dim") is not None:
@@ -404,13 +414,7 @@ def validate(cfg: DictConfig) -> None:
     _check(m.init_std > 0, "model.init_std", m.init_std, "a positive number")
     _unit_interval("model.dropout", m.dropout, open_right=True)
     if "architecture" in m:
-        _choice("model.architecture", m.architecture, ("sequential", "layerwise"))
-        if "layernorm_mix" in m.updater:
-            _unit_interval("model.updater.layernorm_mix", m.updater.layernorm_mix)
-        if str(m.updater.get("_target_", "")).endswith("ResidualUpdater") and m.hidden_dim is not None:
-            width = m.context_dim + m.embed_dim  # the increment has one entry per context and token dimension
-            _check(m.hidden_dim == width, "model.hidden_dim", m.hidden_dim,
-                   f"model.context_dim + model.embed_dim = {width} with model/updater=residual (or null)")
+        _check_context_model(m)
     if m.get("core_params") is not None:
         _positive_int("model.core_params", m.core_params)
     if "heads" in m:
@@ -418,6 +422,18 @@ def validate(cfg: DictConfig) -> None:
         if m.get("core_params") is None:  # a budget solves context_dim as a multiple of heads
             _check(m.context_dim % m.heads == 0, "model.heads", m.heads, "a divisor of model.context_dim")
 
+
+def _check_context_model(m: DictConfig) -> None:
+    _choice("model.architecture", m.architecture, ("sequential", "layerwise"))
+    if "layernorm_mix" in m.updater:
+        _unit_interval("model.updater.layernorm_mix", m.updater.layernorm_mix)
+    if str(m.updater.get("_target_", "")).endswith("ResidualUpdater") and m.hidden_dim is not None:
+        width = m.context_dim + m.embed_dim  # the increment has one entry per context and token dimension
+        _check(m.hidden_dim == width, "model.hidden_dim", m.hidden_dim,
+               f"model.context_dim + model.embed_dim = {width} with model/updater=residual (or null)")
+
+
+def _check_data(cfg: DictConfig) -> None:
     d = cfg.data
     _choice("data.name", d.name, ("chatterbot", "ultrachat", "text", "repetition", "recall"))
     _choice("data.val_protocol", d.val_protocol, ("by_conversation", "subset_of_train"))
@@ -440,7 +456,8 @@ def validate(cfg: DictConfig) -> None:
         _check_recall(cfg)
     _positive_int("tokenizer.vocab_size", cfg.tokenizer.vocab_size)
 
-    t = cfg.training
+
+def _check_phase1(t: DictConfig) -> None:
     _unit_interval("training.dist_reg_weight", t.dist_reg_weight)
     _choice("training.precision", t.precision, ("fp32", "bf16"))
     p1 = t.phase1
@@ -461,7 +478,9 @@ def validate(cfg: DictConfig) -> None:
     for key, node in (("training.phase1.checkpoint_every", p1), ("training.phase2.checkpoint_every", t.phase2)):
         every = node.checkpoint_every
         _check(isinstance(every, int) and every >= 0, key, every, "an integer >= 0 (0: only at phase boundaries)")
-    p2 = t.phase2
+
+
+def _check_phase2(p2: DictConfig) -> None:
     _choice("training.phase2.context", p2.context, ("propagate", "fixed"))
     for key in ("seq_len", "batch_size", "epochs"):
         _positive_int(f"training.phase2.{key}", p2[key])
@@ -476,6 +495,11 @@ def validate(cfg: DictConfig) -> None:
         _check(isinstance(p2.eval_seq_len, int) and p2.eval_seq_len >= 2, "training.phase2.eval_seq_len",
                p2.eval_seq_len, "null (= seq_len) or an integer >= 2")
     _check(p2.lr > 0, "training.phase2.lr", p2.lr, "a positive number")
+
+
+def _check_pairing(cfg: DictConfig) -> None:
+    """Repetition and solver options, and what only a context model can do."""
+    t, p2 = cfg.training, cfg.training.phase2
     rep = t.repetition
     _positive_int("training.repetition.steps_per_stage", rep.steps_per_stage)
     _check(rep.lr > 0, "training.repetition.lr", rep.lr, "a positive number")
@@ -487,15 +511,11 @@ def validate(cfg: DictConfig) -> None:
     _check(p2.jacobi_tol >= 0, "training.phase2.jacobi_tol", p2.jacobi_tol, "a number >= 0")
     _check(p2.reconstruction_weight >= 0, "training.phase2.reconstruction_weight",
            p2.reconstruction_weight, "a number >= 0")
-    is_context_model = "architecture" in m
-    _check(is_context_model or p1.from_run is None, "training.phase1.from_run", p1.from_run,
+    is_context_model = "architecture" in cfg.model
+    _check(is_context_model or t.phase1.from_run is None, "training.phase1.from_run", t.phase1.from_run,
            "null for baseline models (they have no Phase 1)")
     _check(is_context_model or p2.context == "propagate", "training.phase2.context", p2.context,
            "propagate for baseline models (fixed contexts need a context model)")
-
-    _check(cfg.device == "auto" or cfg.device == "cpu" or str(cfg.device).startswith("cuda"),
-           "device", cfg.device, "auto, cpu, cuda or cuda:N")
-    _check(len(cfg.objectives) > 0, "objectives", list(cfg.objectives), "a non-empty list of metric keys")
 
 
 def to_container(cfg: DictConfig) -> dict:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import secrets
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 
 def _create_temp(folder: Path, name: str) -> Path:
@@ -38,3 +41,24 @@ def atomic_write(path: str | Path, write: Callable[[str], object]) -> Path:
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # "nan"/"inf": valid JSON, read back by float()
+    return value
+
+
+def save_json(path: Path, data: dict) -> None:
+    """A flat dict as sorted, indented JSON (metrics.json); non-finite floats as the strings "nan"/"inf"."""
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            json.dump({k: _json_safe(v) for k, v in data.items()}, f, indent=2, sort_keys=True)
+    atomic_write(path, write)
+
+
+def save_checkpoint(path: Path, payload: dict) -> None:
+    """torch.save, atomically (a kill mid-write leaves the previous file intact)."""
+    import torch  # here, not at the top: the analysis CLI imports this module and answers without torch
+
+    atomic_write(path, lambda tmp: torch.save(payload, tmp))

@@ -1,7 +1,8 @@
 """Pure metric functions on tensors. No training state, no I/O: each is unit-tested by hand.
 
 Conventions: a context matrix is (N, C), one row per position. Convergence uses the SAME
-per-token MSE as the Phase-1 loss (the original mixed MSE for training and L2 for the check).
+per-token MSE as the Phase-1 loss (the research code newllm re-implements mixed MSE for training and
+L2 for the check).
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ def effective_rank_from_singular_values(s: torch.Tensor) -> float:
 def effective_rank(contexts: torch.Tensor, max_rows: int = 4096, centered: bool = False) -> float:
     """Effective rank of the (N, C) context matrix, on at most `max_rows` sampled rows.
 
-    Uncentred by default, as the original research measured it; `centered=True` removes the
+    Uncentred by default, as the research code newllm re-implements measured it; `centered=True` removes the
     mean row first (then a constant offset shared by all contexts no longer counts as a direction).
     """
     return effective_rank_from_singular_values(singular_values(contexts, max_rows, centered))

@@ -7,36 +7,20 @@ pruning callback registers one).
 
 from __future__ import annotations
 
-import json
-import math
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
-import torch
 from omegaconf import DictConfig
 
 from newllm.config import instantiate
-from newllm.fileio import atomic_write
-
-
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)  # "nan"/"inf": valid JSON, read back by float()
-    return value
-
-
-def save_json(path: Path, data: dict) -> None:
-    def write(tmp: str) -> None:
-        with open(tmp, "w") as f:
-            json.dump({k: _json_safe(v) for k, v in data.items()}, f, indent=2, sort_keys=True)
-    atomic_write(path, write)
-
-
-def save_checkpoint(path: Path, payload: dict) -> None:
-    atomic_write(path, lambda tmp: torch.save(payload, tmp))
+from newllm.fileio import (
+    atomic_write,
+    save_checkpoint,  # noqa: F401  (re-exported: its import path before fileio held it)
+    save_json,
+)
 
 
 class CSVLogger:

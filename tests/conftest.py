@@ -1,4 +1,9 @@
-"""Shared test helpers: run the real CLI in a temporary directory, offline."""
+"""Shared fixtures and helpers: run the real CLI in a temporary directory, offline; keep the tiers honest.
+
+Two tiers: `python -m pytest -m "not slow"` is the fast inner loop (science and units, in-process);
+everything that starts a process -- the CLI, a notebook kernel, a server -- is marked `slow`, and a test
+that starts one without the mark fails (see `_refuse_processes_outside_the_slow_tier`).
+"""
 
 from __future__ import annotations
 
@@ -6,9 +11,12 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -22,6 +30,55 @@ TINY = [
 ]
 
 
+# ----------------------------------------------------------------------------- tiers
+_guarded: list[pytest.Item] = []  # the test being set up or run (teardown may stop a server it did not start)
+
+
+@contextmanager
+def _guarding(item: pytest.Item) -> Iterator[None]:
+    _guarded.append(item)
+    try:
+        yield
+    finally:
+        _guarded.remove(item)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_setup(item: pytest.Item) -> Iterator[None]:
+    with _guarding(item):
+        yield
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
+    with _guarding(item):
+        yield
+
+
+def _refuse_processes_outside_the_slow_tier(event: str, args: tuple) -> None:
+    """Audit hook: starting a process (python -m newllm.*, a kernel, a server) is what makes a test slow,
+    so a test that does it without `@pytest.mark.slow` fails before the process starts."""
+    if event != "subprocess.Popen" or not _guarded or _guarded[-1].get_closest_marker("slow") is not None:
+        return
+    argv = args[1] if isinstance(args[1], (list, tuple)) else [args[1]]
+    pytest.fail(f"{_guarded[-1].nodeid} starts a process ({' '.join(map(str, argv))[:120]}) but is not marked "
+                "slow: add @pytest.mark.slow (or pytestmark = pytest.mark.slow for a module of CLI tests)",
+                pytrace=False)
+
+
+sys.addaudithook(_refuse_processes_outside_the_slow_tier)
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """Tiny models on a shared 2-core machine: intra-op threads only add synchronisation cost."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# ----------------------------------------------------------------------------- the CLI
 def cli_env() -> dict[str, str]:
     env = dict(os.environ)
     # One intra-op thread: tiny CLI runs on a busy 2-core box are ~3x faster without thread contention.
@@ -64,7 +121,7 @@ def tiny_run(tmp_path: Path):
     return _run
 
 
-# ----------------------------------------------------------------------------- analysis (issue 6)
+# ----------------------------------------------------------------------------- outputs for the analysis tests
 # Even smaller than TINY (context_dim is swept): a job takes ~1-2 s, so a grid, a failing run and two
 # studies fit in ~30 s.
 FAST = [*(o for o in TINY if not o.startswith("model.context_dim=")), "training.phase1.max_iterations=3",

@@ -1,12 +1,13 @@
-"""Tiny in-process models shared by the science tests (seconds on 2 CPU cores)."""
+"""Tiny in-process models and configs shared by the science tests (seconds on 2 CPU cores).
+
+Plain functions, not fixtures: tests call them with their own sizes. Fixtures live in conftest.py."""
 
 from __future__ import annotations
 
 from functools import partial
 
-import pytest
 import torch
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from newllm.config import Phase1Config, Phase2Config
 from newllm.models.context_lm import ContextLM
@@ -20,18 +21,10 @@ def context_lm(architecture: str = "layerwise", updater: str = "gated", vocab: i
     return ContextLM(vocab, architecture, layers, context_dim, embed_dim, None, init_std, 0.0, upd)
 
 
-def phase1_cfg(**overrides):
+def phase1_cfg(**overrides) -> DictConfig:
     return OmegaConf.merge(OmegaConf.structured(Phase1Config), overrides)
 
 
-def phase2_cfg(**overrides):
+def phase2_cfg(**overrides) -> DictConfig:
     return OmegaConf.merge(OmegaConf.structured(Phase2Config), overrides)
 
-
-@pytest.fixture
-def one_thread():
-    """Tiny models on a shared 2-core machine: intra-op threads only add synchronisation cost."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)

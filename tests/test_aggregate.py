@@ -1,5 +1,5 @@
 """Seeds and uncertainty: newllm.analysis.aggregate, `analyze runs --group`, error bars, and the size
-columns of study tables (issue 11, items 3 and 6), on hand-made numbers with the t interval by hand."""
+columns of study tables (core parameters, seeds), on hand-made numbers with the t interval by hand."""
 
 from __future__ import annotations
 

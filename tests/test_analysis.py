@@ -29,6 +29,7 @@ def studies(analysis_outputs) -> list[optuna.Study]:
     return analysis.load_studies(analysis_outputs["storage"])
 
 
+@pytest.mark.slow
 def test_load_runs_one_row_per_job(runs, analysis_outputs):
     grid = analysis.select_sweep(runs, analysis_outputs["grid"])
     assert len(grid) == 4 and list(grid["job"]) == [0, 1, 2, 3]
@@ -50,6 +51,7 @@ def test_load_runs_one_row_per_job(runs, analysis_outputs):
                                                            "multirun/study_sequential"]
 
 
+@pytest.mark.slow
 def test_failed_run_appears_with_its_status(runs, analysis_outputs):
     row = runs[runs["run"] == analysis_outputs["crashed"]].iloc[0]
     assert row["status"] == "failed"
@@ -59,6 +61,7 @@ def test_failed_run_appears_with_its_status(runs, analysis_outputs):
     assert (runs["status"] == "completed").sum() == 12
 
 
+@pytest.mark.slow
 def test_runs_cache_rereads_only_changed_dirs(analysis_outputs, tmp_path):
     root = tmp_path / "outputs"
     shutil.copytree(analysis_outputs["outputs"] / "multirun" / "grid", root / "multirun" / "grid")
@@ -93,6 +96,7 @@ def test_missing_or_empty_folder_is_a_clear_error(tmp_path):
         analysis.load_runs(tmp_path)
 
 
+@pytest.mark.slow
 def test_history_and_contexts_of_a_run(runs, analysis_outputs):
     run_dir = Path(analysis.select_sweep(runs, analysis_outputs["grid"])["run_dir"].iloc[0])
     m = read_metrics(run_dir)
@@ -105,6 +109,7 @@ def test_history_and_contexts_of_a_run(runs, analysis_outputs):
         analysis.load_history(analysis_outputs["outputs"] / analysis_outputs["crashed"])
 
 
+@pytest.mark.slow
 def test_generate_text_from_a_run(runs):
     run_dir = analysis.latest_run(runs)
     model, tokenizer = analysis.load_model(run_dir)
@@ -113,6 +118,7 @@ def test_generate_text_from_a_run(runs):
     assert text and text == analysis.generate_text(run_dir, "Hello", n=12, seed=3)
 
 
+@pytest.mark.slow
 def test_compare_studies_one_row_per_study(studies, analysis_outputs):
     assert [s.study_name for s in studies] == analysis_outputs["studies"]
     summary = analysis.compare_studies(studies)
@@ -133,6 +139,7 @@ def test_compare_studies_one_row_per_study(studies, analysis_outputs):
     assert summary["hv_reference"].nunique() == 1  # same directions => one shared reference point
 
 
+@pytest.mark.slow
 def test_objective_names_come_from_a_trial_run_dir(runs, analysis_outputs):
     study = optuna.create_study(directions=["maximize", "minimize"], study_name="linked")
     assert analysis.objective_names(study) == ["objective_0", "objective_1"]
@@ -157,6 +164,7 @@ def test_hypervolume_matches_hand_computation():
     assert auto["hypervolume"] == pytest.approx(0.65 * 2.75 + 1.65 * 0.75 - 0.65 * 0.75)
 
 
+@pytest.mark.slow
 def test_plots(runs, studies, analysis_outputs, tmp_path):
     grid = analysis.select_sweep(runs, analysis_outputs["grid"])
     fig = analysis.plot_metric_vs_context_dim(grid, metrics=["phase1/effective_rank", "phase2/val_ppl"])
@@ -174,6 +182,7 @@ def test_plots(runs, studies, analysis_outputs, tmp_path):
     assert path.read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.slow
 def test_cli_runs_table(analysis_outputs, tmp_path):
     out = analysis_outputs["outputs"]
     proc = run_cli(["runs", str(out), "--sort", "phase2/val_ppl", "--csv", str(tmp_path / "runs.csv")],
@@ -187,6 +196,7 @@ def test_cli_runs_table(analysis_outputs, tmp_path):
     assert len(table) == 13 and table["phase2/val_ppl"].iloc[:12].is_monotonic_increasing
 
 
+@pytest.mark.slow
 def test_cli_studies(analysis_outputs, tmp_path):
     proc = run_cli(["studies", "--storage", analysis_outputs["storage"], "--out", str(tmp_path / "plots")],
                    cwd=tmp_path, module="newllm.analyze")
@@ -196,6 +206,7 @@ def test_cli_studies(analysis_outputs, tmp_path):
                     "pareto_objective_0_vs_objective_1.png"]
 
 
+@pytest.mark.slow
 def test_cli_studies_plots_each_study_with_its_own_objectives(analysis_outputs, tmp_path):
     """One storage holding a single-objective study next to two-objective ones, as outputs/optuna.db does after
     both presets (on main: IndexError, no plots): one panel per objective, each study in its objectives' panels."""
@@ -225,6 +236,7 @@ def test_cli_studies_plots_each_study_with_its_own_objectives(analysis_outputs, 
     assert [ax.get_title() for ax in fig.axes] == [f"{n}: phase2/val_ppl" for n in ("ppl", "sequential", "layerwise")]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("args", "message"), [
     (["runs", "missing"], "error: runs folder 'missing' does not exist"),
     (["runs", "empty"], "error: no run directories under 'empty'"),
@@ -237,7 +249,7 @@ def test_cli_nothing_to_analyse(tmp_path, args, message):
     assert not os.path.exists(tmp_path / "missing.db")  # looking did not create an empty storage
 
 
-# A bug surfacing mid-run, as issue 12 saw it: the residual updater's constructor rejecting a width
+# A bug surfacing mid-run, as one once did: the residual updater's constructor rejecting a width
 # (Hydra's instantiate appends unindented 'full_key: ...' lines to the message). Here the width is
 # set after the config checks, which now refuse it up front.
 BAD_WIDTH = """

@@ -11,6 +11,8 @@ import torch
 
 from tests.conftest import read_metrics, run_cli
 
+pytestmark = pytest.mark.slow  # every test here starts the CLI
+
 REQUIRED_KEYS = [
     "phase1/train_step_stability", "phase1/effective_rank", "phase1/effective_rank_ratio", "phase1/iterations",
     "phase1/residual", "phase1/val_convergence_rate", "phase1/val_memory_length", "phase1/val_memory_length_capped",
@@ -72,7 +74,6 @@ def test_value_errors_are_one_line(tiny_run):
     assert "Traceback" not in proc.stderr
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize(
     ("overrides", "expected"),
     [
@@ -97,7 +98,6 @@ def test_errors_that_were_tracebacks_are_one_line(tiny_run, overrides, expected)
     assert not (run_dir / "tokenizer.json").exists()  # refused before the data was read
 
 
-@pytest.mark.slow
 def test_schemas_are_not_offered_as_group_options(tmp_path):
     proc = run_cli(["model=context_model_schema"], cwd=tmp_path, check=False)
     assert proc.returncode != 0 and "MissingMandatoryValue" not in proc.stderr

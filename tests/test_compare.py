@@ -14,7 +14,7 @@ import torch
 from newllm.data import TokenData
 from newllm.training.phase2 import train_phase2
 from tests.conftest import read_metrics, run_cli
-from tests.helpers_science import context_lm, one_thread, phase2_cfg  # noqa: F401
+from tests.helpers_science import context_lm, phase2_cfg
 from tests.test_phase2 import pattern_data
 
 CPU = torch.device("cpu")
@@ -34,6 +34,7 @@ def cfg(**kw):
 
 
 # ----------------------------------------------------------------------------- split vs seed
+@pytest.mark.slow
 def test_seeds_share_one_split_and_differ_in_weights(tiny_run):
     runs = {s: tiny_run(f"seed{s}", f"seed={s}", "data.split_seed=5", "save_checkpoint=true")[0] for s in (1, 2)}
     m1, m2 = read_metrics(runs[1]), read_metrics(runs[2])
@@ -121,6 +122,7 @@ def test_resume_from_an_epoch_checkpoint_with_mid_epoch_evaluations_is_exact():
 
 
 # ----------------------------------------------------------------------------- the comparison table
+@pytest.mark.slow
 def test_compare_models_quick_end_to_end(compare_outputs):
     reruns = [json.loads(p.read_text()) for p in compare_outputs.rglob("rerun_best.json")]
     assert {r["label"] for r in reruns} == MODELS and all(r["seeds"] == [1, 2] for r in reruns)
@@ -140,6 +142,7 @@ def test_compare_models_quick_end_to_end(compare_outputs):
     assert math.isnan(table.loc[0, diff]) and table.loc[1:, diff].map(math.isfinite).all()
 
 
+@pytest.mark.slow
 def test_compare_pairs_seeds_and_reruns_are_tagged(compare_outputs):
     from newllm.compare import compare_models, rerun_runs
 
@@ -161,6 +164,7 @@ def test_compare_pairs_seeds_and_reruns_are_tagged(compare_outputs):
     assert all("phase2/test_ppl" in a for a in attrs)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("override", "expected"), [
     ("training.phase2.patience=0", "error: training.phase2.patience=0 is not allowed: expected a positive integer"),
     ("training.phase2.eval_every=-1", "error: training.phase2.eval_every=-1 is not allowed: expected an integer >= 0"),

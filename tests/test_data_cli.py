@@ -10,6 +10,7 @@ from tests.conftest import REPO, TINY, read_metrics
 from tests.test_data import write_wiki
 
 
+@pytest.mark.slow
 def test_text_run_end_to_end(tiny_run, tmp_path):
     wiki = write_wiki(tmp_path / "wiki.txt", 30)
     run_dir, _ = tiny_run("text", "data=text", f"data.files=[{wiki}]", "training.phase1.max_iterations=2",
@@ -41,6 +42,7 @@ def test_repetition_runs_phase1_and_phase2(tmp_path):
     assert m["phase2/val_ppl"] > 0 and m["phase2/val_tokens"] > 0
 
 
+@pytest.mark.slow
 def test_bad_data_input_is_one_error_line_and_exit_2(tiny_run, tmp_path):
     _, proc = tiny_run("bad", "data=text", "data.files=[nowhere/missing.txt]", check=False)
     assert proc.returncode == 2

@@ -7,7 +7,7 @@ import torch
 
 from newllm.training.diversity import DimUsage, EMAVariance, FrobeniusDeviation, NoDiversity, VICReg
 from newllm.training.phase1 import train_phase1
-from tests.helpers_science import context_lm, one_thread, phase1_cfg  # noqa: F401
+from tests.helpers_science import context_lm, phase1_cfg
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -50,7 +50,7 @@ def test_frobenius_value_by_hand():
     c = torch.tensor([[2.0, 0.0], [0.0, 0.0], [1.0, 2.0], [1.0, -2.0]])
     rms_deviation, rms = (10.0 / 8) ** 0.5, (14.0 / 8) ** 0.5  # ||C - mean||_F / sqrt(N * C), sqrt(mean C^2)
     assert float(FrobeniusDeviation()(c)) == pytest.approx(-rms_deviation / rms)
-    # the same spread on a 10x longer stream gives the same value (the original's / N did not)
+    # the same spread on a 10x longer stream gives the same value (the research code's division by N did not)
     assert float(FrobeniusDeviation()(c.repeat(10, 1))) == pytest.approx(float(FrobeniusDeviation()(c)))
 
 
@@ -96,7 +96,7 @@ def test_phase1_steps_with_w1_lower_the_regulariser_through_f(reg):
     assert r.history[0]["phase1/grad_norm"] > 0
 
 
-# ----------------------------------------------------------------------------- issue 11, item 5a: scale
+# ----------------------------------------------------------------------------- scale invariance and documented ranges
 ALL = [FrobeniusDeviation(), DimUsage(), EMAVariance(momentum=0.9), VICReg()]
 ALL_IDS = ["frobenius", "dim_usage", "ema_variance", "vicreg"]
 
@@ -139,7 +139,7 @@ def test_regularisers_lie_in_their_documented_range(reg, low, high):
         assert low <= float(reg(c)) <= high
 
 
-# ----------------------------------------------------------------------------- issue 11, item 5b: EMA
+# ----------------------------------------------------------------------------- EMA: running statistics across sweeps
 def test_ema_variance_running_mean_is_an_ema_across_calls():
     reg = EMAVariance(momentum=0.75)
     a, b = torch.randn(1, 32, 4), torch.randn(1, 32, 4) + 2.0

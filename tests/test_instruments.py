@@ -1,5 +1,6 @@
 import math
 
+import pytest
 import torch
 from torch.nn import functional as F
 
@@ -43,6 +44,7 @@ def test_bucket_with_no_target_is_nan_with_zero_tokens():
     assert math.isclose(loss["1-8"], math.log(4), rel_tol=1e-6) and math.isnan(loss["9-16"])
 
 
+@pytest.mark.slow
 def test_run_reports_loss_by_position_at_eval_seq_len(tiny_run):
     run_dir, _ = tiny_run("pos", "model=gru", "training.phase1.enabled=false", "training.phase2.eval_seq_len=64",
                           "training.phase2.max_steps_per_epoch=3", "training.phase2.epochs=1")
@@ -57,6 +59,7 @@ def test_run_reports_loss_by_position_at_eval_seq_len(tiny_run):
     assert (run_dir / "loss_by_position.png").stat().st_size > 0
 
 
+@pytest.mark.slow
 def test_eval_seq_len_beyond_transformer_max_len_is_one_line_error(tiny_run):
     _, proc = tiny_run("tf", "model=transformer", "model.max_len=16", "training.phase1.enabled=false",
                        "training.phase2.seq_len=8", "training.phase2.eval_seq_len=32", check=False)

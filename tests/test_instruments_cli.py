@@ -1,9 +1,12 @@
-"""The quick presets of issue 15 end to end through the real CLI, and the analyze subcommands on them."""
+"""The long-context presets (recall_capacity_quick, data_scaling_quick) end to end through the real CLI, and
+the analyze subcommands on them."""
 
 import pytest
 
 from newllm.instruments_analysis import position_table, recall_table, scaling_fit
 from tests.conftest import run_cli
+
+pytestmark = pytest.mark.slow  # every test here starts the CLI
 
 
 @pytest.fixture(scope="module")

@@ -31,6 +31,7 @@ def test_logger_groups_compose_one_or_several():
                                                "mlflow": "MLflowLogger"}
 
 
+@pytest.mark.slow
 def test_many_loggers_record_metrics_params_and_artifacts(tmp_path):
     from mlflow.tracking import MlflowClient
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from newllm import metrics
-from tests.helpers_science import one_thread  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

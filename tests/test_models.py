@@ -8,7 +8,7 @@ import torch
 from newllm.models import count_parameters
 from newllm.models.baselines import GRULM, TransformerLM
 from newllm.training.solvers import sequential_pass
-from tests.helpers_science import context_lm, one_thread  # noqa: F401
+from tests.helpers_science import context_lm
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -62,11 +62,29 @@ def test_embedding_layernorm_in_every_path():
     assert int(out[0]) == int(m.head(ref[0, -1]).argmax())
 
 
-def test_generate_keeps_constant_state():
-    m = context_lm().eval()
-    g = torch.Generator().manual_seed(0)
-    out = m.generate(torch.tensor([1, 2, 3]), 20, generator=g)
+@pytest.mark.parametrize("architecture", ["sequential", "layerwise"])  # the stepped and the scripted loop
+def test_generate_keeps_constant_state(architecture):
+    """Between tokens generate carries one C-vector and nothing that grows with the text: the recurrence reads
+    the prompt once, every head read is a (1, C) context, and it is exactly c_t of prompt + tokens so far."""
+    m = context_lm(architecture).eval()
+    prompt, reads, lengths = torch.tensor([1, 2, 3]), [], []
+    hook = m.head.register_forward_pre_hook(lambda _, args: reads.append(args[0].detach().clone()))
+    recurrence = m.recurrence
+
+    def counted_recurrence(x: torch.Tensor, *rest) -> torch.Tensor:
+        lengths.append(x.shape[1])
+        return recurrence(x, *rest)
+
+    m.recurrence = counted_recurrence
+    out = m.generate(prompt, 20, generator=torch.Generator().manual_seed(0))
+    hook.remove()
+    del m.recurrence
     assert out.shape == (20,) and out.dtype == torch.long and int(out.max()) < 40
+    assert lengths == [len(prompt)]  # sampled tokens are stepped one at a time, never re-read
+    assert [tuple(c.shape) for c in reads] == [(1, 24)] * 20
+    with torch.no_grad():
+        contexts = m.contexts_window(torch.cat([prompt, out[:-1]]).unsqueeze(0))[0]
+    torch.testing.assert_close(torch.cat(reads), contexts[len(prompt) - 1 :], atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="at least one token"):
         m.generate(torch.tensor([], dtype=torch.long), 3)
 

@@ -40,6 +40,7 @@ def test_notebooks_are_stored_clean_and_only_call_the_library():
         assert not any("def " in c.source or "import torch" in c.source for c in code), f"{path.name} copies logic"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_notebook_executes(name, analysis_outputs, compare_outputs, monkeypatch):
     monkeypatch.setenv("NEWLLM_OUTPUTS", str(analysis_outputs["outputs"]))

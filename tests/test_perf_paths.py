@@ -7,34 +7,27 @@ import functools
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 from torch.nn import functional as F
 
-from newllm.config import Phase1Config, Phase2Config
 from newllm.metrics import mean_residual
 from newllm.models.baselines import TransformerLM
-from newllm.models.context_lm import ContextLM
-from newllm.models.updaters import GatedUpdater
 from newllm.training.accel import autocast, maybe_compile
 from newllm.training.diversity import NoDiversity
 from newllm.training.phase1 import train_phase1
 from newllm.training.phase2 import train_contexts_window
 from newllm.training.solvers import jacobi_sweep, jacobi_window, sequential_pass
+from tests.helpers_science import context_lm, phase1_cfg, phase2_cfg
 
 CPU = torch.device("cpu")
-
-
-def context_model(c: int = 16, e: int = 8, layers: int = 2, seed: int = 0) -> ContextLM:
-    torch.manual_seed(seed)
-    return ContextLM(64, "layerwise", layers, c, e, None, 0.3, 0.0, functools.partial(GatedUpdater))
+# A layer-wise gated model over 64 token ids with a large init_std, so the fast paths have work to do.
+context_model = functools.partial(context_lm, vocab=64, context_dim=16, embed_dim=8, init_std=0.3)
 
 
 def test_phase1_loop_is_plain_jacobi_iteration_with_chunks_and_buffer_swap():
     """untrained: each iteration must be exactly one periodic Jacobi sweep of the previous one."""
     model, ids = context_model(), torch.randint(0, 64, (50,), generator=torch.Generator().manual_seed(1))
-    cfg = OmegaConf.structured(Phase1Config(max_tokens=50, max_iterations=4, min_iterations=4, untrained=True,
-                                            chunk_size=7, convergence_target=1.0, erank_samples=64,
-                                            val_iterations=1))
+    cfg = phase1_cfg(max_tokens=50, max_iterations=4, min_iterations=4, untrained=True, chunk_size=7,
+                     convergence_target=1.0, erank_samples=64, val_iterations=1)
     res = train_phase1(model, ids, ids, cfg, 0.0, NoDiversity(), CPU, progress=False)
     with torch.no_grad():
         x = model.embed(ids.unsqueeze(0))
@@ -77,7 +70,7 @@ def test_jacobi_window_tolerance_stops_early_on_a_contraction():
 def test_phase2_jacobi_solver_matches_sequential_and_trains():
     model = context_model()
     ids = torch.randint(0, 64, (4, 24), generator=torch.Generator().manual_seed(4))
-    cfg = OmegaConf.structured(Phase2Config(solver="jacobi", jacobi_tol=0.0))
+    cfg = phase2_cfg(solver="jacobi", jacobi_tol=0.0)
     jac = train_contexts_window(model, ids, cfg)
     seq = model.contexts_window(ids)
     torch.testing.assert_close(jac, seq, atol=1e-5, rtol=1e-5)
@@ -109,7 +102,7 @@ def test_bf16_autocast_learns_like_fp32_on_cpu():
 
 
 def test_compile_switch_keeps_outputs_and_state_dict():
-    model = context_model(c=8, e=8, layers=1)
+    model = context_model(context_dim=8, embed_dim=8, layers=1)
     ids = torch.randint(0, 64, (2, 5), generator=torch.Generator().manual_seed(6))
     with torch.no_grad():
         eager = model(ids)

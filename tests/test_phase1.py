@@ -15,8 +15,8 @@ from newllm.models.context_lm import ContextLM
 from newllm.models.updaters import GatedUpdater
 from newllm.training.diversity import DimUsage, EMAVariance, FrobeniusDeviation, NoDiversity, VICReg
 from newllm.training.phase1 import initial_contexts, sweep, sweep_loss, train_phase1
-from newllm.training.solvers import chunked_pass, jacobi_solve, sequential_pass, shifted_inputs
-from tests.helpers_science import context_lm, one_thread, phase1_cfg  # noqa: F401
+from newllm.training.solvers import chunked_pass, jacobi_window, sequential_pass, shifted_inputs
+from tests.helpers_science import context_lm, phase1_cfg
 
 CPU = torch.device("cpu")
 
@@ -51,9 +51,10 @@ def test_jacobi_sweeps_match_sequential_pass_on_a_contraction():
     x = torch.randn(2, 300, 8)
     first = torch.zeros(2, 12)
     ref = sequential_pass(f.update, x)
-    out, residuals = jacobi_solve(f.update, x, torch.zeros(2, 300, 12), sweeps=300, first=first, tol=1e-14)
+    with torch.no_grad():
+        out, sweeps = jacobi_window(f.update, x, first, max_sweeps=300, tol=1e-14, grad_sweeps=0)
     assert float((out - ref).abs().max()) < 1e-5
-    assert len(residuals) < 60  # a contraction gets there far sooner than N = 300 sweeps
+    assert sweeps < 60  # a contraction gets there far sooner than N = 300 sweeps
 
 
 def test_jacobi_is_exact_after_n_sweeps_for_any_f():
@@ -61,10 +62,19 @@ def test_jacobi_is_exact_after_n_sweeps_for_any_f():
     with torch.no_grad():
         x = m.embed(torch.randint(0, 40, (1, 12)))
         ref = sequential_pass(m.update, x)
-        start = torch.zeros(1, 12, 24, dtype=torch.float64)
-        out, residuals = jacobi_solve(m.update, x, start, sweeps=12, first=start[:, 0])
-    assert float((out - ref).abs().max()) < 1e-10  # float64: batched and per-step matmuls round alike
-    assert residuals[5] > 1e-6  # ...and it really needed the sweeps (not a contraction)
+        start = torch.zeros(1, 24, dtype=torch.float64)
+        out, sweeps = jacobi_window(m.update, x, start, max_sweeps=12, tol=0.0, grad_sweeps=0)
+        half, _ = jacobi_window(m.update, x, start, max_sweeps=6, tol=0.0, grad_sweeps=0)
+    assert sweeps == 12 and float((out - ref).abs().max()) < 1e-10  # float64: batched and per-step round alike
+    assert float((half - ref).abs().max()) > 1e-6  # ...and it really needed the sweeps (not a contraction)
+
+
+def test_shifted_inputs_into_a_buffer_equal_the_allocating_form():
+    p, first = torch.randn(2, 5, 3), torch.randn(2, 3)
+    for start in (None, first):
+        buffer = torch.full_like(p, float("nan"))
+        assert shifted_inputs(p, start, out=buffer) is buffer
+        assert torch.equal(buffer, shifted_inputs(p, start))
 
 
 def test_shifted_inputs_carry_the_last_context_over():
@@ -232,6 +242,7 @@ def test_validation_stream_too_short_fails_loudly():
                      phase1_cfg(max_iterations=1, min_iterations=0), 0.0, NoDiversity(), CPU, progress=False)
 
 
+@pytest.mark.slow
 def test_architecture_by_training_multirun_cli(tmp_path, monkeypatch):
     """'sequential vs layer-wise x trained vs untrained' is one multirun (per-token fixed point)."""
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # tiny models: extra threads only contend
@@ -286,7 +297,7 @@ def test_held_out_measurements_ignore_dropout():
     assert rates == pytest.approx([rates[0]] * 3, rel=1e-4)  # lr ~ 0: f unchanged, so the same held-out figure
 
 
-# ----------------------------------------------------------------------------- issue 11, item 1
+# ------------------------------------------------------------ held-out objective, test stream, memory length, burn-in
 def phase1_run(tmp_path, name: str, *overrides: str) -> dict:
     """A real run (data, model, Phase 1, metrics) in-process, TINY settings, Phase 2 off."""
     from hydra import compose, initialize_config_dir
@@ -408,6 +419,7 @@ def test_burn_in_init_with_full_burn_in_trains_exactly_like_the_sequential_init(
         assert results[1].metrics[key] == pytest.approx(results[0].metrics[key], rel=1e-4, abs=1e-6), key
 
 
+@pytest.mark.slow
 def test_bad_burn_in_is_a_one_line_config_error(tiny_run):
     run_dir, proc = tiny_run("bad", "training.phase1.init=burn_in", "training.phase1.init_burn_in=-3", check=False)
     (line,) = proc.stderr.strip().splitlines()

@@ -8,8 +8,9 @@ import torch
 from newllm.data import TokenData
 from newllm.errors import DataError
 from newllm.models.baselines import GRULM, TransformerLM
+from newllm.training import phase2
 from newllm.training.phase2 import make_windows, train_phase2
-from tests.helpers_science import context_lm, one_thread, phase2_cfg  # noqa: F401
+from tests.helpers_science import context_lm, phase2_cfg
 
 CPU = torch.device("cpu")
 V = 16
@@ -85,10 +86,26 @@ def test_loss_mask_restricts_what_is_predicted():
     assert r.metrics["phase2/val_tokens"] == expected
 
 
-def test_reconstruction_loss_trains_a_decoder_and_still_learns():
-    r = train_phase2(context_lm("layerwise", vocab=V), pattern_data(), quick(reconstruction_weight=0.5, epochs=1),
+def test_reconstruction_loss_trains_a_decoder_and_still_learns(monkeypatch):
+    """The term is in the loss: its decoder's weights move, and f trains differently than without it."""
+    decoders = []
+
+    class Recorded(phase2.ReconstructionDecoder):  # keeps each decoder and its initial weights
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            decoders.append((self, [p.detach().clone() for p in self.parameters()]))
+
+    monkeypatch.setattr(phase2, "ReconstructionDecoder", Recorded)
+    data = pattern_data()
+    r = train_phase2(context_lm("layerwise", vocab=V), data, quick(reconstruction_weight=0.5, epochs=1),
                      CPU, seed=0, progress=False)
     assert r.metrics["phase2/val_ppl"] < V
+    ((decoder, before),) = decoders
+    assert all(not torch.equal(a, b) for a, b in zip(before, decoder.parameters(), strict=True))
+    plain = train_phase2(context_lm("layerwise", vocab=V), data, quick(reconstruction_weight=0.0, epochs=1),
+                         CPU, seed=0, progress=False)
+    assert len(decoders) == 1  # weight 0: no decoder at all
+    assert r.metrics["phase2/val_loss"] != pytest.approx(plain.metrics["phase2/val_loss"], rel=1e-6, abs=0)
 
 
 def test_validation_is_never_silently_replaced():

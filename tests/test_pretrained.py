@@ -59,12 +59,16 @@ def test_local_dir_rows_copied_by_token_string(tmp_path):
         pretrained.copy_embedding(torch.nn.Embedding(10, 16), matrix, ours, theirs, "tiny")
 
 
-def test_missing_embedding_and_offline_model_are_one_line_errors(tmp_path, monkeypatch):
+def test_weights_without_an_embedding_are_one_clear_error(tmp_path):
     path = tmp_path / "no_embedding"
     path.mkdir()
     safetensors_torch.save_file({"lm_head.weight": torch.ones(2, 2)}, str(path / "model.safetensors"))
     with pytest.raises(pretrained.PretrainedError, match="no token-embedding tensor"):
         pretrained.embedding_matrix(path / "model.safetensors", "x")
+
+
+@pytest.mark.slow
+def test_offline_model_not_in_the_hub_cache_is_a_one_line_error(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
     proc = run_cli([*TINY, "model.embedding.pretrained=gpt2", f"hydra.run.dir={tmp_path / 'r'}"],
                    cwd=tmp_path, check=False, timeout=60)
@@ -76,6 +80,7 @@ def test_missing_embedding_and_offline_model_are_one_line_errors(tmp_path, monke
     assert not (tmp_path / "r" / "tokenizer.json").exists()  # failed before any work
 
 
+@pytest.mark.slow
 def test_cli_copies_a_cached_hub_model_embedding_frozen(tmp_path, monkeypatch):
     """model.embedding.pretrained=<hub name>, offline, served from the local hub cache."""
     matrix, theirs = make_model_dir(tmp_path / "tiny")

@@ -1,3 +1,4 @@
+import pytest
 import torch
 from torch.nn import functional as F
 
@@ -79,6 +80,7 @@ def test_accuracy_by_distance_hand_made():
     assert acc == 2 / 3 and by == {"1-8": 1.0, "9-12": 0.5} and counts == {"1-8": 1, "9-12": 2}
 
 
+@pytest.mark.slow
 def test_recall_run_end_to_end(tiny_run):
     run_dir, _ = tiny_run("recall", "data=recall", "data.seq_len=32", "data.num_pairs=4", "data.num_train=200",
                           "data.num_val=50", "data.num_test=50", "model=gru", "training.phase1.enabled=false")
@@ -90,6 +92,7 @@ def test_recall_run_end_to_end(tiny_run):
     assert abs(m["recall/val_accuracy"] - m["phase2/val_acc"]) < 1e-9  # same answers, same kept weights
 
 
+@pytest.mark.slow
 def test_recall_seq_len_mismatch_is_one_line_error(tiny_run):
     _, proc = tiny_run("bad", "data=recall", "data.seq_len=48", "model=gru", check=False)
     assert proc.returncode == 2 and "training.phase2.seq_len=32" in proc.stderr and "data.seq_len=48" in proc.stderr

@@ -12,7 +12,7 @@ from newllm.config import RepetitionConfig
 from newllm.errors import TrainingError
 from newllm.training.diversity import FrobeniusDeviation
 from newllm.training.repetition import cycle_stats, train_repetition
-from tests.helpers_science import context_lm, one_thread  # noqa: F401
+from tests.helpers_science import context_lm
 
 try:  # the data layer's class (newllm/data/repetition.py); same two fields
     from newllm.data.repetition import RepetitionStage
@@ -72,6 +72,7 @@ def test_next_token_weight_trains_the_head():
     assert "repetition/ce" in r.history[0] and not torch.equal(head, m.head.weight)
 
 
+@pytest.mark.slow
 def test_repetition_without_stages_fails_in_the_cli(tiny_run, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     _, proc = tiny_run("rep", "training=repetition", check=False)

@@ -93,6 +93,7 @@ def resumed(reference, tmp_path_factory) -> Path:
     return run_dir
 
 
+@pytest.mark.slow
 def test_killed_in_both_phases_resumes_to_identical_metrics(reference, resumed):
     run_dir = resumed
     assert not (run_dir / ckpt.RESUME_FILE).exists()  # finished: nothing left to resume
@@ -104,6 +105,7 @@ def test_killed_in_both_phases_resumes_to_identical_metrics(reference, resumed):
     assert all(torch.equal(final[k], expected[k]) for k in expected)
 
 
+@pytest.mark.slow
 def test_resumed_run_reports_total_times_and_rates(resumed):
     """Times and rates count every process up to the checkpoints it resumed from, not just the last one."""
     m = read_metrics(resumed)
@@ -119,6 +121,7 @@ def test_resumed_run_reports_total_times_and_rates(resumed):
         assert times.is_monotonic_increasing and times.iloc[-1] >= PAUSE_S
 
 
+@pytest.mark.slow
 def test_resume_refuses_finished_runs_and_other_overrides(reference, tmp_path):
     proc = run_cli([f"resume={reference}"], cwd=tmp_path, check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
@@ -128,6 +131,7 @@ def test_resume_refuses_finished_runs_and_other_overrides(reference, tmp_path):
         check_resume_overrides(["resume=x", "training.phase2.lr=0.1"])
 
 
+@pytest.mark.slow
 def test_resume_refusals_write_nothing(reference, tmp_path):
     """A path that does not exist, a folder that is not a run, a finished run: one line, exit 2, and
     every folder exactly as it was (no .hydra/resume, no run.log, no created path)."""
@@ -147,6 +151,7 @@ def test_resume_refusals_write_nothing(reference, tmp_path):
     assert not (tmp_path / "does").exists()
 
 
+@pytest.mark.slow
 def test_a_run_that_is_still_running_is_not_resumed(reference, tmp_path):
     """resume= of a run whose process is alive is refused (its folder is locked while it runs); once
     that process is gone (SIGKILL), the same resume continues it to the reference's numbers."""
@@ -176,6 +181,7 @@ def test_a_run_that_is_still_running_is_not_resumed(reference, tmp_path):
     assert stable(read_metrics(run_dir)) == stable(read_metrics(reference))
 
 
+@pytest.mark.slow
 def test_from_run_skips_phase1_reuses_its_weights_and_caches_fixed_contexts(reference, tmp_path):
     args = [*LIFECYCLE, f"training.phase1.from_run={reference}", "training.phase2.context=fixed",
             f"paths.output_root={tmp_path / 'outputs'}"]
@@ -204,6 +210,7 @@ def test_from_run_skips_phase1_reuses_its_weights_and_caches_fixed_contexts(refe
     assert read_metrics(tmp_path / "b")["phase2/val_ppl"] != read_metrics(run_dir)["phase2/val_ppl"]
 
 
+@pytest.mark.slow
 def test_from_run_names_the_differing_model_keys(reference):
     state = torch.load(reference / ckpt.PHASE1_FILE, weights_only=True)
     model = {**state["config"]["model"], "context_dim": 48, "layers": 3}
@@ -219,6 +226,7 @@ def test_from_run_names_the_differing_model_keys(reference):
         ckpt.load_phase1(reference, state["config"]["model"], other)
 
 
+@pytest.mark.slow
 def test_truncated_and_foreign_checkpoints_are_one_clear_error(reference, tmp_path):
     good = (reference / ckpt.PHASE1_FILE).read_bytes()
     truncated = tmp_path / "truncated.pt"

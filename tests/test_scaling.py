@@ -2,7 +2,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from newllm.analysis import fit_power_law, plot_power_law  # the public path (issue 15)
+from newllm.analysis import fit_power_law, plot_power_law  # the public path, as README documents it
 from newllm.scaling import ScalingError
 
 

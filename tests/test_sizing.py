@@ -1,5 +1,5 @@
 """Parameter budgets: model.core_params solves the width so every architecture and baseline has the
-same core parameter count (issue 11, item 3)."""
+same core parameter count (within 2 %)."""
 
 from __future__ import annotations
 

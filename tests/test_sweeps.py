@@ -1,5 +1,6 @@
-"""Sweeps end to end through the real CLI: the official Optuna sweeper, and newllm_optuna's pruning,
-early-stop rules, failure handling, resume, traceability, launchers and presets."""
+"""Sweeps end to end through the real CLI (marked slow): the official Optuna sweeper, and newllm_optuna's
+pruning, early-stop rules, failure handling, resume, traceability, launchers and presets; the rules and the
+presets' composition also in-process (the fast tier)."""
 
 from __future__ import annotations
 
@@ -21,7 +22,6 @@ from newllm import analysis
 from newllm.sweeping import early_stop_reason
 from tests.conftest import FAST, REPO, TINY, cli_env, read_metrics, run_cli
 
-pytestmark = pytest.mark.slow
 OURS = "hydra/sweeper=newllm_optuna"
 LEAN = ["save_checkpoint=false", "save_contexts=false"]  # trials write only what the tests read
 FAST_ONLY = [o for o in FAST if o not in TINY]  # shorter phases on top of TINY
@@ -45,6 +45,18 @@ def states(study: optuna.Study) -> list[str]:
     return [t.state.name for t in study.trials]
 
 
+def pin_trials(tmp: Path, direction: str, *params: dict, name: str = "s") -> list[dict]:
+    """The first trials of study `name` in the sweep's default storage, fixed beforehand: the study is made with
+    them enqueued, and the sweeper, which loads it, asks them first whatever its sampler would propose."""
+    (tmp / "outputs").mkdir(exist_ok=True)
+    study = optuna.create_study(study_name=name, storage=f"sqlite:///{tmp / 'outputs' / 'optuna.db'}",
+                                direction=direction)
+    for p in params:
+        study.enqueue_trial(p)
+    return list(params)
+
+
+@pytest.mark.slow
 def test_official_optuna_sweeper_multi_objective(tmp_path):
     """hydra/sweeper=optuna as its docs say: params grammar, sampler, direction list, storage, results file."""
     storage = f"sqlite:///{tmp_path / 'official.db'}"
@@ -68,22 +80,32 @@ def test_official_optuna_sweeper_multi_objective(tmp_path):
 JOBLIB = ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "hydra.sweeper.n_jobs=2"]
 
 
+# Phase-2 lr of the pinned trials: one that learns, then two that do not (1e-7: the untrained model's loss).
+LEARNS_THEN_LAGS = ({"training.phase2.lr": 0.003}, {"training.phase2.lr": 1e-7}, {"training.phase2.lr": 1e-7})
+
+
 @pytest.fixture(scope="module")
 def pruned_study(tmp_path_factory) -> dict:
-    """A real study of our sweeper: median pruner, 3 trials in 2 joblib workers; seed 11 proposes Phase-2
-    lr 0.003, 1e-7, 1e-7, and the two 1e-7 trials lag the first at Phase-2 epoch 1 (pruned there)."""
+    """A real study of our sweeper: median pruner (after 1 finished trial), 3 pinned trials in 2 joblib workers:
+    trials 0 (lr 0.003) and 1 (1e-7) run at once, trial 2 (1e-7) after both."""
     tmp = tmp_path_factory.mktemp("pruned")
+    pinned = pin_trials(tmp, "minimize", *LEARNS_THEN_LAGS)
     study, proc = sweep(tmp, OURS, "hydra/sweeper/pruner=median", "hydra.sweeper.pruner.n_startup_trials=1",
-                        "hydra/sweeper/sampler=random", "hydra.sweeper.sampler.seed=11", "objectives=[phase2/val_ppl]",
+                        "hydra/sweeper/sampler=random", "objectives=[phase2/val_ppl]",
                         "hydra.sweeper.direction=minimize", "hydra.sweeper.n_trials=3", "training.phase2.epochs=2",
                         "training.phase2.patience=5", "training.phase2.lr=choice(0.003,0.0000001)", *JOBLIB)
-    return {"tmp": tmp, "study": study, "storage": f"sqlite:///{tmp / 'outputs' / 'optuna.db'}", "proc": proc}
+    return {"tmp": tmp, "study": study, "storage": f"sqlite:///{tmp / 'outputs' / 'optuna.db'}", "proc": proc,
+            "pinned": pinned}
 
 
+@pytest.mark.slow
 def test_median_pruner_stops_bad_trials_in_joblib_workers(pruned_study):
     """A trial whose Phase-2 val loss lags the median is PRUNED after its first epoch, not FAIL, though it
-    runs in a joblib worker process and reports through the shared storage."""
+    runs in a joblib worker process and reports through the shared storage. What holds whatever the workers'
+    timing: trial 0 completes (nothing had finished to prune it against), trial 2 is pruned (it starts after
+    0 and 1 have finished), trial 1 may be either (it races trial 0 to the pruner's startup)."""
     study = pruned_study["study"]
+    assert [t.params for t in study.trials] == pruned_study["pinned"]
     # Phase-1 iteration k reports at step k, Phase-2 epoch e at phase1.max_iterations + 1 + e = 7 + e
     # (training=quick).
     def phase2_steps(t):
@@ -100,10 +122,13 @@ def test_median_pruner_stops_bad_trials_in_joblib_workers(pruned_study):
         # Phase 1 reports its held-out convergence where it measures it: every val_every = 3 iterations
         assert phase2_steps(t) == [8, 9] and sorted(s for s in t.intermediate_values if s <= 7) == [3, 6]
         assert t.value == pytest.approx(t.user_attrs["phase2/val_ppl"])
-    assert study.trials[0].state == TrialState.COMPLETE and study.trials[0].params["training.phase2.lr"] == 0.003
+    assert study.trials[0].state == TrialState.COMPLETE and study.trials[2].state == TrialState.PRUNED
     assert len(study.trials) == 3 and "FAIL" not in states(study)  # pruned trials count toward n_trials
+    run_dirs = [t.user_attrs["run_dir"] for t in study.trials]
+    assert len(set(run_dirs)) == 3  # each trial ran once, in its own folder
 
 
+@pytest.mark.slow
 def test_studies_name_their_objectives_and_pruned_values_keep_their_scale(pruned_study):
     """Every Optuna client shows the objective names; a pruned trial's value is its objective (validation
     perplexity at the epoch it stopped), not the validation loss the pruner compared (5-6 among ppl ~200-400)."""
@@ -118,6 +143,7 @@ def test_studies_name_their_objectives_and_pruned_values_keep_their_scale(pruned
     assert analysis.objective_names(study) == ["phase2/val_ppl"]
 
 
+@pytest.mark.slow
 def test_analyze_runs_shows_pruned_trials_as_pruned(pruned_study):
     study, root = pruned_study["study"], pruned_study["tmp"] / "sweep"
     runs = analysis.load_runs(root, cache=False).set_index("run_dir")
@@ -132,6 +158,7 @@ def test_analyze_runs_shows_pruned_trials_as_pruned(pruned_study):
     assert proc.stdout.splitlines()[0] == f"{n} runs under {root} ({n} pruned)"
 
 
+@pytest.mark.slow
 def test_optuna_dashboard_reads_our_study(pruned_study):
     """optuna-dashboard (extra `dashboard`), started as README says, serves the study, its objective names and
     each trial's user attrs over its HTTP API."""
@@ -173,22 +200,26 @@ def test_optuna_dashboard_reads_our_study(pruned_study):
             assert float(attrs["phase2/val_ppl"]) == pytest.approx(t.value)
 
 
+@pytest.mark.slow
 def test_hyperband_pruner_prunes_lagging_trials(tmp_path):
     """hydra/sweeper/pruner=hyperband: one bracket (resources 8..10 = the Phase-2 steps of training=quick) so
     successive halving at step 8 compares every trial with the earlier ones, deterministically."""
+    pinned = pin_trials(tmp_path, "minimize", *LEARNS_THEN_LAGS)
     study, _ = sweep(tmp_path, OURS, "hydra/sweeper/pruner=hyperband", "hydra.sweeper.pruner.reduction_factor=2",
                      "hydra.sweeper.pruner.min_resource=8", "hydra.sweeper.pruner.max_resource=10",
-                     "hydra/sweeper/sampler=random", "hydra.sweeper.sampler.seed=11", "objectives=[phase2/val_ppl]",
+                     "hydra/sweeper/sampler=random", "objectives=[phase2/val_ppl]",
                      "hydra.sweeper.direction=minimize", "hydra.sweeper.n_trials=3", "training.phase2.epochs=3",
                      "training.phase2.patience=5", "training.phase2.lr=choice(0.003,0.0000001)",
                      "hydra.sweeper.report=[phase2]")
-    # seed 11 proposes lr 0.003, 1e-7, 1e-7: the first sets the rung, the second and third lag it at step 8.
+    # lr 0.003, 1e-7, 1e-7: the first sets the rung, the second and third lag it at step 8.
+    assert [t.params for t in study.trials] == pinned
     assert states(study) == ["COMPLETE", "PRUNED", "PRUNED"]
     for t in study.trials[1:]:
         assert t.user_attrs["pruned_reason"].startswith("HyperbandPruner: intermediate value 6.2")
         assert sorted(t.intermediate_values) == [8]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("rules", "reason"), [
     (["hydra.sweeper.early_stop.min_effective_rank_ratio=0.9"], "effective_rank_collapse: "),  # held-out or training
     # the same through submitit_local: the rule fires in a separate worker process
@@ -206,6 +237,7 @@ def test_multi_objective_early_stop_rules_prune(tmp_path, rules, reason):
         assert not (Path(t.user_attrs["run_dir"]) / "metrics.json").exists()  # stopped before the end
 
 
+@pytest.mark.slow
 def test_cvfp_preset_prunes_a_collapsed_trial(tmp_path):
     """f initialised at ~0 collapses (held-out rank ~1.2/32) and converges from c = 0 at once: without the preset's
     collapse rule it would own the convergence end of the Pareto front."""
@@ -254,14 +286,19 @@ def test_identity_rule_measures_f_without_dropout():
     assert score == pytest.approx(identity_mapping_score(model.update, 24, 16))
 
 
+@pytest.mark.slow
 def test_failures_are_recorded_and_replaced_until_the_rate_is_exceeded(tmp_path):
     """Raising (ConfigError) and NaN-returning trials are FAIL with their reason and are replaced; the sweep
     stops once failures exceed max_failure_rate x n_trials; the finished trial is kept."""
-    study, proc = sweep(tmp_path, OURS, "hydra/sweeper/sampler=random", "hydra.sweeper.sampler.seed=33",
+    raising, nan_objective, finishing = ({"training.dist_reg_weight": w, "objectives": o} for w, o in
+                             ((1.5, "[phase2/val_ppl]"), (0.5, "[phase2/no_such_metric]"), (0.5, "[phase2/val_ppl]")))
+    # dist_reg_weight=1.5 (raises), a missing objective (NaN), a good trial, 1.5 again.
+    pinned = pin_trials(tmp_path, "minimize", raising, nan_objective, finishing, raising)
+    study, proc = sweep(tmp_path, OURS, "hydra/sweeper/sampler=random",
                         "hydra.sweeper.direction=minimize", "training.dist_reg_weight=choice(0.5,1.5)",
                         "objectives=choice([phase2/val_ppl],[phase2/no_such_metric])", "hydra.sweeper.n_trials=2",
                         "hydra.sweeper.max_failure_rate=1.0", check=False)
-    # seed 33 proposes: dist_reg_weight=1.5 (raises), a missing objective (NaN), a good trial, 1.5 again.
+    assert [t.params for t in study.trials] == pinned
     assert states(study) == ["FAIL", "FAIL", "COMPLETE", "FAIL"]
     raised = "ConfigError: training.dist_reg_weight=1.5 is not allowed: expected a number in [0, 1]"
     assert study.trials[0].user_attrs["fail_reason"] == raised == study.trials[3].user_attrs["fail_reason"]
@@ -277,6 +314,7 @@ def test_failures_are_recorded_and_replaced_until_the_rate_is_exceeded(tmp_path)
     assert results["best_value"] == good.value and results["n_trials"]["fail"] == 3
 
 
+@pytest.mark.slow
 def test_resume_continues_to_n_trials_in_total_and_keeps_every_job_dir(tmp_path):
     args = [OURS, "hydra/sweeper/sampler=random", "hydra.sweeper.sampler.seed=0", "model.layers=choice(1,2)",
             "hydra.sweeper.direction=[maximize,minimize]"]
@@ -321,6 +359,7 @@ def abandon_a_trial(study: optuna.Study) -> None:
     study._storage.set_trial_system_attr(trial._trial_id, "newllm:owner", f"{os.uname().nodename}:{2**22 + 1}")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("preset", "objectives"), [
     ("optuna_ppl_quick", "[model/params]"),  # TPE, within its random startup trials
     ("optuna_cvfp_quick", "[model/params,model/params_core]"),  # NSGA-II, within its random first generation
@@ -346,6 +385,7 @@ def overrides_of(run_dir: Path) -> list[str]:
     return yaml.safe_load((run_dir / ".hydra" / "overrides.yaml").read_text())
 
 
+@pytest.mark.slow
 def test_job_folders_belong_to_one_storage_study_and_trial(tmp_path):
     """One study name in two storages: the preset's default folders differ and each trial's run_dir holds its
     own results (on main both wrote outputs/sweeps/s/trial_0). A sweep pointed at a folder that another study
@@ -479,6 +519,7 @@ def postgres():
         shutil.rmtree(root, ignore_errors=True)
 
 
+@pytest.mark.slow
 def test_four_sweep_processes_share_one_postgres_study(tmp_path, postgres):
     """4 sweep processes at once on one study (password from PGPASSWORD, as README's recipe allows): trial
     numbers 0..N-1 each exactly once, n_trials COMPLETE trials with their results, every process stops there."""
@@ -520,6 +561,7 @@ SECRET_STORAGE = "postgresql+psycopg://newllm:${oc.env:NEWLLM_DB_PASSWORD}@127.0
 SUBMITIT_LOCAL = ["hydra/launcher=submitit_local", "hydra.launcher.timeout_min=5"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("launcher", [[], JOBLIB, SUBMITIT_LOCAL], ids=["basic", "joblib", "submitit_local"])
 def test_database_password_never_lands_in_files_or_logs(tmp_path, postgres, launcher, request):
     """A password-protected role, the password from ${oc.env:...}: the jobs connect and report, and the password
@@ -555,6 +597,7 @@ def test_database_password_never_lands_in_files_or_logs(tmp_path, postgres, laun
     assert leaks == [] and secret not in proc.stdout + proc.stderr
 
 
+@pytest.mark.slow
 def test_literal_database_password_is_refused_before_anything_is_written(tmp_path):
     proc = run_cli(["-m", *TINY, OURS, f"paths.output_root={tmp_path / 'outputs'}", f"hydra.sweep.dir={tmp_path / 's'}",
                     "hydra.sweeper.storage=postgresql+psycopg://alice:s3cr3t@127.0.0.1:9/optuna"], cwd=tmp_path,

@@ -9,6 +9,9 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from newllm.config import instantiate
+from newllm.models.interface import ContextModel, ContextUpdate
+
+__all__ = ["ContextModel", "ContextUpdate", "build_model", "count_parameters", "evaluating"]
 
 
 def build_model(model_cfg: DictConfig, vocab_size: int) -> nn.Module:

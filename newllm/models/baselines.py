@@ -10,20 +10,11 @@ import torch
 from torch import nn
 
 from newllm.errors import ConfigError, GenerationError
-
-
-def _init_normal(module: nn.Module, std: float) -> None:
-    for m in module.modules():
-        if isinstance(m, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(m.weight, 0.0, std)
-            if getattr(m, "bias", None) is not None:
-                nn.init.zeros_(m.bias)
+from newllm.models.weights import init_normal_
 
 
 class GRULM(nn.Module):
     """Embedding + LN -> nn.GRU(E -> C, `layers` deep) -> Linear(C -> V)."""
-
-    is_context_model = False
 
     def __init__(self, vocab_size: int, layers: int, context_dim: int, embed_dim: int,
                  hidden_dim: int | None, init_std: float, dropout: float) -> None:
@@ -34,8 +25,8 @@ class GRULM(nn.Module):
         self.rnn = nn.GRU(embed_dim, context_dim, num_layers=layers, batch_first=True,
                           dropout=dropout if layers > 1 else 0.0)
         self.head = nn.Linear(context_dim, vocab_size)
-        _init_normal(self.embedding, init_std)
-        _init_normal(self.head, init_std)
+        init_normal_(self.embedding, init_std)
+        init_normal_(self.head, init_std)
 
     def contexts_window(self, ids: torch.Tensor) -> torch.Tensor:
         out, _ = self.rnn(self.embed_norm(self.embedding(ids)))
@@ -47,8 +38,6 @@ class GRULM(nn.Module):
 
 class TransformerLM(nn.Module):
     """A small pre-LN causal decoder: d_model = context_dim, learned positions, FFN hidden_dim."""
-
-    is_context_model = False
 
     def __init__(self, vocab_size: int, layers: int, context_dim: int, embed_dim: int,
                  hidden_dim: int | None, init_std: float, dropout: float, heads: int = 4,
@@ -64,7 +53,7 @@ class TransformerLM(nn.Module):
         self.decoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(context_dim)
         self.head = nn.Linear(context_dim, vocab_size)
-        _init_normal(self, init_std)
+        init_normal_(self, init_std)
 
     def contexts_window(self, ids: torch.Tensor) -> torch.Tensor:
         t = ids.shape[1]

@@ -19,6 +19,7 @@ from torch.nn import functional as F
 from newllm.errors import GenerationError
 from newllm.models.scripted import gated_layerwise_loop
 from newllm.models.updaters import relu_fnn
+from newllm.models.weights import init_normal_
 
 
 class Block(nn.Module):
@@ -34,8 +35,6 @@ class Block(nn.Module):
 
 
 class ContextLM(nn.Module):
-    is_context_model = True
-
     def __init__(self, vocab_size: int, architecture: str, layers: int, context_dim: int, embed_dim: int,
                  hidden_dim: int | None, init_std: float, dropout: float,
                  updater: Callable[..., nn.Module], embedding: Mapping | None = None) -> None:
@@ -52,24 +51,15 @@ class ContextLM(nn.Module):
             Block(context_dim, embed_dim, self.hidden_dim, depth, updater, dropout) for depth in depths
         )
         self.head = nn.Linear(context_dim, vocab_size)
-        self._init_weights(init_std)
+        # f's weights ~ N(0, init_std); embedding and head ~ N(0, 0.02) (GPT-2's init). f's std matters:
+        # at 0.02 the gates sit at 0.5 and the update is tiny, so f(c, x) ~ LN(c): a near-identity map
+        # whose fixed point is trivial (identity_score ~0.99). The original research used N(0, 0.1) for
+        # its fixed-point layers for this reason.
+        init_normal_(self, 0.02, {"blocks.": init_std})
         # model.embedding.freeze: a (pretrained) embedding neither phase trains; the matrix itself is
         # copied in by newllm.models.pretrained after the tokenizer is known.
         self.freeze_embedding = bool(embedding and embedding.get("freeze"))
         self.embedding.weight.requires_grad_(not self.freeze_embedding)
-
-    def _init_weights(self, block_std: float) -> None:
-        """f's weights ~ N(0, init_std); embedding and head ~ N(0, 0.02) (GPT-2's init).
-
-        f's std matters: at 0.02 the gates sit at 0.5 and the update is tiny, so f(c, x) ~ LN(c):
-        a near-identity map whose fixed point is trivial (identity_score ~0.99). The original
-        research used N(0, 0.1) for its fixed-point layers for this reason.
-        """
-        for name, module in self.named_modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(module.weight, 0.0, block_std if name.startswith("blocks.") else 0.02)
-                if getattr(module, "bias", None) is not None:
-                    nn.init.zeros_(module.bias)
 
     # ------------------------------------------------------------------ the update f
     def embed(self, ids: torch.Tensor) -> torch.Tensor:

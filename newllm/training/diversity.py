@@ -1,8 +1,9 @@
 """Diversity regularisers L_div(C) for Phase 1, blended as (1-w) MSE + w L_div.
 
 Each takes the contexts of one whole sweep, C: (..., N, C_dim) with grad, and returns a scalar
-whose *decrease* means more diverse contexts. Every one keeps a gradient path through C (a version
-of the original whose loss used only detached running statistics had none).
+whose *decrease* means more diverse contexts. Every one keeps a gradient path through C (in the
+research code newllm re-implements, a regulariser whose loss used only detached running statistics
+had none: it could not move f).
 
 Every term is measured on `unit_rms(C)`, the sweep rescaled to unit root-mean-square: contexts are
 LayerNorm outputs whose learnable gain can grow, and a term that rewards raw spread is then met by
@@ -60,7 +61,7 @@ class DimUsage(Diversity):
     Lies in [-1, 0] (weights <= 1 and mean |U| <= 1).
 
     u is normalised by the position count, so the weights do not vanish on long streams
-    (the original accumulated raw sums, making late positions' weights ~1/t).
+    (the research code newllm re-implements accumulated raw sums, making late positions' weights ~1/t).
     """
 
     def forward(self, contexts: torch.Tensor) -> torch.Tensor:

@@ -24,24 +24,18 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 from newllm import metrics
-from newllm.checkpoint import load_module_state, module_state, rng_state, set_rng_state
 from newllm.errors import TrainingError
+from newllm.lifecycle import Phase1State
 from newllm.models import evaluating
 from newllm.training.diversity import Diversity
-from newllm.training.solvers import (
-    burn_in_pass,
-    chunked_pass,
-    sequential_pass,
-    shifted_inputs,
-    shifted_into,
-    zeros_init,
-)
+from newllm.training.solvers import burn_in_pass, chunked_pass, sequential_pass, shifted_inputs, zeros_init
 
 STOP_CONVERGED, STOP_MAX_ITERATIONS, STOP_UNTRAINED = "val_converged", "max_iterations", "untrained"
 
@@ -96,13 +90,17 @@ def initial_contexts(model: torch.nn.Module, x: torch.Tensor, cfg: DictConfig) -
         return sequential_pass(model.update, x, recurrence=model.recurrence)
 
 
-def sweep_inputs(p: torch.Tensor, mode: str) -> torch.Tensor:
-    return p if mode == "per_token" else shifted_inputs(p)
-
-
 def unique_tokens(ids: torch.Tensor, limit: int) -> torch.Tensor:
     """per_token mode: each distinct token once, as S=1 'stream' of independent positions."""
     return torch.unique(ids)[:limit].unsqueeze(0)
+
+
+class SweepStats(NamedTuple):
+    """What one sweep measured, detached: MSE to the previous sweep, the regulariser, per-token MSE (S, N)."""
+
+    mse: torch.Tensor
+    diversity: torch.Tensor
+    token_mse: torch.Tensor
 
 
 def sweep_loss(c: torch.Tensor, target: torch.Tensor, w: float, diversity: Diversity,
@@ -124,14 +122,14 @@ def _rng_restore(state: tuple, device: torch.device) -> None:
 
 
 def sweep(model: torch.nn.Module, ids: torch.Tensor, c_in: torch.Tensor, target: torch.Tensor, out: torch.Tensor,
-          w: float, diversity: Diversity, chunk_size: int, train: bool) -> tuple[torch.Tensor, ...]:
+          w: float, diversity: Diversity, chunk_size: int, train: bool) -> SweepStats:
     """One Jacobi sweep out = f(c_in, X) and its loss; with `train`, the loss's gradients land in .grad.
 
     The loss is always that of the WHOLE sweep, whatever chunk_size (a memory knob): with one chunk,
     one forward + backward. With several, f runs chunk by chunk without a graph, the loss of all of
     `out` is differentiated w.r.t. a detached copy (dL/dC), and each chunk is re-run with its graph and
     back-propagated with its slice of dL/dC: exactly the gradient of the unchunked loss (dropout
-    masks replayed), for one extra forward. Returns (mse, diversity, per-token mse), detached.
+    masks replayed), for one extra forward.
     """
     n = ids.shape[1]
     spans = [(a, min(n, a + chunk_size)) for a in range(0, n, chunk_size)]
@@ -140,7 +138,7 @@ def sweep(model: torch.nn.Module, ids: torch.Tensor, c_in: torch.Tensor, target:
         loss, mse, div, token_mse = sweep_loss(c, target, w, diversity)
         loss.backward()
         out.copy_(c.detach())
-        return mse.detach(), div.detach(), token_mse.detach()
+        return SweepStats(mse.detach(), div.detach(), token_mse.detach())
     device, rng = c_in.device, []
     with torch.no_grad():
         for a, b in spans:
@@ -149,7 +147,7 @@ def sweep(model: torch.nn.Module, ids: torch.Tensor, c_in: torch.Tensor, target:
     if not train:
         with torch.no_grad():
             _, mse, div, token_mse = sweep_loss(out, target, w, diversity)
-        return mse, div, token_mse
+        return SweepStats(mse, div, token_mse)
     after = _rng_snapshot(device)
     leaf = out.clone().requires_grad_(True)
     loss, mse, div, token_mse = sweep_loss(leaf, target, w, diversity)
@@ -158,7 +156,117 @@ def sweep(model: torch.nn.Module, ids: torch.Tensor, c_in: torch.Tensor, target:
         _rng_restore(state, device)  # the same dropout masks as the no-grad forward
         model.update(c_in[:, a:b], model.embed(ids[:, a:b])).backward(leaf.grad[:, a:b])
     _rng_restore(after, device)
-    return mse.detach(), div.detach(), token_mse.detach()
+    return SweepStats(mse.detach(), div.detach(), token_mse.detach())
+
+
+class Phase1Loop:
+    """Phase 1 as init / step / finish around `sweep`: the loop state lives in `self.state` (Phase1State)."""
+
+    def __init__(self, model: torch.nn.Module, ids: torch.Tensor, val: torch.Tensor, cfg: DictConfig,
+                 dist_reg_weight: float, diversity: Diversity, saved: dict | None) -> None:
+        self.model, self.ids, self.val, self.cfg, self.w = model, ids, val, cfg, dist_reg_weight
+        self.train = not cfg.untrained
+        self.params = model.updater_parameters()
+        self.state = Phase1State(optimizer=torch.optim.Adam(self.params, lr=cfg.lr), diversity=diversity)
+        self.stability, self.residual = 0.0, math.nan
+        if saved is None:
+            diversity.reset()  # state carried across sweeps (EMAVariance) starts fresh with the run
+            with torch.no_grad():
+                self.state.contexts = initial_contexts(model, model.embed(ids), cfg)
+        else:
+            self.state.restore(saved, ids.device)
+            last = self.state.history[-1]
+            self.stability, self.residual = last["phase1/train_step_stability"], last["phase1/residual"]
+        self.stop_reason = STOP_MAX_ITERATIONS
+        # Preallocated once: the sweep's inputs and its output (swapped with P after every sweep).
+        p = self.state.contexts
+        self.new, self.c_in = torch.empty_like(p), (None if cfg.mode == "per_token" else torch.empty_like(p))
+        self.zero = torch.zeros((), device=ids.device)
+        model.train(self.train)
+        self.state.start_clock()
+
+    def step(self, k: int) -> tuple[dict, bool]:
+        """Iteration k: one sweep, one optimizer step, the history row; and whether Phase 1 ends here."""
+        cfg, st = self.cfg, self.state
+        st.optimizer.zero_grad(set_to_none=True)
+        p = st.contexts
+        c_in = p if self.c_in is None else shifted_inputs(p, out=self.c_in)
+        if self.train and cfg.context_noise > 0:
+            c_in = c_in + cfg.context_noise * torch.randn_like(c_in)
+        with torch.set_grad_enabled(self.train):
+            stats = sweep(self.model, self.ids, c_in, p, self.new, self.w, st.diversity, cfg.chunk_size, self.train)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip) if self.train else self.zero
+        if self.train:
+            st.optimizer.step()
+        row = self.history_row(k, stats, grad_norm)
+        st.contexts, self.new = self.new, p
+        st.iteration = k
+        last = self.measure(k, row)
+        st.history.append(row)
+        return row, last
+
+    def history_row(self, k: int, stats: SweepStats, grad_norm: torch.Tensor) -> dict:
+        # The one host-device sync of the sweep: every scalar the history needs, at once.
+        scalars = torch.stack([stats.mse, stats.diversity,
+                               (stats.token_mse < self.cfg.convergence_threshold).float().mean(),
+                               (stats.token_mse * self.new.shape[-1]).sqrt().mean(),  # residual: mean L2
+                               grad_norm.to(stats.mse.dtype)])
+        mse, div, self.stability, self.residual, grad = scalars.tolist()
+        if not math.isfinite(mse) or not math.isfinite(div):
+            raise TrainingError(f"phase 1 loss became non-finite at iteration {k} (mse={mse}, "
+                                f"diversity={div}); lower training.phase1.lr or training.dist_reg_weight")
+        return {"phase": 1, "step": k, "phase1/cvfp_loss": mse, "phase1/diversity_loss": div,
+                "phase1/loss": (1 - self.w) * mse + self.w * div, "phase1/train_step_stability": self.stability,
+                "phase1/residual": self.residual, "phase1/grad_norm": grad,
+                "phase1/time_s": self.state.elapsed()}
+
+    def measure(self, k: int, row: dict) -> bool:
+        """The held-out check and the rank, when due (added to `row`); True when Phase 1 stops at k."""
+        cfg = self.cfg
+        last = k == cfg.max_iterations
+        if not self.train and k >= cfg.min_iterations:
+            last, self.stop_reason = True, STOP_UNTRAINED  # f cannot change: more sweeps would measure nothing new
+        if k % cfg.val_every == 0 or last:
+            t_check = time.perf_counter()
+            with evaluating(self.model):
+                row.update(evaluate_phase1(self.model, self.val, cfg, memory=False))
+            self.state.measuring_s += time.perf_counter() - t_check  # timed apart from training
+            if self.train and k >= cfg.min_iterations and row["phase1/val_convergence_rate"] >= cfg.convergence_target:
+                last, self.stop_reason = True, STOP_CONVERGED
+        if k % cfg.erank_every == 0 or last:
+            row["phase1/effective_rank"] = metrics.effective_rank(self.state.contexts, cfg.erank_samples)
+        return last
+
+    def finish(self, test: torch.Tensor | None) -> Phase1Result:
+        """The run's Phase-1 metrics: of the last sweep, then held-out validation (and test) from a cold start."""
+        cfg, st, model = self.cfg, self.state, self.model
+        train_time = st.elapsed() - st.measuring_s
+        model.eval()
+        contexts = st.contexts.reshape(-1, st.contexts.shape[-1])
+        c_dim, n_tokens, iterations = contexts.shape[-1], self.ids.numel(), len(st.history)
+        erank = metrics.effective_rank(contexts, cfg.erank_samples)
+        m: dict[str, float | str] = {
+            "phase1/train_step_stability": self.stability,
+            "phase1/residual": self.residual,
+            "phase1/iterations": iterations,
+            "phase1/stop_reason": self.stop_reason,
+            "phase1/effective_rank": erank,
+            "phase1/effective_rank_ratio": erank / c_dim,
+            "phase1/effective_rank_samples": min(cfg.erank_samples, contexts.shape[0]),
+            "phase1/participation_ratio": metrics.participation_ratio(contexts, cfg.erank_samples),
+            "phase1/tokens": n_tokens,
+            "phase1/train_time_s": train_time,
+            "phase1/token_iterations_per_s": n_tokens * iterations / max(train_time, 1e-9),
+            "phase1/identity_score": metrics.identity_mapping_score(model.update, c_dim, model.embed_dim,
+                                                                    device=contexts.device, dtype=contexts.dtype),
+        }
+        t_final = time.perf_counter()
+        val_metrics, val_contexts = evaluate_phase1(model, self.val, cfg, return_contexts=True)
+        m.update(val_metrics)
+        if test is not None:
+            m.update(evaluate_phase1(model, test, cfg, prefix="phase1/test_"))
+        m["phase1/held_out_time_s"] = st.measuring_s + time.perf_counter() - t_final
+        return Phase1Result(history=st.history, metrics=m, val_contexts=val_contexts.cpu())
 
 
 def train_phase1(model: torch.nn.Module, train_ids: torch.Tensor, val_ids: torch.Tensor, cfg: DictConfig,
@@ -176,112 +284,23 @@ def train_phase1(model: torch.nn.Module, train_ids: torch.Tensor, val_ids: torch
     `checkpoint(loop_state)` is called every training.phase1.checkpoint_every iterations; passing
     that loop state back as `state` continues from there exactly (model weights restored by the caller).
     """
-    w = dist_reg_weight
     ids = phase1_ids(train_ids, cfg).to(device)
     # held-out positions built first: a stream too short to measure fails before any work
     val = held_out_ids(val_ids, cfg).to(device)
     test = held_out_ids(test_ids, cfg, "test").to(device) if test_ids is not None else None
-    train = not cfg.untrained
-    params = model.updater_parameters()
-    optimizer = torch.optim.Adam(params, lr=cfg.lr)
-    result = Phase1Result()
-    n_tokens = ids.numel()
-
-    stability, residual, start = 0.0, math.nan, 1
-    elapsed_before = measuring_before = 0.0  # time up to the checkpoint resumed from, in earlier processes
-    if state is None:
-        diversity.reset()  # state carried across sweeps (EMAVariance) starts fresh with the run
-        with torch.no_grad():
-            p = initial_contexts(model, model.embed(ids), cfg)
-    else:
-        p, start = state["contexts"].to(device), state["iteration"] + 1
-        optimizer.load_state_dict(state["optimizer"])
-        load_module_state(diversity, state["diversity"])
-        result.history = list(state["history"])
-        stability, residual = result.history[-1]["phase1/train_step_stability"], result.history[-1]["phase1/residual"]
-        elapsed_before, measuring_before = state.get("elapsed_s", 0.0), state.get("measuring_s", 0.0)
-        set_rng_state(state["rng"])
-    model.train(train)
-    every = cfg.get("checkpoint_every", 0)
-    stop_reason, measuring_s = STOP_MAX_ITERATIONS, measuring_before  # held-out checks: timed apart from training
-    t0 = time.perf_counter() - elapsed_before  # times below are totals over every resume
-    bar = tqdm(range(start, cfg.max_iterations + 1), desc="phase1", disable=not progress, leave=False)
-    # Preallocated once: the sweep's inputs and its output (swapped with p after every sweep).
-    new, c_in_all = torch.empty_like(p), (p if cfg.mode == "per_token" else torch.empty_like(p))
-    zero, c_dim = torch.zeros((), device=device), p.shape[-1]
+    loop = Phase1Loop(model, ids, val, cfg, dist_reg_weight, diversity, state)
+    bar = tqdm(range(loop.state.iteration + 1, cfg.max_iterations + 1), desc="phase1", disable=not progress,
+               leave=False)
     for k in bar:
-        optimizer.zero_grad(set_to_none=True)
-        c_in = p if cfg.mode == "per_token" else shifted_into(c_in_all, p)
-        if train and cfg.context_noise > 0:
-            c_in = c_in + cfg.context_noise * torch.randn_like(c_in)
-        with torch.set_grad_enabled(train):
-            mse, div, token_mse = sweep(model, ids, c_in, p, new, w, diversity, cfg.chunk_size, train)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip) if train else zero
-        if train:
-            optimizer.step()
-        # The one host-device sync of the sweep: every scalar the history needs, at once.
-        scalars = torch.stack([mse, div, (token_mse < cfg.convergence_threshold).float().mean(),
-                               (token_mse * c_dim).sqrt().mean(), grad_norm.to(mse.dtype)])  # residual: mean L2
-        mse_v, div_v, stability, residual, grad_norm = scalars.tolist()
-        if not math.isfinite(mse_v) or not math.isfinite(div_v):
-            raise TrainingError(f"phase 1 loss became non-finite at iteration {k} (mse={mse_v}, "
-                                f"diversity={div_v}); lower training.phase1.lr or training.dist_reg_weight")
-        p, new = new, p
-        row = {"phase": 1, "step": k, "phase1/cvfp_loss": mse_v, "phase1/diversity_loss": div_v,
-               "phase1/loss": (1 - w) * mse_v + w * div_v, "phase1/train_step_stability": stability,
-               "phase1/residual": residual, "phase1/grad_norm": grad_norm,
-               "phase1/time_s": time.perf_counter() - t0}
-        last = k == cfg.max_iterations
-        if not train and k >= cfg.min_iterations:
-            last, stop_reason = True, STOP_UNTRAINED  # f cannot change: more sweeps would measure nothing new
-        if k % cfg.val_every == 0 or last:
-            t_check = time.perf_counter()
-            with evaluating(model):
-                row.update(evaluate_phase1(model, val, cfg, memory=False))
-            measuring_s += time.perf_counter() - t_check
-            if train and k >= cfg.min_iterations and row["phase1/val_convergence_rate"] >= cfg.convergence_target:
-                last, stop_reason = True, STOP_CONVERGED
-        if k % cfg.erank_every == 0 or last:
-            row["phase1/effective_rank"] = metrics.effective_rank(p, cfg.erank_samples)
-        result.history.append(row)
+        row, last = loop.step(k)
         if on_iteration is not None:
             on_iteration(row)
-        bar.set_postfix(loss=f"{row['phase1/loss']:.4f}", stab=f"{stability:.3f}")
+        bar.set_postfix(loss=f"{row['phase1/loss']:.4f}", stab=f"{loop.stability:.3f}")
         if last:
             break
-        if checkpoint is not None and every and k % every == 0:
-            checkpoint({"iteration": k, "elapsed_s": time.perf_counter() - t0, "measuring_s": measuring_s,
-                        "contexts": p, "optimizer": optimizer.state_dict(), "diversity": module_state(diversity),
-                        "history": result.history, "rng": rng_state()})
-    train_time = time.perf_counter() - t0 - measuring_s
-    model.eval()
-
-    train_contexts = p.reshape(-1, c_dim)
-    erank = metrics.effective_rank(train_contexts, cfg.erank_samples)
-    m: dict[str, float | str] = {
-        "phase1/train_step_stability": stability,
-        "phase1/residual": residual,
-        "phase1/iterations": len(result.history),
-        "phase1/stop_reason": stop_reason,
-        "phase1/effective_rank": erank,
-        "phase1/effective_rank_ratio": erank / c_dim,
-        "phase1/effective_rank_samples": min(cfg.erank_samples, train_contexts.shape[0]),
-        "phase1/participation_ratio": metrics.participation_ratio(train_contexts, cfg.erank_samples),
-        "phase1/tokens": n_tokens,
-        "phase1/train_time_s": train_time,
-        "phase1/token_iterations_per_s": n_tokens * len(result.history) / max(train_time, 1e-9),
-        "phase1/identity_score": metrics.identity_mapping_score(model.update, c_dim, model.embed_dim,
-                                                                device=device, dtype=p.dtype),
-    }
-    t_final = time.perf_counter()
-    val_metrics, contexts = evaluate_phase1(model, val, cfg, return_contexts=True)
-    result.val_contexts = contexts.cpu()
-    m.update(val_metrics)
-    if test is not None:
-        m.update(evaluate_phase1(model, test, cfg, prefix="phase1/test_"))
-    m["phase1/held_out_time_s"] = measuring_s + time.perf_counter() - t_final
-    result.metrics = m
-    return result
+        if checkpoint is not None and cfg.checkpoint_every and k % cfg.checkpoint_every == 0:
+            checkpoint(loop.state.save())
+    return loop.finish(test)
 
 
 @torch.no_grad()

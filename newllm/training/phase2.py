@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import copy
 import math
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -30,12 +29,14 @@ from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from newllm import metrics
-from newllm.checkpoint import rng_state, set_rng_state
 from newllm.config import ConfigError
 from newllm.errors import DataError, TrainingError
-from newllm.models import evaluating
+from newllm.lifecycle import Phase2State, TrainTally
+from newllm.models import ContextModel, evaluating
 from newllm.training.instruments import PositionLoss
 from newllm.training.solvers import jacobi_window
+
+ContextsCache = Callable[[torch.Tensor, Callable[[], torch.Tensor]], torch.Tensor]
 
 
 @dataclass
@@ -113,7 +114,7 @@ def _masked_ce(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) 
 
 def train_contexts_window(model: nn.Module, inputs: torch.Tensor, cfg: DictConfig) -> torch.Tensor:
     """Training-time contexts of (B, T) windows: the sequential loop, or Jacobi sweeps (solver=jacobi)."""
-    if cfg.get("solver", "sequential") != "jacobi" or not getattr(model, "is_context_model", False):
+    if cfg.solver != "jacobi" or not isinstance(model, ContextModel):
         return model.contexts_window(inputs)
     x = model.embed(inputs)
     sweeps = cfg.jacobi_sweeps or inputs.shape[1]
@@ -151,7 +152,7 @@ def evaluate(model: nn.Module, windows: tuple[torch.Tensor, ...], batch_size: in
 
 def eval_length(model: nn.Module, cfg: DictConfig) -> int:
     """training.phase2.eval_seq_len (null = seq_len), checked against a transformer's max_len."""
-    length = cfg.get("eval_seq_len") or cfg.seq_len
+    length = cfg.eval_seq_len or cfg.seq_len
     max_len = getattr(model, "max_len", None)
     if max_len is not None and length > max_len:
         raise ConfigError(f"training.phase2.eval_seq_len={length} is not allowed: this model reads at most "
@@ -159,151 +160,173 @@ def eval_length(model: nn.Module, cfg: DictConfig) -> int:
     return length
 
 
+@dataclass
+class Windows:
+    """The (inputs, targets, mask) windows of each split, on the device; test is None without a test split."""
+
+    train: list[torch.Tensor]
+    val: list[torch.Tensor]
+    test: list[torch.Tensor] | None
+    eval_len: int
+
+    @classmethod
+    def build(cls, model: nn.Module, data, cfg: DictConfig, device: torch.device) -> Windows:
+        train = [t.to(device) for t in make_windows(data.train_ids, data.train_mask, cfg.seq_len, "training")]
+        val_ids, val_mask = data.val_ids, data.val_mask
+        if cfg.max_val_tokens:
+            val_ids, val_mask = val_ids[: cfg.max_val_tokens + 1], val_mask[: cfg.max_val_tokens + 1]
+        eval_len = eval_length(model, cfg)
+        val = [t.to(device) for t in make_windows(val_ids, val_mask, eval_len, "validation")]
+        if int(val[2].sum()) == 0:
+            raise DataError("the validation windows hold no tokens to predict (loss mask all false); "
+                            "use data.loss_on=all or more validation data")
+        test_ids = getattr(data, "test_ids", None)
+        test = None
+        if test_ids is not None and test_ids.numel() > 0:
+            test = [t.to(device) for t in make_windows(test_ids, data.test_mask, eval_len, "test")]
+        return cls(train, val, test, eval_len)
+
+
+class Phase2Loop:
+    """Phase 2 as init / step / finish: `step` is one optimizer step, `evaluation` one validation, the loop
+    state lives in `self.state` (Phase2State)."""
+
+    def __init__(self, model: nn.Module, windows: Windows, cfg: DictConfig, device: torch.device, seed: int,
+                 on_epoch: Callable[[dict], None] | None, contexts_cache: ContextsCache | None) -> None:
+        self.model, self.windows, self.cfg, self.on_epoch = model, windows, cfg, on_epoch
+        is_context = isinstance(model, ContextModel)
+        self.fixed = cfg.context == "fixed"
+        freeze = is_context and (cfg.freeze_updater or self.fixed)
+        for p in (model.updater_parameters() if is_context else []):
+            p.requires_grad_(not freeze)
+        decoder = None
+        if cfg.reconstruction_weight > 0 and is_context and not freeze:
+            decoder = ReconstructionDecoder(model.context_dim, model.embed_dim).to(device)
+        self.trainable = [p for p in model.parameters() if p.requires_grad]
+        if decoder is not None:
+            self.trainable += list(decoder.parameters())
+        self.train_contexts = self.fixed_contexts(contexts_cache).to(device) if self.fixed else None
+        self.state = Phase2State(
+            optimizer=torch.optim.AdamW(self.trainable, lr=cfg.lr, weight_decay=cfg.weight_decay),
+            generator=torch.Generator().manual_seed(seed), decoder=decoder,
+            stop=Plateau(cfg.patience, cfg.min_delta, copy.deepcopy(model.state_dict())))
+
+    def fixed_contexts(self, cache: ContextsCache | None) -> torch.Tensor:
+        inputs = self.windows.train[0]
+        compute = lambda: contexts_of(self.model, inputs, self.cfg.batch_size * 4)
+        return compute() if cache is None else cache(inputs, compute)
+
+    def batches(self) -> list[torch.Tensor]:
+        """This epoch's batches of window indices, in the seeded random order."""
+        order = torch.randperm(self.windows.train[0].shape[0], generator=self.state.generator)
+        batches = order.to(self.windows.train[0].device).split(self.cfg.batch_size)
+        return list(batches[: self.cfg.max_steps_per_epoch] if self.cfg.max_steps_per_epoch else batches)
+
+    def step(self, idx: torch.Tensor, epoch: int) -> None:
+        """One optimizer step on the windows `idx`."""
+        cfg, st = self.cfg, self.state
+        inputs, targets, mask = (t[idx] for t in self.windows.train)
+        contexts = self.train_contexts[idx] if self.fixed else train_contexts_window(self.model, inputs, cfg)
+        logits = self.model.head(contexts)
+        loss = _masked_ce(logits, targets, mask)
+        if st.decoder is not None:
+            loss = loss + cfg.reconstruction_weight * st.decoder.loss(contexts, self.model.embed(inputs))
+        if not torch.isfinite(loss):
+            raise TrainingError(f"phase 2 loss became non-finite at epoch {epoch}, step {st.step}; "
+                                "lower training.phase2.lr")
+        st.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.trainable, cfg.grad_clip)
+        st.optimizer.step()
+        st.step += 1
+        st.n_seen += inputs.numel()
+        st.tally.add(*metrics.masked_token_stats(logits.detach(), targets, mask))
+
+    def evaluation(self, epoch: int) -> bool:
+        """Validate now, log the row, update the plateau rule; True when it says stop."""
+        st, tally = self.state, self.state.tally
+        train_loss = tally.ce_sum / max(tally.count, 1)
+        val = evaluate(self.model, self.windows.val, self.cfg.batch_size * 4)
+        row = {"phase": 2, "step": st.step, "epoch": epoch, "evaluation": st.stop.evaluations + 1,
+               "phase2/train_loss": train_loss, "phase2/train_ppl": metrics.perplexity(train_loss),
+               "phase2/train_acc": tally.correct / max(tally.count, 1),
+               "phase2/val_loss": val["loss"], "phase2/val_ppl": val["ppl"], "phase2/val_acc": val["acc"],
+               "phase2/time_s": st.elapsed()}
+        st.tally = TrainTally()
+        st.history.append(row)
+        if self.on_epoch is not None:
+            self.on_epoch(row)
+        return st.stop.update(row, val, self.model)
+
+    def epoch(self, epoch: int, progress: bool) -> str | None:
+        """Train one epoch with its evaluations; "plateau" or "cap" when the run ends in it, else None."""
+        cfg, st = self.cfg, self.state
+        self.model.train()
+        for idx in tqdm(self.batches(), desc=f"phase2 epoch {epoch}", disable=not progress, leave=False):
+            self.step(idx, epoch)
+            capped = cfg.max_steps is not None and st.step >= cfg.max_steps
+            if (cfg.eval_every and st.step % cfg.eval_every == 0) or capped:
+                if self.evaluation(epoch):
+                    return "plateau"
+                if capped:
+                    return "cap"
+                self.model.train()
+        pending = st.tally.count > 0 or not st.history  # steps not yet validated
+        if (not cfg.eval_every or (epoch == cfg.epochs and pending)) and self.evaluation(epoch):
+            return "plateau"
+        st.epoch = epoch
+        return None
+
+    def finish(self, reason: str) -> Phase2Result:
+        """Restore the best evaluation's weights; its metrics, and the test split's once."""
+        st, stop = self.state, self.state.stop
+        train_time = st.elapsed()
+        if stop.best_epoch == 0:
+            raise TrainingError("phase 2 validation loss was never finite; lower training.phase2.lr")
+        self.model.load_state_dict(stop.best_state)  # report (and keep) the best validation evaluation
+        result = Phase2Result(history=st.history, metrics=self.best_metrics(reason, train_time))
+        if self.windows.test is not None:  # once, with the kept weights: the unbiased figure to report
+            test = evaluate(self.model, self.windows.test, self.cfg.batch_size * 4)
+            result.metrics.update({f"phase2/test_{k}": test[k] for k in (
+                "loss", "ppl", "acc", "tokens", "loss_by_position", "tokens_by_position")})
+        return result
+
+    def best_metrics(self, reason: str, train_time: float) -> dict:
+        st, stop, best = self.state, self.state.stop, self.state.stop.best
+        # train_* of the same evaluation as the kept weights and val_*; the last one's under last_epoch_*
+        best_row, last = st.history[stop.best_evaluation - 1], st.history[-1]
+        return {
+            **{f"phase2/val_{k}": best[k] for k in ("loss", "ppl", "acc", "tokens")},
+            "phase2/best_epoch": stop.best_epoch, "phase2/eval_seq_len": self.windows.eval_len,
+            "phase2/val_loss_by_position": best["loss_by_position"],
+            "phase2/val_tokens_by_position": best["tokens_by_position"],
+            "phase2/best_step": stop.best_step, "phase2/best_evaluation": stop.best_evaluation,
+            "phase2/time_to_best_s": stop.time_to_best_s, "phase2/stop_reason": reason,
+            "phase2/epochs": last["epoch"], "phase2/steps": st.step, "phase2/evaluations": stop.evaluations,
+            **{f"phase2/train_{k}": best_row[f"phase2/train_{k}"] for k in ("loss", "ppl", "acc")},
+            **{f"phase2/last_epoch_train_{k}": last[f"phase2/train_{k}"] for k in ("loss", "ppl", "acc")},
+            "phase2/uniform_ppl": float(self.model.vocab_size),
+            "phase2/train_time_s": train_time, "phase2/tokens_per_s": st.n_seen / max(train_time, 1e-9),
+            "phase2/tokens_seen": st.n_seen,
+        }
+
+
 def train_phase2(model: nn.Module, data, cfg: DictConfig, device: torch.device, seed: int,
                  on_epoch: Callable[[dict], None] | None = None, progress: bool = True,
                  state: dict | None = None, checkpoint: Callable[[dict], None] | None = None,
-                 contexts_cache: Callable[[torch.Tensor, Callable[[], torch.Tensor]], torch.Tensor] | None = None,
-                 ) -> Phase2Result:
+                 contexts_cache: ContextsCache | None = None) -> Phase2Result:
     """Train next-token prediction. `checkpoint(loop_state)` is called every
     training.phase2.checkpoint_every epochs; passing it back as `state` continues exactly (model weights
     restored by the caller). `contexts_cache(inputs, compute)` may serve the fixed-mode contexts."""
-    train_w = [t.to(device) for t in make_windows(data.train_ids, data.train_mask, cfg.seq_len, "training")]
-    val_ids, val_mask = data.val_ids, data.val_mask
-    if cfg.max_val_tokens:
-        val_ids, val_mask = val_ids[: cfg.max_val_tokens + 1], val_mask[: cfg.max_val_tokens + 1]
-    eval_len = eval_length(model, cfg)
-    val_w = [t.to(device) for t in make_windows(val_ids, val_mask, eval_len, "validation")]
-    if int(val_w[2].sum()) == 0:
-        raise DataError("the validation windows hold no tokens to predict (loss mask all false); "
-                        "use data.loss_on=all or more validation data")
-    test_ids = getattr(data, "test_ids", None)
-    test_w = None
-    if test_ids is not None and test_ids.numel() > 0:
-        test_w = [t.to(device) for t in make_windows(test_ids, data.test_mask, eval_len, "test")]
-
-    is_context = getattr(model, "is_context_model", False)
-    fixed = cfg.context == "fixed"
-    freeze = is_context and (cfg.freeze_updater or fixed)
-    for p in (model.updater_parameters() if is_context else []):
-        p.requires_grad_(not freeze)
-    decoder = None
-    if cfg.reconstruction_weight > 0 and is_context and not freeze:
-        decoder = ReconstructionDecoder(model.context_dim, model.embed_dim).to(device)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    if decoder is not None:
-        trainable += list(decoder.parameters())
-    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
-
-    compute = lambda: contexts_of(model, train_w[0], cfg.batch_size * 4)
-    train_contexts = None
-    if fixed:
-        train_contexts = (compute() if contexts_cache is None else contexts_cache(train_w[0], compute)).to(device)
-    g = torch.Generator().manual_seed(seed)
-    result = Phase2Result()
-    stop = Plateau(cfg.patience, cfg.min_delta, copy.deepcopy(model.state_dict()))
-    step, n_seen, start, elapsed_before = 0, 0, 1, 0.0
-    running = [0.0, 0, 0]  # train CE sum, correct, count since the last evaluation
+    loop = Phase2Loop(model, Windows.build(model, data, cfg, device), cfg, device, seed, on_epoch, contexts_cache)
     if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
-        if decoder is not None:
-            decoder.load_state_dict(state["decoder"])
-        g.set_state(state["generator"])
-        result.history = list(state["history"])
-        stop.load(state["stop"])
-        step, n_seen, start = state["step"], state["n_seen"], state["epoch"] + 1
-        running = list(state["running"])
-        elapsed_before = state.get("elapsed_s", 0.0)  # time up to that checkpoint, in earlier processes
-        set_rng_state(state["rng"])
-    every = cfg.get("checkpoint_every", 0)
-    t0 = time.perf_counter() - elapsed_before  # times and tokens/s below are totals over every resume
-    reason = "cap"
-
-    def evaluation(epoch: int) -> bool:
-        """Validate now, log the row, update the plateau rule; True when it says stop."""
-        train_loss = running[0] / max(running[2], 1)
-        val = evaluate(model, val_w, cfg.batch_size * 4)
-        row = {"phase": 2, "step": step, "epoch": epoch, "evaluation": stop.evaluations + 1,
-               "phase2/train_loss": train_loss, "phase2/train_ppl": metrics.perplexity(train_loss),
-               "phase2/train_acc": running[1] / max(running[2], 1),
-               "phase2/val_loss": val["loss"], "phase2/val_ppl": val["ppl"], "phase2/val_acc": val["acc"],
-               "phase2/time_s": time.perf_counter() - t0}
-        running[:] = [0.0, 0, 0]
-        result.history.append(row)
-        if on_epoch is not None:
-            on_epoch(row)
-        return stop.update(row, val, model)
-
-    for epoch in range(start, cfg.epochs + 1):
-        model.train()
-        order = torch.randperm(train_w[0].shape[0], generator=g).to(device)
-        batches = order.split(cfg.batch_size)
-        if cfg.max_steps_per_epoch:
-            batches = batches[: cfg.max_steps_per_epoch]
-        for idx in tqdm(batches, desc=f"phase2 epoch {epoch}", disable=not progress, leave=False):
-            inputs, targets, mask = (t[idx] for t in train_w)
-            contexts = train_contexts[idx] if fixed else train_contexts_window(model, inputs, cfg)
-            logits = model.head(contexts)
-            loss = _masked_ce(logits, targets, mask)
-            if decoder is not None:
-                loss = loss + cfg.reconstruction_weight * decoder.loss(contexts, model.embed(inputs))
-            if not torch.isfinite(loss):
-                raise TrainingError(f"phase 2 loss became non-finite at epoch {epoch}, step {step}; "
-                                    "lower training.phase2.lr")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
-            optimizer.step()
-            step += 1
-            n_seen += inputs.numel()
-            s, c, n = metrics.masked_token_stats(logits.detach(), targets, mask)
-            running[0], running[1], running[2] = running[0] + s, running[1] + c, running[2] + n
-            capped = cfg.max_steps is not None and step >= cfg.max_steps
-            if (cfg.eval_every and step % cfg.eval_every == 0) or capped:
-                if evaluation(epoch):
-                    reason = "plateau"
-                if capped or reason == "plateau":
-                    break
-                model.train()
-        else:  # the epoch ran to its end
-            last_epoch = epoch == cfg.epochs
-            pending = running[2] > 0 or not result.history  # steps not yet validated
-            if (not cfg.eval_every or (last_epoch and pending)) and evaluation(epoch):
-                reason = "plateau"
-            if reason != "plateau":
-                if checkpoint is not None and every and epoch % every == 0 and not last_epoch:
-                    checkpoint({"epoch": epoch, "elapsed_s": time.perf_counter() - t0,
-                                "optimizer": optimizer.state_dict(), "generator": g.get_state(),
-                                "decoder": decoder.state_dict() if decoder is not None else None,
-                                "history": result.history, "stop": stop.state(), "step": step,
-                                "n_seen": n_seen, "running": list(running), "rng": rng_state()})
-                continue
-        break  # a plateau, or the max_steps cap
-    train_time = time.perf_counter() - t0
-    if stop.best_epoch == 0:
-        raise TrainingError("phase 2 validation loss was never finite; lower training.phase2.lr")
-    model.load_state_dict(stop.best_state)  # report (and keep) the best validation evaluation
-    # train_* of the same evaluation as the kept weights and val_*; the last one's under last_epoch_*
-    best_row = result.history[stop.best_evaluation - 1]
-    last = result.history[-1]
-    best = stop.best
-    result.metrics = {
-        "phase2/val_loss": best["loss"], "phase2/val_ppl": best["ppl"], "phase2/val_acc": best["acc"],
-        "phase2/val_tokens": best["tokens"], "phase2/best_epoch": stop.best_epoch, "phase2/eval_seq_len": eval_len,
-        "phase2/val_loss_by_position": best["loss_by_position"],
-        "phase2/val_tokens_by_position": best["tokens_by_position"],
-        "phase2/best_step": stop.best_step, "phase2/best_evaluation": stop.best_evaluation,
-        "phase2/time_to_best_s": stop.time_to_best_s, "phase2/stop_reason": reason,
-        "phase2/epochs": last["epoch"], "phase2/steps": step, "phase2/evaluations": stop.evaluations,
-        **{f"phase2/train_{k}": best_row[f"phase2/train_{k}"] for k in ("loss", "ppl", "acc")},
-        **{f"phase2/last_epoch_train_{k}": last[f"phase2/train_{k}"] for k in ("loss", "ppl", "acc")},
-        "phase2/uniform_ppl": float(model.vocab_size),
-        "phase2/train_time_s": train_time, "phase2/tokens_per_s": n_seen / max(train_time, 1e-9),
-        "phase2/tokens_seen": n_seen,
-    }
-    if test_w is not None:  # once, with the kept weights: the unbiased figure to report
-        test = evaluate(model, test_w, cfg.batch_size * 4)
-        result.metrics.update({"phase2/test_loss": test["loss"], "phase2/test_ppl": test["ppl"],
-                               "phase2/test_acc": test["acc"], "phase2/test_tokens": test["tokens"],
-                               "phase2/test_loss_by_position": test["loss_by_position"],
-                               "phase2/test_tokens_by_position": test["tokens_by_position"]})
-    return result
+        loop.state.restore(state)
+    loop.state.start_clock()  # times and tokens/s are totals over every resume
+    for epoch in range(loop.state.epoch + 1, cfg.epochs + 1):
+        reason = loop.epoch(epoch, progress)
+        if reason is not None:
+            return loop.finish(reason)
+        if checkpoint is not None and cfg.checkpoint_every and epoch % cfg.checkpoint_every == 0 \
+                and epoch != cfg.epochs:
+            checkpoint(loop.state.save())
+    return loop.finish("cap")

@@ -10,6 +10,8 @@ from collections.abc import Callable
 
 import torch
 
+from newllm.models.interface import ContextUpdate
+
 Update = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 # A whole left-to-right pass, (S, N, E) embedded tokens and an optional start (S, C) -> contexts (S, N, C):
 # a model's own fast loop (ContextLM.recurrence hoists the input projections), equal to stepping `update`.
@@ -73,39 +75,26 @@ def zeros_init(update: Update, x: torch.Tensor) -> torch.Tensor:
     return x.new_zeros(*x.shape[:-1], _context_dim(update, x))
 
 
-def shifted_inputs(contexts: torch.Tensor, first: torch.Tensor | None = None) -> torch.Tensor:
+def shifted_inputs(contexts: torch.Tensor, first: torch.Tensor | None = None,
+                   out: torch.Tensor | None = None) -> torch.Tensor:
     """Inputs of a Jacobi sweep: position t reads c_{t-1} of the previous sweep.
 
     Position 0 reads `first` (S, C) when given (an open chain from a known start), otherwise the
     previous sweep's LAST context (the stream read again and again: the context carries over).
+    `out`, when given, is a preallocated (S, N, C) buffer written in place (no new tensor per sweep).
     """
-    head = contexts[:, -1:] if first is None else first.unsqueeze(1)
-    return torch.cat([head, contexts[:, :-1]], dim=1)
+    if out is None:
+        head = contexts[:, -1:] if first is None else first.unsqueeze(1)
+        return torch.cat([head, contexts[:, :-1]], dim=1)
+    out[:, 0] = contexts[:, -1] if first is None else first
+    out[:, 1:] = contexts[:, :-1]
+    return out
 
 
 def jacobi_sweep(update: Update, contexts: torch.Tensor, x: torch.Tensor,
                  first: torch.Tensor | None = None) -> torch.Tensor:
     """One parallel sweep: every c_t = f(c_{t-1}^{prev}, x_t) in one batched call."""
     return update(shifted_inputs(contexts, first), x)
-
-
-@torch.no_grad()
-def jacobi_solve(update: Update, x: torch.Tensor, contexts: torch.Tensor, sweeps: int,
-                 first: torch.Tensor | None = None, tol: float = 0.0) -> tuple[torch.Tensor, list[float]]:
-    """Repeated sweeps until max per-token MSE <= tol or `sweeps` are done.
-
-    On an open chain (`first` given) the result equals `sequential_pass` after at most N sweeps,
-    whatever f is; on a contraction it gets there much sooner. Returns (contexts, residuals).
-    """
-    residuals: list[float] = []
-    for _ in range(sweeps):
-        new = jacobi_sweep(update, contexts, x, first)
-        mse = (new - contexts).pow(2).mean(-1)
-        residuals.append(float(mse.max()))
-        contexts = new
-        if residuals[-1] <= tol:
-            break
-    return contexts, residuals
 
 
 def jacobi_window(update: Update, x: torch.Tensor, c0: torch.Tensor, max_sweeps: int, tol: float,
@@ -133,15 +122,8 @@ def jacobi_window(update: Update, x: torch.Tensor, c0: torch.Tensor, max_sweeps:
     return contexts, sweeps + grad_sweeps
 
 
-def shifted_into(out: torch.Tensor, contexts: torch.Tensor) -> torch.Tensor:
-    """`shifted_inputs(contexts)` written into a preallocated `out` (no new (S, N, C) tensor)."""
-    out[:, 0] = contexts[:, -1]
-    out[:, 1:] = contexts[:, :-1]
-    return out
-
-
 def _context_dim(update: Update, x: torch.Tensor) -> int:
-    owner = getattr(update, "__self__", None)
-    if owner is None or not hasattr(owner, "context_dim"):
+    owner = getattr(update, "__self__", None)  # `update` is a bound method: its model sets the state size
+    if not isinstance(owner, ContextUpdate):
         raise TypeError("pass the model's bound `update` method (its context_dim sets the state size)")
     return owner.context_dim
