@@ -13,6 +13,7 @@ any other exception is a bug and keeps its traceback. The subclasses say which p
       RunFolderError     a run folder that is taken, or a run that is still running
       PretrainedError    a pretrained model that cannot be fetched or does not fit
       GenerationError    a sampling request the model cannot serve (also a ValueError)
+      AnalysisError      nothing to analyse (missing folder, no runs, unknown study, unreadable file)
       ScalingError       too few or unusable points for a power-law fit
       SweepAborted       too many failed trials
       CompatError        an Optuna / Hydra release without a private API newllm.compat wraps
@@ -68,6 +69,10 @@ class GenerationError(NewllmError, ValueError):
     """A sampling request the model cannot serve (an empty prompt, more positions than model.max_len).
 
     Also a ValueError, which `generate` raised before the error contract."""
+
+
+class AnalysisError(NewllmError):
+    """Nothing to analyse (missing folder, no runs, unknown study, unreadable file...)."""
 
 
 class ScalingError(NewllmError):

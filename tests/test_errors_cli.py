@@ -129,9 +129,8 @@ def test_documented_error_is_one_line_and_exit_2(tmp_path, args, expected, setup
 # Where each error class was defined before newllm.errors held them all: importable from there still.
 OLD_HOMES = {"newllm.config": "ConfigError", "newllm.checkpoint": "CheckpointError", "newllm.memory": "ResourceError",
              "newllm.scaling": "ScalingError", "newllm.rundirs": "RunFolderError",
-             "newllm.models.pretrained": "PretrainedError", "hydra_plugins.newllm_sweeper.sweeper": "FolderOwned"}
-# Not yet moved: newllm.analysis is being turned into a package (issue 18, section 4).
-ELSEWHERE = {"newllm.analysis.AnalysisError"}
+             "newllm.models.pretrained": "PretrainedError", "hydra_plugins.newllm_sweeper.sweeper": "FolderOwned",
+             "newllm.analysis": "AnalysisError", "newllm.analysis.runs": "AnalysisError"}
 
 
 def _subclasses(cls: type) -> set[type]:
@@ -146,7 +145,7 @@ def test_every_newllm_error_lives_in_newllm_errors_and_old_imports_still_work():
     for info in pkgutil.walk_packages(newllm.__path__, "newllm."):  # every module, so every class is defined
         importlib.import_module(info.name)
     found = {f"{c.__module__}.{c.__qualname__}" for c in _subclasses(errors.NewllmError)}
-    assert {f for f in found if not f.startswith("newllm.errors.")} <= ELSEWHERE
+    assert {f for f in found if not f.startswith("newllm.errors.")} == set()
     assert issubclass(errors.ConfigError, ValueError) and issubclass(errors.GenerationError, ValueError)
 
 
