@@ -23,7 +23,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tokenizers import Tokenizer
 
-from newllm.errors import NewllmError
+from newllm.errors import CheckpointError, first_line
 from newllm.fileio import save_checkpoint
 from newllm.utils import flatten
 
@@ -31,10 +31,6 @@ FORMAT = "newllm-checkpoint"
 VERSION = 1
 RESUME_FILE = "checkpoints/last.pt"
 PHASE1_FILE = "checkpoints/phase1.pt"
-
-
-class CheckpointError(NewllmError):
-    """A checkpoint that is missing, truncated, foreign, or does not fit the current run."""
 
 
 def save(path: str | Path, kind: str, payload: dict) -> Path:
@@ -53,9 +49,8 @@ def load(path: str | Path, kind: str | None = None, mmap: bool = False) -> dict:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as err:  # noqa: BLE001 -- unpickling errors of every kind mean one thing here
-        first = (str(err).strip().splitlines() or [""])[0][:120]
         raise CheckpointError(f"{path} is not a readable checkpoint (truncated or foreign file: "
-                              f"{type(err).__name__}: {first})") from err
+                              f"{first_line(err, limit=120)})") from err
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a newllm checkpoint (no '{FORMAT}' marker)")
     if not isinstance(obj.get("version"), int) or obj["version"] > VERSION:

@@ -15,12 +15,7 @@ import hydra
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from newllm.errors import NewllmError
-
-
-class ConfigError(NewllmError, ValueError):
-    """A config value outside what newllm allows (one clear line, raised before any work)."""
-
+from newllm.errors import ConfigError  # defined there; importable from here as before
 
 # Hydra 1.4 asks which `_target_`s config may name; ours live in the newllm package.
 TRUSTED_TARGETS = ("newllm.*",)

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from newllm.errors import NewllmError
+from newllm.errors import ResourceError
 from newllm.models import build_model
 
 TRAINING_BYTES_PER_PARAM = 16
@@ -32,10 +32,6 @@ STAGE_KEYS = {  # what sets the size of the tensors each stage allocates
     "repetition training": (*MODEL_KEYS, "data.phrase_lengths", "data.repetitions", "data.phrases_per_stage"),
     "phase 2": (*MODEL_KEYS, "training.phase2.batch_size", "training.phase2.seq_len"),
 }
-
-
-class ResourceError(NewllmError):
-    """The run needs more memory than the device has."""
 
 
 def gigabytes(n_bytes: float) -> str:

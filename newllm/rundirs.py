@@ -31,15 +31,11 @@ from omegaconf import DictConfig, OmegaConf, read_write
 
 from newllm import checkpoint as ckpt
 from newllm.config import ConfigError
-from newllm.errors import NewllmError, exit_one_line
+from newllm.errors import NewllmError, RunFolderError, exit_one_line
 
 log = logging.getLogger(__name__)
 MAX_SUFFIX = 1000
 RESUME_OVERRIDABLE = ("resume=", "device=", "progress=", "hydra.", "paths.")
-
-
-class RunFolderError(NewllmError):
-    """The run folder asked for is taken (or cannot be made), or the run to resume is still running."""
 
 
 def claim(folder: Path, marker: str) -> bool:

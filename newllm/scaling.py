@@ -15,11 +15,7 @@ import numpy as np
 import pandas as pd
 from scipy import optimize
 
-from newllm.errors import NewllmError
-
-
-class ScalingError(NewllmError):
-    """Too few or unusable points for a power-law fit."""
+from newllm.errors import ScalingError
 
 
 @dataclass

@@ -6,7 +6,8 @@ its password masked, see job_storage_url). `attach_trial`
 re-attaches to that trial through the shared storage and registers a RunTracker hook, which sees
 every Phase-1 iteration and Phase-2 epoch row. It raises `TrialPruned` when the pruner or an
 early-stop rule says so; the run returns `Pruned` and the sweeper records the trial as PRUNED with
-the reason, valued by its objectives at that step.
+the reason, valued by its objectives at that step. Optuna's private parts (the storage of an
+in-process study, a trial handle from its id) are reached through newllm.compat.
 
 Intermediate values (single-objective studies only; Optuna forbids report() with several):
   Phase 1 iteration k -> step k, value 1 - val_convergence_rate (maximize studies: val_convergence_rate),
@@ -31,9 +32,9 @@ import optuna
 import torch
 from omegaconf import DictConfig
 
-from newllm import metrics
+from newllm import compat, metrics
 from newllm import storage as storages
-from newllm.errors import NewllmError
+from newllm.errors import ConfigError, first_line
 from newllm.models import evaluating
 
 ENV_STORAGE, ENV_STUDY, ENV_TRIAL = "NEWLLM_OPTUNA_STORAGE", "NEWLLM_OPTUNA_STUDY", "NEWLLM_OPTUNA_TRIAL_ID"
@@ -174,11 +175,10 @@ def job_storage_url(recorded: str) -> str:
     try:
         url = storages.absolute_sqlite(str(HydraConfig.get().sweeper.storage))
     except Exception as err:  # e.g. ${oc.env:NEWLLM_DB_PASSWORD} is not set where this job runs
-        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
-        raise NewllmError(f"hydra.sweeper.storage cannot be resolved in this job ({type(err).__name__}: {first}): "
+        raise ConfigError(f"hydra.sweeper.storage cannot be resolved in this job ({first_line(err)}): "
                           "set the variables it reads in the environment the jobs run in") from None
     if storages.masked(url) != recorded:
-        raise NewllmError(f"hydra.sweeper.storage resolves to {storages.masked(url)} in this job but to {recorded} "
+        raise ConfigError(f"hydra.sweeper.storage resolves to {storages.masked(url)} in this job but to {recorded} "
                           "in the sweep process: give jobs the same environment")
     return url
 
@@ -190,12 +190,12 @@ def attach_trial(hooks: list[Callable[[dict], None]], cfg: DictConfig, model: to
         return
     url, name = job_storage_url(os.environ.get(ENV_STORAGE, "")), os.environ[ENV_STUDY]
     if not url and name not in IN_PROCESS_STUDIES:
-        raise NewllmError("hydra.sweeper.storage=null keeps the study inside the sweep process; trials run by "
+        raise ConfigError("hydra.sweeper.storage=null keeps the study inside the sweep process; trials run by "
                           "another process (joblib, submitit) need a storage URL such as sqlite:///outputs/optuna.db")
-    storage = optuna.storages.get_storage(url) if url else IN_PROCESS_STUDIES[name]._storage
+    storage = compat.open_storage(url) if url else compat.study_storage(IN_PROCESS_STUDIES[name])
     spec = storage.get_trial_system_attrs(int(trial_id)).get(SPEC_ATTR, {})
     pruner = hydra.utils.instantiate(spec.get("pruner") or {"_target_": "optuna.pruners.NopPruner"},
                                      _execution_whitelist_=("optuna.pruners.*",))
     pruner = PhaseWisePruner(pruner, phase2_start(cfg))
     study = optuna.load_study(study_name=name, storage=storage, pruner=pruner)
-    hooks.append(TrialReporter(optuna.trial.Trial(study, int(trial_id)), spec, cfg, model))
+    hooks.append(TrialReporter(compat.trial_of(study, int(trial_id)), spec, cfg, model))

@@ -19,6 +19,8 @@ grammar (`create_params_from_overrides`), trial configuration and grid handling.
   - several studies in one command (`studies`: a label -> fixed overrides and extra params), and the best
     trial of each re-run with `rerun_best.seeds` as trials of study <study>_reruns (user attrs rerun_of,
     rerun_seed, rerun_label; their folder holds rerun_best.json with the tuned params).
+The private parts of hydra-optuna-sweeper and Optuna it relies on (the `_impl` base class, storage and
+trial ids, a job's exception) are reached only through newllm.compat, which checks their versions.
 """
 
 from __future__ import annotations
@@ -30,7 +32,6 @@ import math
 import os
 import shutil
 import socket
-import sys
 import time
 import warnings
 from collections.abc import Sequence
@@ -42,16 +43,14 @@ import optuna
 import sqlalchemy
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.utils import instantiate
-from hydra_plugins.hydra_optuna_sweeper._impl import OptunaSweeperImpl, create_params_from_overrides
 from hydra_plugins.hydra_optuna_sweeper.optuna_sweeper import OptunaSweeper
 from omegaconf import DictConfig, OmegaConf
 from optuna.trial import FrozenTrial, TrialState
 
 from hydra_plugins.newllm_sweeper import config as _config  # noqa: F401  (registers configs + presets)
+from newllm import compat, sweeping
 from newllm import storage as storages
-from newllm import sweeping
-from newllm.config import ConfigError
-from newllm.errors import NewllmError
+from newllm.errors import ConfigError, FolderOwned, SweepAborted, exit_one_line  # importable from here as before
 from newllm.fileio import atomic_write
 
 log = logging.getLogger(__name__)
@@ -59,14 +58,7 @@ OWNER = f"{socket.gethostname()}:{os.getpid()}"
 COUNTED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
 OWNER_FILE = ".newllm-owner.json"  # in the sweep folder and in each job folder: which study (and trial) owns it
 SAMPLERS = ("hydra_plugins.hydra_optuna_sweeper.*", "optuna.samplers.*")  # what the official plugin instantiates
-
-
-class SweepAborted(NewllmError):
-    """Too many failed trials (every result was stored before this was raised)."""
-
-
-class FolderOwned(ConfigError):
-    """A sweep folder or job folder that belongs to another study (or to no study)."""
+OptunaSweeperImpl, create_params_from_overrides = compat.optuna_sweeper_impl()  # private in hydra-optuna-sweeper
 
 
 class NewllmOptunaSweeper(OptunaSweeper):
@@ -82,8 +74,7 @@ class NewllmOptunaSweeper(OptunaSweeper):
         try:
             return self.sweeper.sweep(arguments)
         except ConfigError as err:  # bad settings or a folder it does not own: one line, as newllm.run prints them
-            print(f"error: {err}", file=sys.stderr)
-            sys.exit(2)
+            exit_one_line(err)
 
 
 class NewllmOptunaSweeperImpl(OptunaSweeperImpl):
@@ -96,8 +87,6 @@ class NewllmOptunaSweeperImpl(OptunaSweeperImpl):
         self.task_spec = {"pruner": _plain(pruner), "early_stop": _plain(early_stop), "report": list(report)}
         self.subdir = subdir
         self.last_failure = ""
-        if self.n_trials < 1:
-            raise ValueError(f"hydra.sweeper.n_trials={self.n_trials} is not allowed: expected an integer >= 1")
 
     # ------------------------------------------------------------------ the loop
     def sweep(self, arguments: list[str]) -> None:
@@ -204,7 +193,9 @@ class NewllmOptunaSweeperImpl(OptunaSweeperImpl):
 
     # ------------------------------------------------------------------ settings
     def _check_settings(self) -> None:
-        """Settings that would leak a password or share job folders: refused before anything is opened."""
+        """Settings that would leak a password, share job folders or run nothing: refused before anything is opened."""
+        if self.n_trials < 1:
+            raise ConfigError(f"hydra.sweeper.n_trials={self.n_trials} is not allowed: expected an integer >= 1")
         written = OmegaConf.to_container(self.config.hydra.sweeper, resolve=False).get("storage")
         if storages.literal_password(written):
             raise ConfigError(
@@ -237,7 +228,7 @@ class NewllmOptunaSweeperImpl(OptunaSweeperImpl):
                 time.sleep(1.0 + attempt)
         have = [d.name.lower() for d in study.directions]
         if have != list(directions):
-            raise ValueError(f"hydra.sweeper.direction={list(directions)} does not match study "
+            raise ConfigError(f"hydra.sweeper.direction={list(directions)} does not match study "
                              f"{study.study_name!r}, which has {have}: pick another hydra.sweeper.study_name")
         if names is not None and study.metric_names is None:
             with warnings.catch_warnings():  # "experimental" since Optuna 3.2, and what every client reads
@@ -274,7 +265,7 @@ class NewllmOptunaSweeperImpl(OptunaSweeperImpl):
     def _owner(self, study: optuna.Study, trial: optuna.Trial | None = None) -> dict[str, Any]:
         record = {"storage": storages.masked(self.storage) or "memory (hydra.sweeper.storage=null)",
                   "storage_id": storages.identity(self.storage),
-                  "study": study.study_name, "study_id": study._study_id}
+                  "study": study.study_name, "study_id": compat.study_id(study)}
         return record if trial is None else {**record, "trial": trial.number}
 
     def _check_sweep_dir_owner(self) -> None:
@@ -296,7 +287,7 @@ class NewllmOptunaSweeperImpl(OptunaSweeperImpl):
                 raise FolderOwned(f"hydra.sweep.dir={self.sweep_dir} holds job folders that are not trials of study "
                                   f"{study.study_name!r} (e.g. {foreign[0].name}): pick another hydra.sweep.dir")
             _write_owner(self.sweep_dir, self._owner(study))
-        elif owner.get("study_id") != study._study_id:
+        elif owner.get("study_id") != compat.study_id(study):
             raise FolderOwned(f"hydra.sweep.dir={self.sweep_dir} belongs to an earlier study {study.study_name!r} "
                               f"(id {owner.get('study_id')}) in {owner.get('storage')}, since deleted: pick another "
                               "hydra.sweep.dir")
@@ -325,7 +316,7 @@ class NewllmOptunaSweeperImpl(OptunaSweeperImpl):
         trials = []
         for _ in range(n):
             trial = study.ask()
-            study._storage.set_trial_system_attr(trial._trial_id, "newllm:owner", OWNER)
+            compat.set_trial_system_attr(study, trial, "newllm:owner", OWNER)
             ahead = sum(t.number < trial.number for t in study.get_trials(deepcopy=False, states=COUNTED))
             if ahead >= self.n_trials:
                 self._tell_fail(study, trial, f"surplus: the study already held n_trials={self.n_trials} trials")
@@ -343,11 +334,11 @@ class NewllmOptunaSweeperImpl(OptunaSweeperImpl):
                 self._tell_fail(study, t, f"abandoned: sweep process {owner} is gone")
 
     def _job_overrides(self, study: optuna.Study, trial: optuna.Trial, folder: Path) -> list[str]:
-        study._storage.set_trial_system_attr(trial._trial_id, sweeping.SPEC_ATTR, self.task_spec)
+        compat.set_trial_system_attr(study, trial, sweeping.SPEC_ATTR, self.task_spec)
         # Hydra writes env_set resolved into the job's .hydra/hydra.yaml: the storage goes there masked, and the
         # job resolves the real URL in its own environment (sweeping.job_storage_url).
         env = {sweeping.ENV_STORAGE: storages.masked(self.storage), sweeping.ENV_STUDY: study.study_name,
-               sweeping.ENV_TRIAL: str(trial._trial_id)}
+               sweeping.ENV_TRIAL: str(compat.trial_id(trial))}
         return [f"hydra.sweep.dir={_quote(str(self.sweep_dir))}",  # the folder made above, wherever the job runs
                 f"hydra.sweep.subdir={_quote(str(folder.relative_to(self.sweep_dir)))}",
                 *(f"++hydra.job.env_set.{k}={_quote(v)}" for k, v in env.items())]
@@ -362,7 +353,7 @@ class NewllmOptunaSweeperImpl(OptunaSweeperImpl):
         if ret.status == JobStatus.COMPLETED and isinstance(ret.return_value, sweeping.Pruned):
             return self._tell_pruned(study, trial, ret.return_value.reason, ret.return_value.values)
         if ret.status == JobStatus.FAILED:
-            err = ret._return_value
+            err = compat.job_error(ret)
             if isinstance(err, optuna.TrialPruned):
                 return self._tell_pruned(study, trial, str(err), getattr(err, "values", None))
             return self._tell_fail(study, trial, f"{type(err).__name__}: {err}")
@@ -386,13 +377,12 @@ class NewllmOptunaSweeperImpl(OptunaSweeperImpl):
         """
         trial.set_user_attr("pruned_reason", reason)
         values = [float(v) for v in values] if values and len(values) == len(study.directions) else None
-        study.sampler.after_trial(study, study._storage.get_trial(trial._trial_id), TrialState.PRUNED, values)
-        study._storage.set_trial_state_values(trial._trial_id, TrialState.PRUNED, values)
+        compat.finish_pruned(study, trial, values)
         log.info("Trial %d pruned: %s", trial.number, reason)
         return TrialState.PRUNED
 
     def _tell_fail(self, study: optuna.Study, trial: optuna.Trial | FrozenTrial, reason: str) -> TrialState:
-        study._storage.set_trial_user_attr(trial._trial_id, "fail_reason", reason)
+        compat.set_trial_user_attr(study, trial, "fail_reason", reason)
         study.tell(trial.number, state=TrialState.FAIL)
         log.warning("Trial %d failed: %s", trial.number, reason)
         self.last_failure = reason

@@ -23,7 +23,7 @@ import pandas as pd
 import yaml
 from omegaconf import OmegaConf
 
-from newllm.errors import NewllmError
+from newllm.errors import AnalysisError
 from newllm.fileio import atomic_write
 from newllm.utils import flatten
 
@@ -40,10 +40,6 @@ FINAL_METRIC = "phase2/test_ppl"  # what final comparisons report: the held-out 
 LOG_LINE = re.compile(r"^\[\d{4}-\d\d-\d\d ")  # '[2026-11-23 10:00:00,000][logger][LEVEL] - ...'
 # Config keys that differ between runs without describing the experiment.
 NOISE_KEYS = ("paths.", "hydra.", "progress", "device")
-
-
-class AnalysisError(NewllmError):
-    """Nothing to analyse (missing folder, no runs, unknown study, unreadable file...)."""
 
 
 # ----------------------------------------------------------------------------- run directories

@@ -117,7 +117,7 @@ def hypervolume_reference(studies: Sequence[optuna.Study], margin: float = 0.1) 
 
 def hypervolume(study: optuna.Study, reference: np.ndarray) -> float:
     """Hypervolume of the completed trials against `reference` (optuna's WFG implementation)."""
-    from optuna._hypervolume import compute_hypervolume  # Optuna's own (used by plot_hypervolume_history)
+    from newllm.compat import compute_hypervolume  # Optuna's own (private: wrapped in newllm.compat)
 
     losses = _losses(study)
     losses = losses[np.isfinite(losses).all(axis=1) & (losses < reference).all(axis=1)]

@@ -15,7 +15,7 @@ import yaml
 
 from newllm.data.hub import hub_reachable
 from newllm.data.tokenizer import END_OF_TEXT
-from newllm.errors import DataError
+from newllm.errors import DataError, first_line
 
 Conversation = list[dict[str, str]]
 ROLES = ("system", "user", "assistant")
@@ -84,11 +84,6 @@ def check_file(path: str, key: str) -> Path:
     return p
 
 
-def _first_line(err: BaseException) -> str:
-    lines = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
-
-
 def _find_bad_utf8(paths: list[Path]) -> str:
     """Which file holds non-UTF-8 bytes, and where (read only once a build has failed)."""
     for p in paths:
@@ -137,10 +132,10 @@ def _load_local(builder: str, paths: list[Path], key: str, cache: Path, **kwargs
         except datasets.exceptions.DatasetGenerationError as err:  # the files themselves are bad
             bad = _find_bad_utf8(paths)
             raise DataError(f"{key}: {bad}" if bad else f"{key}: cannot read {', '.join(map(str, paths))} "
-                            f"as {builder} ({_first_line(err.__cause__ or err)})") from err
+                            f"as {builder} ({first_line(err.__cause__ or err)})") from err
         except Exception as err:  # noqa: BLE001 -- anything else may be a damaged cache: rebuild once
             last = err
-    raise DataError(f"{key}: cannot read {', '.join(map(str, paths))} as {builder} ({_first_line(last)})") from last
+    raise DataError(f"{key}: cannot read {', '.join(map(str, paths))} as {builder} ({first_line(last)})") from last
 
 
 def ultrachat_conversations(path: str | None, limit: int | None, cache_dir: Path) -> list[Conversation]:
@@ -168,7 +163,7 @@ def ultrachat_conversations(path: str | None, limit: int | None, cache_dir: Path
         except ConnectionError as err:
             raise DataError(offline) from err
         except Exception as err:  # noqa: BLE001 -- gated, renamed, interrupted...: one line, not a traceback
-            raise DataError(f"data=ultrachat could not stream {ULTRACHAT!r} ({_first_line(err)}): use "
+            raise DataError(f"data=ultrachat could not stream {ULTRACHAT!r} ({first_line(err)}): use "
                             "data=chatterbot, or data.path=<local JSON/JSONL/Parquet file>") from err
         where = f"{ULTRACHAT}[{ULTRACHAT_SPLIT}]"
     return [check_conversation(r["messages"], f"{where} conversation {i}") for i, r in enumerate(rows)]

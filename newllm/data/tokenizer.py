@@ -10,7 +10,7 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from newllm.data.hub import hub_reachable
-from newllm.errors import DataError
+from newllm.errors import DataError, first_line
 from newllm.fileio import atomic_write
 
 IM_START, IM_END, END_OF_TEXT, PAD = "<|im_start|>", "<|im_end|>", "<|endoftext|>", "<|pad|>"
@@ -89,8 +89,7 @@ def load_pretrained(name: str) -> Tokenizer:
     except DataError:
         raise
     except Exception as err:  # noqa: BLE001 -- hub/network/parse errors of all kinds: one line
-        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
-        raise DataError(f"tokenizer.pretrained={name!r} could not be loaded ({type(err).__name__}: {first}); "
+        raise DataError(f"tokenizer.pretrained={name!r} could not be loaded ({first_line(err)}); "
                         "use tokenizer.pretrained=null to train a byte-level BPE locally") from err
     tok.add_special_tokens(SPECIAL_TOKENS)
     tok.no_truncation()  # some hub files truncate to the model's max length: we encode whole documents

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from newllm.errors import ConfigError, GenerationError
 from newllm.models.weights import init_normal_
 
 
@@ -57,7 +58,7 @@ class TransformerLM(nn.Module):
     def contexts_window(self, ids: torch.Tensor) -> torch.Tensor:
         t = ids.shape[1]
         if t > self.max_len:
-            raise ValueError(f"sequence length {t} exceeds model.max_len={self.max_len}")
+            raise ConfigError(f"sequence length {t} exceeds model.max_len={self.max_len}")
         h = self.proj(self.embedding(ids)) + self.pos(torch.arange(t, device=ids.device))
         mask = nn.Transformer.generate_square_subsequent_mask(t, device=ids.device)
         return self.norm(self.decoder(h, mask=mask, is_causal=True))
@@ -93,7 +94,7 @@ class TransformerLM(nn.Module):
         """Sample n tokens after a 1-D prompt with a KV cache (the standard O(length) memory decoder)."""
         total = prompt.numel() + n
         if prompt.numel() == 0 or total > self.max_len:
-            raise ValueError(f"generate: need 1 <= prompt + n = {total} <= model.max_len={self.max_len}")
+            raise GenerationError(f"generate: need 1 <= prompt + n = {total} <= model.max_len={self.max_len}")
         cache = self.new_cache(1, total)
         for t, tok in enumerate(prompt.tolist()):
             logits = self.step(torch.tensor([tok], device=self.head.weight.device), t, cache)

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from newllm.errors import GenerationError
 from newllm.models.scripted import gated_layerwise_loop
 from newllm.models.updaters import relu_fnn
 from newllm.models.weights import init_normal_
@@ -38,15 +39,14 @@ class ContextLM(nn.Module):
                  hidden_dim: int | None, init_std: float, dropout: float,
                  updater: Callable[..., nn.Module], embedding: Mapping | None = None) -> None:
         super().__init__()
-        if architecture not in ("sequential", "layerwise"):
-            raise ValueError(f"model.architecture={architecture!r} is not allowed: expected sequential or layerwise")
         updater_cls = getattr(updater, "func", updater)  # hydra gives a functools.partial
         self.architecture = architecture
         self.vocab_size, self.context_dim, self.embed_dim = vocab_size, context_dim, embed_dim
         self.hidden_dim = updater_cls.hidden_dim(context_dim, embed_dim, hidden_dim)
         self.embedding = nn.Embedding(vocab_size, embed_dim)
         self.embed_norm = nn.LayerNorm(embed_dim)
-        depths = [layers] if architecture == "sequential" else [1] * layers
+        # model.architecture is checked once, by newllm.config.validate; a name it never saw is a KeyError here.
+        depths = {"sequential": [layers], "layerwise": [1] * layers}[architecture]
         self.blocks = nn.ModuleList(
             Block(context_dim, embed_dim, self.hidden_dim, depth, updater, dropout) for depth in depths
         )
@@ -162,7 +162,7 @@ class ContextLM(nn.Module):
                  generator: torch.Generator | None = None) -> torch.Tensor:
         """Sample n tokens after a 1-D prompt. State is one C-vector: O(1) memory per step."""
         if prompt.numel() == 0:
-            raise ValueError("generate(prompt, n): the prompt must hold at least one token")
+            raise GenerationError("generate(prompt, n): the prompt must hold at least one token")
         # The prompt runs through the hoisted recurrence; each sampled token then reads its embedding and
         # its hoisted x-projections from per-vocabulary tables built once, so a step is the context matvecs.
         table = self.embed(torch.arange(self.vocab_size, device=prompt.device))

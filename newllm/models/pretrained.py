@@ -18,15 +18,11 @@ from tokenizers import Tokenizer
 from torch import nn
 
 from newllm.data.hub import hub_reachable
-from newllm.errors import NewllmError
+from newllm.errors import PretrainedError, first_line
 
 # Names of the token-embedding weight in common architectures (GPT-2, Llama/Mistral/Qwen, BERT, T5, ...).
 EMBEDDING_KEYS = ("wte.weight", "embed_tokens.weight", "word_embeddings.weight", "tok_embeddings.weight",
                   "embed_in.weight", "shared.weight")
-
-
-class PretrainedError(NewllmError):
-    """A pretrained model that cannot be fetched or does not fit this model."""
 
 
 def _fetch(name: str, filename: str, offline: bool) -> Path | None:
@@ -48,9 +44,7 @@ def _fetch(name: str, filename: str, offline: bool) -> Path | None:
     except EntryNotFoundError:
         return None
     except Exception as err:  # noqa: BLE001 -- unknown repo, auth, network: one line
-        first = (str(err).strip().splitlines() or [""])[0]
-        raise PretrainedError(f"model.embedding.pretrained={name!r} cannot be loaded "
-                              f"({type(err).__name__}: {first})") from err
+        raise PretrainedError(f"model.embedding.pretrained={name!r} cannot be loaded ({first_line(err)})") from err
 
 
 def fetch(name: str) -> dict[str, Path]:

@@ -59,7 +59,7 @@ class ResidualUpdater(nn.Module):
 
     def __init__(self, context_dim: int, embed_dim: int, hidden_dim: int, layernorm_mix: float = 1.0) -> None:
         super().__init__()
-        if hidden_dim != context_dim + embed_dim:
+        if hidden_dim != context_dim + embed_dim:  # a bug if reached: newllm.config.validate refuses it first
             raise ValueError(
                 f"model.hidden_dim={hidden_dim} is not allowed with the residual updater: "
                 f"expected context_dim + embed_dim = {context_dim + embed_dim} (or null)"

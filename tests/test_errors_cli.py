@@ -1,0 +1,156 @@
+"""Every documented error through the real CLI: exit status 2 and exactly one line on stderr naming the bad value.
+
+The cases follow README's one-line errors (value checks, budgets, memory, data and hub options,
+resume and run folders, from_run, pretrained embeddings, sweep settings and folders, the analysis
+CLI). Most fire before any work; the few that need data read a tiny corpus (tests.conftest.TINY).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import pkgutil
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+import optuna
+import pytest
+import torch
+
+from newllm import errors
+from newllm.errors import first_line
+from tests.conftest import TINY, run_cli
+
+Setup = Callable[[Path], None]
+# Optuna logs to stderr itself ("[I 2026-12-02 10:00:00,000] Using an existing study ..."): not an error line.
+OPTUNA_LOG = re.compile(r"\[[DIW] \d{4}-\d\d-\d\d ")
+
+
+def _folder_with_a_file(tmp: Path) -> None:
+    (tmp / "taken").mkdir()
+    (tmp / "taken" / "notes.txt").write_text("not a run\n")
+
+
+def _empty_folder(tmp: Path) -> None:
+    (tmp / "empty").mkdir()
+
+
+def _sweep_dir_of_another_study(tmp: Path) -> None:
+    (tmp / "sweep").mkdir()
+    owner = {"storage": "sqlite:///elsewhere.db", "storage_id": "elsewhere", "study": "other", "study_id": 1}
+    (tmp / "sweep" / ".newllm-owner.json").write_text(json.dumps(owner))
+
+
+def _study(direction: str, names: list[str] | None = None) -> Setup:
+    def make(tmp: Path) -> None:
+        study = optuna.create_study(study_name="s", storage=f"sqlite:///{tmp / 'optuna.db'}", direction=direction)
+        if names:
+            study.set_metric_names(names)
+
+    return make
+
+
+SWEEP = ["-m", "hydra/sweeper=newllm_optuna", "hydra.sweep.dir={tmp}/sweep"]
+STUDY = [*SWEEP, "hydra.sweeper.storage=sqlite:///{tmp}/optuna.db", "hydra.sweeper.study_name=s"]
+
+# (id, CLI arguments ({tmp}: the test's folder), text the one stderr line must hold, setup, module)
+CASES: list[tuple[str, list[str], str, Setup | None, str]] = [
+    ("value_range", ["model.context_dim=-4"], "model.context_dim=-4 is not allowed", None, "newllm.run"),
+    ("non_finite", ["training.phase1.lr=inf"], "training.phase1.lr=inf is not allowed", None, "newllm.run"),
+    ("choice", ["training.phase2.solver=newton"], "training.phase2.solver='newton' is not allowed", None,
+     "newllm.run"),
+    ("group_with_a_dot", ["training.diversity=vicreg"], "training.diversity='vicreg' is not allowed", None,
+     "newllm.run"),
+    ("architecture", ["model.architecture=deep"], "model.architecture='deep' is not allowed", None, "newllm.run"),
+    ("data_name", ["data.name=wikipedia"], "data.name='wikipedia' is not allowed", None, "newllm.run"),
+    ("recall_window", ["data=recall", "training.phase2.seq_len=32"], "training.phase2.seq_len=32 is not allowed",
+     None, "newllm.run"),
+    ("core_params_budget", ["model.core_params=10"], "model.core_params=10 is not allowed", None, "newllm.run"),
+    ("memory", ["model.context_dim=100000"], "model.context_dim=100000", None, "newllm.run"),
+    ("vocab_size", ["tokenizer.vocab_size=200"], "tokenizer.vocab_size=200 is too small", None, "newllm.run"),
+    ("split_too_small", ["data.max_val_tokens=10"], "data.max_val_tokens=10", None, "newllm.run"),
+    ("text_without_files", ["data=text"], "data=text needs data.files", None, "newllm.run"),
+    ("missing_file", ["data=ultrachat", "data.path=missing.jsonl"], "data.path='missing.jsonl' does not exist",
+     None, "newllm.run"),
+    ("hub_offline_data", ["data=ultrachat"], "data=ultrachat cannot reach", None, "newllm.run"),
+    ("hub_offline_tokenizer", ["tokenizer.pretrained=no-such/tokenizer"],
+     "tokenizer.pretrained='no-such/tokenizer' cannot be loaded", None, "newllm.run"),
+    ("hub_offline_embedding", ["model.embedding.pretrained=no-such/model"],
+     "model.embedding.pretrained='no-such/model' cannot be loaded", None, "newllm.run"),
+    ("eval_seq_len_beyond_max_len", ["model=transformer", "model.max_len=16", "training.phase2.eval_seq_len=32"],
+     "training.phase2.eval_seq_len=32 is not allowed", None, "newllm.run"),
+    ("from_run_missing", ["training.phase1.from_run={tmp}/nothing"], "training.phase1.from_run=", None,
+     "newllm.run"),
+    ("resume_missing", ["resume={tmp}/nothing"], "is not a run directory", None, "newllm.run"),
+    ("resume_not_a_run", ["resume={tmp}/empty"], "is not a run directory", _empty_folder, "newllm.run"),
+    ("run_folder_taken", ["hydra.run.dir={tmp}/taken"], "hydra.run.dir=", _folder_with_a_file, "newllm.run"),
+    ("n_trials", [*SWEEP, "hydra.sweeper.n_trials=0", "hydra.sweeper.storage=null"],
+     "hydra.sweeper.n_trials=0 is not allowed", None, "newllm.run"),
+    ("storage_password", [*SWEEP, "hydra.sweeper.storage=postgresql+psycopg://u:pw@localhost/optuna"],
+     "hydra.sweeper.storage holds a password", None, "newllm.run"),
+    ("sweep_dir_owned", [*SWEEP, "hydra.sweeper.storage=sqlite:///{tmp}/optuna.db",
+                         "hydra.sweeper.direction=[maximize,minimize]"],
+     "holds the job folders of study 'other'", _sweep_dir_of_another_study, "newllm.run"),
+    ("study_direction", [*STUDY, "hydra.sweeper.direction=maximize", "objectives=[phase2/val_ppl]"],
+     "hydra.sweeper.direction=['maximize'] does not match study 's'", _study("minimize"), "newllm.run"),
+    ("study_objectives", [*STUDY, "hydra.sweeper.direction=minimize", "objectives=[phase2/val_loss]"],
+     "objectives=['phase2/val_loss'] do not match study 's'", _study("minimize", ["phase2/val_ppl"]), "newllm.run"),
+    ("analyze_nothing", ["runs", "{tmp}/nothing"], "{tmp}/nothing", None, "newllm.analyze"),
+]
+if not torch.cuda.is_available():  # the one case that depends on the machine
+    CASES.append(("device", ["device=cuda"], "device='cuda' is not available", None, "newllm.run"))
+
+
+def _run_settings(args: list[str], tmp: Path) -> list[str]:
+    """TINY (resume= takes no overrides but paths.* and hydra.*), a run folder unless the case names one."""
+    tiny = [] if any(a.startswith("resume=") for a in args) else TINY
+    folder = [] if any(a.startswith("hydra.run.dir=") for a in args) else [f"hydra.run.dir={tmp / 'run'}"]
+    return [*tiny, *folder, f"paths.output_root={tmp / 'outputs'}"]
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")  # set_metric_names in a setup
+@pytest.mark.parametrize(("args", "expected", "setup", "module"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_documented_error_is_one_line_and_exit_2(tmp_path, args, expected, setup, module):
+    if setup is not None:
+        setup(tmp_path)
+    args = [a.format(tmp=tmp_path) for a in args]
+    if module == "newllm.run":
+        args = [*_run_settings(args, tmp_path), *args]
+    proc = run_cli(args, cwd=tmp_path, module=module, check=False, timeout=300)
+    lines = [line for line in proc.stderr.splitlines() if not OPTUNA_LOG.match(line)]
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr[-3000:]
+    assert expected.format(tmp=tmp_path) in lines[0]
+
+
+# ----------------------------------------------------------------------------- the contract itself (fast)
+# Where each error class was defined before newllm.errors held them all: importable from there still.
+OLD_HOMES = {"newllm.config": "ConfigError", "newllm.checkpoint": "CheckpointError", "newllm.memory": "ResourceError",
+             "newllm.scaling": "ScalingError", "newllm.rundirs": "RunFolderError",
+             "newllm.models.pretrained": "PretrainedError", "hydra_plugins.newllm_sweeper.sweeper": "FolderOwned",
+             "newllm.analysis": "AnalysisError", "newllm.analysis.runs": "AnalysisError"}
+
+
+def _subclasses(cls: type) -> set[type]:
+    return {c for sub in cls.__subclasses__() for c in {sub, *_subclasses(sub)}}
+
+
+def test_every_newllm_error_lives_in_newllm_errors_and_old_imports_still_work():
+    for module, name in OLD_HOMES.items():
+        assert getattr(importlib.import_module(module), name) is getattr(errors, name)
+    import newllm
+
+    for info in pkgutil.walk_packages(newllm.__path__, "newllm."):  # every module, so every class is defined
+        importlib.import_module(info.name)
+    found = {f"{c.__module__}.{c.__qualname__}" for c in _subclasses(errors.NewllmError)}
+    assert {f for f in found if not f.startswith("newllm.errors.")} == set()
+    assert issubclass(errors.ConfigError, ValueError) and issubclass(errors.GenerationError, ValueError)
+
+
+def test_first_line_is_the_type_and_the_first_line_of_the_message():
+    assert first_line(ValueError("bad value\n  more detail")) == "ValueError: bad value"
+    assert first_line(RuntimeError("\n  indented\nrest")) == "RuntimeError: indented"
+    assert first_line(KeyError()) == "KeyError"
+    assert first_line(OSError("abcdef"), limit=3) == "OSError: abc"
