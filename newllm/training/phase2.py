@@ -151,12 +151,14 @@ def evaluate(model: nn.Module, windows: tuple[torch.Tensor, ...], batch_size: in
 
 
 def eval_length(model: nn.Module, cfg: DictConfig) -> int:
-    """training.phase2.eval_seq_len (null = seq_len), checked against a transformer's max_len."""
+    """training.phase2.eval_seq_len (null = seq_len); both window lengths checked against a transformer's
+    max_len before any step (not as a failure mid-training)."""
     length = cfg.eval_seq_len or cfg.seq_len
     max_len = getattr(model, "max_len", None)
-    if max_len is not None and length > max_len:
-        raise ConfigError(f"training.phase2.eval_seq_len={length} is not allowed: this model reads at most "
-                          f"model.max_len={max_len} positions")
+    for key, value in (("seq_len", cfg.seq_len), ("eval_seq_len", length)):
+        if max_len is not None and value > max_len:
+            raise ConfigError(f"training.phase2.{key}={value} is not allowed: this model reads at most "
+                              f"model.max_len={max_len} positions")
     return length
 
 
