@@ -167,6 +167,7 @@ def compare_outputs(tmp_path_factory) -> Path:
     sweep_dir = tmp / "outputs" / "sweeps" / "compare"
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("OMP_NUM_THREADS", "1")
-        run_cli(["-m", *COMPARE_QUICK, f"paths.output_root={tmp / 'outputs'}", f"hydra.sweep.dir={sweep_dir}"],
-                cwd=tmp)
+        proc = run_cli(["-m", *COMPARE_QUICK, f"paths.output_root={tmp / 'outputs'}",
+                        f"hydra.sweep.dir={sweep_dir}"], cwd=tmp)
+    (tmp / "sweep.log").write_text(proc.stdout + proc.stderr)  # the sweeper's own log, for tests that read it
     return sweep_dir

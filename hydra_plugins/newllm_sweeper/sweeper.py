@@ -170,7 +170,7 @@ class NewllmOptunaSweeperImpl(OptunaSweeperImpl):
         best, tuned_name, tuned_dir = study.best_trial, study.study_name, self.sweep_dir
         self.study_name, self.sweep_dir = f"{tuned_name}_reruns", tuned_dir / "reruns"
         self._check_sweep_dir_owner()
-        reruns = self._open_study(directions, names)
+        reruns = self._open_study(directions, names, planned=len(self.rerun_seeds))
         self._claim_sweep_dir(reruns)
         done = {t.user_attrs.get("rerun_seed") for t in reruns.get_trials(deepcopy=False, states=COUNTED)}
         todo = [s for s in self.rerun_seeds if s not in done]
@@ -215,7 +215,10 @@ class NewllmOptunaSweeperImpl(OptunaSweeperImpl):
         return names
 
     # ------------------------------------------------------------------ study and trials
-    def _open_study(self, directions: list[str], names: list[str] | None) -> optuna.Study:
+    def _open_study(self, directions: list[str], names: list[str] | None, planned: int | None = None,
+                    ) -> optuna.Study:
+        """The study (created if new), checked against the directions and names; `planned`: its trial count
+        as logged (n_trials; a reruns study runs one per seed)."""
         self.storage = _absolute_sqlite(self.storage)
         for attempt in range(5):
             try:
@@ -241,7 +244,8 @@ class NewllmOptunaSweeperImpl(OptunaSweeperImpl):
             sweeping.IN_PROCESS_STUDIES[study.study_name] = study
         done = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
         log.info("Study %s in %s: %d of %d trials done; sampler %s, directions %s", study.study_name,
-                 storages.masked(self.storage), done, self.n_trials, type(self.sampler).__name__, directions)
+                 storages.masked(self.storage), done, planned or self.n_trials, type(self.sampler).__name__,
+                 directions)
         return study
 
     def _continue_search(self, study: optuna.Study) -> None:
