@@ -19,7 +19,17 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from newllm import checkpoint as ckpt
-from newllm.config import TRUSTED_TARGETS, ConfigError, instantiate, register_configs, to_container, validate
+from newllm.config import (
+    TRUSTED_TARGETS,
+    ConfigError,
+    Phase1Config,
+    Phase2Config,
+    RepetitionConfig,
+    instantiate,
+    register_configs,
+    to_container,
+    validate,
+)
 from newllm.data import load_data, phase1_sample
 from newllm.data.recall import recall_metrics
 from newllm.errors import NewllmError, describe, exit_one_line
@@ -53,10 +63,10 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def typed(node: DictConfig):
-    """The dataclass instance a schema'd config node stands for (Phase1Config, ...): loops read plain
-    attributes, and a key the schema lacks is an AttributeError, not a silent default."""
-    return OmegaConf.to_object(node)
+def typed(node: DictConfig, schema: type):
+    """The dataclass instance (Phase1Config, ...) a config node stands for -- merged onto its schema first,
+    since a resumed run's config is read back untyped: loops read plain attributes, never `.get` defaults."""
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), node))
 
 
 def objective_values(metrics: dict, names: list[str]) -> float | list[float]:
@@ -160,7 +170,8 @@ def phase1_stage(cfg: DictConfig, model, data, device: torch.device, tracker: Ru
     # Whole training documents in a seeded random order (data.split_seed), not the corpus's first files.
     p1_ids, p1_documents = phase1_sample(data, p1_cfg.max_tokens, cfg.data.split_seed)
     with autocast(device, cfg.training.precision), out_of_memory_guard(cfg, "phase 1"):
-        p1 = train_phase1(model, p1_ids, data.val_ids, typed(p1_cfg), cfg.training.dist_reg_weight, diversity, device,
+        p1 = train_phase1(model, p1_ids, data.val_ids, typed(p1_cfg, Phase1Config), cfg.training.dist_reg_weight,
+                          diversity, device,
                           on_iteration=tracker.log, progress=cfg.progress, state=life.loop_state(PHASE1),
                           checkpoint=life.checkpointer(PHASE1), test_ids=getattr(data, "test_ids", None))
     p1.metrics["phase1/documents"] = p1_documents  # kept with the Phase-1 checkpoint (from_run)
@@ -196,7 +207,8 @@ def repetition_stage(cfg: DictConfig, model, data, device: torch.device, tracker
         raise ConfigError(f"training.repetition.enabled=true needs phrase stages: use data=repetition "
                           f"(got data={cfg.data.name})")
     with out_of_memory_guard(cfg, "repetition training"):
-        rep = train_repetition(model, stages, typed(cfg.training.repetition), cfg.training.dist_reg_weight,
+        rep = train_repetition(model, stages, typed(cfg.training.repetition, RepetitionConfig),
+                               cfg.training.dist_reg_weight,
                                instantiate(cfg.training.diversity).to(device), device, on_step=tracker.log,
                                progress=cfg.progress, val_stages=getattr(data, "val_stages", None),
                                test_stages=getattr(data, "test_stages", None))
@@ -219,7 +231,7 @@ def phase2_stage(cfg: DictConfig, model, data, device: torch.device, tracker: Ru
         return ckpt.cached_contexts(contexts_dir, ckpt.contexts_key(inputs, weights, cfg.training.precision), compute)
 
     with autocast(device, cfg.training.precision), out_of_memory_guard(cfg, "phase 2"):
-        p2 = train_phase2(model, data, typed(cfg.training.phase2), device, cfg.seed, on_epoch=tracker.log,
+        p2 = train_phase2(model, data, typed(cfg.training.phase2, Phase2Config), device, cfg.seed, on_epoch=tracker.log,
                           progress=cfg.progress, checkpoint=life.checkpointer(PHASE2),
                           state=life.loop_state(PHASE2), contexts_cache=contexts_cache)
     metrics = dict(p2.metrics)
