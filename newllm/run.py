@@ -66,7 +66,8 @@ def seed_everything(seed: int) -> None:
 def typed(node: DictConfig, schema: type):
     """The dataclass instance (Phase1Config, ...) a config node stands for -- merged onto its schema first,
     since a resumed run's config is read back untyped: loops read plain attributes, never `.get` defaults."""
-    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), node))
+    values = OmegaConf.to_container(node, resolve=True)  # interpolations (${data.seq_len}) need the whole config
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), values))
 
 
 def objective_values(metrics: dict, names: list[str]) -> float | list[float]:
