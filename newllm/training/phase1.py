@@ -168,15 +168,12 @@ class Phase1Loop:
         self.train = not cfg.untrained
         self.params = model.updater_parameters()
         self.state = Phase1State(optimizer=torch.optim.Adam(self.params, lr=cfg.lr), diversity=diversity)
-        self.stability, self.residual = 0.0, math.nan
         if saved is None:
             diversity.reset()  # state carried across sweeps (EMAVariance) starts fresh with the run
             with torch.no_grad():
                 self.state.contexts = initial_contexts(model, model.embed(ids), cfg)
         else:
             self.state.restore(saved, ids.device)
-            last = self.state.history[-1]
-            self.stability, self.residual = last["phase1/train_step_stability"], last["phase1/residual"]
         self.stop_reason = STOP_MAX_ITERATIONS
         # Preallocated once: the sweep's inputs and its output (swapped with P after every sweep).
         p = self.state.contexts
@@ -211,13 +208,13 @@ class Phase1Loop:
                                (stats.token_mse < self.cfg.convergence_threshold).float().mean(),
                                (stats.token_mse * self.new.shape[-1]).sqrt().mean(),  # residual: mean L2
                                grad_norm.to(stats.mse.dtype)])
-        mse, div, self.stability, self.residual, grad = scalars.tolist()
+        mse, div, stability, residual, grad = scalars.tolist()
         if not math.isfinite(mse) or not math.isfinite(div):
             raise TrainingError(f"phase 1 loss became non-finite at iteration {k} (mse={mse}, "
                                 f"diversity={div}); lower training.phase1.lr or training.dist_reg_weight")
         return {"phase": 1, "step": k, "phase1/cvfp_loss": mse, "phase1/diversity_loss": div,
-                "phase1/loss": (1 - self.w) * mse + self.w * div, "phase1/train_step_stability": self.stability,
-                "phase1/residual": self.residual, "phase1/grad_norm": grad,
+                "phase1/loss": (1 - self.w) * mse + self.w * div, "phase1/train_step_stability": stability,
+                "phase1/residual": residual, "phase1/grad_norm": grad,
                 "phase1/time_s": self.state.elapsed()}
 
     def measure(self, k: int, row: dict) -> bool:
@@ -244,10 +241,11 @@ class Phase1Loop:
         model.eval()
         contexts = st.contexts.reshape(-1, st.contexts.shape[-1])
         c_dim, n_tokens, iterations = contexts.shape[-1], self.ids.numel(), len(st.history)
+        last = st.history[-1]  # max_iterations >= 1: at least one sweep ran
         erank = metrics.effective_rank(contexts, cfg.erank_samples)
         m: dict[str, float | str] = {
-            "phase1/train_step_stability": self.stability,
-            "phase1/residual": self.residual,
+            "phase1/train_step_stability": last["phase1/train_step_stability"],  # of the last sweep
+            "phase1/residual": last["phase1/residual"],
             "phase1/iterations": iterations,
             "phase1/stop_reason": self.stop_reason,
             "phase1/effective_rank": erank,
@@ -295,7 +293,7 @@ def train_phase1(model: torch.nn.Module, train_ids: torch.Tensor, val_ids: torch
         row, last = loop.step(k)
         if on_iteration is not None:
             on_iteration(row)
-        bar.set_postfix(loss=f"{row['phase1/loss']:.4f}", stab=f"{loop.stability:.3f}")
+        bar.set_postfix(loss=f"{row['phase1/loss']:.4f}", stab=f"{row['phase1/train_step_stability']:.3f}")
         if last:
             break
         if checkpoint is not None and cfg.checkpoint_every and k % cfg.checkpoint_every == 0:
