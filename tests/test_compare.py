@@ -144,13 +144,13 @@ def test_compare_models_quick_end_to_end(compare_outputs):
 
 
 @pytest.mark.slow
-@pytest.mark.slow
 def test_the_sweeper_logs_each_study_with_its_own_trial_count(compare_outputs):
     log = (compare_outputs.parents[2] / "sweep.log").read_text()
     assert re.search(r"Study compare_models_quick_gru in \S+: 0 of 1 trials done", log)  # n_trials=1
     assert re.search(r"Study compare_models_quick_gru_reruns in \S+: 0 of 2 trials done", log)  # one per seed
 
 
+@pytest.mark.slow
 def test_compare_pairs_seeds_and_reruns_are_tagged(compare_outputs):
     from newllm.compare import compare_models, rerun_runs
 
