@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any
 
 import hydra
@@ -24,6 +25,72 @@ TRUSTED_TARGETS = ("newllm.*",)
 def instantiate(node: Any, **kwargs: Any) -> Any:
     """hydra.utils.instantiate restricted to newllm's own classes."""
     return hydra.utils.instantiate(node, _execution_whitelist_=TRUSTED_TARGETS, **kwargs)
+
+
+# ----------------------------------------------------------------------------- choices
+# A choice field is an Enum: Hydra refuses any other value at compose time, naming the key, the value
+# and the options. StrEnum members equal their strings (`cfg.init == "chunked"`) and print as them.
+class Architecture(StrEnum):
+    sequential = "sequential"  # one f, its layers applied in turn to the whole context
+    layerwise = "layerwise"  # layer l reads layer l-1's new context (a stack of recurrences)
+
+
+class DataSource(StrEnum):
+    chatterbot = "chatterbot"
+    ultrachat = "ultrachat"
+    text = "text"
+    repetition = "repetition"
+    recall = "recall"
+
+
+class SplitBy(StrEnum):
+    auto = "auto"
+    paragraph = "paragraph"
+    line = "line"
+    file = "file"
+
+
+class ValProtocol(StrEnum):
+    by_conversation = "by_conversation"
+    subset_of_train = "subset_of_train"
+
+
+class LossOn(StrEnum):
+    assistant = "assistant"
+    all = "all"
+
+
+class RecallTask(StrEnum):
+    mqar = "mqar"
+    copy = "copy"
+    selective_copy = "selective_copy"
+
+
+class Phase1Mode(StrEnum):
+    stream = "stream"
+    per_token = "per_token"
+
+
+class Pass0(StrEnum):
+    sequential = "sequential"
+    zeros = "zeros"
+    chunked = "chunked"
+    burn_in = "burn_in"
+
+
+class Phase2Context(StrEnum):
+    propagate = "propagate"
+    fixed = "fixed"
+
+
+class WindowSolver(StrEnum):
+    sequential = "sequential"
+    jacobi = "jacobi"
+
+
+class Precision(StrEnum):
+    fp32 = "fp32"
+    bf16 = "bf16"
 
 
 # ----------------------------------------------------------------------------- model
@@ -52,7 +119,7 @@ class EmbeddingConfig:
 @dataclass
 class ContextModelConfig:
     _target_: str = "newllm.models.context_lm.ContextLM"
-    architecture: str = "layerwise"  # sequential | layerwise
+    architecture: Architecture = Architecture.layerwise
     layers: int = 2
     context_dim: int = 128
     embed_dim: int = 96
@@ -109,12 +176,12 @@ class TokenizerConfig:
 
 @dataclass
 class DataConfig:
-    name: str = "chatterbot"  # chatterbot | ultrachat | text | repetition
+    name: DataSource = DataSource.chatterbot
     path: str | None = None  # data=ultrachat: a local JSON/JSONL/Parquet file with a `messages` column
     files: list[str] = field(default_factory=list)  # data=text: plain-text files
     # data=text: documents are paragraphs (blank lines) | line | file; auto: paragraphs when the text
     # has blank lines, else lines. The unit used is data/split_by in metrics.json.
-    split_by: str = "auto"
+    split_by: SplitBy = SplitBy.auto
     num_conversations: int | None = None  # cap on conversations/documents read (null = all)
     max_train_tokens: int | None = None  # caps (at most); the counts used land in metrics as data/*
     max_val_tokens: int | None = None
@@ -128,14 +195,14 @@ class DataConfig:
     split_seed: int = 0
     # by_conversation: disjoint held-out conversations/documents/phrases (default). subset_of_train:
     # the original research protocol (validation = last 20 % of the training stream), labelled in metrics.
-    val_protocol: str = "by_conversation"
-    loss_on: str = "assistant"  # assistant | all  (which tokens Phase 2 predicts)
+    val_protocol: ValProtocol = ValProtocol.by_conversation
+    loss_on: LossOn = LossOn.assistant  # which tokens Phase 2 predicts
     # data=repetition: phrases of p distinct tokens, each repeated `repetitions` times, one stage per p
     phrase_lengths: list[int] = field(default_factory=lambda: [1, 2, 3])
     repetitions: int = 20
     phrases_per_stage: int = 8
     # data=recall (newllm.data.recall): token ids generated directly; sequences of seq_len tokens
-    task: str = "mqar"  # mqar | copy | selective_copy
+    task: RecallTask = RecallTask.mqar
     vocab_size: int = 64
     num_pairs: int = 8
     query_gap_min: int = 0  # mqar: noise tokens between the pairs and the queries, uniform in [min, max]
@@ -178,7 +245,7 @@ class NoDiversityConfig(DiversityConfig):
 @dataclass
 class Phase1Config:
     enabled: bool = True
-    mode: str = "stream"  # stream (Jacobi fixed point of the whole stream) | per_token
+    mode: Phase1Mode = Phase1Mode.stream  # stream: Jacobi fixed point of the whole stream
     untrained: bool = False  # measure only: no optimizer step, min_iterations sweeps
     max_tokens: int = 8192  # training tokens Phase 1 reads (the stream it iterates over)
     num_streams: int = 1  # the stream is cut into this many parallel streams
@@ -190,7 +257,7 @@ class Phase1Config:
     grad_clip: float = 1.0
     context_noise: float = 0.0  # std of Gaussian noise on the input contexts during training
     chunk_size: int = 16384  # positions per forward/backward chunk (gradients accumulated)
-    init: str = "sequential"  # sequential | zeros | chunked | burn_in: how pass 0 builds the first contexts
+    init: Pass0 = Pass0.sequential  # how pass 0 builds the first contexts (newllm.training.solvers.PASS0)
     init_chunks: int = 16  # init=chunked|burn_in: slices of the stream run through pass 0 at once
     init_burn_in: int = 64  # init=burn_in: tokens each slice starts early from c = 0 (>= N: exact)
     # Held-out measurement (newllm.training.phase1.evaluate_phase1): sweeps from c = 0, no optimizer.
@@ -215,7 +282,7 @@ class Phase1Config:
 @dataclass
 class Phase2Config:
     enabled: bool = True
-    context: str = "propagate"  # propagate (recurrent, truncated BPTT) | fixed (Phase-1 contexts)
+    context: Phase2Context = Phase2Context.propagate  # recurrent (BPTT) | fixed (Phase-1 contexts)
     freeze_updater: bool = False
     seq_len: int = 64
     batch_size: int = 32
@@ -236,7 +303,7 @@ class Phase2Config:
     # over positions (exact, full BPTT). jacobi: parallel sweeps until the max per-token change
     # <= jacobi_tol (at most jacobi_sweeps; null = seq_len, exact for any f), then
     # jacobi_grad_sweeps sweeps with gradient (a truncated BPTT of that depth).
-    solver: str = "sequential"
+    solver: WindowSolver = WindowSolver.sequential
     jacobi_sweeps: int | None = None
     jacobi_tol: float = 1e-6
     jacobi_grad_sweeps: int = 1
@@ -262,7 +329,7 @@ class TrainingConfig:
     phase1: Phase1Config = field(default_factory=Phase1Config)
     phase2: Phase2Config = field(default_factory=Phase2Config)
     repetition: RepetitionConfig = field(default_factory=RepetitionConfig)
-    precision: str = "fp32"  # fp32 | bf16 (autocast; a no-op where unsupported)
+    precision: Precision = Precision.fp32  # bf16: autocast (a no-op where unsupported)
     compile: bool = False
 
 
@@ -343,10 +410,6 @@ def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
         raise ConfigError(f"{key}={value!r} is not allowed: expected {allowed}")
 
 
-def _choice(key: str, value: Any, options: tuple[str, ...]) -> None:
-    _check(value in options, key, value, "one of " + ", ".join(options))
-
-
 def _positive_int(key: str, value: Any) -> None:
     _check(isinstance(value, int) and value > 0, key, value, "a positive integer")
 
@@ -371,7 +434,6 @@ def _non_finite(node: Any, prefix: str = "") -> tuple[str, float] | None:
 
 def _check_recall(cfg: DictConfig) -> None:
     d, p2 = cfg.data, cfg.training.phase2
-    _choice("data.task", d.task, ("mqar", "copy", "selective_copy"))
     for key in ("vocab_size", "num_pairs", "seq_len", "num_train", "num_val", "num_test"):
         _positive_int(f"data.{key}", d[key])
     _check(isinstance(d.query_gap_min, int) and d.query_gap_min >= 0, "data.query_gap_min", d.query_gap_min,
@@ -424,7 +486,6 @@ def _check_model(m: DictConfig) -> None:
 
 
 def _check_context_model(m: DictConfig) -> None:
-    _choice("model.architecture", m.architecture, ("sequential", "layerwise"))
     if "layernorm_mix" in m.updater:
         _unit_interval("model.updater.layernorm_mix", m.updater.layernorm_mix)
     if str(m.updater.get("_target_", "")).endswith("ResidualUpdater") and m.hidden_dim is not None:
@@ -435,15 +496,11 @@ def _check_context_model(m: DictConfig) -> None:
 
 def _check_data(cfg: DictConfig) -> None:
     d = cfg.data
-    _choice("data.name", d.name, ("chatterbot", "ultrachat", "text", "repetition", "recall"))
-    _choice("data.val_protocol", d.val_protocol, ("by_conversation", "subset_of_train"))
-    _choice("data.loss_on", d.loss_on, ("assistant", "all"))
     _check(0.0 < d.val_fraction < 1.0, "data.val_fraction", d.val_fraction, "a number in (0, 1)")
     _unit_interval("data.test_fraction", d.test_fraction, open_right=True)
     _check(d.val_fraction + d.test_fraction < 1.0, "data.test_fraction", d.test_fraction,
            f"a number in [0, 1 - data.val_fraction={d.val_fraction}) (some data must stay for training)")
     _check(isinstance(d.split_seed, int), "data.split_seed", d.split_seed, "an integer")
-    _choice("data.split_by", d.split_by, ("auto", "paragraph", "line", "file"))
     for key in ("num_conversations", "max_train_tokens", "max_val_tokens", "max_test_tokens"):
         if d[key] is not None:
             _positive_int(f"data.{key}", d[key])
@@ -459,10 +516,7 @@ def _check_data(cfg: DictConfig) -> None:
 
 def _check_phase1(t: DictConfig) -> None:
     _unit_interval("training.dist_reg_weight", t.dist_reg_weight)
-    _choice("training.precision", t.precision, ("fp32", "bf16"))
     p1 = t.phase1
-    _choice("training.phase1.mode", p1.mode, ("stream", "per_token"))
-    _choice("training.phase1.init", p1.init, ("sequential", "zeros", "chunked", "burn_in"))
     for key in ("max_tokens", "num_streams", "max_iterations", "chunk_size", "init_chunks",
                 "erank_samples", "erank_every", "val_iterations", "val_every", "memory_cap", "val_streams"):
         _positive_int(f"training.phase1.{key}", p1[key])
@@ -481,7 +535,6 @@ def _check_phase1(t: DictConfig) -> None:
 
 
 def _check_phase2(p2: DictConfig) -> None:
-    _choice("training.phase2.context", p2.context, ("propagate", "fixed"))
     for key in ("seq_len", "batch_size", "epochs"):
         _positive_int(f"training.phase2.{key}", p2[key])
     _positive_int("training.phase2.patience", p2.patience)
@@ -504,7 +557,6 @@ def _check_pairing(cfg: DictConfig) -> None:
     _positive_int("training.repetition.steps_per_stage", rep.steps_per_stage)
     _check(rep.lr > 0, "training.repetition.lr", rep.lr, "a positive number")
     _check(rep.ce_weight >= 0, "training.repetition.ce_weight", rep.ce_weight, "a number >= 0")
-    _choice("training.phase2.solver", p2.solver, ("sequential", "jacobi"))
     if p2.jacobi_sweeps is not None:
         _positive_int("training.phase2.jacobi_sweeps", p2.jacobi_sweeps)
     _positive_int("training.phase2.jacobi_grad_sweeps", p2.jacobi_grad_sweeps)
@@ -519,4 +571,5 @@ def _check_pairing(cfg: DictConfig) -> None:
 
 
 def to_container(cfg: DictConfig) -> dict:
-    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+    """Plain data (choices as their strings): what metrics, trackers and checkpoints store."""
+    return OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)  # type: ignore[return-value]

@@ -53,7 +53,7 @@ def test_quick_run_writes_every_artifact(tiny_run):
         ("model.contxt_dim=64", "contxt_dim"),  # misspelt key
         ("training.dist_reg_weight=1.5", "training.dist_reg_weight=1.5"),  # out of range
         ("model.context_dim=-4", "model.context_dim=-4"),
-        ("training.phase1.init=magic", "training.phase1.init='magic'"),
+        ("training.phase1.init=magic", "Invalid value 'magic', expected one of [sequential, zeros, chunked, burn_in]"),
         ("training.diversity=vicreg", "select one with training/diversity=<name>"),  # dot for a group
         ("training.phase1.val_streams=0", "training.phase1.val_streams=0 is not allowed: expected a positive"),
         ("training.phase1.val_init=sequential", "val_init"),  # removed: held-out sweeps always start at c = 0

@@ -10,12 +10,13 @@ import torch
 from torch import nn
 
 from newllm import metrics
+from newllm.config import Pass0
 from newllm.errors import TrainingError
 from newllm.models.context_lm import ContextLM
 from newllm.models.updaters import GatedUpdater
 from newllm.training.diversity import DimUsage, EMAVariance, FrobeniusDeviation, NoDiversity, VICReg
 from newllm.training.phase1 import initial_contexts, sweep, sweep_loss, train_phase1
-from newllm.training.solvers import chunked_pass, jacobi_window, sequential_pass, shifted_inputs
+from newllm.training.solvers import PASS0, chunked_pass, jacobi_window, sequential_pass, shifted_inputs
 from tests.helpers_science import context_lm, phase1_cfg
 
 CPU = torch.device("cpu")
@@ -284,6 +285,21 @@ def test_pass0_is_computed_in_eval_mode_whatever_mode_training_left():
         expected, expected_chunked = sequential_pass(m, x), chunked_pass(m, x, 5)
     torch.testing.assert_close(p0, expected)
     torch.testing.assert_close(p0_chunked, expected_chunked)
+
+
+@pytest.mark.parametrize("init", [p.value for p in Pass0])
+def test_every_pass0_choice_has_a_solver_and_all_reach_the_same_fixed_point(init):
+    # training.phase1.init is an Enum; PASS0 must cover it. Pass 0 is only the first guess: sweeping
+    # any of them long enough lands on the sequential recurrence (a contracting f, 40 positions).
+    assert set(PASS0) == {p.value for p in Pass0}
+    m = dropout_lm(0.0, seed=4).eval()
+    ids = torch.randint(0, 40, (1, 40), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        x = m.embed(ids)
+        p = initial_contexts(m, x, phase1_cfg(init=init, init_chunks=4, init_burn_in=3))
+        for _ in range(x.shape[1]):  # N open-chain sweeps from any start are exact
+            p = m.update(shifted_inputs(p, torch.zeros_like(p[:, 0])), x)
+        torch.testing.assert_close(p, sequential_pass(m, x), atol=1e-5, rtol=1e-5)
 
 
 def test_held_out_measurements_ignore_dropout():

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,7 +31,6 @@ from newllm.data.tokenizer import check_vocab_size, load_or_train, load_pretrain
 from newllm.errors import DataError
 
 DIALOGUE = ("chatterbot", "ultrachat")
-SOURCES = (*DIALOGUE, "text", "repetition", "recall")
 SUBSET_OF_TRAIN_FRACTION = 0.2  # val_protocol=subset_of_train: validation = this tail of the training stream
 
 
@@ -81,8 +81,6 @@ class Split:
 
 def check_options(d: DictConfig, tok: DictConfig) -> None:
     """Combinations that would silently do something else than asked (before any work)."""
-    if d.name not in SOURCES:
-        raise DataError(f"data.name={d.name!r} is not allowed: expected one of {', '.join(SOURCES)}")
     if not tok.pretrained:
         check_vocab_size(tok.vocab_size)
     if d.name not in (*DIALOGUE, "recall") and d.loss_on == "assistant":  # recall: the answer mask
@@ -99,17 +97,32 @@ def check_options(d: DictConfig, tok: DictConfig) -> None:
         raise DataError(f"data.files is read by data=text only, not data={d.name}: drop data.files")
 
 
-def _documents(d: DictConfig, cache_dir: Path) -> tuple[list[str], list[Spans], dict]:
-    if d.name == "text":
-        pieces, unit = text_documents(list(d.files), d.split_by, d.num_conversations, cache_dir)
-        docs = [t + TEXT_UNITS[unit] for t in pieces]
-        return docs, [[] for _ in docs], {"data/split_by": unit}
-    if d.name == "chatterbot":
-        conversations = chatterbot_conversations(d.num_conversations)
-    else:
-        conversations = ultrachat_conversations(d.path, d.num_conversations, cache_dir)
+Documents = tuple[list[str], list[Spans], dict]  # texts, assistant spans per text, source info for metrics
+
+
+def _text_documents(d: DictConfig, cache_dir: Path) -> Documents:
+    pieces, unit = text_documents(list(d.files), d.split_by, d.num_conversations, cache_dir)
+    docs = [t + TEXT_UNITS[unit] for t in pieces]
+    return docs, [[] for _ in docs], {"data/split_by": str(unit)}
+
+
+def _chatml(conversations: list) -> Documents:
     rendered = [render_chatml(c) for c in conversations]
     return [t for t, _ in rendered], [s for _, s in rendered], {}
+
+
+def _chatterbot_documents(d: DictConfig, cache_dir: Path) -> Documents:
+    return _chatml(chatterbot_conversations(d.num_conversations))
+
+
+def _ultrachat_documents(d: DictConfig, cache_dir: Path) -> Documents:
+    return _chatml(ultrachat_conversations(d.path, d.num_conversations, cache_dir))
+
+
+# The document sources (data.name): each reads its documents; splitting and tokenising are shared.
+DOCUMENT_SOURCES: dict[str, Callable[[DictConfig, Path], Documents]] = {
+    "chatterbot": _chatterbot_documents, "ultrachat": _ultrachat_documents, "text": _text_documents,
+}
 
 
 def held_out_count(n: int, fraction: float) -> int:
@@ -190,9 +203,9 @@ def _finish(d: DictConfig, tokenizer: Tokenizer, splits: dict[str, Split], min_t
     for name, s in splits.items():
         counts.update({f"data/{name}_tokens": len(s.ids), f"data/{name}_documents": len(s.lengths),
                        f"data/{name}_loss_tokens": int(s.mask.sum())})
-    info = {"data/name": d.name, **counts, "data/val_protocol": d.val_protocol, "data/test_fraction": d.test_fraction,
-            "data/split_seed": d.split_seed, "data/fingerprint": fingerprint(splits),
-            "data/vocab_size": tokenizer.get_vocab_size(), **info}
+    info = {"data/name": str(d.name), **counts, "data/val_protocol": str(d.val_protocol),
+            "data/test_fraction": d.test_fraction, "data/split_seed": d.split_seed,
+            "data/fingerprint": fingerprint(splits), "data/vocab_size": tokenizer.get_vocab_size(), **info}
     stages = stages or {}
     train, val, test = splits["train"], splits["val"], splits.get("test")
     return TokenData(train.ids, train.mask, val.ids, val.mask, tokenizer, info, stages.get("train"),
@@ -225,12 +238,12 @@ def _recall_stream(s: recall.RecallSplit) -> Split:
                  torch.cat([s.mask.reshape(-1), torch.tensor([False])]), lengths)
 
 
-def _load_recall(d: DictConfig, min_tokens: int) -> TokenData:
+def _load_recall(d: DictConfig, tok: DictConfig, cache_dir: Path, min_tokens: int) -> TokenData:
     """Generated ids (no tokenizer training): every sequence one document, loss only on answers."""
     splits = recall.make_splits(d.task, (d.num_train, d.num_val, d.num_test), d.seq_len, d.vocab_size,
                                 d.num_pairs, d.split_seed, (d.query_gap_min, d.query_gap_max))
     as_split = {name: _recall_stream(s) for name, s in zip(("train", "val", "test"), splits, strict=True)}
-    info = {"data/task": d.task, "data/num_pairs": d.num_pairs if d.task == "mqar" else 0,
+    info = {"data/task": str(d.task), "data/num_pairs": d.num_pairs if d.task == "mqar" else 0,
             "data/query_gap_min": d.query_gap_min, "data/query_gap_max": d.query_gap_max,
             "data/seq_len": d.seq_len, **{f"data/{k}_sequences": s.ids.shape[0]
                                           for k, s in zip(("train", "val", "test"), splits, strict=True)}}
@@ -241,13 +254,13 @@ def _load_recall(d: DictConfig, min_tokens: int) -> TokenData:
 
 def load_data(data_cfg: DictConfig, tok_cfg: DictConfig, cache_dir: str | Path, min_tokens: int = 2) -> TokenData:
     """Token streams for one run. min_tokens: the shortest usable stream (one training window)."""
-    d, cache_dir = data_cfg, Path(cache_dir)
-    check_options(d, tok_cfg)
-    if d.name == "recall":
-        return _load_recall(d, min_tokens)
-    if d.name == "repetition":  # data.num_conversations does not apply (phrases_per_stage does)
-        return _load_repetition(d, tok_cfg, cache_dir, min_tokens)
-    texts, spans, source_info = _documents(d, cache_dir)
+    check_options(data_cfg, tok_cfg)
+    return SOURCES[data_cfg.name](data_cfg, tok_cfg, Path(cache_dir), min_tokens)
+
+
+def _load_documents(d: DictConfig, tok_cfg: DictConfig, cache_dir: Path, min_tokens: int) -> TokenData:
+    """A document source: seeded split by document, tokenizer trained on train, ids cached per split."""
+    texts, spans, source_info = DOCUMENT_SOURCES[d.name](d, cache_dir)
     indices = dict(zip(("train", "val", "test"), _split(len(texts), d.val_fraction, d.test_fraction, d.split_seed,
                                                         hold_out_val=d.val_protocol == "by_conversation"),
                        strict=True))
@@ -258,6 +271,13 @@ def load_data(data_cfg: DictConfig, tok_cfg: DictConfig, cache_dir: str | Path, 
         splits[name], hits = Split(*encoded), [*hits, hit]
     info = {"data/documents": len(texts), **source_info, **tok_info, "data/tokens_cache_hit": all(hits)}
     return _finish(d, tokenizer, splits, min_tokens, info)
+
+
+# data.name -> loader (newllm.config.DataSource lists the same names; Hydra refuses any other at compose).
+# repetition ignores data.num_conversations (phrases_per_stage sets its size); recall trains no tokenizer.
+SOURCES: dict[str, Callable[[DictConfig, DictConfig, Path, int], TokenData]] = {
+    **dict.fromkeys(DOCUMENT_SOURCES, _load_documents), "repetition": _load_repetition, "recall": _load_recall,
+}
 
 
 def phase1_sample(data: TokenData, max_tokens: int, seed: int) -> tuple[torch.Tensor, int]:

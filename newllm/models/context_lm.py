@@ -45,7 +45,7 @@ class ContextLM(nn.Module):
         self.hidden_dim = updater_cls.hidden_dim(context_dim, embed_dim, hidden_dim)
         self.embedding = nn.Embedding(vocab_size, embed_dim)
         self.embed_norm = nn.LayerNorm(embed_dim)
-        # model.architecture is checked once, by newllm.config.validate; a name it never saw is a KeyError here.
+        # model.architecture is a newllm.config.Architecture: Hydra refuses any other name at compose time.
         depths = {"sequential": [layers], "layerwise": [1] * layers}[architecture]
         self.blocks = nn.ModuleList(
             Block(context_dim, embed_dim, self.hidden_dim, depth, updater, dropout) for depth in depths

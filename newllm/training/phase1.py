@@ -35,7 +35,7 @@ from newllm.errors import TrainingError
 from newllm.lifecycle import Phase1State
 from newllm.models import evaluating
 from newllm.training.diversity import Diversity
-from newllm.training.solvers import burn_in_pass, chunked_pass, sequential_pass, shifted_inputs, zeros_init
+from newllm.training.solvers import PASS0, sequential_pass, shifted_inputs, zeros_init
 
 STOP_CONVERGED, STOP_MAX_ITERATIONS, STOP_UNTRAINED = "val_converged", "max_iterations", "untrained"
 
@@ -80,14 +80,10 @@ def initial_contexts(model: torch.nn.Module, x: torch.Tensor, cfg: DictConfig) -
 
     A measurement of f, so in eval mode (no dropout) whatever mode training left the model in.
     """
-    if cfg.mode == "per_token" or cfg.init == "zeros":
+    if cfg.mode == "per_token":  # independent positions: no stream to run a recurrence along
         return zeros_init(model, x)
     with evaluating(model):
-        if cfg.init == "chunked":
-            return chunked_pass(model, x, cfg.init_chunks, recurrence=model.recurrence)
-        if cfg.init == "burn_in":
-            return burn_in_pass(model, x, cfg.init_chunks, cfg.init_burn_in, recurrence=model.recurrence)
-        return sequential_pass(model, x, recurrence=model.recurrence)
+        return PASS0[cfg.init](model, x, cfg)
 
 
 def unique_tokens(ids: torch.Tensor, limit: int) -> torch.Tensor:

@@ -21,6 +21,7 @@ import copy
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from omegaconf import DictConfig
@@ -112,15 +113,28 @@ def _masked_ce(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) 
     return (ce * m).sum() / m.sum().clamp(min=1)
 
 
-def train_contexts_window(model: nn.Module, inputs: torch.Tensor, cfg: DictConfig) -> torch.Tensor:
-    """Training-time contexts of (B, T) windows: the sequential loop, or Jacobi sweeps (solver=jacobi)."""
-    if cfg.solver != "jacobi" or not isinstance(model, ContextModel):
-        return model.contexts_window(inputs)
-    x = model.embed(inputs)
+def _sequential_window(model: ContextModel, inputs: torch.Tensor, cfg: Any) -> torch.Tensor:
+    return model.contexts_window(inputs)
+
+
+def _jacobi_window(model: ContextModel, inputs: torch.Tensor, cfg: Any) -> torch.Tensor:
     sweeps = cfg.jacobi_sweeps or inputs.shape[1]
-    contexts, _ = jacobi_window(model.update, x, model.initial_context(inputs.shape[0]), sweeps,
+    contexts, _ = jacobi_window(model.update, model.embed(inputs), model.initial_context(inputs.shape[0]), sweeps,
                                 cfg.jacobi_tol, cfg.jacobi_grad_sweeps)
     return contexts
+
+
+# training.phase2.solver -> (context model, (B, T) ids, Phase2Config) -> training-time contexts (B, T, C).
+WINDOW_SOLVERS: dict[str, Callable[[ContextModel, torch.Tensor, Any], torch.Tensor]] = {
+    "sequential": _sequential_window, "jacobi": _jacobi_window,
+}
+
+
+def train_contexts_window(model: nn.Module, inputs: torch.Tensor, cfg: Any) -> torch.Tensor:
+    """Training-time contexts of (B, T) windows by the configured solver (baselines run their own forward)."""
+    if not isinstance(model, ContextModel):
+        return model.contexts_window(inputs)
+    return WINDOW_SOLVERS[cfg.solver](model, inputs, cfg)
 
 
 @torch.no_grad()

@@ -9,10 +9,11 @@ Jacobi sweeps are given their start c0 and take `update` alone.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
-from newllm.models.interface import ContextUpdate
+from newllm.models.interface import ContextModel, ContextUpdate
 
 Update = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 # A whole left-to-right pass, (S, N, E) embedded tokens and an optional start (S, C) -> contexts (S, N, C):
@@ -76,6 +77,29 @@ def burn_in_pass(f: ContextUpdate, x: torch.Tensor, chunks: int, burn_in: int,
 
 def zeros_init(f: ContextUpdate, x: torch.Tensor) -> torch.Tensor:
     return x.new_zeros(*x.shape[:-1], _context_dim(f))
+
+
+def _pass0_sequential(model: ContextModel, x: torch.Tensor, cfg: Any) -> torch.Tensor:
+    return sequential_pass(model, x, recurrence=model.recurrence)
+
+
+def _pass0_zeros(model: ContextModel, x: torch.Tensor, cfg: Any) -> torch.Tensor:
+    return zeros_init(model, x)
+
+
+def _pass0_chunked(model: ContextModel, x: torch.Tensor, cfg: Any) -> torch.Tensor:
+    return chunked_pass(model, x, cfg.init_chunks, recurrence=model.recurrence)
+
+
+def _pass0_burn_in(model: ContextModel, x: torch.Tensor, cfg: Any) -> torch.Tensor:
+    return burn_in_pass(model, x, cfg.init_chunks, cfg.init_burn_in, recurrence=model.recurrence)
+
+
+# training.phase1.init -> pass 0: (model, embedded stream (S, N, E), Phase1Config) -> first contexts (S, N, C).
+# Every one reaches the same fixed point; they differ in cost and in how close the first guess is.
+PASS0: dict[str, Callable[[ContextModel, torch.Tensor, Any], torch.Tensor]] = {
+    "sequential": _pass0_sequential, "zeros": _pass0_zeros, "chunked": _pass0_chunked, "burn_in": _pass0_burn_in,
+}
 
 
 def shifted_inputs(contexts: torch.Tensor, first: torch.Tensor | None = None,
