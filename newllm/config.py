@@ -570,6 +570,15 @@ def _check_pairing(cfg: DictConfig) -> None:
            "propagate for baseline models (fixed contexts need a context model)")
 
 
+def retyped(stored: DictConfig) -> DictConfig:
+    """A config read back from a run folder (resume checkpoint, .hydra/config.yaml) with the schema's types
+    again: choices as Enums, the loops' sections as their dataclasses. Keys outside the schema (a sweep
+    preset's own) are kept as they were."""
+    schema = OmegaConf.structured(Config)
+    OmegaConf.set_struct(schema, False)
+    return OmegaConf.merge(schema, stored)
+
+
 def to_container(cfg: DictConfig) -> dict:
     """Plain data (choices as their strings): what metrics, trackers and checkpoints store."""
     return OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)  # type: ignore[return-value]

@@ -20,7 +20,7 @@ import torch
 from omegaconf import DictConfig
 
 from newllm import checkpoint as ckpt
-from newllm.config import to_container
+from newllm.config import retyped, to_container
 
 PHASE1, PHASE2 = "phase1", "phase2"
 log = logging.getLogger("newllm")
@@ -137,6 +137,7 @@ class RunLifecycle:
         if not cfg.get("resume"):
             return cls(cfg, Path(run_dir), None)
         stored, resumed = ckpt.resume_config(cfg.resume)
+        stored = retyped(stored)
         stored.device, stored.progress, stored.resume = cfg.device, cfg.progress, None
         return cls(stored, Path(cfg.resume), resumed)
 

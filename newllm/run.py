@@ -64,10 +64,12 @@ def seed_everything(seed: int) -> None:
 
 
 def typed(node: DictConfig, schema: type):
-    """The dataclass instance (Phase1Config, ...) a config node stands for -- merged onto its schema first,
-    since a resumed run's config is read back untyped: loops read plain attributes, never `.get` defaults."""
-    values = OmegaConf.to_container(node, resolve=True)  # interpolations (${data.seq_len}) need the whole config
-    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), values))
+    """The dataclass instance (Phase1Config, ...) a config section stands for: loops read plain attributes,
+    never `.get` defaults. Interpolations (${data.seq_len}) resolve against the whole config."""
+    section = OmegaConf.to_object(node)
+    if not isinstance(section, schema):  # a config built by hand, or read back without config.retyped
+        raise TypeError(f"{node._get_full_key(None)} is not a {schema.__name__} node: compose it, or config.retyped")
+    return section
 
 
 def objective_values(metrics: dict, names: list[str]) -> float | list[float]:

@@ -2,12 +2,22 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from newllm.data.recall import FIRST, answer_accuracy, make_splits
+from newllm.config import RecallTask
+from newllm.data.recall import FIRST, TASKS, answer_accuracy, make_splits
 from tests.conftest import read_metrics
 
 
 def _rows(ids: torch.Tensor) -> set[tuple[int, ...]]:
     return set(map(tuple, ids.tolist()))
+
+
+@pytest.mark.parametrize("task", [t.value for t in RecallTask])
+def test_every_task_choice_generates_answers_within_the_sequence(task):
+    assert set(TASKS) == {t.value for t in RecallTask}  # data.task is checked once, by its Enum
+    train, _, _ = make_splits(task, (40, 5, 5), 24, 40, 4, seed=1)
+    assert train.ids.shape[1] == 24 and bool(train.mask.any(1).all())  # every sequence has answers
+    pos = torch.arange(24).expand_as(train.ids)
+    assert bool((train.distance[train.mask] > 0).all() and (train.distance <= pos).all())
 
 
 def test_mqar_layout_answers_and_distances():

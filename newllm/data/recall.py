@@ -22,7 +22,6 @@ from tokenizers.models import WordLevel
 from newllm.errors import DataError
 
 PAD, SEP, NOISE, FIRST = 0, 1, 2, 3
-TASKS = ("mqar", "copy", "selective_copy")
 
 
 @dataclass
@@ -100,13 +99,18 @@ def _copy(n: int, t: int, vocab: int, selective: bool, g: torch.Generator) -> tu
     return ids, mask, distance
 
 
+# data.task -> generator (n, seq_len, vocab, num_pairs, g, gap) -> (ids, answer mask, answer distance)
+TASKS = {
+    "mqar": _mqar,
+    "copy": lambda n, t, vocab, pairs, g, gap: _copy(n, t, vocab, False, g),
+    "selective_copy": lambda n, t, vocab, pairs, g, gap: _copy(n, t, vocab, True, g),
+}
+
+
 def generate(task: str, n: int, seq_len: int, vocab_size: int, num_pairs: int, g: torch.Generator,
              gap: tuple[int, int] = (0, 0)):
-    if task not in TASKS:
-        raise DataError(f"data.task={task!r} is not allowed: expected one of {', '.join(TASKS)}")
-    if task == "mqar":
-        return _mqar(n, seq_len, vocab_size, num_pairs, g, gap)
-    return _copy(n, seq_len, vocab_size, task == "selective_copy", g)
+    """n sequences of `task` (a newllm.config.RecallTask: Hydra checks the name at compose time)."""
+    return TASKS[task](n, seq_len, vocab_size, num_pairs, g, gap)
 
 
 def make_splits(task: str, counts: tuple[int, int, int], seq_len: int, vocab_size: int, num_pairs: int,
