@@ -58,6 +58,36 @@ def test_recurrence_gradients_equal_stepwise(arch, updater):
         torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-5, rtol=1e-4, msg=name)
 
 
+def test_the_scripted_training_recurrence_has_autograds_gradients_in_float64():
+    """Phase 2 of the default family (layer-wise, gated) trains through a hand-written reverse loop:
+    gradcheck holds it to finite differences for every input (c0, hoisted projections, each weight)."""
+    from newllm.models.scripted import gated_layerwise_trainable
+
+    g, (b, t, c, k) = torch.Generator().manual_seed(0), (2, 5, 4, 2)
+    def rand(*shape, scale=1.0):  # noqa: E306
+        return (scale * torch.randn(*shape, generator=g, dtype=torch.float64)).requires_grad_()
+    hoisted, w_c = [rand(b, t, c) for _ in range(k)], [rand(c, c, scale=0.5) for _ in range(k)]
+    w_g, b_g = [rand(c, 3 * c, scale=0.5) for _ in range(k)], [rand(3 * c) for _ in range(k)]
+    ln_w, ln_b = [rand(c) for _ in range(k)], [rand(c) for _ in range(k)]
+    c0, n = rand(b, c), k
+
+    def fn(c0, *flat):
+        parts = [list(flat[i * n : (i + 1) * n]) for i in range(6)]
+        return gated_layerwise_trainable(parts[0], c0, *parts[1:], 1e-5)
+
+    assert torch.autograd.gradcheck(fn, (c0, *hoisted, *w_c, *w_g, *b_g, *ln_w, *ln_b))
+
+
+def test_phase2_of_the_default_family_trains_through_the_scripted_function_and_falls_back_otherwise():
+    model = context_lm("layerwise", "gated", layers=2)
+    ids = tokens(model)
+    assert type(model.contexts_window(ids).grad_fn).__name__ == "_GatedLayerwiseBackward"
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast rounds op by op: the eager step does that
+        assert "GatedLayerwise" not in type(model.contexts_window(ids).grad_fn).__name__
+    for other in (context_lm("sequential", "gated", layers=2), context_lm("layerwise", "residual", layers=2)):
+        assert "GatedLayerwise" not in type(other.contexts_window(ids).grad_fn).__name__
+
+
 @pytest.mark.parametrize(("arch", "updater"), CASES)
 def test_recurrence_under_bf16_autocast_is_as_accurate_as_stepping(arch, updater):
     """bf16 rounds differently on the two paths (addmm into the hoisted term vs cat + linear), so they

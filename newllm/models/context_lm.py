@@ -17,7 +17,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from newllm.errors import GenerationError
-from newllm.models.scripted import gated_layerwise_loop
+from newllm.models.scripted import gated_layerwise_loop, gated_layerwise_trainable
 from newllm.models.updaters import relu_fnn
 from newllm.models.weights import init_normal_
 
@@ -98,20 +98,29 @@ class ContextLM(nn.Module):
         """
         hoisted, weights = self._hoisted_inputs(x), self._context_weights()
         c = x.new_zeros(x.shape[0], self.context_dim) if c0 is None else c0
-        if self._scriptable() and x.shape[1] > 0:
-            return gated_layerwise_loop(hoisted, c, *self._scripted_params(weights))
+        if self._scripted_family() and x.shape[1] > 0:
+            params = self._scripted_params(weights)
+            if not torch.is_grad_enabled():
+                return gated_layerwise_loop(hoisted, c, *params)
+            if not torch.is_autocast_enabled(x.device.type) and not torch.compiler.is_compiling():
+                return gated_layerwise_trainable(hoisted, c, *params)  # autocast: the eager step rounds as asked
         steps = []
         for t in range(x.shape[1]):
             c = self._step(c, x[:, t], [None if p is None else p[:, t] for p in hoisted], weights)
             steps.append(c)
         return torch.stack(steps, dim=1) if steps else x.new_zeros(*x.shape[:2], self.context_dim)
 
-    def _scriptable(self) -> bool:
-        """The TorchScript loop covers the default family (layer-wise, gated) without autograd, and
-        without dropout (eval mode or p = 0): it has no dropout masks to draw."""
+    def _scripted_family(self) -> bool:
+        """The TorchScript loops cover the default family (layer-wise, gated) without dropout (eval mode
+        or p = 0): they have no dropout masks to draw. Without autograd one loop; with it, a scripted
+        forward and a scripted reverse loop (newllm/models/scripted.py)."""
         dropout = self.training and any(isinstance(m, nn.Dropout) for m in self.blocks.modules())
-        return (not torch.is_grad_enabled() and not dropout and self.architecture == "layerwise"
+        return (not dropout and self.architecture == "layerwise"
                 and all(not b.updater.rewrites_tokens for b in self.blocks))
+
+    def _scriptable(self) -> bool:
+        """The no-grad scripted loop applies (pass 0, validation, generation)."""
+        return not torch.is_grad_enabled() and self._scripted_family()
 
     def _scripted_params(self, weights: list) -> tuple:
         """What gated_layerwise_loop takes after (hoisted, c): gathered once per pass, not per token."""

@@ -51,3 +51,118 @@ def gated_layerwise_loop(hoisted: list[torch.Tensor], c: torch.Tensor, w_c: list
                          w_g: list[torch.Tensor], b_g: list[torch.Tensor], ln_w: list[torch.Tensor],
                          ln_b: list[torch.Tensor], eps: float) -> torch.Tensor:
     return _compiled()(hoisted, c, w_c, w_g, b_g, ln_w, ln_b, eps)
+
+
+# ----------------------------------------------------------------------------- with autograd (Phase 2)
+# Phase 2 `propagate` trains through the recurrence. Recorded op by op, autograd pays graph bookkeeping
+# for ~10 kernels per block and token, forward and backward. Here the forward is the scripted loop,
+# saving what the backward needs; the backward is a scripted reverse loop that carries only dL/dc, and
+# every weight gradient is one matmul over all (token, batch) rows after it (nothing weight-shaped is
+# accumulated inside the loop). Same math as the eager step; tested equal to autograd's gradients.
+def _gated_forward_saving(hoisted: list[torch.Tensor], c: torch.Tensor, w_c: list[torch.Tensor],
+                          w_g: list[torch.Tensor], b_g: list[torch.Tensor], ln_w: list[torch.Tensor],
+                          ln_b: list[torch.Tensor], eps: float) -> list[torch.Tensor]:
+    """[contexts (B, T, C), then per (T, K, B, .) layout: block inputs c, hidden h, gates f|i|u, pre-LN z,
+    LN mean, LN rstd]."""
+    n_t, n_k = hoisted[0].shape[1], len(hoisted)
+    b, d, hid = c.shape[0], c.shape[1], w_c[0].shape[1]
+    out = c.new_empty(b, n_t, d)
+    c_in, hs = c.new_empty(n_t, n_k, b, d), c.new_empty(n_t, n_k, b, hid)
+    fiu, zs = c.new_empty(n_t, n_k, b, 3 * d), c.new_empty(n_t, n_k, b, d)
+    means, rstds = c.new_empty(n_t, n_k, b, 1), c.new_empty(n_t, n_k, b, 1)
+    size = [d]
+    for t in range(n_t):
+        for k in range(n_k):
+            c_in[t, k] = c
+            h = torch.relu(torch.addmm(hoisted[k][:, t], c, w_c[k]))
+            hs[t, k] = h
+            g = torch.addmm(b_g[k], h, w_g[k])
+            gates = fiu[t, k]
+            torch.sigmoid(g[:, : 2 * d], out=gates[:, : 2 * d])
+            torch.tanh(g[:, 2 * d :], out=gates[:, 2 * d :])
+            z = gates[:, :d] * c + gates[:, d : 2 * d] * gates[:, 2 * d :]
+            zs[t, k] = z
+            c, mean, rstd = torch.native_layer_norm(z, size, ln_w[k], ln_b[k], eps)
+            means[t, k], rstds[t, k] = mean, rstd
+        out[:, t] = c
+    return [out, c_in, hs, fiu, zs, means, rstds]
+
+
+def _gated_backward_loop(grad_out: torch.Tensor, c_in: torch.Tensor, hs: torch.Tensor, fiu: torch.Tensor,
+                         zs: torch.Tensor, means: torch.Tensor, rstds: torch.Tensor, w_c: list[torch.Tensor],
+                         w_g: list[torch.Tensor], ln_w: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The reverse time loop: [dL/dc0, then (T, K, B, .) dL/d(pre-ReLU) a, dL/d(gate logits), dL/d(block output)].
+
+    (Precomputing the dc-independent factors for all steps at once measured slower: 44 vs 40 ms at
+    B=32, T=64, C=256, L=2; the extra passes over (T, K, B, 3C) cost more than the kernels they save.)
+    """
+    n_t, n_k, d = c_in.shape[0], c_in.shape[1], c_in.shape[3]
+    d_a, d_g, d_out = torch.empty_like(hs), torch.empty_like(fiu), torch.empty_like(c_in)
+    w_c_t = [w.t() for w in w_c]
+    w_g_t = [w.t() for w in w_g]
+    dc = torch.zeros_like(c_in[0, 0])
+    for t in range(n_t - 1, -1, -1):
+        dc = dc + grad_out[:, t]
+        for k in range(n_k - 1, -1, -1):
+            d_out[t, k] = dc
+            zhat = (zs[t, k] - means[t, k]) * rstds[t, k]
+            dzhat = dc * ln_w[k]  # LayerNorm backward: dz = rstd (dzhat - mean(dzhat) - zhat mean(dzhat zhat))
+            dz = rstds[t, k] * (dzhat - dzhat.mean(-1, keepdim=True) - zhat * (dzhat * zhat).mean(-1, keepdim=True))
+            f, i, u = fiu[t, k, :, :d], fiu[t, k, :, d : 2 * d], fiu[t, k, :, 2 * d :]
+            dg = d_g[t, k]  # z = f c + i u with f, i = sigmoid, u = tanh of the gate logits
+            dg[:, :d] = dz * c_in[t, k] * f * (1 - f)
+            dg[:, d : 2 * d] = dz * u * i * (1 - i)
+            dg[:, 2 * d :] = dz * i * (1 - u * u)
+            da = torch.mm(dg, w_g_t[k]) * (hs[t, k] > 0)
+            d_a[t, k] = da
+            dc = torch.addmm(dz * f, da, w_c_t[k])  # through z's f c, and through h = relu(c W_c + hoisted)
+    return [dc, d_a, d_g, d_out]
+
+
+@functools.cache
+def _compiled_training():
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return torch.jit.script(_gated_forward_saving), torch.jit.script(_gated_backward_loop)
+    except Exception as err:  # noqa: BLE001 -- any scripting failure: the same functions, eagerly
+        warnings.warn(f"TorchScript unavailable ({err}); the gated layer-wise training loop runs eagerly",
+                      stacklevel=2)
+        return _gated_forward_saving, _gated_backward_loop
+
+
+class _GatedLayerwise(torch.autograd.Function):
+    """Inputs: (eps, K, c0, *hoisted[K], *w_c[K], *w_g[K], *b_g[K], *ln_w[K], *ln_b[K]) -> contexts (B, T, C)."""
+
+    @staticmethod
+    def forward(ctx, eps: float, n_k: int, c0: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
+        hoisted, w_c, w_g, b_g, ln_w, ln_b = (list(params[i * n_k : (i + 1) * n_k]) for i in range(6))
+        out, *saved = _compiled_training()[0](hoisted, c0, w_c, w_g, b_g, ln_w, ln_b, eps)
+        ctx.n_k = n_k
+        ctx.save_for_backward(*saved, *w_c, *w_g, *ln_w)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out: torch.Tensor):
+        n_k = ctx.n_k
+        c_in, hs, fiu, zs, means, rstds, *weights = ctx.saved_tensors
+        w_c, w_g, ln_w = (weights[i * n_k : (i + 1) * n_k] for i in range(3))
+        dc0, d_a, d_g, d_out = _compiled_training()[1](grad_out.contiguous(), c_in, hs, fiu, zs, means, rstds,
+                                                      w_c, w_g, ln_w)
+        rows = lambda t, k: t[:, k].reshape(-1, t.shape[-1])  # noqa: E731 -- (T*B, .) rows of block k
+        zhat = (zs - means) * rstds
+        d_hoisted = [d_a[:, k].transpose(0, 1) for k in range(n_k)]  # (B, T, H)
+        d_wc = [rows(c_in, k).t() @ rows(d_a, k) for k in range(n_k)]
+        d_wg = [rows(hs, k).t() @ rows(d_g, k) for k in range(n_k)]
+        d_bg = [rows(d_g, k).sum(0) for k in range(n_k)]
+        d_lnw = [(rows(d_out, k) * rows(zhat, k)).sum(0) for k in range(n_k)]
+        d_lnb = [rows(d_out, k).sum(0) for k in range(n_k)]
+        return None, None, dc0, *d_hoisted, *d_wc, *d_wg, *d_bg, *d_lnw, *d_lnb
+
+
+def gated_layerwise_trainable(hoisted: list[torch.Tensor], c: torch.Tensor, w_c: list[torch.Tensor],
+                              w_g: list[torch.Tensor], b_g: list[torch.Tensor], ln_w: list[torch.Tensor],
+                              ln_b: list[torch.Tensor], eps: float) -> torch.Tensor:
+    """gated_layerwise_loop with gradients to every input: scripted forward, scripted reverse loop."""
+    return _GatedLayerwise.apply(eps, len(hoisted), c, *hoisted, *w_c, *w_g, *b_g, *ln_w, *ln_b)
