@@ -84,6 +84,9 @@ def main() -> None:
     p.add_argument("--jacobi-tol", type=float, default=1e-6)
     p.add_argument("--kinds", default=",".join(KINDS))
     args = p.parse_args()
+    unknown = [k for k in args.kinds.split(",") if k not in KINDS]
+    if unknown:  # a short name (`fixed`) would otherwise build a context model and time propagate under it
+        p.error(f"--kinds {','.join(unknown)} is not allowed: expected names from {','.join(KINDS)}")
     device = setup(args)
     dims = args.dims or ([128] if args.quick else [128, 256])
     rows = []
