@@ -5,23 +5,35 @@ Hydra writes the sweeper's settings and the command-line overrides into every jo
 form does not hold it: libpq's PGPASSWORD, ~/.pgpass or PGSERVICE (the URL has no password at all), or
 an interpolation such as `postgresql+psycopg://user:${oc.env:NEWLLM_DB_PASSWORD}@host/optuna`, resolved
 in each process that connects. Whatever newllm writes or logs itself shows `masked(url)`.
+
+`create_study` opens a study when many sweep workers start on one fresh database at the same moment.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import random
 import re
 import socket
+import time
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import ArgumentError
+from sqlalchemy.exc import ArgumentError, DBAPIError, IntegrityError, ProgrammingError
+
+if TYPE_CHECKING:
+    import optuna
 
 MASK = "***"
 # libpq fills these in when a URL leaves host or database out (postgresql+psycopg:// with PGSERVICE=...).
 LIBPQ_DEFAULTS = ("PGSERVICE", "PGHOST", "PGHOSTADDR", "PGPORT", "PGDATABASE")
 _INTERPOLATION = re.compile(r"\$\{[^${}]*\}")
+# How PostgreSQL fails the losers of a race to create one schema: unique_violation (on pg_type, when the
+# CREATE TYPEs overlap), duplicate_object (a type the winner committed after this one checked for it),
+# duplicate_table. SQLite and MySQL report theirs as IntegrityError.
+SCHEMA_RACE_SQLSTATES = frozenset({"23505", "42710", "42P07"})
 
 
 def _parse(url: str) -> URL | None:
@@ -105,3 +117,29 @@ def folder_name(url: str | None) -> str:
         base = "-".join(p for p in (parsed.host, parsed.database) if p) or str(service or parsed.get_backend_name())
     base = re.sub(r"[^A-Za-z0-9._-]+", "_", base).strip("._") or "storage"
     return f"{base}-{hashlib.sha256(identity(url).encode()).hexdigest()[:8]}"
+
+
+def schema_race(exc: BaseException) -> bool:
+    """Whether a database error is another process creating the same (Optuna) schema at this moment."""
+    if isinstance(exc, IntegrityError):
+        return True
+    return isinstance(exc, ProgrammingError) and getattr(exc.orig, "sqlstate", None) in SCHEMA_RACE_SQLSTATES
+
+
+def create_study(attempts: int = 6, **kwargs: Any) -> optuna.Study:
+    """optuna.create_study(load_if_exists=True, **kwargs), trying again while other workers create the schema.
+
+    Optuna creates its tables with SQLAlchemy's check-then-create, which is not atomic: of several
+    processes starting on a fresh database at once, one wins and the others fail. Trying again sees the
+    schema the winner made (the jitter keeps the losers from colliding a second time); any other error,
+    or a race still lost after `attempts`, is raised."""
+    import optuna  # imported here: config.py imports this module while composing, and optuna is heavy
+
+    for attempt in range(1, attempts):
+        try:
+            return optuna.create_study(load_if_exists=True, **kwargs)
+        except DBAPIError as exc:
+            if not schema_race(exc):
+                raise
+            time.sleep(0.2 * attempt + random.random() * 0.3)
+    return optuna.create_study(load_if_exists=True, **kwargs)  # the last attempt raises whatever it meets

@@ -61,3 +61,20 @@ def test_folder_names_tell_storages_apart(tmp_path, monkeypatch):
     monkeypatch.setenv("PGSERVICE", "home")
     assert storage.folder_name("postgresql+psycopg://") != lab and lab.startswith("lab-")
     assert storage.absolute_sqlite("sqlite:///outputs/optuna.db") == f"sqlite:///{Path(tmp_path) / 'outputs/optuna.db'}"
+
+
+def test_schema_race_is_the_losing_side_of_creating_one_schema_and_nothing_else():
+    """What PostgreSQL raises at the workers that lose the race to create Optuna's schema (CI's 4-sweep test
+    met DuplicateObject) is retried; a real error such as a missing privilege is not."""
+    psycopg = pytest.importorskip("psycopg")  # the postgres extra
+    from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
+
+    def wrapped(kind, orig):
+        return kind("CREATE TYPE studydirection AS ENUM (...)", {}, orig)
+
+    assert storage.schema_race(wrapped(IntegrityError, psycopg.errors.UniqueViolation("pg_type_typname_nsp_index")))
+    assert storage.schema_race(wrapped(ProgrammingError, psycopg.errors.DuplicateObject('"studydirection" exists')))
+    assert storage.schema_race(wrapped(ProgrammingError, psycopg.errors.DuplicateTable('"studies" exists')))
+    assert not storage.schema_race(wrapped(ProgrammingError, psycopg.errors.InsufficientPrivilege("schema public")))
+    assert not storage.schema_race(wrapped(OperationalError, psycopg.errors.ConnectionTimeout("timeout")))
+    assert not storage.schema_race(ValueError("not a database error"))

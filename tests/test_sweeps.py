@@ -519,6 +519,40 @@ def postgres():
         shutil.rmtree(root, ignore_errors=True)
 
 
+# Each racer says it is ready, waits for the go file, then opens the study: all start within a millisecond.
+RACER = """
+import pathlib, sys, time
+from newllm import storage
+url, ready, go = sys.argv[1], pathlib.Path(sys.argv[2]), pathlib.Path(sys.argv[3])
+ready.touch()
+while not go.exists():
+    time.sleep(0.001)
+storage.create_study(study_name="raced", storage=url, directions=["minimize"])
+"""
+
+
+@pytest.mark.slow
+def test_workers_starting_at_once_on_a_fresh_database_all_open_the_study(tmp_path, postgres):
+    """6 processes open one study at the same instant on a database with no schema yet. Plain
+    optuna.create_study lets one create the tables and fails the rest (UniqueViolation on pg_type, or
+    DuplicateObject as CI met in the 4-sweep test); storage.create_study retries, so all get the study."""
+    import psycopg
+
+    with psycopg.connect(host="127.0.0.1", port=postgres.port, user=postgres.user, password=postgres.password,
+                         dbname="postgres", autocommit=True) as conn:
+        conn.execute("CREATE DATABASE raced")
+    url = postgres.url(postgres.password).rsplit("/", 1)[0] + "/raced"
+    racers = [subprocess.Popen([sys.executable, "-c", RACER, url, str(tmp_path / f"ready{i}"), str(tmp_path / "go")],
+                               env=cli_env(), stderr=subprocess.PIPE, text=True) for i in range(6)]
+    deadline = time.monotonic() + 120
+    while len(list(tmp_path.glob("ready*"))) < len(racers) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    (tmp_path / "go").touch()
+    errors = [p.communicate(timeout=120)[1] for p in racers]
+    assert [p.returncode for p in racers] == [0] * len(racers), "\n".join(e[-1500:] for e in errors)
+    assert [s.study_name for s in optuna.get_all_study_summaries(url)] == ["raced"]
+
+
 @pytest.mark.slow
 def test_four_sweep_processes_share_one_postgres_study(tmp_path, postgres):
     """4 sweep processes at once on one study (password from PGPASSWORD, as README's recipe allows): trial

@@ -32,7 +32,6 @@ import math
 import os
 import shutil
 import socket
-import time
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -40,7 +39,6 @@ from typing import Any
 
 import numpy as np
 import optuna
-import sqlalchemy
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.utils import instantiate
 from hydra_plugins.hydra_optuna_sweeper.optuna_sweeper import OptunaSweeper
@@ -220,15 +218,8 @@ class NewllmOptunaSweeperImpl(OptunaSweeperImpl):
         """The study (created if new), checked against the directions and names; `planned`: its trial count
         as logged (n_trials; a reruns study runs one per seed)."""
         self.storage = _absolute_sqlite(self.storage)
-        for attempt in range(5):
-            try:
-                study = optuna.create_study(study_name=self.study_name, storage=self.storage, sampler=self.sampler,
-                                            directions=directions, load_if_exists=True)
-                break
-            except sqlalchemy.exc.IntegrityError:  # another worker is creating the same empty schema right now
-                if attempt == 4:
-                    raise
-                time.sleep(1.0 + attempt)
+        study = storages.create_study(study_name=self.study_name, storage=self.storage, sampler=self.sampler,
+                                      directions=directions)  # many workers may start on a fresh database at once
         have = [d.name.lower() for d in study.directions]
         if have != list(directions):
             raise ConfigError(f"hydra.sweeper.direction={list(directions)} does not match study "
