@@ -81,12 +81,24 @@ def test_generate_keeps_constant_state(architecture):
     del m.recurrence
     assert out.shape == (20,) and out.dtype == torch.long and int(out.max()) < 40
     assert lengths == [len(prompt)]  # sampled tokens are stepped one at a time, never re-read
-    assert [tuple(c.shape) for c in reads] == [(1, 24)] * 20
-    with torch.no_grad():
-        contexts = m.contexts_window(torch.cat([prompt, out[:-1]]).unsqueeze(0))[0]
-    torch.testing.assert_close(torch.cat(reads), contexts[len(prompt) - 1 :], atol=1e-5, rtol=1e-5)
+    if architecture == "sequential":  # the eager loop: every head read is seen
+        assert [tuple(c.shape) for c in reads] == [(1, 24)] * 20
+        with torch.no_grad():
+            contexts = m.contexts_window(torch.cat([prompt, out[:-1]]).unsqueeze(0))[0]
+        torch.testing.assert_close(torch.cat(reads), contexts[len(prompt) - 1 :], atol=1e-5, rtol=1e-5)
+    else:  # the whole sampling loop is one TorchScript call: the head module is never called from Python
+        assert reads == []
+    # What is carried between tokens is c_t of the text so far and nothing else: two calls, the second from
+    # prompt + the first one's tokens, sample what one call samples from the same random stream.
+    gen = torch.Generator().manual_seed(0)
+    first = m.generate(prompt, 8, generator=gen)
+    second = m.generate(torch.cat([prompt, first]), 12, generator=gen)
+    assert torch.cat([first, second]).tolist() == out.tolist()
     with pytest.raises(ValueError, match="at least one token"):
         m.generate(torch.tensor([], dtype=torch.long), 3)
+    for bad in (0, -2):
+        with pytest.raises(ValueError, match=f"top_k={bad} is not allowed"):
+            m.generate(prompt, 3, top_k=bad)
 
 
 def test_residual_updater_needs_c_plus_e_hidden():

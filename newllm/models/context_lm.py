@@ -17,7 +17,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from newllm.errors import GenerationError
-from newllm.models.scripted import gated_layerwise_loop, gated_layerwise_trainable
+from newllm.models.scripted import gated_layerwise_loop, gated_layerwise_sample, gated_layerwise_trainable
 from newllm.models.updaters import relu_fnn
 from newllm.models.weights import init_normal_
 
@@ -172,24 +172,27 @@ class ContextLM(nn.Module):
         """Sample n tokens after a 1-D prompt. State is one C-vector: O(1) memory per step."""
         if prompt.numel() == 0:
             raise GenerationError("generate(prompt, n): the prompt must hold at least one token")
+        if top_k is not None and top_k < 1:
+            raise GenerationError(f"generate: top_k={top_k} is not allowed: expected an integer >= 1, "
+                                  "or None (no top-k)")
         # The prompt runs through the hoisted recurrence; each sampled token then reads its embedding and
         # its hoisted x-projections from per-vocabulary tables built once, so a step is the context matvecs.
         table = self.embed(torch.arange(self.vocab_size, device=prompt.device))
         hoisted, weights = self._hoisted_inputs(table.unsqueeze(0)), self._context_weights()
         c = self.recurrence(self.embed(prompt.view(1, -1)))[:, -1]
-        scripted = self._scripted_params(weights) if self._scriptable() else None
+        temperature, top_k = max(temperature, 1e-6), min(top_k or 0, self.vocab_size)
+        if self._scriptable():  # the whole loop, sampling included, without the interpreter
+            return gated_layerwise_sample([p[0] for p in hoisted], c, self._scripted_params(weights), self.head,
+                                          n, temperature, top_k, generator)
         out = torch.empty(n, dtype=torch.long)
         for i in range(n):
-            logits = self.head(c)[0] / max(temperature, 1e-6)
-            if top_k is not None:
-                kth = torch.topk(logits, min(top_k, logits.numel())).values[-1]
+            logits = self.head(c)[0] / temperature
+            if top_k > 0:
+                kth = torch.topk(logits, top_k).values[-1]
                 logits = logits.masked_fill(logits < kth, float("-inf"))
             tok = int(torch.multinomial(torch.softmax(logits, -1), 1, generator=generator))
             out[i] = tok
-            if scripted is not None:
-                c = gated_layerwise_loop([p[:, tok : tok + 1] for p in hoisted], c, *scripted)[:, 0]
-            else:
-                c = self._step(c, table[tok : tok + 1], [None if p is None else p[:, tok] for p in hoisted], weights)
+            c = self._step(c, table[tok : tok + 1], [None if p is None else p[:, tok] for p in hoisted], weights)
         return out
 
     def updater_parameters(self) -> list[nn.Parameter]:

@@ -19,38 +19,73 @@ import torch
 from torch.nn import functional as F
 
 
+def _gated_step(c: torch.Tensor, x_part: list[torch.Tensor], w_c: list[torch.Tensor], w_g: list[torch.Tensor],
+                b_g: list[torch.Tensor], ln_w: list[torch.Tensor], ln_b: list[torch.Tensor], eps: float,
+                ) -> torch.Tensor:
+    """One token through every block: x_part[k] (B, H) is block k's hoisted x-projection plus bias."""
+    size = [c.shape[-1]]
+    for k in range(len(x_part)):
+        h = torch.relu(torch.addmm(x_part[k], c, w_c[k]))
+        gates = torch.addmm(b_g[k], h, w_g[k]).chunk(3, dim=-1)
+        c = F.layer_norm(torch.sigmoid(gates[0]) * c + torch.sigmoid(gates[1]) * torch.tanh(gates[2]),
+                         size, ln_w[k], ln_b[k], eps)
+    return c
+
+
 def _gated_layerwise_loop(hoisted: list[torch.Tensor], c: torch.Tensor, w_c: list[torch.Tensor],
                           w_g: list[torch.Tensor], b_g: list[torch.Tensor], ln_w: list[torch.Tensor],
                           ln_b: list[torch.Tensor], eps: float) -> torch.Tensor:
     """hoisted[k] (B, T, H): block k's x-projection plus bias; w_c[k] (C, H); w_g[k] (H, 3C): the three
     gates stacked; ln_*: the block's LayerNorm. Returns contexts (B, T, C) from c (B, C)."""
     steps: list[torch.Tensor] = []
-    size = [c.shape[-1]]
     for t in range(hoisted[0].shape[1]):
-        for k in range(len(hoisted)):
-            h = torch.relu(torch.addmm(hoisted[k][:, t], c, w_c[k]))
-            gates = torch.addmm(b_g[k], h, w_g[k]).chunk(3, dim=-1)
-            c = F.layer_norm(torch.sigmoid(gates[0]) * c + torch.sigmoid(gates[1]) * torch.tanh(gates[2]),
-                             size, ln_w[k], ln_b[k], eps)
+        c = _gated_step(c, [h[:, t] for h in hoisted], w_c, w_g, b_g, ln_w, ln_b, eps)
         steps.append(c)
     return torch.stack(steps, dim=1)
 
 
+def _gated_layerwise_sample(tables: list[torch.Tensor], c: torch.Tensor, w_c: list[torch.Tensor],
+                            w_g: list[torch.Tensor], b_g: list[torch.Tensor], ln_w: list[torch.Tensor],
+                            ln_b: list[torch.Tensor], eps: float, head_w: torch.Tensor, head_b: torch.Tensor,
+                            n: int, temperature: float, top_k: int,
+                            generator: torch.Generator | None) -> torch.Tensor:
+    """n tokens sampled from c (1, C), as ContextLM.generate's eager loop samples them (same ops, same random
+    stream): tables[k] (V, H) is block k's hoisted x-projection of every vocabulary entry; top_k 0 = off."""
+    out = torch.empty(n, dtype=torch.long)
+    for i in range(n):
+        logits = F.linear(c, head_w, head_b)[0] / temperature
+        if top_k > 0:
+            kth = torch.topk(logits, top_k).values[-1]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        tok = int(torch.multinomial(torch.softmax(logits, -1), 1, generator=generator))
+        out[i] = tok
+        c = _gated_step(c, [t[tok : tok + 1] for t in tables], w_c, w_g, b_g, ln_w, ln_b, eps)
+    return out
+
+
 @functools.cache
-def _compiled():
+def _compiled(name: str):
+    function = globals()[name]
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
-            return torch.jit.script(_gated_layerwise_loop)
+            return torch.jit.script(function)
     except Exception as err:  # noqa: BLE001 -- any scripting failure: fall back to the eager loop
-        warnings.warn(f"TorchScript unavailable ({err}); the gated layer-wise loop runs eagerly", stacklevel=2)
-        return _gated_layerwise_loop
+        warnings.warn(f"TorchScript unavailable ({err}); {name} runs eagerly", stacklevel=2)
+        return function
 
 
 def gated_layerwise_loop(hoisted: list[torch.Tensor], c: torch.Tensor, w_c: list[torch.Tensor],
                          w_g: list[torch.Tensor], b_g: list[torch.Tensor], ln_w: list[torch.Tensor],
                          ln_b: list[torch.Tensor], eps: float) -> torch.Tensor:
-    return _compiled()(hoisted, c, w_c, w_g, b_g, ln_w, ln_b, eps)
+    return _compiled("_gated_layerwise_loop")(hoisted, c, w_c, w_g, b_g, ln_w, ln_b, eps)
+
+
+def gated_layerwise_sample(tables: list[torch.Tensor], c: torch.Tensor, params: tuple, head: torch.nn.Linear,
+                           n: int, temperature: float, top_k: int, generator: torch.Generator | None) -> torch.Tensor:
+    """The whole sampling loop of generate in TorchScript; `params`: what gated_layerwise_loop takes after c."""
+    return _compiled("_gated_layerwise_sample")(tables, c, *params, head.weight, head.bias, n, temperature, top_k,
+                                                generator)
 
 
 # ----------------------------------------------------------------------------- with autograd (Phase 2)
