@@ -13,8 +13,9 @@ random init, seed 0), same random token stream, one stream, objective = CVFP MSE
 - matmul floor: the forward and both backward matmuls of the model's Linear shapes at the same
   rows, timed in the same run: the machine's practical limit for the FLOPs an iteration must do;
 - pass 0 (the sequential no-grad pass), measured (or on a prefix, same rule as naive);
-- pass 0 also against its bandwidth floor: every token reads all of f's weights once (read rate
-  measured in the same run), and stepped through `update` (pass0_stepwise_s) for the hoisting's gain;
+- pass 0 also against its bandwidth floor: every token reads each matrix it multiplies by once (f's weights
+  less the hoisted x-part; read rate measured in the same run), against its matvecs alone at BLAS's rate
+  (pass0_matvec_s: the part no loop overhead explains), and stepped through `update` (pass0_stepwise_s);
 - `--whole C:L:N[:updater[:E]]` runs the complete train_phase1 (init=sequential, pass 0 included, --iterations
   sweeps) and compares it with the floor. `--inits` compares init=sequential|zeros|chunked|burn_in on real
   data (chatterbot, default objective) for time, convergence and effective rank.
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import math
+import statistics
 import time
 
 import torch
@@ -68,18 +70,47 @@ def parse_whole(spec: str) -> tuple[int, int, int, str, int]:
     return c, layers, n, parts[3] if len(parts) > 3 else "gated", int(parts[4]) if len(parts) > 4 else EMBED
 
 
-def weight_read_seconds(model: ContextLM, tokens: int, device: torch.device) -> tuple[float, float]:
-    """Bandwidth floor of a per-token loop: each token must read every weight of f once.
+def pass0_matrices(model: ContextLM) -> list[torch.Tensor]:
+    """The matrices one pass-0 token multiplies by, as the recurrence holds them: each block's context part of
+    its first Linear (all of it where x is not hoisted), its further fnn Linears, the gated updater's three gates
+    stacked. The hoisted x-part is read once per pass, not per token, so it is not here."""
+    mats = []
+    for block, hoisted, (w_c, gates) in zip(model.blocks, model._hoistable(), model._context_weights(), strict=True):
+        first, *rest = [m for m in block.fnn if isinstance(m, torch.nn.Linear)]
+        mats.append(w_c if hoisted else first.weight.t().contiguous())
+        mats += [m.weight.t().contiguous() for m in rest]
+        if gates is not None:
+            mats.append(gates[0])
+    return mats
 
-    Returns (floor seconds for `tokens` tokens, GB/s), from timing a sum over a buffer of f's weight
-    bytes, repeated, in this run: the machine's rate for reading that many bytes from wherever they
-    live (cache for small models, DRAM for large ones).
+
+def weight_read_seconds(model: ContextLM, tokens: int, device: torch.device) -> tuple[float, float]:
+    """Bandwidth floor of a per-token loop: each token must read every matrix of pass0_matrices once.
+
+    Returns (floor seconds for `tokens` tokens, GB/s), from timing a sum over a buffer of that many bytes,
+    repeated, in this run: the machine's rate for reading them from wherever they live (cache for small
+    models, DRAM for large ones).
     """
-    n_bytes = sum(p.numel() * p.element_size() for p in model.blocks.parameters())
+    n_bytes = sum(w.numel() * w.element_size() for w in pass0_matrices(model))
     buf = torch.ones(n_bytes // 4, device=device)
     reps = max(1, min(2000, int(2e9 // n_bytes)))
     seconds = timed(lambda: [buf.sum() for _ in range(reps)], device) / reps
     return tokens * seconds, n_bytes / seconds / 1e9
+
+
+def matvec_seconds(model: ContextLM, tokens: int, device: torch.device, reps: int = 200) -> float:
+    """What pass 0 would take if nothing but its matrix-vector products cost time: one token's
+    addmm(bias, (1, in), (in, out)) for every matrix of pass0_matrices, at this run's BLAS rate, x tokens."""
+    mats = pass0_matrices(model)
+    vecs = [(torch.randn(1, w.shape[0], device=device), torch.randn(1, w.shape[1], device=device)) for w in mats]
+
+    def run() -> None:
+        for _ in range(reps):
+            for (v, bias), w in zip(vecs, mats, strict=True):
+                torch.addmm(bias, v, w)
+
+    run()  # warm-up
+    return tokens * statistics.median(timed(run, device) for _ in range(3)) / reps
 
 
 def phase1_cfg(n: int, iterations: int, **kw) -> object:
@@ -139,6 +170,7 @@ def bench_case(c: int, layers: int, n: int, args, device: torch.device) -> dict:
         "pass0": lambda: sequential_pass(model, x[:, :m0], recurrence=model.recurrence),
         "pass0_stepwise": lambda: sequential_pass(model, x[:, :m0]),  # f called token by token
         "matmul": lambda: matmul_seconds(shapes, rows, device),  # the reference, interleaved like the rest
+        "matvec": lambda: matvec_seconds(model, n, device),  # pass 0's matvecs alone, at BLAS's rate
     }, args.reps, device)
     mm_rate = train_flops(shapes, rows) / med["matmul"]
     naive_tok_s, par_tok_s = m / med["naive"], n / med["parallel"]
@@ -149,7 +181,8 @@ def bench_case(c: int, layers: int, n: int, args, device: torch.device) -> dict:
             "efficiency": flops / med["parallel"] / mm_rate, "pass0_tokens": m0,
             "pass0_s": med["pass0"] * n / m0, "pass0_stepwise_s": med["pass0_stepwise"] * n / m0,
             "pass0_read_floor_s": read_floor, "weight_read_gbs": read_gbs,
-            "pass0_of_read_floor": read_floor / (med["pass0"] * n / m0), "sweeps_timed": iters}
+            "pass0_of_read_floor": read_floor / (med["pass0"] * n / m0), "pass0_matvec_s": med["matvec"],
+            "pass0_of_matvec": med["matvec"] / (med["pass0"] * n / m0), "sweeps_timed": iters}
 
 
 def whole_run(spec: str, args, device: torch.device) -> dict:
@@ -231,7 +264,7 @@ def main() -> None:
     report(rows, "phase1_speed", device, args.out, ["C", "L", "N", "naive_tokens", "naive_tok_it_s",
            "parallel_tok_it_s", "speedup", "sweep_s", "gflop_per_it", "achieved_gflops", "matmul_gflops",
            "efficiency", "pass0_s", "pass0_stepwise_s", "pass0_read_floor_s", "pass0_of_read_floor", "weight_read_gbs",
-           "pass0_tokens"])
+           "pass0_matvec_s", "pass0_of_matvec", "pass0_tokens"])
     if whole:
         rows = [r for spec in whole.split(",") for r in whole_run(spec, args, device)]
         report(rows, "phase1_whole", device, None, ["C", "L", "N", "updater", "E", "init", "iterations", "whole_s",

@@ -148,3 +148,16 @@ def test_solver_and_precision_values_are_validated():
         cfg = compose("config", overrides=["training.phase2.jacobi_sweeps=0"])
     with pytest.raises(ConfigError, match="training.phase2.jacobi_sweeps=0"):
         validate(cfg)
+
+
+def test_pass0_floor_counts_the_matrices_a_token_multiplies_by():
+    """bench_phase1's read and matvec floors: per token, each block's context part of its first Linear (all of
+    it where x is not hoisted) and the gates stacked; the hoisted x-part is read once per pass, not per token."""
+    from benchmarks.bench_phase1 import pass0_matrices
+
+    c, e = 16, 8
+    gated = context_lm("layerwise", "gated", layers=2, vocab=64, context_dim=c, embed_dim=e)
+    assert [tuple(w.shape) for w in pass0_matrices(gated)] == [(c, c), (c, 3 * c)] * 2  # H = C
+    residual = context_lm("layerwise", "residual", layers=3, vocab=64, context_dim=c, embed_dim=e)
+    h = c + e  # block 0 reads the embedding (hoisted); later blocks read a context-dependent x
+    assert [tuple(w.shape) for w in pass0_matrices(residual)] == [(c, h), (c + e, h), (c + e, h)]
