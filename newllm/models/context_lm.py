@@ -175,14 +175,14 @@ class ContextLM(nn.Module):
         if top_k is not None and top_k < 1:
             raise GenerationError(f"generate: top_k={top_k} is not allowed: expected an integer >= 1, "
                                   "or None (no top-k)")
-        # The prompt runs through the hoisted recurrence; each sampled token then reads its embedding and
-        # its hoisted x-projections from per-vocabulary tables built once, so a step is the context matvecs.
-        table = self.embed(torch.arange(self.vocab_size, device=prompt.device))
-        hoisted, weights = self._hoisted_inputs(table.unsqueeze(0)), self._context_weights()
+        # The prompt runs through the hoisted recurrence; each sampled token is embedded and projected on its
+        # own (a vocabulary-sized table of projections would cost V x H per block, and more time to build than a
+        # short generation takes).
         c = self.recurrence(self.embed(prompt.view(1, -1)))[:, -1]
+        weights = self._context_weights()
         temperature, top_k = max(temperature, 1e-6), min(top_k or 0, self.vocab_size)
         if self._scriptable():  # the whole loop, sampling included, without the interpreter
-            return gated_layerwise_sample([p[0] for p in hoisted], c, self._scripted_params(weights), self.head,
+            return gated_layerwise_sample(self._token_inputs(), c, self._scripted_params(weights), self.head,
                                           n, temperature, top_k, generator)
         out = torch.empty(n, dtype=torch.long)
         for i in range(n):
@@ -192,8 +192,16 @@ class ContextLM(nn.Module):
                 logits = logits.masked_fill(logits < kth, float("-inf"))
             tok = int(torch.multinomial(torch.softmax(logits, -1), 1, generator=generator))
             out[i] = tok
-            c = self._step(c, table[tok : tok + 1], [None if p is None else p[:, tok] for p in hoisted], weights)
+            x = self.embed(prompt.new_tensor([[tok]]))
+            c = self._step(c, x[:, 0], [None if p is None else p[:, 0] for p in self._hoisted_inputs(x)], weights)
         return out
+
+    def _token_inputs(self) -> tuple:
+        """What gated_layerwise_sample embeds one token with: the embedding and its LayerNorm, and per block the
+        x-part of the first Linear, transposed to (E, H) once per call, and its bias."""
+        norm, firsts = self.embed_norm, [block.fnn[0] for block in self.blocks]
+        return ([self.embedding.weight, norm.weight, norm.bias], norm.eps,
+                [f.weight[:, self.context_dim :].t().contiguous() for f in firsts], [f.bias for f in firsts])
 
     def updater_parameters(self) -> list[nn.Parameter]:
         """Everything except the output head: what Phase 1 trains and freeze_updater freezes."""
