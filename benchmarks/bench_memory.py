@@ -30,6 +30,7 @@ import torch
 from benchmarks.common import device_of, ints, parser, report, setup
 from newllm.models.baselines import TransformerLM
 from newllm.models.context_lm import ContextLM
+from newllm.models.sampling import sample_token
 from newllm.models.updaters import GatedUpdater
 
 VOCAB, EMBED = 4096, 96
@@ -86,8 +87,8 @@ def generate_capped(model: torch.nn.Module, prompt: torch.Tensor, n: int, cap: f
     for i in range(n):
         if time.perf_counter() > t_end:
             return i
-        tok = torch.multinomial(torch.softmax(logits[0], -1), 1, generator=g)
-        logits = model.step(tok, prompt.numel() + i, cache)
+        tok = sample_token(logits[0], 1.0, 0, g)  # the sampler every generate loop uses
+        logits = model.step(torch.tensor([tok], device=prompt.device), prompt.numel() + i, cache)
     return n
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from newllm.models.sampling import sample_token
 from newllm.training.solvers import chunked_pass, sequential_pass
 from tests.helpers_science import context_lm
 
@@ -131,10 +132,7 @@ def test_generate_samples_what_stepping_f_samples(arch, updater):
         c = stepwise(model, model.embed(prompt.view(1, -1)))[:, -1]
         want = []
         for _ in range(40):
-            logits = model.head(c)[0] / 0.8
-            kth = torch.topk(logits, 10).values[-1]
-            logits = logits.masked_fill(logits < kth, float("-inf"))
-            tok = int(torch.multinomial(torch.softmax(logits, -1), 1, generator=gen))
+            tok = sample_token(model.head(c)[0], 0.8, 10, gen)
             want.append(tok)
             c = model.update(c, model.embed(torch.tensor([tok])))
     assert got.tolist() == want

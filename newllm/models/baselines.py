@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from newllm.errors import ConfigError, GenerationError
+from newllm.models.sampling import sample_token
 from newllm.models.weights import init_normal_
 
 
@@ -100,8 +101,8 @@ class TransformerLM(nn.Module):
             logits = self.step(torch.tensor([tok], device=self.head.weight.device), t, cache)
         out = []
         for t in range(prompt.numel(), total):
-            tok = torch.multinomial(torch.softmax(logits[0] / max(temperature, 1e-6), -1), 1, generator=generator)
-            out.append(int(tok))
+            tok = sample_token(logits[0], max(temperature, 1e-6), 0, generator)
+            out.append(tok)
             if t + 1 < total:
-                logits = self.step(tok, t, cache)
+                logits = self.step(torch.tensor([tok], device=logits.device), t, cache)
         return torch.tensor(out, dtype=torch.long)

@@ -17,6 +17,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from newllm.errors import GenerationError
+from newllm.models.sampling import sample_token
 from newllm.models.scripted import gated_layerwise_loop, gated_layerwise_sample, gated_layerwise_trainable
 from newllm.models.updaters import relu_fnn
 from newllm.models.weights import init_normal_
@@ -186,11 +187,7 @@ class ContextLM(nn.Module):
                                           n, temperature, top_k, generator)
         out = torch.empty(n, dtype=torch.long)
         for i in range(n):
-            logits = self.head(c)[0] / temperature
-            if top_k > 0:
-                kth = torch.topk(logits, top_k).values[-1]
-                logits = logits.masked_fill(logits < kth, float("-inf"))
-            tok = int(torch.multinomial(torch.softmax(logits, -1), 1, generator=generator))
+            tok = sample_token(self.head(c)[0], temperature, top_k, generator)
             out[i] = tok
             x = self.embed(prompt.new_tensor([[tok]]))
             c = self._step(c, x[:, 0], [None if p is None else p[:, 0] for p in self._hoisted_inputs(x)], weights)

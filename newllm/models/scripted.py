@@ -18,6 +18,8 @@ import warnings
 import torch
 from torch.nn import functional as F
 
+from newllm.models.sampling import sample_token
+
 
 def _gated_step(c: torch.Tensor, x_part: list[torch.Tensor], w_c: list[torch.Tensor], w_g: list[torch.Tensor],
                 b_g: list[torch.Tensor], ln_w: list[torch.Tensor], ln_b: list[torch.Tensor], eps: float,
@@ -50,18 +52,15 @@ def _gated_layerwise_sample(embed: list[torch.Tensor], embed_eps: float, w_x: li
                             ln_b: list[torch.Tensor], eps: float, head_w: torch.Tensor, head_b: torch.Tensor,
                             n: int, temperature: float, top_k: int,
                             generator: torch.Generator | None) -> torch.Tensor:
-    """n tokens sampled from c (1, C), as ContextLM.generate's eager loop samples them (same ops, same random
-    stream). embed: [embedding matrix, its LayerNorm's weight and bias]; w_x[k] (E, H), b_x[k]: block k's x-part
-    of its first Linear and its bias, applied to the one sampled token (nothing vocabulary-sized is built, so
-    memory stays that of the weights). top_k 0 = off."""
+    """n tokens sampled from c (1, C) as ContextLM.generate's eager loop samples them (sample_token, same random
+    stream). head_w (C, V): the head's weight transposed, BLAS's fastest layout for one row. embed: [embedding
+    matrix, its LayerNorm's weight and bias]; w_x[k] (E, H), b_x[k]: block k's x-part of its first Linear and
+    its bias, applied to the one sampled token (nothing vocabulary-sized is built: memory stays that of the
+    weights). top_k 0 = off."""
     out = torch.empty(n, dtype=torch.long)
     size = [embed[0].shape[1]]
     for i in range(n):
-        logits = F.linear(c, head_w, head_b)[0] / temperature
-        if top_k > 0:
-            kth = torch.topk(logits, top_k).values[-1]
-            logits = logits.masked_fill(logits < kth, float("-inf"))
-        tok = int(torch.multinomial(torch.softmax(logits, -1), 1, generator=generator))
+        tok = sample_token(torch.addmm(head_b, c, head_w)[0], temperature, top_k, generator)
         out[i] = tok
         x = F.layer_norm(embed[0][tok : tok + 1], size, embed[1], embed[2], embed_eps)
         c = _gated_step(c, [torch.addmm(b_x[k], x, w_x[k]) for k in range(len(w_x))], w_c, w_g, b_g, ln_w, ln_b, eps)
@@ -90,8 +89,8 @@ def gated_layerwise_sample(inputs: tuple, c: torch.Tensor, params: tuple, head: 
                            temperature: float, top_k: int, generator: torch.Generator | None) -> torch.Tensor:
     """The whole sampling loop of generate in TorchScript. inputs: (embed, embed_eps, w_x, b_x) as
     _gated_layerwise_sample takes them; params: what gated_layerwise_loop takes after c."""
-    return _compiled("_gated_layerwise_sample")(*inputs, c, *params, head.weight, head.bias, n, temperature, top_k,
-                                                generator)
+    return _compiled("_gated_layerwise_sample")(*inputs, c, *params, head.weight.t().contiguous(), head.bias, n,
+                                                temperature, top_k, generator)
 
 
 # ----------------------------------------------------------------------------- with autograd (Phase 2)

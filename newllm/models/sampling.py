@@ -1,0 +1,26 @@
+"""Drawing one token from a model's logits: what every generate loop (context model, baselines) samples with.
+
+Inverse CDF: one uniform draw, a float64 cumulative sum of the probabilities, a binary search. Exact in
+distribution, like torch.multinomial, whose CPU kernel draws one exponential per vocabulary entry (~100 us at
+V = 4096 on one core: as long as the head's matvec, and half of a generated token's cost). Plain tensor ops,
+so the TorchScript sampling loop (newllm/models/scripted.py) calls the same function as the eager loops.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def sample_token(logits: torch.Tensor, temperature: float, top_k: int, generator: torch.Generator | None) -> int:
+    """A token id drawn from softmax(logits / temperature) over the top_k largest logits (top_k 0: all of them).
+
+    logits (V,); temperature > 0 (callers clamp it); float64 keeps tokens of probability ~1e-12 drawable."""
+    logits = logits / temperature
+    if top_k > 0:
+        kth = torch.topk(logits, top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    cdf = torch.softmax(logits.double(), -1).cumsum(0)
+    u = torch.rand(1, dtype=torch.float64, generator=generator, device=logits.device) * cdf[-1]
+    # right=True: the first index whose cdf exceeds u, so a token of probability 0 (a flat step) is never drawn;
+    # the clamp covers u rounding up to cdf[-1] itself.
+    return int(torch.searchsorted(cdf, u, right=True).clamp(max=logits.numel() - 1))
