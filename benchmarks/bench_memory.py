@@ -51,7 +51,8 @@ def child(kind: str, n: int, c: int, layers: int, cap: float, device: torch.devi
     else:
         model = TransformerLM(VOCAB, layers, c, EMBED, None, 0.02, 0.0, heads=4, max_len=n + prompt.numel() + 1)
     model = model.to(device).eval()
-    model.generate(prompt.to(device), 8)  # warm-up: one-off allocations are not generation memory
+    for _ in range(3):  # warm-up: one-off allocations are not generation memory (TorchScript's profiling
+        model.generate(prompt.to(device), 8)  # executor optimises a function on its second call)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
