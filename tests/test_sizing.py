@@ -101,3 +101,34 @@ def test_budget_value_is_checked():
         with pytest.raises(ConfigError, match=r"model.core_params=-5 is not allowed: expected a positive integer"):
             validate(compose("config", ["model.core_params=-5"]))
         assert compose("config", []).model.core_params is None  # off by default
+
+
+@pytest.mark.parametrize(("args", "says"), [
+    (["model=layerwise", "--baseline", "model=nonexistent"],
+     "Could not find 'model/nonexistent' Available options in 'model': gru layerwise sequential transformer"),
+    (["model.architecture=magic", "--baseline", "model=gru"],
+     "Invalid value 'magic', expected one of [sequential, layerwise]"),
+    (["model.nokey=3", "--baseline", "model=gru"], "Key 'nokey' not in 'ContextModelConfig'"),
+    (["model.context_dim=-5", "--baseline", "model=gru"], "model.context_dim=-5 is not allowed"),
+])
+def test_sizing_cli_refuses_bad_overrides_in_one_line(args, says, capsys):
+    """python -m newllm.models.sizing: the error contract of newllm.run (one stderr line naming the bad value,
+    exit 2), not a traceback from deep inside the model build."""
+    from newllm.models.sizing import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(args)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.startswith("error: ") and says in err, err
+    assert err.count("\n") == 1
+
+
+def test_sizing_cli_prints_the_matched_width(capsys):
+    from newllm.models.sizing import main
+
+    main(["model=layerwise", "--baseline", "model=gru"])
+    out = capsys.readouterr().out
+    reference = int(out.split("params_core=")[1].split()[0])
+    width = int(out.split("override: model.context_dim=")[1].split()[0])
+    gru, _ = compose_model(["model=gru", f"model.context_dim={width}"])
+    assert abs(core(gru) - reference) <= 0.02 * reference

@@ -29,9 +29,11 @@ from pathlib import Path
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
+from hydra.errors import HydraException
 from omegaconf import DictConfig, open_dict
 
-from newllm.config import ConfigError, register_configs
+from newllm.config import ConfigError, register_configs, validate
+from newllm.errors import NewllmError, exit_one_line
 from newllm.models import build_model, count_parameters
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
@@ -129,7 +131,18 @@ def compose_model(overrides: list[str]) -> tuple[DictConfig, int]:
         register_configs()
     with initialize_config_dir(config_dir=str(CONF)):
         cfg = compose("config", overrides=overrides)
+    validate(cfg)  # the checks a run makes (e.g. model.context_dim > 0), before anything is built
     return cfg.model, cfg.tokenizer.vocab_size
+
+
+def _compose_error(err: HydraException) -> ConfigError:
+    """Hydra's compose error as one line: its message without the config search path, and the cause that names
+    the allowed values (e.g. "Invalid value 'magic', expected one of [sequential, layerwise]")."""
+    message = str(err).split("Config search path:")[0]
+    cause = err.__cause__
+    if cause is not None:
+        message += ": " + str(cause).strip().splitlines()[0]
+    return ConfigError(" ".join(message.split()))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -138,8 +151,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--baseline", nargs="+", required=True, help="overrides of the baseline, e.g. model=gru")
     parser.add_argument("--match", choices=("params_core", "params"), default="params_core")
     args = parser.parse_args(argv)
-    ref_cfg, vocab = compose_model(args.reference)
-    base_cfg, _ = compose_model(args.baseline)
+    try:
+        ref_cfg, vocab = compose_model(args.reference)
+        base_cfg, _ = compose_model(args.baseline)
+    except HydraException as err:  # an unknown option or key, a value outside its Enum
+        exit_one_line(_compose_error(err))
+    except NewllmError as err:
+        exit_one_line(err)
     target = params_of(ref_cfg, vocab, args.match)
     width, got = match_width(base_cfg, target, vocab, args.match)
     print(f"reference {' '.join(args.reference)}: {args.match}={target}")
