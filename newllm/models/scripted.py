@@ -2,8 +2,9 @@
 
 A step is ~10 small kernels per block; called from Python each pays interpreter and dispatch cost,
 which is what bounds pass 0 and generation on a CPU. Scripted, the loop runs without the interpreter.
-Same math as ContextLM._step with the gated updater (tested equal to float tolerance); used only
-without autograd (pass 0, validation, the held-out reference), where no graph has to be recorded.
+Same math as ContextLM._step with the gated updater (tested equal to float tolerance); used without
+autograd (pass 0, validation, the held-out reference), where no graph has to be recorded, and for
+generate's whole sampling loop. With autograd (Phase 2), see the second half of this file.
 
 torch.jit.script is deprecated in torch 2.13 but is the one tool that compiles a data-dependent time
 loop without unrolling it (torch.compile unrolls T steps; minutes of compile for a 10k-token pass).
