@@ -1,7 +1,8 @@
 """The no-grad recurrence of the layer-wise gated model as one TorchScript loop.
 
-A step is ~10 small kernels per block; called from Python each pays interpreter and dispatch cost,
-which is what bounds pass 0 and generation on a CPU. Scripted, the loop runs without the interpreter.
+A step is two matvecs and ~10 small kernels per block; called from Python each kernel pays interpreter
+and dispatch cost on top. Scripted, the loop runs without the interpreter (what is left is mostly the
+matvecs at BLAS's rate: benchmarks/bench_phase1.py, pass0_of_matvec).
 Same math as ContextLM._step with the gated updater (tested equal to float tolerance); used without
 autograd (pass 0, validation, the held-out reference), where no graph has to be recorded, and for
 generate's whole sampling loop. With autograd (Phase 2), see the second half of this file.
