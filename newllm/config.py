@@ -7,6 +7,8 @@ cannot express are checked by `validate`, which names the bad value and what is 
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import math
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -432,6 +434,24 @@ def _non_finite(node: Any, prefix: str = "") -> tuple[str, float] | None:
     return None
 
 
+def _check_known_keys(node: DictConfig, prefix: str = "") -> None:
+    """Every key of a schema-typed node is one of its schema's fields. Hydra's `+key=value` appends a key even
+    to a typed node, so a misspelt `+training.phase1.max_iteration=9` would otherwise pass silently (or fail
+    deep inside a constructor)."""
+    schema = OmegaConf.get_type(node)
+    known = {f.name for f in dataclasses.fields(schema)} if dataclasses.is_dataclass(schema) else None
+    raw = OmegaConf.to_container(node, resolve=False)
+    for key in raw:  # the keys as written (no interpolation resolved)
+        if known is not None and key not in known:
+            near = difflib.get_close_matches(str(key), sorted(known), n=1)
+            hint = f" (did you mean {prefix}{near[0]}?)" if near else ""
+            raise ConfigError(f"{prefix}{key}={raw[key]!r} is not allowed: {schema.__name__} has no key {key!r}"
+                              f"{hint}; expected one of {sorted(known)}")
+        child = node._get_node(key)
+        if isinstance(child, DictConfig):
+            _check_known_keys(child, f"{prefix}{key}.")
+
+
 def _check_recall(cfg: DictConfig) -> None:
     d, p2 = cfg.data, cfg.training.phase2
     for key in ("vocab_size", "num_pairs", "seq_len", "num_train", "num_val", "num_test"):
@@ -450,6 +470,7 @@ def validate(cfg: DictConfig) -> None:
     """Check value ranges the types cannot express. Raises ConfigError naming the key."""
     # Every float key at once: a rate, weight or threshold of inf/nan passes `> 0` checks and fails
     # only after minutes of work (or silently trains on NaN).
+    _check_known_keys(cfg)
     bad = _non_finite(to_container(cfg))
     if bad:
         _check(False, *bad, "a finite number")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -61,3 +62,37 @@ def test_sequential_is_layerwise_but_for_the_architecture():
         sequential = OmegaConf.to_container(compose("config", overrides=["model=sequential"]).model)
     assert layerwise.pop("architecture") == "layerwise" and sequential.pop("architecture") == "sequential"
     assert layerwise == sequential
+
+
+def option_overrides() -> list[str]:
+    """`group=option` for every option file of every group (model/updater and training/diversity included)."""
+    return sorted(f"{'/'.join(p.relative_to(CONF).parts[:-1])}={p.stem}" for p in CHECKED)
+
+
+@pytest.mark.parametrize("override", option_overrides())
+def test_every_option_passes_the_known_key_check(override):
+    """No option sets a key its schema lacks: the unknown-key check refuses only what a user appended."""
+    from newllm.config import validate
+
+    register_configs()
+    with initialize_config_dir(str(CONF), version_base=None):
+        cfg = compose("config", [override])
+    validate(cfg)
+
+
+@pytest.mark.parametrize(("override", "says"), [
+    ("+training.phase1.max_iteration=9", "training.phase1.max_iteration=9 is not allowed: Phase1Config has no key "
+                                         "'max_iteration' (did you mean training.phase1.max_iterations?)"),
+    ("+model.foo=1", "model.foo=1 is not allowed: ContextModelConfig has no key 'foo'"),
+    ("+training.diversity.wieght=2", "training.diversity.wieght=2 is not allowed: DiversityConfig has no key"),
+    ("+seeed=3", "seeed=3 is not allowed: Config has no key 'seeed' (did you mean seed?)"),
+])
+def test_a_key_appended_with_plus_that_no_schema_has_is_refused(override, says):
+    """Hydra's `+key=value` appends even to a dataclass-typed node: newllm's check is what catches the typo."""
+    from newllm.config import ConfigError, validate
+
+    register_configs()
+    with initialize_config_dir(str(CONF), version_base=None):
+        cfg = compose("config", [override])
+    with pytest.raises(ConfigError, match=re.escape(says)):
+        validate(cfg)

@@ -58,6 +58,8 @@ STUDY = [*SWEEP, "hydra.sweeper.storage=sqlite:///{tmp}/optuna.db", "hydra.sweep
 CASES: list[tuple[str, list[str], str, Setup | None, str]] = [
     ("value_range", ["model.context_dim=-4"], "model.context_dim=-4 is not allowed", None, "newllm.run"),
     ("non_finite", ["training.phase1.lr=inf"], "training.phase1.lr=inf is not allowed", None, "newllm.run"),
+    ("appended_unknown_key", ["+training.phase1.max_iteration=9"],
+     "Phase1Config has no key 'max_iteration' (did you mean training.phase1.max_iterations?)", None, "newllm.run"),
     ("group_with_a_dot", ["training.diversity=vicreg"], "training.diversity='vicreg' is not allowed", None,
      "newllm.run"),
     ("recall_window", ["data=recall", "training.phase2.seq_len=32"], "training.phase2.seq_len=32 is not allowed",
