@@ -15,7 +15,7 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from newllm.analysis import AnalysisError, ci95
+from newllm.analysis import AnalysisError, ci95, read_metrics
 
 REFERENCE = "layerwise"  # the context LM (layer-wise): what every other model is paired against
 METRIC = "phase2/test_ppl"
@@ -31,7 +31,7 @@ def rerun_runs(root: str | Path) -> pd.DataFrame:
             rows.append({"model": record["label"] or record["rerun_study"], "seed": int(config["seed"]),
                          "split_seed": int(config["data"]["split_seed"]),
                          **{f"tuned/{k}": v for k, v in record["params"].items()},
-                         **json.loads(metrics_path.read_text())})
+                         **read_metrics(metrics_path.parent)})  # as the runs table reads them: "nan" -> nan
     if not rows:
         raise AnalysisError(f"no compare_models re-runs below {root} (no rerun_best.json with finished runs): "
                             "run python -m newllm.run -m +sweep=compare_models first")
@@ -58,8 +58,9 @@ def compare_models(root: str | Path, reference: str = REFERENCE) -> pd.DataFrame
         tuned = {c: group[c].iloc[0] for c in group.columns if c.startswith("tuned/") and group[c].notna().any()}
         reasons = group["phase2/stop_reason"].value_counts()
         row = {"model": model, **tuned, "core_params": int(group["model/params_core"].iloc[0]), "seeds": len(group),
-               "test_ppl/mean": group[METRIC].mean(), "test_ppl/ci95": ci95(group[METRIC]),
-               "val_ppl/mean": group["phase2/val_ppl"].mean()}
+               # skipna=False: a seed that diverged makes the mean NaN instead of dropping out of it unseen
+               "test_ppl/mean": group[METRIC].mean(skipna=False), "test_ppl/ci95": ci95(group[METRIC]),
+               "val_ppl/mean": group["phase2/val_ppl"].mean(skipna=False)}
         if has_reference and model != reference:
             mean, half, _ = _paired(runs, model, reference)
             row |= {f"test_ppl_minus_{reference}/mean": mean, f"test_ppl_minus_{reference}/ci95": half}

@@ -183,3 +183,30 @@ def test_bad_stopping_settings_are_one_line_errors(tiny_run, override, expected)
     _, proc = tiny_run("bad", override, check=False)
     assert proc.returncode == 2
     assert [line for line in proc.stderr.splitlines() if line.startswith("error:")][0].startswith(expected)
+
+
+def _rerun(root, label: str, seed: int, test_ppl) -> None:
+    """What +sweep=compare_models leaves for one re-run: rerun_best.json beside a job folder with its files."""
+    folder = root / label / "reruns"
+    (folder / str(seed) / ".hydra").mkdir(parents=True, exist_ok=True)
+    (folder / "rerun_best.json").write_text(json.dumps({"label": label, "rerun_study": label, "params": {}}))
+    (folder / str(seed) / ".hydra" / "config.yaml").write_text(f"seed: {seed}\ndata:\n  split_seed: 0\n")
+    metrics = {"phase2/test_ppl": test_ppl, "phase2/val_ppl": 10.0, "model/params_core": 1000,
+               "phase2/stop_reason": "plateau", "phase2/best_step": 5, "phase2/time_to_best_s": 1.0}
+    (folder / str(seed) / "metrics.json").write_text(json.dumps(metrics))
+
+
+def test_a_diverged_rerun_is_a_number_in_the_table_not_a_string(tmp_path):
+    """metrics.json writes a non-finite value as the string "nan"; compare reads runs as the runs table does,
+    so a diverged seed makes that model's mean NaN (visible) instead of a TypeError or a string cell."""
+    from newllm.compare import compare_models, rerun_runs
+
+    for seed, (a, b) in enumerate([(12.0, 11.0), (13.0, "nan"), (14.0, 12.0)]):
+        _rerun(tmp_path, "layerwise", seed, a)
+        _rerun(tmp_path, "gru", seed, b)
+    runs = rerun_runs(tmp_path)
+    assert runs["phase2/test_ppl"].map(type).eq(float).all()
+    table = compare_models(tmp_path).set_index("model")
+    assert table.loc["layerwise", "test_ppl/mean"] == pytest.approx(13.0)
+    assert math.isnan(table.loc["gru", "test_ppl/mean"])
+    assert table.loc["gru", "test_ppl_minus_layerwise/mean"] == pytest.approx(-1.5)  # the seeds both finished

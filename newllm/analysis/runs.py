@@ -91,6 +91,12 @@ def _as_number(value: Any) -> Any:
     return value
 
 
+def read_metrics(run_dir: str | Path) -> dict[str, Any]:
+    """A run's metrics.json as numbers (its "nan"/"inf" strings as floats); {} when the run wrote none."""
+    path = Path(run_dir) / "metrics.json"
+    return {k: _as_number(v) for k, v in json.loads(path.read_text()).items()} if path.is_file() else {}
+
+
 def _resolved_config(path: Path) -> dict:
     cfg = OmegaConf.load(path)
     try:
@@ -166,7 +172,7 @@ def read_run(run_dir: str | Path, root: str | Path | None = None) -> dict[str, A
     choices = hydra_node.get("runtime", {}).get("choices", {}) or {}
     sweep = _sweep_dir(run_dir, root, hydra_node.get("mode"))
     metrics_path = run_dir / "metrics.json"
-    metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
+    metrics = read_metrics(run_dir)
     pruned = None if metrics else _pruned_reason(run_dir)
     error = None if metrics or pruned else _failure(run_dir)
     end = _mtime(metrics_path)
@@ -181,7 +187,7 @@ def read_run(run_dir: str | Path, root: str | Path | None = None) -> dict[str, A
         "error": error,
         "pruned_reason": pruned,
         **{f"choices/{k}": v for k, v in choices.items() if not k.startswith("hydra/")},
-        **{k: _as_number(v) for k, v in metrics.items()},
+        **metrics,
         **_config_cells(_resolved_config(hydra_dir / "config.yaml")),
     }
     if row.get("model.core_params") is not None:  # a budget: the widths that ran were solved from it
