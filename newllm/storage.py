@@ -6,7 +6,8 @@ form does not hold it: libpq's PGPASSWORD, ~/.pgpass or PGSERVICE (the URL has n
 an interpolation such as `postgresql+psycopg://user:${oc.env:NEWLLM_DB_PASSWORD}@host/optuna`, resolved
 in each process that connects. Whatever newllm writes or logs itself shows `masked(url)`.
 
-`create_study` opens a study when many sweep workers start on one fresh database at the same moment.
+`create_study` opens a study when many sweep workers start on one fresh database (PostgreSQL or SQLite)
+at the same moment.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import ArgumentError, DBAPIError, IntegrityError, ProgrammingError
+from sqlalchemy.exc import ArgumentError, DBAPIError, IntegrityError, OperationalError, ProgrammingError
 
 if TYPE_CHECKING:
     import optuna
@@ -32,8 +33,10 @@ LIBPQ_DEFAULTS = ("PGSERVICE", "PGHOST", "PGHOSTADDR", "PGPORT", "PGDATABASE")
 _INTERPOLATION = re.compile(r"\$\{[^${}]*\}")
 # How PostgreSQL fails the losers of a race to create one schema: unique_violation (on pg_type, when the
 # CREATE TYPEs overlap), duplicate_object (a type the winner committed after this one checked for it),
-# duplicate_table. SQLite and MySQL report theirs as IntegrityError.
+# duplicate_table. SQLite has no SQLSTATE: "table studies already exists", "database is locked", or an
+# IntegrityError on alembic_version / version_info.
 SCHEMA_RACE_SQLSTATES = frozenset({"23505", "42710", "42P07"})
+SQLITE_RACE_MESSAGES = ("already exists", "database is locked")
 
 
 def _parse(url: str) -> URL | None:
@@ -123,6 +126,8 @@ def schema_race(exc: BaseException) -> bool:
     """Whether a database error is another process creating the same (Optuna) schema at this moment."""
     if isinstance(exc, IntegrityError):
         return True
+    if isinstance(exc, OperationalError) and type(exc.orig).__module__.startswith("sqlite3"):
+        return any(text in str(exc.orig) for text in SQLITE_RACE_MESSAGES)
     return isinstance(exc, ProgrammingError) and getattr(exc.orig, "sqlstate", None) in SCHEMA_RACE_SQLSTATES
 
 

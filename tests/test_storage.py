@@ -78,3 +78,8 @@ def test_schema_race_is_the_losing_side_of_creating_one_schema_and_nothing_else(
     assert not storage.schema_race(wrapped(ProgrammingError, psycopg.errors.InsufficientPrivilege("schema public")))
     assert not storage.schema_race(wrapped(OperationalError, psycopg.errors.ConnectionTimeout("timeout")))
     assert not storage.schema_race(ValueError("not a database error"))
+    import sqlite3
+
+    assert storage.schema_race(wrapped(OperationalError, sqlite3.OperationalError("table studies already exists")))
+    assert storage.schema_race(wrapped(OperationalError, sqlite3.OperationalError("database is locked")))
+    assert not storage.schema_race(wrapped(OperationalError, sqlite3.OperationalError("no such table: studies")))

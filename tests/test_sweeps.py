@@ -531,6 +531,19 @@ storage.create_study(study_name="raced", storage=url, directions=["minimize"])
 """
 
 
+def race_to_open_one_study(url: str, tmp_path: Path, racers: int = 6) -> None:
+    """`racers` processes open one study at the same instant; all must succeed and share one study."""
+    procs = [subprocess.Popen([sys.executable, "-c", RACER, url, str(tmp_path / f"ready{i}"), str(tmp_path / "go")],
+                              env=cli_env(), stderr=subprocess.PIPE, text=True) for i in range(racers)]
+    deadline = time.monotonic() + 120
+    while len(list(tmp_path.glob("ready*"))) < racers and time.monotonic() < deadline:
+        time.sleep(0.01)
+    (tmp_path / "go").touch()
+    errors = [p.communicate(timeout=120)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0] * racers, "\n".join(e[-1500:] for e in errors)
+    assert [s.study_name for s in optuna.get_all_study_summaries(url)] == ["raced"]
+
+
 @pytest.mark.slow
 def test_workers_starting_at_once_on_a_fresh_database_all_open_the_study(tmp_path, postgres):
     """6 processes open one study at the same instant on a database with no schema yet. Plain
@@ -541,16 +554,17 @@ def test_workers_starting_at_once_on_a_fresh_database_all_open_the_study(tmp_pat
     with psycopg.connect(host="127.0.0.1", port=postgres.port, user=postgres.user, password=postgres.password,
                          dbname="postgres", autocommit=True) as conn:
         conn.execute("CREATE DATABASE raced")
-    url = postgres.url(postgres.password).rsplit("/", 1)[0] + "/raced"
-    racers = [subprocess.Popen([sys.executable, "-c", RACER, url, str(tmp_path / f"ready{i}"), str(tmp_path / "go")],
-                               env=cli_env(), stderr=subprocess.PIPE, text=True) for i in range(6)]
-    deadline = time.monotonic() + 120
-    while len(list(tmp_path.glob("ready*"))) < len(racers) and time.monotonic() < deadline:
-        time.sleep(0.01)
-    (tmp_path / "go").touch()
-    errors = [p.communicate(timeout=120)[1] for p in racers]
-    assert [p.returncode for p in racers] == [0] * len(racers), "\n".join(e[-1500:] for e in errors)
-    assert [s.study_name for s in optuna.get_all_study_summaries(url)] == ["raced"]
+    race_to_open_one_study(postgres.url(postgres.password).rsplit("/", 1)[0] + "/raced", tmp_path)
+
+
+@pytest.mark.slow
+def test_workers_starting_at_once_on_a_fresh_sqlite_file_all_open_the_study(tmp_path):
+    """The same race on a new SQLite file, where the losers see "table studies already exists" (an
+    OperationalError without SQLSTATE) or an IntegrityError on alembic_version: 1-5 of 6 plain
+    optuna.create_study calls failed in each of three tries here. SQLite serialises more than PostgreSQL, so
+    this catches a regression only some of the time (1 of 3 runs without the SQLite branch); the
+    classification itself is pinned in test_storage.py."""
+    race_to_open_one_study(f"sqlite:///{tmp_path / 'optuna.db'}", tmp_path)
 
 
 @pytest.mark.slow
