@@ -440,16 +440,15 @@ def _check_known_keys(node: DictConfig, prefix: str = "") -> None:
     deep inside a constructor)."""
     schema = OmegaConf.get_type(node)
     known = {f.name for f in dataclasses.fields(schema)} if dataclasses.is_dataclass(schema) else None
-    raw = OmegaConf.to_container(node, resolve=False)
-    for key in raw:  # the keys as written (no interpolation resolved)
+    for key, value in node.items_ex(resolve=False):  # as written: no interpolation resolved
         if known is not None and key not in known:
             near = difflib.get_close_matches(str(key), sorted(known), n=1)
             hint = f" (did you mean {prefix}{near[0]}?)" if near else ""
-            raise ConfigError(f"{prefix}{key}={raw[key]!r} is not allowed: {schema.__name__} has no key {key!r}"
+            shown = OmegaConf.to_container(value, resolve=False) if isinstance(value, DictConfig) else value
+            raise ConfigError(f"{prefix}{key}={shown!r} is not allowed: {schema.__name__} has no key {key!r}"
                               f"{hint}; expected one of {sorted(known)}")
-        child = node._get_node(key)
-        if isinstance(child, DictConfig):
-            _check_known_keys(child, f"{prefix}{key}.")
+        if isinstance(value, DictConfig):
+            _check_known_keys(value, f"{prefix}{key}.")
 
 
 def _check_recall(cfg: DictConfig) -> None:
