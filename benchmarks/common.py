@@ -19,7 +19,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from newllm.fileio import atomic_write
+from newllm.runtime.fileio import atomic_write
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -98,7 +98,7 @@ def cmd_instrument(args: argparse.Namespace) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
-    from newllm import instruments_analysis as ia
+    from newllm.analysis import instruments as ia
 
     out = Path(args.out or Path(args.root) / "analysis")
     if args.command == "positions":
@@ -119,13 +119,13 @@ def cmd_instrument(args: argparse.Namespace) -> None:
 
 
 def analysis_scaling_plot(runs, y, fit):
-    from newllm.scaling import plot_power_law
+    from newllm.analysis.scaling import plot_power_law
 
     return plot_power_law(runs, "data/train_tokens", y, fit)
 
 
 def cmd_compare(args: argparse.Namespace) -> None:
-    from newllm.compare import compare_models
+    from newllm.analysis.compare import compare_models
 
     table = compare_models(args.root, reference=args.reference)
     print(f"compare_models below {args.root}: test ppl over seeds (mean, 95 % t-interval), paired by seed "

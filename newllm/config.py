@@ -18,7 +18,7 @@ import hydra
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from newllm.errors import ConfigError  # defined there; importable from here as before
+from newllm.errors import ConfigError
 
 # Hydra 1.4 asks which `_target_`s config may name; ours live in the newllm package.
 TRUSTED_TARGETS = ("newllm.*",)
@@ -338,7 +338,7 @@ class TrainingConfig:
 # ----------------------------------------------------------------------------- loggers
 @dataclass
 class LoggerConfig:
-    _target_: str = "newllm.tracking.CSVLogger"
+    _target_: str = "newllm.runtime.tracking.CSVLogger"
 
 
 # ----------------------------------------------------------------------------- root
@@ -369,7 +369,7 @@ class Config:
 
 
 def _storage_folder(url: str | None) -> str:
-    from newllm.storage import folder_name  # sqlalchemy: imported only when a preset's sweep folder is resolved
+    from newllm.sweep.storage import folder_name  # sqlalchemy: imported only when a preset's sweep folder is resolved
 
     return folder_name(url)
 
@@ -602,3 +602,18 @@ def retyped(stored: DictConfig) -> DictConfig:
 def to_container(cfg: DictConfig) -> dict:
     """Plain data (choices as their strings): what metrics, trackers and checkpoints store."""
     return OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)  # type: ignore[return-value]
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    """{'model': {'layers': 2, 'sizes': [1, 2]}} -> {'model.layers': 2, 'model.sizes': [1, 2]}.
+
+    Nested dicts become dotted keys; every other value (lists included) is a leaf, kept as is.
+    An empty nested dict leaves no key."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out

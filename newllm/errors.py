@@ -16,9 +16,8 @@ any other exception is a bug and keeps its traceback. The subclasses say which p
       AnalysisError      nothing to analyse (missing folder, no runs, unknown study, unreadable file)
       ScalingError       too few or unusable points for a power-law fit
       SweepAborted       too many failed trials
-      CompatError        an Optuna / Hydra release without a private API newllm.compat wraps
+      CompatError        an Optuna / Hydra release without a private API newllm.sweep.compat wraps
 
-Modules that defined these before keep re-exporting them (`newllm.config.ConfigError`, ...).
 """
 
 from __future__ import annotations
@@ -84,7 +83,7 @@ class SweepAborted(NewllmError):
 
 
 class CompatError(NewllmError, ImportError):
-    """An installed Optuna or Hydra lacks a private API that newllm.compat wraps (the message names the
+    """An installed Optuna or Hydra lacks a private API that newllm.sweep.compat wraps (the message names the
     package, the version found and the version range newllm is tested with).
 
     Also an ImportError: Hydra's plugin scanner then skips the newllm sweeper with this message as a

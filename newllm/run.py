@@ -18,33 +18,33 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from newllm import checkpoint as ckpt
+from newllm.analysis.plots import save_position_plot
 from newllm.config import (
     TRUSTED_TARGETS,
     ConfigError,
     Phase1Config,
     Phase2Config,
     RepetitionConfig,
+    flatten,
     instantiate,
     register_configs,
     to_container,
     validate,
 )
 from newllm.data import load_data, phase1_sample
-from newllm.data.recall import recall_metrics
 from newllm.errors import NewllmError, describe, exit_one_line
-from newllm.lifecycle import PHASE1, PHASE2, RunLifecycle, final_payload
-from newllm.memory import check_model_fits, out_of_memory_guard
 from newllm.models import ContextModel, build_model, count_parameters, pretrained
 from newllm.models.sizing import solve_core_params
-from newllm.sweeping import Pruned, TrialPruned, attach_trial
-from newllm.tracking import RunTracker
+from newllm.runtime import checkpoint as ckpt
+from newllm.runtime.lifecycle import PHASE1, PHASE2, RunLifecycle, final_payload
+from newllm.runtime.memory import check_model_fits, out_of_memory_guard
+from newllm.runtime.tracking import RunTracker
+from newllm.sweep.hooks import Pruned, TrialPruned, attach_trial
 from newllm.training.accel import autocast, maybe_compile
-from newllm.training.instruments import save_position_plot
+from newllm.training.evaluation import recall_metrics
 from newllm.training.phase1 import train_phase1
 from newllm.training.phase2 import train_phase2
 from newllm.training.repetition import train_repetition
-from newllm.utils import flatten
 
 log = logging.getLogger("newllm")
 register_configs()
@@ -85,7 +85,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> tuple[dict, float | list[float]
     """The whole experiment in one call (used by the CLI and by tests in-process).
 
     With cfg.resume=<run dir>, that run continues in its own dir with its own config (device and
-    progress may change) from its last checkpoint (newllm.lifecycle).
+    progress may change) from its last checkpoint (newllm.runtime.lifecycle).
     """
     life = RunLifecycle.open(cfg, run_dir)
     cfg = life.cfg
@@ -248,7 +248,7 @@ def phase2_stage(cfg: DictConfig, model, data, device: torch.device, tracker: Ru
 
 @hydra.main(config_path="../conf", config_name="config", execution_whitelist=TRUSTED_TARGETS)
 def main(cfg: DictConfig) -> float | list[float] | Pruned:
-    # Run folders are claimed and resume= is validated before this, by newllm.rundirs.RunFolders.
+    # Run folders are claimed and resume= is validated before this, by newllm.runtime.rundirs.RunFolders.
     hc = HydraConfig.get()
     try:
         _, objectives = run(cfg, hc.runtime.output_dir)

@@ -23,6 +23,13 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 REPO = Path(__file__).resolve().parents[1]
 
+# matplotlib builds its font cache on first use by running fc-list: do it here, before the tier audit
+# hook below is installed, so a fresh machine's first plotting test is not taken for one starting a process.
+import matplotlib  # noqa: E402
+
+matplotlib.use("Agg")
+import matplotlib.font_manager  # noqa: E402, F401
+
 # Tiny, fast settings shared by end-to-end tests (seconds per run on 2 CPU cores).
 TINY = [
     "training=quick", "progress=false", "model.context_dim=32", "model.embed_dim=24",

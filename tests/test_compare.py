@@ -152,7 +152,7 @@ def test_the_sweeper_logs_each_study_with_its_own_trial_count(compare_outputs):
 
 @pytest.mark.slow
 def test_compare_pairs_seeds_and_reruns_are_tagged(compare_outputs):
-    from newllm.compare import compare_models, rerun_runs
+    from newllm.analysis.compare import compare_models, rerun_runs
 
     runs = rerun_runs(compare_outputs)
     assert sorted(runs.seed.unique()) == [1, 2] and runs.split_seed.nunique() == 1
@@ -199,7 +199,7 @@ def _rerun(root, label: str, seed: int, test_ppl) -> None:
 def test_a_diverged_rerun_is_a_number_in_the_table_not_a_string(tmp_path):
     """metrics.json writes a non-finite value as the string "nan"; compare reads runs as the runs table does,
     so a diverged seed makes that model's mean NaN (visible) instead of a TypeError or a string cell."""
-    from newllm.compare import compare_models, rerun_runs
+    from newllm.analysis.compare import compare_models, rerun_runs
 
     for seed, (a, b) in enumerate([(12.0, 11.0), (13.0, "nan"), (14.0, 12.0)]):
         _rerun(tmp_path, "layerwise", seed, a)

@@ -1,4 +1,4 @@
-"""newllm.compat: each wrapper of a private Optuna / Hydra API does what it says, on a real in-memory study."""
+"""newllm.sweep.compat: each wrapper of a private Optuna / Hydra API does what it says, on a real in-memory study."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from hydra.core.utils import JobReturn, JobStatus
 from optuna.trial import TrialState
 from packaging.specifiers import SpecifierSet
 
-from newllm import compat
 from newllm.errors import CompatError, NewllmError
+from newllm.sweep import compat
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 

@@ -89,7 +89,8 @@ def test_every_option_passes_the_known_key_check(override):
 ])
 def test_a_key_appended_with_plus_that_no_schema_has_is_refused(override, says):
     """Hydra's `+key=value` appends even to a dataclass-typed node: newllm's check is what catches the typo."""
-    from newllm.config import ConfigError, validate
+    from newllm.config import validate
+    from newllm.errors import ConfigError
 
     register_configs()
     with initialize_config_dir(str(CONF), version_base=None):

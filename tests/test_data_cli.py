@@ -57,7 +57,8 @@ def test_data_values_are_checked_at_compose_time():
     from hydra.errors import ConfigCompositionException
 
     import newllm.run  # noqa: F401 -- registers the structured configs
-    from newllm.config import ConfigError, validate
+    from newllm.config import validate
+    from newllm.errors import ConfigError
 
     cases = {"data.repetitions=1": "data.repetitions=1 is not allowed: expected an integer >= 2",
              "data.phrase_lengths=[2,0]": "data.phrase_lengths=[2, 0] is not allowed"}

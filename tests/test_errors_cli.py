@@ -147,20 +147,11 @@ def test_a_value_outside_a_choice_fails_at_compose_naming_key_value_and_options(
 
 
 # ----------------------------------------------------------------------------- the contract itself (fast)
-# Where each error class was defined before newllm.errors held them all: importable from there still.
-OLD_HOMES = {"newllm.config": "ConfigError", "newllm.checkpoint": "CheckpointError", "newllm.memory": "ResourceError",
-             "newllm.scaling": "ScalingError", "newllm.rundirs": "RunFolderError",
-             "newllm.models.pretrained": "PretrainedError", "hydra_plugins.newllm_sweeper.sweeper": "FolderOwned",
-             "newllm.analysis": "AnalysisError", "newllm.analysis.runs": "AnalysisError"}
-
-
 def _subclasses(cls: type) -> set[type]:
     return {c for sub in cls.__subclasses__() for c in {sub, *_subclasses(sub)}}
 
 
-def test_every_newllm_error_lives_in_newllm_errors_and_old_imports_still_work():
-    for module, name in OLD_HOMES.items():
-        assert getattr(importlib.import_module(module), name) is getattr(errors, name)
+def test_every_newllm_error_lives_in_newllm_errors():
     import newllm
 
     for info in pkgutil.walk_packages(newllm.__path__, "newllm."):  # every module, so every class is defined

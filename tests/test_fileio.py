@@ -9,8 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from newllm.fileio import atomic_write
-from newllm.tracking import save_checkpoint, save_json
+from newllm.runtime.fileio import atomic_write, save_checkpoint, save_json
 
 
 @pytest.fixture

@@ -3,7 +3,7 @@ the analyze subcommands on them."""
 
 import pytest
 
-from newllm.instruments_analysis import position_table, recall_table, scaling_fit
+from newllm.analysis.instruments import position_table, recall_table, scaling_fit
 from tests.conftest import run_cli
 
 pytestmark = pytest.mark.slow  # every test here starts the CLI

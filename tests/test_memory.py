@@ -7,8 +7,9 @@ import torch
 from omegaconf import OmegaConf
 
 from newllm.config import Config, ContextModelConfig, GatedUpdaterConfig
-from newllm.memory import ResourceError, check_model_fits, device_memory, out_of_memory_guard
+from newllm.errors import ResourceError
 from newllm.models import build_model, count_parameters
+from newllm.runtime.memory import check_model_fits, device_memory, out_of_memory_guard
 
 
 def config(**model) -> OmegaConf:

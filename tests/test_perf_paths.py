@@ -133,7 +133,8 @@ def test_solver_and_precision_values_are_validated():
     from hydra import compose, initialize_config_dir
     from hydra.errors import ConfigCompositionException
 
-    from newllm.config import ConfigError, WindowSolver, register_configs, validate
+    from newllm.config import WindowSolver, register_configs, validate
+    from newllm.errors import ConfigError
     from newllm.training.phase2 import WINDOW_SOLVERS
 
     register_configs()

@@ -375,7 +375,7 @@ def test_a_collapsed_f_converges_at_once_and_is_pruned_by_the_cvfp_rules():
     so the optuna_cvfp preset's collapse rule (training and held-out rank) must stop it."""
     from omegaconf import OmegaConf
 
-    from newllm.sweeping import early_stop_reason
+    from newllm.sweep.hooks import early_stop_reason
     from newllm.training.phase1 import evaluate_phase1, held_out_ids
     from tests.conftest import REPO
 

@@ -12,13 +12,13 @@ import yaml
 from torch import nn
 
 from newllm import analysis
+from newllm.config import flatten
 from newllm.models import ContextModel, ContextUpdate
 from newllm.models.baselines import GRULM, TransformerLM
 from newllm.models.context_lm import ContextLM
 from newllm.models.updaters import GatedUpdater, ResidualUpdater
 from newllm.models.weights import init_normal_
 from newllm.training.solvers import sequential_pass, zeros_init
-from newllm.utils import flatten
 
 CONFIG = {"model": {"layers": 2, "updater": {"_target_": "g", "gates": [1, 2]}, "extra": {}},
           "data": {"files": ["a.txt", {"b": 1}], "name": "text"}, "seed": None}
@@ -40,15 +40,14 @@ def test_runs_table_config_cells_hold_lists_as_json(tmp_path: Path):
 
 
 def test_checkpoint_module_sits_below_tracking():
-    """checkpoint.py writes through fileio, not tracking (arrows point down); the old import path still works."""
-    from newllm import fileio, tracking
+    """checkpoint.py writes through fileio, not tracking (arrows point down)."""
+    from newllm.runtime import fileio
 
     for module in ("checkpoint", "fileio"):  # what they import, read from the source (no process needed)
         tree = ast.parse((Path(fileio.__file__).parent / f"{module}.py").read_text(encoding="utf-8"))
         imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
         imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
-        assert "newllm.tracking" not in imported, module
-    assert tracking.save_checkpoint is fileio.save_checkpoint and tracking.save_json is fileio.save_json
+        assert "newllm.runtime.tracking" not in imported, module
 
 
 def _model(kind: str) -> nn.Module:

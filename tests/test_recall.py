@@ -3,7 +3,8 @@ import torch
 from torch.nn import functional as F
 
 from newllm.config import RecallTask
-from newllm.data.recall import FIRST, TASKS, answer_accuracy, make_splits
+from newllm.data.recall import FIRST, TASKS, make_splits
+from newllm.training.evaluation import answer_accuracy
 from tests.conftest import read_metrics
 
 

@@ -11,9 +11,9 @@ import pytest
 import torch
 from tokenizers import Tokenizer
 
-from newllm import checkpoint as ckpt
-from newllm.config import ConfigError
-from newllm.rundirs import check_resume_overrides
+from newllm.errors import ConfigError
+from newllm.runtime import checkpoint as ckpt
+from newllm.runtime.rundirs import check_resume_overrides
 from tests.conftest import TINY, cli_env, read_metrics, run_cli, tree
 
 # Small enough for seconds per run, long enough to be interrupted in both phases: Phase 1 runs all
@@ -33,7 +33,7 @@ VOLATILE = {"time/wall_s", "time/wall_s_this_process", "phase1/held_out_time_s",
 # checkpoint taken after it must count in the run's total time.
 KILLER = """
 import os, runpy, signal, sys, time
-import newllm.tracking as t
+import newllm.runtime.tracking as t
 phase, step, pause_phase, pause_step = map(int, sys.argv[1:5])
 pause_s = float(sys.argv[5])
 log = t.RunTracker.log

@@ -3,7 +3,7 @@ import pandas as pd
 import pytest
 
 from newllm.analysis import fit_power_law, plot_power_law  # the public path, as README documents it
-from newllm.scaling import ScalingError
+from newllm.errors import ScalingError
 
 
 def _synthetic(a: float, b: float, c: float, seeds: int, noise: float) -> pd.DataFrame:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from newllm.config import ConfigError
+from newllm.errors import ConfigError
 from newllm.models import build_model, count_parameters
 from newllm.models.sizing import compose_model, solve_core_params
 from tests.conftest import read_metrics

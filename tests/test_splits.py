@@ -12,12 +12,12 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from newllm.config import ConfigError, validate
+from newllm.config import validate
 from newllm.data import load_data, phase1_sample
 from newllm.data.corpora import chatterbot_conversations, chatterbot_topics
 from newllm.data.streams import render_chatml
 from newllm.data.tokenizer import END_OF_TEXT
-from newllm.errors import DataError
+from newllm.errors import ConfigError, DataError
 from tests.conftest import REPO, read_metrics
 from tests.test_data import data_cfg, one_line_error, tok_cfg
 

@@ -1,4 +1,4 @@
-"""newllm.storage: what newllm records of an Optuna storage URL (passwords masked) and its folder names."""
+"""newllm.sweep.storage: what newllm records of an Optuna storage URL (passwords masked) and its folder names."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from newllm import storage
+from newllm.sweep import storage
 
 
 @pytest.mark.parametrize(("url", "shown"), [

@@ -19,7 +19,7 @@ import yaml
 from optuna.trial import TrialState
 
 from newllm import analysis
-from newllm.sweeping import early_stop_reason
+from newllm.sweep.hooks import early_stop_reason
 from tests.conftest import FAST, REPO, TINY, cli_env, read_metrics, run_cli
 
 OURS = "hydra/sweeper=newllm_optuna"
@@ -273,7 +273,7 @@ def test_identity_rule_measures_f_without_dropout():
     from newllm.metrics import identity_mapping_score
     from newllm.models.context_lm import ContextLM
     from newllm.models.updaters import GatedUpdater
-    from newllm.sweeping import TrialReporter
+    from newllm.sweep.hooks import TrialReporter
 
     torch.manual_seed(0)
     model = ContextLM(40, "layerwise", 2, 24, 16, None, 0.1, 0.5, partial(GatedUpdater)).train()
@@ -522,7 +522,7 @@ def postgres():
 # Each racer says it is ready, waits for the go file, then opens the study: all start within a millisecond.
 RACER = """
 import pathlib, sys, time
-from newllm import storage
+from newllm.sweep import storage
 url, ready, go = sys.argv[1], pathlib.Path(sys.argv[2]), pathlib.Path(sys.argv[3])
 ready.touch()
 while not go.exists():

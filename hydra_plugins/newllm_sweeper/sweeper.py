@@ -3,7 +3,7 @@
 Reused from hydra-optuna-sweeper: config schema, sampler configs and instantiation, the `params`
 grammar (`create_params_from_overrides`), trial configuration and grid handling. Added:
   - pruning: each job gets its study/storage/trial id (env, via hydra.job.env_set) and reports
-    intermediate values itself (newllm.sweeping); a job that stops raises TrialPruned -> PRUNED;
+    intermediate values itself (newllm.sweep.hooks); a job that stops raises TrialPruned -> PRUNED;
   - failures: raising or NaN/inf-returning jobs are FAIL with `fail_reason` and are replaced; the sweep
     stops once this run has more than max_failure_rate x n_trials failures; every result is stored
     before anything raises;
@@ -13,14 +13,14 @@ grammar (`create_params_from_overrides`), trial configuration and grid handling.
     (OWNER_FILE: storage, study, trial), and a sweep never writes into a folder it does not own;
   - names and values: the study's metric names are the config's `objectives`; a pruned trial's value is its
     objective at the step it stopped, not the intermediate value the pruner compared;
-  - passwords: what this sweeper writes or logs shows the storage URL masked (newllm.storage); each job
-    resolves the real URL in its own environment (newllm.sweeping.job_storage_url);
+  - passwords: what this sweeper writes or logs shows the storage URL masked (newllm.sweep.storage); each job
+    resolves the real URL in its own environment (newllm.sweep.hooks.job_storage_url);
   - traceability: run_dir, overrides and every metric of metrics.json in each trial's user attrs;
   - several studies in one command (`studies`: a label -> fixed overrides and extra params), and the best
     trial of each re-run with `rerun_best.seeds` as trials of study <study>_reruns (user attrs rerun_of,
     rerun_seed, rerun_label; their folder holds rerun_best.json with the tuned params).
 The private parts of hydra-optuna-sweeper and Optuna it relies on (the `_impl` base class, storage and
-trial ids, a job's exception) are reached only through newllm.compat, which checks their versions.
+trial ids, a job's exception) are reached only through newllm.sweep.compat, which checks their versions.
 """
 
 from __future__ import annotations
@@ -46,10 +46,10 @@ from omegaconf import DictConfig, OmegaConf
 from optuna.trial import FrozenTrial, TrialState
 
 from hydra_plugins.newllm_sweeper import config as _config  # noqa: F401  (registers configs + presets)
-from newllm import compat, sweeping
-from newllm import storage as storages
 from newllm.errors import ConfigError, FolderOwned, SweepAborted, exit_one_line  # importable from here as before
-from newllm.fileio import atomic_write
+from newllm.runtime.fileio import atomic_write
+from newllm.sweep import compat, hooks
+from newllm.sweep import storage as storages
 
 log = logging.getLogger(__name__)
 OWNER = f"{socket.gethostname()}:{os.getpid()}"
@@ -232,7 +232,7 @@ class NewllmOptunaSweeperImpl(OptunaSweeperImpl):
             raise ConfigError(f"objectives={names} do not match study {study.study_name!r}, which optimises "
                               f"{study.metric_names}: pick another hydra.sweeper.study_name")
         if self.storage is None:
-            sweeping.IN_PROCESS_STUDIES[study.study_name] = study
+            hooks.IN_PROCESS_STUDIES[study.study_name] = study
         done = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
         log.info("Study %s in %s: %d of %d trials done; sampler %s, directions %s", study.study_name,
                  storages.masked(self.storage), done, planned or self.n_trials, type(self.sampler).__name__,
@@ -329,11 +329,11 @@ class NewllmOptunaSweeperImpl(OptunaSweeperImpl):
                 self._tell_fail(study, t, f"abandoned: sweep process {owner} is gone")
 
     def _job_overrides(self, study: optuna.Study, trial: optuna.Trial, folder: Path) -> list[str]:
-        compat.set_trial_system_attr(study, trial, sweeping.SPEC_ATTR, self.task_spec)
+        compat.set_trial_system_attr(study, trial, hooks.SPEC_ATTR, self.task_spec)
         # Hydra writes env_set resolved into the job's .hydra/hydra.yaml: the storage goes there masked, and the
-        # job resolves the real URL in its own environment (sweeping.job_storage_url).
-        env = {sweeping.ENV_STORAGE: storages.masked(self.storage), sweeping.ENV_STUDY: study.study_name,
-               sweeping.ENV_TRIAL: str(compat.trial_id(trial))}
+        # job resolves the real URL in its own environment (hooks.job_storage_url).
+        env = {hooks.ENV_STORAGE: storages.masked(self.storage), hooks.ENV_STUDY: study.study_name,
+               hooks.ENV_TRIAL: str(compat.trial_id(trial))}
         return [f"hydra.sweep.dir={_quote(str(self.sweep_dir))}",  # the folder made above, wherever the job runs
                 f"hydra.sweep.subdir={_quote(str(folder.relative_to(self.sweep_dir)))}",
                 *(f"++hydra.job.env_set.{k}={_quote(v)}" for k, v in env.items())]
@@ -345,7 +345,7 @@ class NewllmOptunaSweeperImpl(OptunaSweeperImpl):
             attrs.update(json.loads((run_dir / "metrics.json").read_text()))
         for key, value in attrs.items():
             trial.set_user_attr(key, value)
-        if ret.status == JobStatus.COMPLETED and isinstance(ret.return_value, sweeping.Pruned):
+        if ret.status == JobStatus.COMPLETED and isinstance(ret.return_value, hooks.Pruned):
             return self._tell_pruned(study, trial, ret.return_value.reason, ret.return_value.values)
         if ret.status == JobStatus.FAILED:
             err = compat.job_error(ret)

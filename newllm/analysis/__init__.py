@@ -53,6 +53,7 @@ from newllm.analysis.runs import (
     summary_columns,
     varying_config_columns,
 )
+from newllm.analysis.scaling import fit_power_law, plot_power_law  # issue 15: newllm.analysis.fit_power_law
 from newllm.analysis.seeds import (
     aggregate,
     ci95,
@@ -71,7 +72,6 @@ from newllm.analysis.studies import (
     pareto_front,
     trials_frame,
 )
-from newllm.scaling import fit_power_law, plot_power_law  # issue 15: newllm.analysis.fit_power_law
 
 __all__ = [
     "AnalysisError",

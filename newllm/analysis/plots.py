@@ -10,10 +10,11 @@ import numpy as np
 import optuna
 import pandas as pd
 
-from newllm.analysis.runs import FINAL_METRIC, AnalysisError, context_spectrum, load_history
+from newllm.analysis.runs import FINAL_METRIC, context_spectrum, load_history
 from newllm.analysis.seeds import ci95
 from newllm.analysis.studies import completed_trials, objective_names, objective_panels, param_importances
-from newllm.fileio import atomic_write
+from newllm.errors import AnalysisError
+from newllm.runtime.fileio import atomic_write
 
 if TYPE_CHECKING:  # matplotlib loads lazily: `analyze runs` answers in about a second
     from matplotlib.figure import Figure
@@ -194,3 +195,35 @@ def save_figure(fig: Figure, path: str | Path) -> Path:
         return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format=path.suffix.lstrip(".") or "png"))
     finally:
         plt.close(fig)
+
+
+def plot_loss_by_position(curves: dict[str, dict[str, float]], title: str = ""):
+    """One line per name (e.g. split or architecture): mean loss per position bucket."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for name, curve in curves.items():
+        ax.plot(list(curve), list(curve.values()), marker="o", label=name)
+    ax.set_xlabel("position in window (bucket)")
+    ax.set_ylabel("mean loss (nats)")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    ax.tick_params(axis="x", labelrotation=45)
+    fig.tight_layout()
+    return fig
+
+
+def save_position_plot(metrics: dict, path) -> None:
+    """loss_by_position.png of a run: the val (and test) curves of its metrics, if any."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves = {s: metrics[f"phase2/{s}_loss_by_position"] for s in ("val", "test")
+              if f"phase2/{s}_loss_by_position" in metrics}
+    if not curves:
+        return
+    fig = plot_loss_by_position(curves, f"loss by position (eval_seq_len {metrics.get('phase2/eval_seq_len')})")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -23,9 +23,9 @@ import pandas as pd
 import yaml
 from omegaconf import OmegaConf
 
+from newllm.config import flatten
 from newllm.errors import AnalysisError
-from newllm.fileio import atomic_write
-from newllm.utils import flatten
+from newllm.runtime.fileio import atomic_write
 
 if TYPE_CHECKING:  # torch loads lazily: `analyze runs` answers in about a second
     import torch

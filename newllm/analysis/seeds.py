@@ -9,7 +9,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from newllm.analysis.runs import ID_COLUMNS, NOISE_KEYS, AnalysisError
+from newllm.analysis.runs import ID_COLUMNS, NOISE_KEYS
+from newllm.errors import AnalysisError
 
 
 def ci95(values: Sequence[float] | pd.Series) -> float:

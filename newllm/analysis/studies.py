@@ -14,7 +14,8 @@ import optuna
 import pandas as pd
 import yaml
 
-from newllm.analysis.runs import FINAL_METRIC, AnalysisError
+from newllm.analysis.runs import FINAL_METRIC
+from newllm.errors import AnalysisError
 
 
 def load_studies(storage: str | Sequence[str], names: Sequence[str] | None = None) -> list[optuna.Study]:
@@ -117,7 +118,7 @@ def hypervolume_reference(studies: Sequence[optuna.Study], margin: float = 0.1) 
 
 def hypervolume(study: optuna.Study, reference: np.ndarray) -> float:
     """Hypervolume of the completed trials against `reference` (optuna's WFG implementation)."""
-    from newllm.compat import compute_hypervolume  # Optuna's own (private: wrapped in newllm.compat)
+    from newllm.sweep.compat import compute_hypervolume  # Optuna's own (private: wrapped in newllm.sweep.compat)
 
     losses = _losses(study)
     losses = losses[np.isfinite(losses).all(axis=1) & (losses < reference).all(axis=1)]

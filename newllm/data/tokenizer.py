@@ -11,7 +11,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from newllm.data.hub import hub_reachable
 from newllm.errors import DataError, first_line
-from newllm.fileio import atomic_write
+from newllm.runtime.fileio import atomic_write
 
 IM_START, IM_END, END_OF_TEXT, PAD = "<|im_start|>", "<|im_end|>", "<|endoftext|>", "<|pad|>"
 SPECIAL_TOKENS = [PAD, END_OF_TEXT, IM_START, IM_END]

@@ -32,8 +32,8 @@ from hydra.core.config_store import ConfigStore
 from hydra.errors import HydraException
 from omegaconf import DictConfig, open_dict
 
-from newllm.config import ConfigError, register_configs, validate
-from newllm.errors import NewllmError, exit_one_line
+from newllm.config import register_configs, validate
+from newllm.errors import ConfigError, NewllmError, exit_one_line
 from newllm.models import build_model, count_parameters
 
 CONF = Path(__file__).resolve().parents[2] / "conf"

@@ -53,35 +53,3 @@ class PositionLoss:
         mean[self.counts == 0] = float("nan")
         return ({k: float(v) for k, v in zip(self.labels, mean, strict=True)},
                 {k: int(n) for k, n in zip(self.labels, self.counts, strict=True)})
-
-
-def plot_loss_by_position(curves: dict[str, dict[str, float]], title: str = ""):
-    """One line per name (e.g. split or architecture): mean loss per position bucket."""
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    for name, curve in curves.items():
-        ax.plot(list(curve), list(curve.values()), marker="o", label=name)
-    ax.set_xlabel("position in window (bucket)")
-    ax.set_ylabel("mean loss (nats)")
-    ax.set_title(title)
-    ax.legend(fontsize=8)
-    ax.tick_params(axis="x", labelrotation=45)
-    fig.tight_layout()
-    return fig
-
-
-def save_position_plot(metrics: dict, path) -> None:
-    """loss_by_position.png of a run: the val (and test) curves of its metrics, if any."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    curves = {s: metrics[f"phase2/{s}_loss_by_position"] for s in ("val", "test")
-              if f"phase2/{s}_loss_by_position" in metrics}
-    if not curves:
-        return
-    fig = plot_loss_by_position(curves, f"loss by position (eval_seq_len {metrics.get('phase2/eval_seq_len')})")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)

@@ -32,8 +32,8 @@ from tqdm.auto import tqdm
 
 from newllm import metrics
 from newllm.errors import TrainingError
-from newllm.lifecycle import Phase1State
 from newllm.models import evaluating
+from newllm.runtime.lifecycle import Phase1State
 from newllm.training.diversity import Diversity
 from newllm.training.solvers import PASS0, sequential_pass, shifted_inputs, zeros_init
 

@@ -30,10 +30,9 @@ from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from newllm import metrics
-from newllm.config import ConfigError
-from newllm.errors import DataError, TrainingError
-from newllm.lifecycle import Phase2State, TrainTally
+from newllm.errors import ConfigError, DataError, TrainingError
 from newllm.models import ContextModel, evaluating
+from newllm.runtime.lifecycle import Phase2State, TrainTally
 from newllm.training.instruments import PositionLoss
 from newllm.training.solvers import jacobi_window
 

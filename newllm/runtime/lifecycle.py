@@ -19,8 +19,8 @@ from typing import Any, Protocol
 import torch
 from omegaconf import DictConfig
 
-from newllm import checkpoint as ckpt
 from newllm.config import retyped, to_container
+from newllm.runtime import checkpoint as ckpt
 
 PHASE1, PHASE2 = "phase1", "phase2"
 log = logging.getLogger("newllm")

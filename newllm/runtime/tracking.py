@@ -16,9 +16,8 @@ import pandas as pd
 from omegaconf import DictConfig
 
 from newllm.config import instantiate
-from newllm.fileio import (
+from newllm.runtime.fileio import (
     atomic_write,
-    save_checkpoint,  # noqa: F401  (re-exported: its import path before fileio held it)
     save_json,
 )
 

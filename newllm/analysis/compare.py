@@ -15,7 +15,9 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from newllm.analysis import AnalysisError, ci95, read_metrics
+from newllm.analysis.runs import read_metrics
+from newllm.analysis.seeds import ci95
+from newllm.errors import AnalysisError
 
 REFERENCE = "layerwise"  # the context LM (layer-wise): what every other model is paired against
 METRIC = "phase2/test_ppl"

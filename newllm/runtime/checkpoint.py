@@ -23,9 +23,9 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tokenizers import Tokenizer
 
+from newllm.config import flatten
 from newllm.errors import CheckpointError, first_line
-from newllm.fileio import save_checkpoint
-from newllm.utils import flatten
+from newllm.runtime.fileio import save_checkpoint
 
 FORMAT = "newllm-checkpoint"
 VERSION = 1

@@ -1,6 +1,6 @@
 """The private Optuna and Hydra APIs newllm relies on, each behind one small named function.
 
-The sweeper (hydra_plugins/newllm_sweeper), the trial side (newllm.sweeping) and newllm.analysis
+The sweeper (hydra_plugins/newllm_sweeper), the trial side (newllm.sweep.hooks) and newllm.analysis
 call these instead of reaching into `study._storage`, `trial._trial_id`, `optuna._hypervolume` or
 `hydra_plugins.hydra_optuna_sweeper._impl` themselves, so a release that moves one of them breaks
 here, with a message naming the package, the version found and the range newllm is tested with.
@@ -68,7 +68,7 @@ def untested_versions(ranges: dict[str, SpecifierSet] | None = None) -> list[str
         found = installed_version(package)
         if found is not None and not tested.contains(found, prereleases=True):  # our pins are release candidates
             lines.append(f"{package} {found} is outside the range newllm is tested with ({package}{tested}): "
-                         f"newllm.compat relies on private {package} APIs that may have changed")
+                         f"newllm.sweep.compat relies on private {package} APIs that may have changed")
     return lines
 
 

@@ -7,7 +7,7 @@ re-attaches to that trial through the shared storage and registers a RunTracker 
 every Phase-1 iteration and Phase-2 epoch row. It raises `TrialPruned` when the pruner or an
 early-stop rule says so; the run returns `Pruned` and the sweeper records the trial as PRUNED with
 the reason, valued by its objectives at that step. Optuna's private parts (the storage of an
-in-process study, a trial handle from its id) are reached through newllm.compat.
+in-process study, a trial handle from its id) are reached through newllm.sweep.compat.
 
 Intermediate values (single-objective studies only; Optuna forbids report() with several):
   Phase 1 iteration k -> step k, value 1 - val_convergence_rate (maximize studies: val_convergence_rate),
@@ -32,10 +32,11 @@ import optuna
 import torch
 from omegaconf import DictConfig
 
-from newllm import compat, metrics
-from newllm import storage as storages
+from newllm import metrics
 from newllm.errors import ConfigError, first_line
 from newllm.models import evaluating
+from newllm.sweep import compat
+from newllm.sweep import storage as storages
 
 ENV_STORAGE, ENV_STUDY, ENV_TRIAL = "NEWLLM_OPTUNA_STORAGE", "NEWLLM_OPTUNA_STUDY", "NEWLLM_OPTUNA_TRIAL_ID"
 SPEC_ATTR = "newllm:task"  # trial system attr: {"pruner": cfg, "early_stop": rules, "report": [phases]}

@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from newllm import analysis, scaling
+from newllm.analysis import scaling
+from newllm.analysis.runs import load_runs
+from newllm.errors import AnalysisError
 
 KEYS = ["choices/model", "model/core_params_budget", "seed"]
 
@@ -27,10 +29,10 @@ def _as_dict(value) -> dict:
 
 
 def _completed(root: str | Path, need: str) -> pd.DataFrame:
-    runs = analysis.load_runs(root)
+    runs = load_runs(root)
     runs = runs[runs["status"] == "completed"] if "status" in runs else runs
     if need not in runs or runs[need].isna().all():
-        raise analysis.AnalysisError(f"no completed run under {root} reports {need}")
+        raise AnalysisError(f"no completed run under {root} reports {need}")
     return runs[runs[need].notna()].copy()
 
 
@@ -50,7 +52,7 @@ def position_table(root: str | Path, split: str = "test") -> pd.DataFrame:
 
 def plot_positions(table: pd.DataFrame):
     """Mean curve per (model, core budget) over seeds: the architectures overlaid."""
-    from newllm.training.instruments import plot_loss_by_position
+    from newllm.analysis.plots import plot_loss_by_position
 
     buckets = [c for c in table.columns if c[0].isdigit()]
     group = [k for k in ("choices/model", "model/core_params_budget") if k in table]
@@ -93,7 +95,7 @@ def scaling_fit(root: str | Path, y: str = "phase2/test_loss", offset: bool = Fa
     if cap is not None:  # the loader caps at most: a budget above the corpus trains on the corpus, mislabelled
         over = runs[cap.notna() & (cap > runs["data/train_tokens"])]
         if len(over):
-            raise analysis.AnalysisError(
+            raise AnalysisError(
                 f"data.max_train_tokens={int(over['data.max_train_tokens'].iloc[0])} exceeds the training corpus "
                 f"({int(over['data/train_tokens'].iloc[0])} tokens): use budgets up to that, or more data")
     runs = runs[[c for c in ("data/train_tokens", y, "seed") if c in runs]].copy()

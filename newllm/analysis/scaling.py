@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 from scipy import optimize
 
+from newllm.analysis.seeds import ci95
 from newllm.errors import ScalingError
 
 
@@ -65,7 +66,6 @@ def _clean(df: pd.DataFrame, x: str, y: str) -> pd.DataFrame:
 def fit_power_law(df: pd.DataFrame, x: str, y: str, offset: bool = False, n_boot: int = 1000,
                   seed: int = 0) -> PowerLawFit:
     """Fit df[y] = a df[x]^-b (+ c) over all rows; ci95 on b from per-seed fits (or a bootstrap)."""
-    from newllm.analysis import ci95  # the one Student-t interval (newllm.analysis re-exports this module)
 
     d = _clean(df, x, y)
     if offset and d[x].nunique() < 3:

@@ -29,9 +29,8 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, read_write
 
-from newllm import checkpoint as ckpt
-from newllm.config import ConfigError
-from newllm.errors import NewllmError, RunFolderError, exit_one_line
+from newllm.errors import ConfigError, NewllmError, RunFolderError, exit_one_line
+from newllm.runtime import checkpoint as ckpt
 
 log = logging.getLogger(__name__)
 MAX_SUFFIX = 1000
