@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from newllm import analysis
+from newllm import analysis, keys
 from newllm.errors import NewllmError
 
 
@@ -121,7 +121,7 @@ def cmd_instrument(args: argparse.Namespace) -> None:
 def analysis_scaling_plot(runs, y, fit):
     from newllm.analysis.scaling import plot_power_law
 
-    return plot_power_law(runs, "data/train_tokens", y, fit)
+    return plot_power_law(runs, keys.DATA_TRAIN_TOKENS, y, fit)
 
 
 def cmd_compare(args: argparse.Namespace) -> None:
@@ -162,7 +162,7 @@ def parser() -> argparse.ArgumentParser:
         c.add_argument("root", help="folder of runs (e.g. a sweep dir)")
         c.add_argument("--out", help="folder for the plot (default ROOT/analysis)")
         if name == "scaling":
-            c.add_argument("--y", default="phase2/test_loss", help="the loss column (default phase2/test_loss)")
+            c.add_argument("--y", default=keys.P2_TEST_LOSS, help="the loss column (default phase2/test_loss)")
             c.add_argument("--offset", action="store_true", help="fit a N^-b + c (irreducible loss c)")
         c.set_defaults(func=cmd_instrument)
     c = sub.add_parser("compare", help="the +sweep=compare_models table: one row per model (writes compare_models.csv)")

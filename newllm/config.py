@@ -18,6 +18,7 @@ import hydra
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from newllm import keys
 from newllm.errors import ConfigError
 
 # Hydra 1.4 asks which `_target_`s config may name; ours live in the newllm package.
@@ -359,7 +360,7 @@ class Config:
     seed: int = 42
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     objectives: list[str] = field(
-        default_factory=lambda: ["phase1/val_convergence_rate", "phase2/val_ppl"]
+        default_factory=lambda: [keys.P1_VAL_CONVERGENCE_RATE, keys.P2_VAL_PPL]
     )
     save_checkpoint: bool = True
     save_contexts: bool = True  # Phase-1 validation contexts (for spectra in notebooks)

@@ -18,6 +18,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from newllm import keys
 from newllm.analysis.plots import save_position_plot
 from newllm.config import (
     TRUSTED_TARGETS,
@@ -108,8 +109,8 @@ def run(cfg: DictConfig, run_dir: str | Path) -> tuple[dict, float | list[float]
     if cfg.training.phase2.enabled:
         metrics.update(phase2_stage(cfg, model, data, device, tracker, life))
 
-    metrics["time/wall_s_this_process"] = life.this_process_s()
-    metrics["time/wall_s"] = life.wall_s()
+    metrics[keys.WALL_S_THIS_PROCESS] = life.this_process_s()
+    metrics[keys.WALL_S] = life.wall_s()
     if cfg.save_checkpoint:
         ckpt.save(life.run_dir / "checkpoint.pt", "final", final_payload(model, cfg, data.vocab_size, metrics))
     tracker.finish(metrics)
@@ -148,16 +149,16 @@ def build(cfg: DictConfig, data, device: torch.device, pretrained_files) -> tupl
     with out_of_memory_guard(cfg, "building the model"):
         model = maybe_compile(build_model(cfg.model, data.vocab_size).to(device), cfg.training.compile)
     metrics: dict = {"seed": cfg.seed, "device": str(device), **data.info,
-                     **{f"model/{k}": v for k, v in count_parameters(model).items()},
-                     "model/context_dim": model.context_dim}
+                     **{keys.model_key(k): v for k, v in count_parameters(model).items()},
+                     keys.MODEL_CONTEXT_DIM: model.context_dim}
     if getattr(model, "hidden_dim", None) is not None:
-        metrics["model/hidden_dim"] = model.hidden_dim
+        metrics[keys.MODEL_HIDDEN_DIM] = model.hidden_dim
     if cfg.model.get("core_params") is not None:
-        metrics["model/core_params_budget"] = cfg.model.core_params
+        metrics[keys.MODEL_CORE_PARAMS_BUDGET] = cfg.model.core_params
     if pretrained_files is not None:
         metrics.update(pretrained.apply_pretrained(model, cfg.model.embedding.pretrained, pretrained_files,
                                                    data.tokenizer))
-    log.info("model: %s, %d parameters", type(model).__name__, metrics["model/params"])
+    log.info("model: %s, %d parameters", type(model).__name__, metrics[keys.MODEL_PARAMS])
     return model, metrics
 
 
@@ -177,7 +178,7 @@ def phase1_stage(cfg: DictConfig, model, data, device: torch.device, tracker: Ru
                           diversity, device,
                           on_iteration=tracker.log, progress=cfg.progress, state=life.loop_state(PHASE1),
                           checkpoint=life.checkpointer(PHASE1), test_ids=getattr(data, "test_ids", None))
-    p1.metrics["phase1/documents"] = p1_documents  # kept with the Phase-1 checkpoint (from_run)
+    p1.metrics[keys.P1_DOCUMENTS] = p1_documents  # kept with the Phase-1 checkpoint (from_run)
     if cfg.save_contexts and p1.val_contexts is not None:
         torch.save(p1.val_contexts, life.run_dir / "phase1_val_contexts.pt")
     ckpt.save(life.run_dir / ckpt.PHASE1_FILE, "phase1", {
@@ -185,9 +186,9 @@ def phase1_stage(cfg: DictConfig, model, data, device: torch.device, tracker: Ru
         "tokenizer_hash": ckpt.tokenizer_hash(data.tokenizer), "vocab_size": data.vocab_size})
     m = p1.metrics
     log.info("phase 1: %d iterations (%s); held-out from c = 0: convergence %.3f after %d sweeps, "
-             "memory length %d%s, effective rank %.1f/%d", m["phase1/iterations"], m["phase1/stop_reason"],
-             m["phase1/val_convergence_rate"], p1_cfg.val_iterations, m["phase1/val_memory_length"],
-             " (capped)" if m["phase1/val_memory_length_capped"] else "", m["phase1/val_effective_rank"],
+             "memory length %d%s, effective rank %.1f/%d", m[keys.P1_ITERATIONS], m[keys.P1_STOP_REASON],
+             m[keys.P1_VAL_CONVERGENCE_RATE], p1_cfg.val_iterations, m[keys.P1_VAL_MEMORY_LENGTH],
+             " (capped)" if m[keys.P1_VAL_MEMORY_LENGTH_CAPPED] else "", m[keys.P1_VAL_EFFECTIVE_RANK],
              model.context_dim)
     return m
 
@@ -196,8 +197,8 @@ def phase1_from_run(cfg: DictConfig, model, data) -> dict:
     """training.phase1.from_run: another run's Phase-1 weights (checked against this model and tokenizer)."""
     source = ckpt.load_phase1(cfg.training.phase1.from_run, to_container(cfg.model), data.tokenizer)
     model.load_state_dict({k: v for k, v in source["model"].items() if not k.startswith("head.")}, strict=False)
-    metrics = {**source["metrics"], "phase1/from_run": str(ckpt.phase1_checkpoint_path(cfg.training.phase1.from_run))}
-    log.info("phase 1: skipped, weights from %s", metrics["phase1/from_run"])
+    metrics = {**source["metrics"], keys.P1_FROM_RUN: str(ckpt.phase1_checkpoint_path(cfg.training.phase1.from_run))}
+    log.info("phase 1: skipped, weights from %s", metrics[keys.P1_FROM_RUN])
     return metrics
 
 
@@ -216,7 +217,7 @@ def repetition_stage(cfg: DictConfig, model, data, device: torch.device, tracker
                                progress=cfg.progress, val_stages=getattr(data, "val_stages", None),
                                test_stages=getattr(data, "test_stages", None))
     log.info("repetition: %s", ", ".join(f"p={s.phrase_length} cycle_distance "
-                                        f"{rep.metrics[f'repetition/p{s.phrase_length}/cycle_distance']:.3f}"
+                                        f"{rep.metrics[keys.rep_stage(s.phrase_length, 'cycle_distance')]:.3f}"
                                         for s in stages))
     return rep.metrics
 
@@ -241,8 +242,8 @@ def phase2_stage(cfg: DictConfig, model, data, device: torch.device, tracker: Ru
     save_position_plot(metrics, life.run_dir / "loss_by_position.png")
     if data.recall is not None:
         metrics.update(recall_metrics(model, data.recall, cfg.training.phase2.batch_size * 4, device))
-    log.info("phase 2: val ppl %.2f (uniform %d), val acc %.3f; test ppl %.2f", metrics["phase2/val_ppl"],
-             data.vocab_size, metrics["phase2/val_acc"], metrics.get("phase2/test_ppl", math.nan))
+    log.info("phase 2: val ppl %.2f (uniform %d), val acc %.3f; test ppl %.2f", metrics[keys.P2_VAL_PPL],
+             data.vocab_size, metrics[keys.P2_VAL_ACC], metrics.get(keys.P2_TEST_PPL, math.nan))
     return metrics
 
 

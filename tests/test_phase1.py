@@ -399,7 +399,7 @@ def test_a_test_stream_is_measured_once_under_its_own_prefix():
     m = context_lm("layerwise")
     cfg = phase1_cfg(max_iterations=2, min_iterations=2, val_iterations=4, memory_cap=8, erank_samples=64)
     r = train_phase1(m, train, val, cfg, 0.5, FrobeniusDeviation(), CPU, progress=False, test_ids=test)
-    expected = evaluate_phase1(m, held_out_ids(test, cfg), cfg, prefix="phase1/test_")
+    expected = evaluate_phase1(m, held_out_ids(test, cfg), cfg, split="test")
     assert {k: v for k, v in r.metrics.items() if k.startswith("phase1/test_")} == pytest.approx(expected)
     assert r.metrics["phase1/test_tokens"] == 160 and r.metrics["phase1/val_tokens"] == 96
     assert not any(k.startswith("phase1/test_") for row in r.history for k in row)  # never used to select

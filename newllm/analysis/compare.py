@@ -15,12 +15,13 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
+from newllm import keys
 from newllm.analysis.runs import read_metrics
 from newllm.analysis.seeds import ci95
 from newllm.errors import AnalysisError
 
 REFERENCE = "layerwise"  # the context LM (layer-wise): what every other model is paired against
-METRIC = "phase2/test_ppl"
+METRIC = keys.P2_TEST_PPL
 
 
 def rerun_runs(root: str | Path) -> pd.DataFrame:
@@ -58,16 +59,16 @@ def compare_models(root: str | Path, reference: str = REFERENCE) -> pd.DataFrame
     rows = []
     for model, group in runs.groupby("model", sort=False):
         tuned = {c: group[c].iloc[0] for c in group.columns if c.startswith("tuned/") and group[c].notna().any()}
-        reasons = group["phase2/stop_reason"].value_counts()
-        row = {"model": model, **tuned, "core_params": int(group["model/params_core"].iloc[0]), "seeds": len(group),
+        reasons = group[keys.P2_STOP_REASON].value_counts()
+        row = {"model": model, **tuned, "core_params": int(group[keys.MODEL_PARAMS_CORE].iloc[0]), "seeds": len(group),
                # skipna=False: a seed that diverged makes the mean NaN instead of dropping out of it unseen
                "test_ppl/mean": group[METRIC].mean(skipna=False), "test_ppl/ci95": ci95(group[METRIC]),
-               "val_ppl/mean": group["phase2/val_ppl"].mean(skipna=False)}
+               "val_ppl/mean": group[keys.P2_VAL_PPL].mean(skipna=False)}
         if has_reference and model != reference:
             mean, half, _ = _paired(runs, model, reference)
             row |= {f"test_ppl_minus_{reference}/mean": mean, f"test_ppl_minus_{reference}/ci95": half}
-        row |= {"best_step/mean": group["phase2/best_step"].mean(),
-                "time_to_best_s/mean": group["phase2/time_to_best_s"].mean(),
+        row |= {"best_step/mean": group[keys.P2_BEST_STEP].mean(),
+                "time_to_best_s/mean": group[keys.P2_TIME_TO_BEST_S].mean(),
                 "stopped_plateau": int(reasons.get("plateau", 0)), "stopped_cap": int(reasons.get("cap", 0))}
         rows.append(row)
     table = pd.DataFrame(rows)

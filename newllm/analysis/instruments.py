@@ -9,11 +9,12 @@ from pathlib import Path
 
 import pandas as pd
 
+from newllm import keys
 from newllm.analysis import scaling
 from newllm.analysis.runs import load_runs
 from newllm.errors import AnalysisError
 
-KEYS = ["choices/model", "model/core_params_budget", "seed"]
+KEYS = ["choices/model", keys.MODEL_CORE_PARAMS_BUDGET, "seed"]
 
 
 def _as_dict(value) -> dict:
@@ -42,12 +43,12 @@ def _keys(runs: pd.DataFrame) -> list[str]:
 
 def position_table(root: str | Path, split: str = "test") -> pd.DataFrame:
     """One row per run (model, core budget, seed, eval_seq_len), one column per position bucket."""
-    col = f"phase2/{split}_loss_by_position"
+    col = keys.p2_split(split, "loss_by_position")
     runs = _completed(root, col)
     curves = pd.DataFrame([_as_dict(v) for v in runs[col]], index=runs.index)
     order = sorted(curves.columns, key=lambda b: int(str(b).split("-")[0]))
-    keys = _keys(runs) + (["phase2/eval_seq_len"] if "phase2/eval_seq_len" in runs else [])
-    return pd.concat([runs[keys], curves[order]], axis=1).reset_index(drop=True)
+    columns = _keys(runs) + ([keys.P2_EVAL_SEQ_LEN] if keys.P2_EVAL_SEQ_LEN in runs else [])
+    return pd.concat([runs[columns], curves[order]], axis=1).reset_index(drop=True)
 
 
 def plot_positions(table: pd.DataFrame):
@@ -55,7 +56,7 @@ def plot_positions(table: pd.DataFrame):
     from newllm.analysis.plots import plot_loss_by_position
 
     buckets = [c for c in table.columns if c[0].isdigit()]
-    group = [k for k in ("choices/model", "model/core_params_budget") if k in table]
+    group = [k for k in ("choices/model", keys.MODEL_CORE_PARAMS_BUDGET) if k in table]
     means = table.groupby(group, dropna=False)[buckets].mean() if group else table[buckets].mean().to_frame().T
     curves = {" ".join(map(str, idx if isinstance(idx, tuple) else (idx,))): row.dropna().to_dict()
               for idx, row in means.iterrows()}
@@ -64,10 +65,10 @@ def plot_positions(table: pd.DataFrame):
 
 def recall_table(root: str | Path, split: str = "test") -> pd.DataFrame:
     """Accuracy per (model, core budget, num_pairs): mean and n over seeds."""
-    col = f"recall/{split}_accuracy"
+    col = keys.recall_split(split, "accuracy")
     runs = _completed(root, col)
-    runs["num_pairs"] = runs["data/num_pairs"]
-    group = [k for k in ("choices/model", "model/core_params_budget") if k in runs] + ["num_pairs"]
+    runs["num_pairs"] = runs[keys.DATA_NUM_PAIRS]
+    group = [k for k in ("choices/model", keys.MODEL_CORE_PARAMS_BUDGET) if k in runs] + ["num_pairs"]
     return runs.groupby(group, dropna=False)[col].agg(["mean", "count"]).reset_index().rename(
         columns={"mean": "accuracy", "count": "n"})
 
@@ -76,7 +77,7 @@ def plot_recall(table: pd.DataFrame):
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    group = [k for k in ("choices/model", "model/core_params_budget") if k in table]
+    group = [k for k in ("choices/model", keys.MODEL_CORE_PARAMS_BUDGET) if k in table]
     for name, part in table.groupby(group, dropna=False):
         label = " ".join(map(str, name if isinstance(name, tuple) else (name,)))
         ax.plot(part["num_pairs"], part["accuracy"], marker="o", label=label)
@@ -88,15 +89,15 @@ def plot_recall(table: pd.DataFrame):
     return fig
 
 
-def scaling_fit(root: str | Path, y: str = "phase2/test_loss", offset: bool = False):
+def scaling_fit(root: str | Path, y: str = keys.P2_TEST_LOSS, offset: bool = False):
     """(runs with N = data/train_tokens, the power-law fit of y against N)."""
     runs = _completed(root, y)
     cap = runs.get("data.max_train_tokens")
     if cap is not None:  # the loader caps at most: a budget above the corpus trains on the corpus, mislabelled
-        over = runs[cap.notna() & (cap > runs["data/train_tokens"])]
+        over = runs[cap.notna() & (cap > runs[keys.DATA_TRAIN_TOKENS])]
         if len(over):
             raise AnalysisError(
                 f"data.max_train_tokens={int(over['data.max_train_tokens'].iloc[0])} exceeds the training corpus "
                 f"({int(over['data/train_tokens'].iloc[0])} tokens): use budgets up to that, or more data")
-    runs = runs[[c for c in ("data/train_tokens", y, "seed") if c in runs]].copy()
-    return runs, scaling.fit_power_law(runs, "data/train_tokens", y, offset=offset)
+    runs = runs[[c for c in (keys.DATA_TRAIN_TOKENS, y, "seed") if c in runs]].copy()
+    return runs, scaling.fit_power_law(runs, keys.DATA_TRAIN_TOKENS, y, offset=offset)

@@ -10,6 +10,7 @@ import numpy as np
 import optuna
 import pandas as pd
 
+from newllm import keys
 from newllm.analysis.runs import FINAL_METRIC, context_spectrum, load_history
 from newllm.analysis.seeds import ci95
 from newllm.analysis.studies import completed_trials, objective_names, objective_panels, param_importances
@@ -70,7 +71,7 @@ def plot_metric_vs_core_params(runs: pd.DataFrame, metrics: Sequence[str] = (FIN
                                group: str = "model.layers", arch: str = "choices/model") -> Figure:
     """plot_metric_vs against the core parameter count (everything but embedding and head): the axis on
     which architectures compare at equal size (see model.core_params)."""
-    return plot_metric_vs(runs, "model/params_core", metrics, group, arch)
+    return plot_metric_vs(runs, keys.MODEL_PARAMS_CORE, metrics, group, arch)
 
 
 def plot_metric_vs_context_dim(runs: pd.DataFrame, metrics: Sequence[str] = (FINAL_METRIC,),
@@ -146,8 +147,8 @@ def plot_param_importances(studies: Sequence[optuna.Study], objective: int | str
 
 
 def plot_training_curves(run_dirs: Sequence[str | Path], labels: Sequence[str] | None = None,
-                         columns: Sequence[str] = ("phase1/val_convergence_rate", "phase1/effective_rank",
-                                                   "phase2/val_ppl")) -> Figure:
+                         columns: Sequence[str] = (keys.P1_VAL_CONVERGENCE_RATE, keys.P1_EFFECTIVE_RANK,
+                                                   keys.P2_VAL_PPL)) -> Figure:
     """history.csv of several runs overlaid: one panel per column, x = step within its phase."""
     fig, axes = _figure(1, len(columns))
     labels = _labels(run_dirs, labels)
@@ -220,8 +221,8 @@ def save_position_plot(metrics: dict, path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    curves = {s: metrics[f"phase2/{s}_loss_by_position"] for s in ("val", "test")
-              if f"phase2/{s}_loss_by_position" in metrics}
+    curves = {s: metrics[keys.p2_split(s, "loss_by_position")] for s in keys.HELD_OUT
+              if keys.p2_split(s, "loss_by_position") in metrics}
     if not curves:
         return
     fig = plot_loss_by_position(curves, f"loss by position (eval_seq_len {metrics.get('phase2/eval_seq_len')})")

@@ -23,6 +23,7 @@ import pandas as pd
 import yaml
 from omegaconf import OmegaConf
 
+from newllm import keys
 from newllm.config import flatten
 from newllm.errors import AnalysisError
 from newllm.runtime.fileio import atomic_write
@@ -34,9 +35,9 @@ CACHE_NAME = ".runs_cache.parquet"
 # Columns every runs table starts with; metrics follow, then the flattened config.
 ID_COLUMNS = ["run", "status", "sweep_id", "job", "start_time", "end_time", "choices/model", "overrides", "error",
               "pruned_reason"]
-KEY_METRICS = ["phase1/val_convergence_rate", "phase1/val_memory_length", "phase1/val_effective_rank",
-               "phase2/val_ppl", "phase2/test_ppl", "phase2/test_acc", "model/params_core", "time/wall_s"]
-FINAL_METRIC = "phase2/test_ppl"  # what final comparisons report: the held-out test split, read once per run
+KEY_METRICS = [keys.P1_VAL_CONVERGENCE_RATE, keys.P1_VAL_MEMORY_LENGTH, keys.P1_VAL_EFFECTIVE_RANK,
+               keys.P2_VAL_PPL, keys.P2_TEST_PPL, keys.P2_TEST_ACC, keys.MODEL_PARAMS_CORE, keys.WALL_S]
+FINAL_METRIC = keys.P2_TEST_PPL  # what final comparisons report: the held-out test split, read once per run
 LOG_LINE = re.compile(r"^\[\d{4}-\d\d-\d\d ")  # '[2026-11-23 10:00:00,000][logger][LEVEL] - ...'
 # Config keys that differ between runs without describing the experiment.
 NOISE_KEYS = ("paths.", "hydra.", "progress", "device")
@@ -192,8 +193,8 @@ def read_run(run_dir: str | Path, root: str | Path | None = None) -> dict[str, A
     }
     if row.get("model.core_params") is not None:  # a budget: the widths that ran were solved from it
         for key in ("context_dim", "hidden_dim"):
-            if f"model/{key}" in metrics:
-                row[f"model.{key}"] = metrics[f"model/{key}"]
+            if keys.model_key(key) in metrics:
+                row[f"model.{key}"] = metrics[keys.model_key(key)]
     return row
 
 

@@ -14,6 +14,7 @@ import optuna
 import pandas as pd
 import yaml
 
+from newllm import keys
 from newllm.analysis.runs import FINAL_METRIC
 from newllm.errors import AnalysisError
 
@@ -53,7 +54,7 @@ def objective_names(study: optuna.Study, names: Sequence[str] | None = None) -> 
     return [f"objective_{i}" for i in range(len(study.directions))]
 
 
-CORE_PARAMS_ATTR = "model/params_core"  # a trial's metrics.json, stored as user attrs by newllm_optuna
+CORE_PARAMS_ATTR = keys.MODEL_PARAMS_CORE  # a trial's metrics.json, stored as user attrs by newllm_optuna
 
 
 def objective_panels(studies: Sequence[optuna.Study], names: Sequence[str] | None = None

@@ -23,6 +23,7 @@ import torch
 from omegaconf import DictConfig
 from tokenizers import Tokenizer
 
+from newllm import keys
 from newllm.data import recall, repetition
 from newllm.data.corpora import TEXT_UNITS, chatterbot_conversations, text_documents, ultrachat_conversations
 from newllm.data.repetition import RepetitionStage
@@ -103,7 +104,7 @@ Documents = tuple[list[str], list[Spans], dict]  # texts, assistant spans per te
 def _text_documents(d: DictConfig, cache_dir: Path) -> Documents:
     pieces, unit = text_documents(list(d.files), d.split_by, d.num_conversations, cache_dir)
     docs = [t + TEXT_UNITS[unit] for t in pieces]
-    return docs, [[] for _ in docs], {"data/split_by": str(unit)}
+    return docs, [[] for _ in docs], {keys.DATA_SPLIT_BY: str(unit)}
 
 
 def _chatml(conversations: list) -> Documents:
@@ -151,9 +152,9 @@ def _split(n: int, val_fraction: float, test_fraction: float, seed: int, hold_ou
 
 def _tokenizer(tok: DictConfig, train_texts: list[str], cache_dir: Path) -> tuple[Tokenizer, dict]:
     if tok.pretrained:
-        return load_pretrained(tok.pretrained), {"data/tokenizer": tok.pretrained}
+        return load_pretrained(tok.pretrained), {keys.DATA_TOKENIZER: tok.pretrained}
     tokenizer, path, hit = load_or_train(train_texts, tok.vocab_size, tok.min_frequency, cache_dir)
-    return tokenizer, {"data/tokenizer": str(path), "data/tokenizer_cache_hit": hit}
+    return tokenizer, {keys.DATA_TOKENIZER: str(path), keys.DATA_TOKENIZER_CACHE_HIT: hit}
 
 
 def _check_sizes(d: DictConfig, splits: dict[str, Split], min_tokens: int) -> None:
@@ -201,11 +202,11 @@ def _finish(d: DictConfig, tokenizer: Tokenizer, splits: dict[str, Split], min_t
     _check_sizes(d, splits, min_tokens)
     counts = {}
     for name, s in splits.items():
-        counts.update({f"data/{name}_tokens": len(s.ids), f"data/{name}_documents": len(s.lengths),
-                       f"data/{name}_loss_tokens": int(s.mask.sum())})
-    info = {"data/name": str(d.name), **counts, "data/val_protocol": str(d.val_protocol),
-            "data/test_fraction": d.test_fraction, "data/split_seed": d.split_seed,
-            "data/fingerprint": fingerprint(splits), "data/vocab_size": tokenizer.get_vocab_size(), **info}
+        counts.update({keys.data_split(name, "tokens"): len(s.ids), keys.data_split(name, "documents"): len(s.lengths),
+                       keys.data_split(name, "loss_tokens"): int(s.mask.sum())})
+    info = {keys.DATA_NAME: str(d.name), **counts, keys.DATA_VAL_PROTOCOL: str(d.val_protocol),
+            keys.DATA_TEST_FRACTION: d.test_fraction, keys.DATA_SPLIT_SEED: d.split_seed,
+            keys.DATA_FINGERPRINT: fingerprint(splits), keys.DATA_VOCAB_SIZE: tokenizer.get_vocab_size(), **info}
     stages = stages or {}
     train, val, test = splits["train"], splits["val"], splits.get("test")
     return TokenData(train.ids, train.mask, val.ids, val.mask, tokenizer, info, stages.get("train"),
@@ -220,9 +221,10 @@ def _load_repetition(d: DictConfig, tok: DictConfig, cache_dir: Path, min_tokens
                                                                                          d.test_fraction)
     train, val, test = repetition.make_stages(tokenizer, list(d.phrase_lengths), d.repetitions,
                                               d.phrases_per_stage, n_val, n_test, d.split_seed)
-    info = {"data/phrase_lengths": ",".join(map(str, d.phrase_lengths)), "data/repetitions": d.repetitions,
-            "data/train_phrases_per_stage": d.phrases_per_stage, "data/val_phrases_per_stage": n_val,
-            "data/test_phrases_per_stage": n_test, **tok_info}
+    info = {keys.DATA_PHRASE_LENGTHS: ",".join(map(str, d.phrase_lengths)), keys.DATA_REPETITIONS: d.repetitions,
+            keys.data_split("train", "phrases_per_stage"): d.phrases_per_stage,
+            keys.data_split("val", "phrases_per_stage"): n_val,
+            keys.data_split("test", "phrases_per_stage"): n_test, **tok_info}
     splits = {"train": Split.of_rows(train), "val": Split.of_rows(val)}  # max_*_tokens cap these, not stages
     if n_test:
         splits["test"] = Split.of_rows(test)
@@ -243,9 +245,9 @@ def _load_recall(d: DictConfig, tok: DictConfig, cache_dir: Path, min_tokens: in
     splits = recall.make_splits(d.task, (d.num_train, d.num_val, d.num_test), d.seq_len, d.vocab_size,
                                 d.num_pairs, d.split_seed, (d.query_gap_min, d.query_gap_max))
     as_split = {name: _recall_stream(s) for name, s in zip(("train", "val", "test"), splits, strict=True)}
-    info = {"data/task": str(d.task), "data/num_pairs": d.num_pairs if d.task == "mqar" else 0,
-            "data/query_gap_min": d.query_gap_min, "data/query_gap_max": d.query_gap_max,
-            "data/seq_len": d.seq_len, **{f"data/{k}_sequences": s.ids.shape[0]
+    info = {keys.DATA_TASK: str(d.task), keys.DATA_NUM_PAIRS: d.num_pairs if d.task == "mqar" else 0,
+            keys.DATA_QUERY_GAP_MIN: d.query_gap_min, keys.DATA_QUERY_GAP_MAX: d.query_gap_max,
+            keys.DATA_SEQ_LEN: d.seq_len, **{keys.data_split(k, "sequences"): s.ids.shape[0]
                                           for k, s in zip(("train", "val", "test"), splits, strict=True)}}
     data = _finish(d, recall.id_tokenizer(d.vocab_size), as_split, min_tokens, info)
     data.recall = {"val": splits[1], "test": splits[2]}
@@ -269,7 +271,7 @@ def _load_documents(d: DictConfig, tok_cfg: DictConfig, cache_dir: Path, min_tok
     for name, idx in indices.items():
         *encoded, hit = encode_cached(tokenizer, [texts[i] for i in idx], [spans[i] for i in idx], cache_dir)
         splits[name], hits = Split(*encoded), [*hits, hit]
-    info = {"data/documents": len(texts), **source_info, **tok_info, "data/tokens_cache_hit": all(hits)}
+    info = {keys.DATA_DOCUMENTS: len(texts), **source_info, **tok_info, keys.DATA_TOKENS_CACHE_HIT: all(hits)}
     return _finish(d, tokenizer, splits, min_tokens, info)
 
 

@@ -17,6 +17,7 @@ import torch
 from tokenizers import Tokenizer
 from torch import nn
 
+from newllm import keys
 from newllm.data.hub import hub_reachable
 from newllm.errors import PretrainedError, first_line
 
@@ -101,7 +102,8 @@ def copy_embedding(embedding: nn.Embedding, matrix: torch.Tensor, ours: Tokenize
     our_ids, their_ids = (torch.tensor(x) for x in zip(*sorted(pairs), strict=True))
     with torch.no_grad():
         embedding.weight[our_ids.to(embedding.weight.device)] = matrix[their_ids].to(embedding.weight)
-    return {"model/pretrained_rows": len(pairs), "model/pretrained_coverage": len(pairs) / embedding.num_embeddings}
+    return {keys.MODEL_PRETRAINED_ROWS: len(pairs),
+            keys.MODEL_PRETRAINED_COVERAGE: len(pairs) / embedding.num_embeddings}
 
 
 def apply_pretrained(model: nn.Module, name: str, files: dict[str, Path], tokenizer: Tokenizer) -> dict[str, float]:

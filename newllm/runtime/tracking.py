@@ -15,6 +15,7 @@ from typing import Any
 import pandas as pd
 from omegaconf import DictConfig
 
+from newllm import keys
 from newllm.config import instantiate
 from newllm.runtime.fileio import (
     atomic_write,
@@ -181,10 +182,10 @@ def plot_curves(history: list[dict], path: Path) -> Path:
     df = pd.DataFrame(history)
     fig, axes = plt.subplots(1, 4, figsize=(16, 3.4))
     panels = [
-        ("Phase 1 loss", ["phase1/cvfp_loss", "phase1/diversity_loss"], 1),
-        ("Phase 1 convergence", ["phase1/val_convergence_rate", "phase1/train_step_stability"], 1),
-        ("Phase 1 effective rank", ["phase1/effective_rank"], 1),
-        ("Phase 2 perplexity", ["phase2/train_ppl", "phase2/val_ppl"], 2),
+        ("Phase 1 loss", [keys.P1_CVFP_LOSS, keys.P1_DIVERSITY_LOSS], 1),
+        ("Phase 1 convergence", [keys.P1_VAL_CONVERGENCE_RATE, keys.P1_TRAIN_STEP_STABILITY], 1),
+        ("Phase 1 effective rank", [keys.P1_EFFECTIVE_RANK], 1),
+        ("Phase 2 perplexity", [keys.P2_TRAIN_PPL, keys.P2_VAL_PPL], 2),
     ]
     for ax, (title, cols, phase) in zip(axes, panels, strict=True):
         part = df[df["phase"] == phase] if "phase" in df else df.iloc[0:0]

@@ -32,7 +32,7 @@ import optuna
 import torch
 from omegaconf import DictConfig
 
-from newllm import metrics
+from newllm import keys, metrics
 from newllm.errors import ConfigError, first_line
 from newllm.models import evaluating
 from newllm.sweep import compat
@@ -93,14 +93,14 @@ def early_stop_reason(row: dict, rules: dict, context_dim: int, identity_score: 
     if row.get("phase") != 1 or row.get("step", 0) < rules.get("grace_iterations", 0):
         return None
     ratio = rules.get("min_effective_rank_ratio") or 0.0
-    for key, which in (("phase1/effective_rank", "effective rank"),
-                       ("phase1/val_effective_rank", "held-out effective rank")):
+    for key, which in ((keys.P1_EFFECTIVE_RANK, "effective rank"),
+                       (keys.P1_VAL_EFFECTIVE_RANK, "held-out effective rank")):
         erank = row.get(key)
         if ratio > 0 and erank is not None and not erank / context_dim >= ratio:  # `not >=`: NaN collapses too
             return (f"effective_rank_collapse: {which} {erank:.2f}/{context_dim} = {erank / context_dim:.3f} "
                     f"< min_effective_rank_ratio={ratio} at iteration {row['step']}")
     limit = rules.get("max_identity_score")
-    if limit is not None and "phase1/effective_rank" in row:  # checked with the rank, every erank_every iterations
+    if limit is not None and keys.P1_EFFECTIVE_RANK in row:  # checked with the rank, every erank_every iterations
         score = identity_score()
         if score > limit:
             return (f"identity_mapping: identity score {score:.3f} > max_identity_score={limit} "
@@ -156,12 +156,12 @@ class TrialReporter:
         return None
 
     def intermediate(self, row: dict) -> tuple[float | None, int]:
-        if row.get("phase") == 1 and "phase1" in self.report and "phase1/val_convergence_rate" in row:
-            rate = float(row["phase1/val_convergence_rate"])
+        if row.get("phase") == 1 and "phase1" in self.report and keys.P1_VAL_CONVERGENCE_RATE in row:
+            rate = float(row[keys.P1_VAL_CONVERGENCE_RATE])
             return (1.0 - rate if self.sign > 0 else rate), int(row["step"])
-        if row.get("phase") == 2 and "phase2" in self.report and "phase2/val_loss" in row:
+        if row.get("phase") == 2 and "phase2" in self.report and keys.P2_VAL_LOSS in row:
             evaluation = int(row.get("evaluation", row.get("epoch", 0)))
-            return self.sign * float(row["phase2/val_loss"]), self.phase2_offset + evaluation
+            return self.sign * float(row[keys.P2_VAL_LOSS]), self.phase2_offset + evaluation
         return None, 0
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from newllm import keys
 from newllm.data.recall import RecallSplit
 from newllm.training.instruments import bucket_edges, bucket_labels
 
@@ -38,6 +39,6 @@ def recall_metrics(model, splits: dict[str, RecallSplit], batch_size: int, devic
     for name in ("val", "test"):
         if name in splits:
             acc, by, counts = evaluate_recall(model, splits[name], batch_size, device)
-            out.update({f"recall/{name}_accuracy": acc, f"recall/{name}_accuracy_by_distance": by,
-                        f"recall/{name}_answers_by_distance": counts})
+            out.update({keys.recall_split(name, "accuracy"): acc, keys.recall_split(name, "accuracy_by_distance"): by,
+                        keys.recall_split(name, "answers_by_distance"): counts})
     return out

@@ -30,7 +30,7 @@ import torch
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
-from newllm import metrics
+from newllm import keys, metrics
 from newllm.errors import TrainingError
 from newllm.models import evaluating
 from newllm.runtime.lifecycle import Phase1State
@@ -208,10 +208,10 @@ class Phase1Loop:
         if not math.isfinite(mse) or not math.isfinite(div):
             raise TrainingError(f"phase 1 loss became non-finite at iteration {k} (mse={mse}, "
                                 f"diversity={div}); lower training.phase1.lr or training.dist_reg_weight")
-        return {"phase": 1, "step": k, "phase1/cvfp_loss": mse, "phase1/diversity_loss": div,
-                "phase1/loss": (1 - self.w) * mse + self.w * div, "phase1/train_step_stability": stability,
-                "phase1/residual": residual, "phase1/grad_norm": grad,
-                "phase1/time_s": self.state.elapsed()}
+        return {"phase": 1, "step": k, keys.P1_CVFP_LOSS: mse, keys.P1_DIVERSITY_LOSS: div,
+                keys.P1_LOSS: (1 - self.w) * mse + self.w * div, keys.P1_TRAIN_STEP_STABILITY: stability,
+                keys.P1_RESIDUAL: residual, keys.P1_GRAD_NORM: grad,
+                keys.P1_TIME_S: self.state.elapsed()}
 
     def measure(self, k: int, row: dict) -> bool:
         """The held-out check and the rank, when due (added to `row`); True when Phase 1 stops at k."""
@@ -224,10 +224,10 @@ class Phase1Loop:
             with evaluating(self.model):
                 row.update(evaluate_phase1(self.model, self.val, cfg, memory=False))
             self.state.measuring_s += time.perf_counter() - t_check  # timed apart from training
-            if self.train and k >= cfg.min_iterations and row["phase1/val_convergence_rate"] >= cfg.convergence_target:
+            if self.train and k >= cfg.min_iterations and row[keys.P1_VAL_CONVERGENCE_RATE] >= cfg.convergence_target:
                 last, self.stop_reason = True, STOP_CONVERGED
         if k % cfg.erank_every == 0 or last:
-            row["phase1/effective_rank"] = metrics.effective_rank(self.state.contexts, cfg.erank_samples)
+            row[keys.P1_EFFECTIVE_RANK] = metrics.effective_rank(self.state.contexts, cfg.erank_samples)
         return last
 
     def finish(self, test: torch.Tensor | None) -> Phase1Result:
@@ -240,26 +240,26 @@ class Phase1Loop:
         last = st.history[-1]  # max_iterations >= 1: at least one sweep ran
         erank = metrics.effective_rank(contexts, cfg.erank_samples)
         m: dict[str, float | str] = {
-            "phase1/train_step_stability": last["phase1/train_step_stability"],  # of the last sweep
-            "phase1/residual": last["phase1/residual"],
-            "phase1/iterations": iterations,
-            "phase1/stop_reason": self.stop_reason,
-            "phase1/effective_rank": erank,
-            "phase1/effective_rank_ratio": erank / c_dim,
-            "phase1/effective_rank_samples": min(cfg.erank_samples, contexts.shape[0]),
-            "phase1/participation_ratio": metrics.participation_ratio(contexts, cfg.erank_samples),
-            "phase1/tokens": n_tokens,
-            "phase1/train_time_s": train_time,
-            "phase1/token_iterations_per_s": n_tokens * iterations / max(train_time, 1e-9),
-            "phase1/identity_score": metrics.identity_mapping_score(model.update, c_dim, model.embed_dim,
+            keys.P1_TRAIN_STEP_STABILITY: last[keys.P1_TRAIN_STEP_STABILITY],  # of the last sweep
+            keys.P1_RESIDUAL: last[keys.P1_RESIDUAL],
+            keys.P1_ITERATIONS: iterations,
+            keys.P1_STOP_REASON: self.stop_reason,
+            keys.P1_EFFECTIVE_RANK: erank,
+            keys.P1_EFFECTIVE_RANK_RATIO: erank / c_dim,
+            keys.P1_EFFECTIVE_RANK_SAMPLES: min(cfg.erank_samples, contexts.shape[0]),
+            keys.P1_PARTICIPATION_RATIO: metrics.participation_ratio(contexts, cfg.erank_samples),
+            keys.P1_TOKENS: n_tokens,
+            keys.P1_TRAIN_TIME_S: train_time,
+            keys.P1_TOKEN_ITERATIONS_PER_S: n_tokens * iterations / max(train_time, 1e-9),
+            keys.P1_IDENTITY_SCORE: metrics.identity_mapping_score(model.update, c_dim, model.embed_dim,
                                                                     device=contexts.device, dtype=contexts.dtype),
         }
         t_final = time.perf_counter()
         val_metrics, val_contexts = evaluate_phase1(model, self.val, cfg, return_contexts=True)
         m.update(val_metrics)
         if test is not None:
-            m.update(evaluate_phase1(model, test, cfg, prefix="phase1/test_"))
-        m["phase1/held_out_time_s"] = st.measuring_s + time.perf_counter() - t_final
+            m.update(evaluate_phase1(model, test, cfg, split="test"))
+        m[keys.P1_HELD_OUT_TIME_S] = st.measuring_s + time.perf_counter() - t_final
         return Phase1Result(history=st.history, metrics=m, val_contexts=val_contexts.cpu())
 
 
@@ -342,7 +342,7 @@ def memory_length(rates: list[float], target: float, cap: int) -> tuple[int, boo
 
 
 @torch.no_grad()
-def evaluate_phase1(model: torch.nn.Module, ids: torch.Tensor, cfg: DictConfig, prefix: str = "phase1/val_",
+def evaluate_phase1(model: torch.nn.Module, ids: torch.Tensor, cfg: DictConfig, split: str = "val",
                     memory: bool = True, return_contexts: bool = False):
     """The fixed-point property on held-out positions (S, N) from `held_out_ids`, from a cold start.
 
@@ -352,14 +352,15 @@ def evaluate_phase1(model: torch.nn.Module, ids: torch.Tensor, cfg: DictConfig, 
     more than k tokens earlier. Nothing here is 1 by construction: untrained and lr ~ 0 runs score what
     their f does. A collapsed f (one attractor) converges in a few sweeps: read the rate beside the rank.
 
-    {prefix}convergence_rate      converged fraction after val_iterations sweeps
-    {prefix}fixed_point_distance  mean ||C^k - C*|| (L2) after val_iterations sweeps (per_token: the residual)
-    {prefix}memory_length         sweeps needed for a convergence_target fraction (memory=True);
-                                  {prefix}memory_length_capped = 1 when memory_cap sweeps (or, on streams
-                                  shorter than that, length - 1: N sweeps are exact for any f) did not
-                                  get there; the figure is then a lower bound
-    {prefix}effective_rank(_ratio) and collapse statistics: of the held-out contexts themselves (the
-                                  sequential pass; per_token: the contexts after val_iterations iterations)
+    Keys phase1/{split}_<measure> (keys.p1_held_out), split val (selection) or test (report):
+    convergence_rate      converged fraction after val_iterations sweeps
+    fixed_point_distance  mean ||C^k - C*|| (L2) after val_iterations sweeps (per_token: the residual)
+    memory_length         sweeps needed for a convergence_target fraction (memory=True);
+                          memory_length_capped = 1 when memory_cap sweeps (or, on streams shorter than
+                          that, length - 1: N sweeps are exact for any f) did not get there; the figure
+                          is then a lower bound
+    effective_rank(_ratio) and collapse statistics: of the held-out contexts themselves (the sequential
+                          pass; per_token: the contexts after val_iterations iterations)
     """
     x = model.embed(ids)
     cap = cfg.memory_cap if cfg.mode == "per_token" else min(cfg.memory_cap, ids.shape[1] - 1)
@@ -367,14 +368,16 @@ def evaluate_phase1(model: torch.nn.Module, ids: torch.Tensor, cfg: DictConfig, 
     contexts = contexts.reshape(-1, contexts.shape[-1])
     erank = metrics.effective_rank(contexts, cfg.erank_samples)
     out: dict[str, float] = {
-        f"{prefix}convergence_rate": rates[cfg.val_iterations - 1],
-        f"{prefix}fixed_point_distance": distances[cfg.val_iterations - 1],
-        f"{prefix}effective_rank": erank,
-        f"{prefix}effective_rank_ratio": erank / contexts.shape[-1],
+        keys.p1_held_out(split, "convergence_rate"): rates[cfg.val_iterations - 1],
+        keys.p1_held_out(split, "fixed_point_distance"): distances[cfg.val_iterations - 1],
+        keys.p1_held_out(split, "effective_rank"): erank,
+        keys.p1_held_out(split, "effective_rank_ratio"): erank / contexts.shape[-1],
     }
     if memory:
         length, capped = memory_length(rates, cfg.convergence_target, cap)
-        out.update({f"{prefix}memory_length": length, f"{prefix}memory_length_capped": int(capped),
-                    f"{prefix}tokens": ids.numel(),
-                    **{f"{prefix}{k}": v for k, v in metrics.collapse_stats(contexts, ids.reshape(-1)).items()}})
+        collapse = metrics.collapse_stats(contexts, ids.reshape(-1))
+        out.update({keys.p1_held_out(split, "memory_length"): length,
+                    keys.p1_held_out(split, "memory_length_capped"): int(capped),
+                    keys.p1_held_out(split, "tokens"): ids.numel(),
+                    **{keys.p1_held_out(split, k): v for k, v in collapse.items()}})
     return (out, contexts) if return_contexts else out

@@ -29,7 +29,7 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
-from newllm import metrics
+from newllm import keys, metrics
 from newllm.errors import ConfigError, DataError, TrainingError
 from newllm.models import ContextModel, evaluating
 from newllm.runtime.lifecycle import Phase2State, TrainTally
@@ -66,7 +66,7 @@ class Plateau:
         improved = val["loss"] < self.best["loss"] - self.min_delta  # what resets the patience count
         if val["loss"] < self.best["loss"]:  # the kept weights are the best seen, however small the gain
             self.best, self.best_evaluation = val, self.evaluations
-            self.best_epoch, self.best_step, self.time_to_best_s = row["epoch"], row["step"], row["phase2/time_s"]
+            self.best_epoch, self.best_step, self.time_to_best_s = row["epoch"], row["step"], row[keys.P2_TIME_S]
             self.best_state = copy.deepcopy(model.state_dict())
         self.bad = 0 if improved else self.bad + 1
         return self.bad >= self.patience
@@ -263,10 +263,10 @@ class Phase2Loop:
         train_loss = tally.ce_sum / max(tally.count, 1)
         val = evaluate(self.model, self.windows.val, self.cfg.batch_size * 4)
         row = {"phase": 2, "step": st.step, "epoch": epoch, "evaluation": st.stop.evaluations + 1,
-               "phase2/train_loss": train_loss, "phase2/train_ppl": metrics.perplexity(train_loss),
-               "phase2/train_acc": tally.correct / max(tally.count, 1),
-               "phase2/val_loss": val["loss"], "phase2/val_ppl": val["ppl"], "phase2/val_acc": val["acc"],
-               "phase2/time_s": st.elapsed()}
+               keys.P2_TRAIN_LOSS: train_loss, keys.P2_TRAIN_PPL: metrics.perplexity(train_loss),
+               keys.P2_TRAIN_ACC: tally.correct / max(tally.count, 1),
+               keys.P2_VAL_LOSS: val["loss"], keys.P2_VAL_PPL: val["ppl"], keys.P2_VAL_ACC: val["acc"],
+               keys.P2_TIME_S: st.elapsed()}
         st.tally = TrainTally()
         st.history.append(row)
         if self.on_epoch is not None:
@@ -302,7 +302,7 @@ class Phase2Loop:
         result = Phase2Result(history=st.history, metrics=self.best_metrics(reason, train_time))
         if self.windows.test is not None:  # once, with the kept weights: the unbiased figure to report
             test = evaluate(self.model, self.windows.test, self.cfg.batch_size * 4)
-            result.metrics.update({f"phase2/test_{k}": test[k] for k in (
+            result.metrics.update({keys.p2_split("test", k): test[k] for k in (
                 "loss", "ppl", "acc", "tokens", "loss_by_position", "tokens_by_position")})
         return result
 
@@ -311,18 +311,18 @@ class Phase2Loop:
         # train_* of the same evaluation as the kept weights and val_*; the last one's under last_epoch_*
         best_row, last = st.history[stop.best_evaluation - 1], st.history[-1]
         return {
-            **{f"phase2/val_{k}": best[k] for k in ("loss", "ppl", "acc", "tokens")},
-            "phase2/best_epoch": stop.best_epoch, "phase2/eval_seq_len": self.windows.eval_len,
+            **{keys.p2_split("val", k): best[k] for k in ("loss", "ppl", "acc", "tokens")},
+            keys.P2_BEST_EPOCH: stop.best_epoch, keys.P2_EVAL_SEQ_LEN: self.windows.eval_len,
             "phase2/val_loss_by_position": best["loss_by_position"],
             "phase2/val_tokens_by_position": best["tokens_by_position"],
-            "phase2/best_step": stop.best_step, "phase2/best_evaluation": stop.best_evaluation,
-            "phase2/time_to_best_s": stop.time_to_best_s, "phase2/stop_reason": reason,
-            "phase2/epochs": last["epoch"], "phase2/steps": st.step, "phase2/evaluations": stop.evaluations,
-            **{f"phase2/train_{k}": best_row[f"phase2/train_{k}"] for k in ("loss", "ppl", "acc")},
-            **{f"phase2/last_epoch_train_{k}": last[f"phase2/train_{k}"] for k in ("loss", "ppl", "acc")},
-            "phase2/uniform_ppl": float(self.model.vocab_size),
-            "phase2/train_time_s": train_time, "phase2/tokens_per_s": st.n_seen / max(train_time, 1e-9),
-            "phase2/tokens_seen": st.n_seen,
+            keys.P2_BEST_STEP: stop.best_step, keys.P2_BEST_EVALUATION: stop.best_evaluation,
+            keys.P2_TIME_TO_BEST_S: stop.time_to_best_s, keys.P2_STOP_REASON: reason,
+            keys.P2_EPOCHS: last["epoch"], keys.P2_STEPS: st.step, keys.P2_EVALUATIONS: stop.evaluations,
+            **{keys.p2_split("train", k): best_row[keys.p2_split("train", k)] for k in ("loss", "ppl", "acc")},
+            **{keys.p2_last_epoch_train(k): last[keys.p2_split("train", k)] for k in ("loss", "ppl", "acc")},
+            keys.P2_UNIFORM_PPL: float(self.model.vocab_size),
+            keys.P2_TRAIN_TIME_S: train_time, keys.P2_TOKENS_PER_S: st.n_seen / max(train_time, 1e-9),
+            keys.P2_TOKENS_SEEN: st.n_seen,
         }
 
 

@@ -31,6 +31,7 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
+from newllm import keys
 from newllm.errors import TrainingError
 from newllm.training.diversity import Diversity
 
@@ -89,7 +90,7 @@ def train_repetition(model: nn.Module, stages: list[RepetitionStage], cfg: DictC
     t0, step = time.perf_counter(), 0
     for stage in stages:
         p, ids = stage.phrase_length, stage.ids.to(device)
-        key = f"repetition/p{p}"
+        key = keys.rep_stage(p)
         result.metrics.update({f"{key}/{k}_initial": v for k, v in measure(model, stage, device).items()})
         diversity.reset()  # state carried across steps (EMAVariance's running mean) is per stage
         for _ in tqdm(range(cfg.steps_per_stage), desc=f"repetition p={p}", disable=not progress, leave=False):
@@ -103,20 +104,20 @@ def train_repetition(model: nn.Module, stages: list[RepetitionStage], cfg: DictC
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             optimizer.step()
             step += 1
-            row = {"phase": "repetition", "step": step, "repetition/stage": p, "repetition/loss": float(loss.detach()),
-                   **{f"repetition/{k}": v for k, v in parts.items()}, "repetition/time_s": time.perf_counter() - t0}
+            row = {"phase": "repetition", "step": step, keys.REP_STAGE: p, keys.REP_LOSS: float(loss.detach()),
+                   **{keys.rep_part(k): v for k, v in parts.items()}, keys.REP_TIME_S: time.perf_counter() - t0}
             result.history.append(row)
             if on_step is not None:
                 on_step(row)
         result.metrics.update({f"{key}/{k}": v for k, v in measure(model, stage, device).items()})
         for val in [v for v in val_stages or [] if v.phrase_length == p]:  # held-out phrases of this p
-            result.metrics.update({f"repetition/val/p{p}/{k}": v for k, v in measure(model, val, device).items()})
+            result.metrics.update({keys.rep_stage(p, k, "val"): v for k, v in measure(model, val, device).items()})
     for stage in stages:  # after every stage: how much of the earlier cycles survived
         end = measure(model, stage, device)
-        result.metrics.update({f"repetition/end/p{stage.phrase_length}/{k}": v for k, v in end.items()})
+        result.metrics.update({keys.rep_stage(stage.phrase_length, k, "end"): v for k, v in end.items()})
     for test in test_stages or []:  # held-out phrases, read once by the final weights
-        result.metrics.update({f"repetition/test/p{test.phrase_length}/{k}": v
+        result.metrics.update({keys.rep_stage(test.phrase_length, k, "test"): v
                                for k, v in measure(model, test, device).items()})
-    result.metrics["repetition/steps"] = step
-    result.metrics["repetition/train_time_s"] = time.perf_counter() - t0
+    result.metrics[keys.REP_STEPS] = step
+    result.metrics[keys.REP_TRAIN_TIME_S] = time.perf_counter() - t0
     return result
