@@ -1,6 +1,6 @@
 """Every documented error through the real CLI: exit status 2 and exactly one line on stderr naming the bad value.
 
-The cases follow README's one-line errors (value checks, budgets, memory, data and hub options,
+The cases follow the one-line errors of README and docs/ (value checks, budgets, memory, data and hub options,
 resume and run folders, from_run, pretrained embeddings, sweep settings and folders, the analysis
 CLI). Most fire before any work; the few that need data read a tiny corpus (tests.conftest.TINY).
 """

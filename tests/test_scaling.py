@@ -2,7 +2,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from newllm.analysis import fit_power_law, plot_power_law  # the public path, as README documents it
+from newllm.analysis import fit_power_law, plot_power_law  # the public path, as docs/analysis.md documents it
 from newllm.errors import ScalingError
 
 

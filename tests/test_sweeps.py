@@ -569,7 +569,7 @@ def test_workers_starting_at_once_on_a_fresh_sqlite_file_all_open_the_study(tmp_
 
 @pytest.mark.slow
 def test_four_sweep_processes_share_one_postgres_study(tmp_path, postgres):
-    """4 sweep processes at once on one study (password from PGPASSWORD, as README's recipe allows): trial
+    """4 sweep processes at once on one study (password from PGPASSWORD, as docs/cluster.md's recipe allows): trial
     numbers 0..N-1 each exactly once, n_trials COMPLETE trials with their results, every process stops there."""
     n, workers = 6, (1, 2, 3, 4)
     procs = []
