@@ -20,10 +20,11 @@ from omegaconf import OmegaConf
 
 from benchmarks.common import interleaved, ints, parser, report, setup, timed_value
 from newllm.config import Phase2Config
+from newllm.metrics import masked_cross_entropy
 from newllm.models.baselines import GRULM, TransformerLM
 from newllm.models.context_lm import ContextLM
 from newllm.models.updaters import GatedUpdater
-from newllm.training.phase2 import _masked_ce, contexts_of, train_contexts_window
+from newllm.training.phase2 import contexts_of, train_contexts_window
 
 VOCAB, EMBED = 4096, 96
 
@@ -62,7 +63,7 @@ def stepper(kind: str, c: int, layers: int, batch: int, seq_len: int, steps: int
         for i in range(steps):
             inputs, targets = windows[i, :, :-1], windows[i, :, 1:]
             ctx = fixed[i] if fixed is not None else train_contexts_window(model, inputs, cfg)
-            loss = _masked_ce(model.head(ctx), targets, mask)
+            loss = masked_cross_entropy(model.head(ctx), targets, mask)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)

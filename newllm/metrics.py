@@ -125,6 +125,13 @@ def masked_token_losses(logits: torch.Tensor, targets: torch.Tensor, mask: torch
     return ce, logits.argmax(-1) == targets
 
 
+def masked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean CE over mask's tokens (0 where the mask is empty, so a window with nothing to score adds no
+    gradient): the Phase-2 training loss, from the same per-token CE that evaluation reports."""
+    ce, _ = masked_token_losses(logits, targets, mask)
+    return ce.sum() / max(ce.numel(), 1)
+
+
 def masked_token_stats(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> tuple[float, int, int]:
     """(sum of CE, number of correct top-1 predictions, number of predicted tokens) over mask."""
     if not mask.any():

@@ -85,6 +85,15 @@ def test_perplexity_and_accuracy_by_hand():
     assert ce == pytest.approx(expected, rel=1e-5)
     assert n == 2
     assert correct == 2  # argmax of a tie is index 0 (the target), and 5 > 0; the masked wrong one is skipped
+    # the training loss is the mean of the same per-token CE (one masked cross-entropy for training and eval)
+    assert float(metrics.masked_cross_entropy(logits, targets, mask)) == pytest.approx(expected / 2, rel=1e-5)
+
+
+def test_masked_cross_entropy_of_an_empty_mask_is_zero_with_a_gradient_path():
+    logits = torch.randn(1, 3, 4, requires_grad=True)
+    loss = metrics.masked_cross_entropy(logits, torch.zeros(1, 3, dtype=torch.long), torch.zeros(1, 3, dtype=torch.bool))
+    loss.backward()
+    assert float(loss) == 0.0 and logits.grad is not None and float(logits.grad.abs().sum()) == 0.0
 
 
 def test_effective_rank_of_a_collapsed_matrix_is_one_not_nan():

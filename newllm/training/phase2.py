@@ -106,12 +106,6 @@ class ReconstructionDecoder(nn.Module):
         return F.mse_loss(self.net(contexts), target)
 
 
-def _masked_ce(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    ce = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="none")
-    m = mask.flatten().float()
-    return (ce * m).sum() / m.sum().clamp(min=1)
-
-
 def _sequential_window(model: ContextModel, inputs: torch.Tensor, cfg: Any) -> torch.Tensor:
     return model.contexts_window(inputs)
 
@@ -243,7 +237,7 @@ class Phase2Loop:
         inputs, targets, mask = (t[idx] for t in self.windows.train)
         contexts = self.train_contexts[idx] if self.fixed else train_contexts_window(self.model, inputs, cfg)
         logits = self.model.head(contexts)
-        loss = _masked_ce(logits, targets, mask)
+        loss = metrics.masked_cross_entropy(logits, targets, mask)
         if st.decoder is not None:
             loss = loss + cfg.reconstruction_weight * st.decoder.loss(contexts, self.model.embed(inputs))
         if not torch.isfinite(loss):
