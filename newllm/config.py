@@ -605,6 +605,22 @@ def to_container(cfg: DictConfig) -> dict:
     return OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)  # type: ignore[return-value]
 
 
+
+@dataclass
+class EarlyStopConfig:
+    """hydra.sweeper.early_stop of newllm_optuna: rules checked on every logged row, in single- and
+    multi-objective studies alike (newllm.sweep.hooks.early_stop_reason).
+
+    A rule that fires stops the trial, which is recorded PRUNED with the rule in `pruned_reason`.
+    """
+
+    nan_loss: bool = True  # a non-finite *loss value in a history row
+    # Phase-1 effective rank / context_dim below this (0 = off): contexts collapsed onto few directions.
+    min_effective_rank_ratio: float = 0.0
+    # identity_mapping_score(f) above this (null = off): the update learned c_t ~ c_{t-1}, ignoring x_t.
+    max_identity_score: float | None = None
+    grace_iterations: int = 2  # Phase-1 iterations before the rank/identity rules apply
+
 def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
     """{'model': {'layers': 2, 'sizes': [1, 2]}} -> {'model.layers': 2, 'model.sizes': [1, 2]}.
 

@@ -91,7 +91,8 @@ def test_perplexity_and_accuracy_by_hand():
 
 def test_masked_cross_entropy_of_an_empty_mask_is_zero_with_a_gradient_path():
     logits = torch.randn(1, 3, 4, requires_grad=True)
-    loss = metrics.masked_cross_entropy(logits, torch.zeros(1, 3, dtype=torch.long), torch.zeros(1, 3, dtype=torch.bool))
+    nothing = torch.zeros(1, 3, dtype=torch.bool)
+    loss = metrics.masked_cross_entropy(logits, torch.zeros(1, 3, dtype=torch.long), nothing)
     loss.backward()
     assert float(loss) == 0.0 and logits.grad is not None and float(logits.grad.abs().sum()) == 0.0
 

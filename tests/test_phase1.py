@@ -375,6 +375,7 @@ def test_a_collapsed_f_converges_at_once_and_is_pruned_by_the_cvfp_rules():
     so the optuna_cvfp preset's collapse rule (training and held-out rank) must stop it."""
     from omegaconf import OmegaConf
 
+    from newllm.config import EarlyStopConfig
     from newllm.sweep.hooks import early_stop_reason
     from newllm.training.phase1 import evaluate_phase1, held_out_ids
     from tests.conftest import REPO
@@ -386,7 +387,7 @@ def test_a_collapsed_f_converges_at_once_and_is_pruned_by_the_cvfp_rules():
     assert m["phase1/val_effective_rank"] < 1.5 and m["phase1/val_pairwise_distance"] < 0.2  # one point (norms ~5)
     rules = OmegaConf.load(REPO / "sweeps" / "optuna_cvfp.yaml").hydra.sweeper.early_stop
     row = {"phase": 1, "step": 10, "phase1/loss": 0.0, "phase1/val_effective_rank": m["phase1/val_effective_rank"]}
-    reason = early_stop_reason(row, OmegaConf.to_container(rules), 24, lambda: 0.0)
+    reason = early_stop_reason(row, EarlyStopConfig(**OmegaConf.to_container(rules)), 24, lambda: 0.0)
     assert reason.startswith("effective_rank_collapse: held-out effective rank 1.")
 
 

@@ -4,6 +4,7 @@ presets' composition also in-process (the fast tier)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -19,6 +20,7 @@ import yaml
 from optuna.trial import TrialState
 
 from newllm import analysis
+from newllm.config import EarlyStopConfig
 from newllm.sweep.hooks import early_stop_reason
 from tests.conftest import FAST, REPO, TINY, cli_env, read_metrics, run_cli
 
@@ -250,7 +252,7 @@ def test_cvfp_preset_prunes_a_collapsed_trial(tmp_path):
 
 
 def test_early_stop_rules_on_rows():
-    rules = {"nan_loss": True, "min_effective_rank_ratio": 0.25, "max_identity_score": 0.9, "grace_iterations": 2}
+    rules = EarlyStopConfig(nan_loss=True, min_effective_rank_ratio=0.25, max_identity_score=0.9, grace_iterations=2)
     ok = {"phase": 1, "step": 3, "phase1/loss": 0.1, "phase1/effective_rank": 12.0}
     assert early_stop_reason(ok, rules, 32, lambda: 0.5) is None
     assert early_stop_reason({**ok, "phase1/effective_rank": 7.9}, rules, 32, lambda: 0.5).startswith(
@@ -260,7 +262,7 @@ def test_early_stop_rules_on_rows():
                                                                      .replace("> 0.9", "> max_identity_score=0.9"))
     nan_row = {"phase": 2, "step": 10, "phase2/val_loss": math.nan, "phase2/train_loss": 2.0}
     assert early_stop_reason(nan_row, rules, 32, lambda: 0.0) == "nan_loss: {'phase2/val_loss': nan} at phase 2 step 10"
-    assert early_stop_reason(nan_row, {**rules, "nan_loss": False}, 32, lambda: 0.0) is None
+    assert early_stop_reason(nan_row, dataclasses.replace(rules, nan_loss=False), 32, lambda: 0.0) is None
 
 
 def test_identity_rule_measures_f_without_dropout():

@@ -14,6 +14,8 @@ from hydra.core.config_store import ConfigStore
 from hydra_plugins.hydra_optuna_sweeper.config import OptunaSweeperConf
 from omegaconf import MISSING, OmegaConf
 
+from newllm.config import EarlyStopConfig  # one schema, read by the trial side too (newllm.sweep.hooks)
+
 
 @dataclass
 class PrunerConfig:
@@ -44,21 +46,6 @@ class HyperbandPrunerConfig(PrunerConfig):
     min_resource: int = 1
     max_resource: Any = "auto"
     reduction_factor: int = 3
-
-
-@dataclass
-class EarlyStopConfig:
-    """Rules checked on every logged row, in single- and multi-objective studies alike.
-
-    A rule that fires stops the trial, which is recorded PRUNED with the rule in `pruned_reason`.
-    """
-
-    nan_loss: bool = True  # a non-finite *loss value in a history row
-    # Phase-1 effective rank / context_dim below this (0 = off): contexts collapsed onto few directions.
-    min_effective_rank_ratio: float = 0.0
-    # identity_mapping_score(f) above this (null = off): the update learned c_t ~ c_{t-1}, ignoring x_t.
-    max_identity_score: float | None = None
-    grace_iterations: int = 2  # Phase-1 iterations before the rank/identity rules apply
 
 
 @dataclass

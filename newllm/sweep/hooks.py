@@ -33,6 +33,7 @@ import torch
 from omegaconf import DictConfig
 
 from newllm import keys, metrics
+from newllm.config import EarlyStopConfig
 from newllm.errors import ConfigError, first_line
 from newllm.models import evaluating
 from newllm.sweep import compat
@@ -79,27 +80,28 @@ class PhaseWisePruner(optuna.pruners.BasePruner):
         return self.pruner.prune(study, trial)
 
 
-def early_stop_reason(row: dict, rules: dict, context_dim: int, identity_score: Callable[[], float]) -> str | None:
+def early_stop_reason(row: dict, rules: EarlyStopConfig, context_dim: int, identity_score: Callable[[], float]
+                      ) -> str | None:
     """The first early-stop rule this history row breaks, as a one-line reason (None: carry on).
 
     The rank rule reads the training contexts' rank (every erank_every iterations) and the held-out
     one (every val_every): a collapsed f converges from c = 0 in a few sweeps, so a study that
     maximises phase1/val_convergence_rate needs this rule to keep collapsed trials off its front.
     """
-    if rules.get("nan_loss", True):
+    if rules.nan_loss:
         bad = {k: v for k, v in row.items() if k.endswith("loss") and isinstance(v, float) and not math.isfinite(v)}
         if bad:
             return f"nan_loss: {bad} at phase {row.get('phase')} step {row.get('step')}"
-    if row.get("phase") != 1 or row.get("step", 0) < rules.get("grace_iterations", 0):
+    if row.get("phase") != 1 or row.get("step", 0) < rules.grace_iterations:
         return None
-    ratio = rules.get("min_effective_rank_ratio") or 0.0
+    ratio = rules.min_effective_rank_ratio
     for key, which in ((keys.P1_EFFECTIVE_RANK, "effective rank"),
                        (keys.P1_VAL_EFFECTIVE_RANK, "held-out effective rank")):
         erank = row.get(key)
         if ratio > 0 and erank is not None and not erank / context_dim >= ratio:  # `not >=`: NaN collapses too
             return (f"effective_rank_collapse: {which} {erank:.2f}/{context_dim} = {erank / context_dim:.3f} "
                     f"< min_effective_rank_ratio={ratio} at iteration {row['step']}")
-    limit = rules.get("max_identity_score")
+    limit = rules.max_identity_score
     if limit is not None and keys.P1_EFFECTIVE_RANK in row:  # checked with the rank, every erank_every iterations
         score = identity_score()
         if score > limit:
@@ -118,7 +120,7 @@ class TrialReporter:
 
     def __init__(self, trial: Any, spec: dict, cfg: DictConfig, model: torch.nn.Module) -> None:
         self.trial = trial
-        self.rules = spec.get("early_stop") or {}
+        self.rules = EarlyStopConfig(**(spec.get("early_stop") or {}))  # the schema's defaults, not .get's
         self.report = set(spec.get("report") or [])
         directions = trial.study.directions
         self.sign = -1.0 if directions[0].name == "MAXIMIZE" else 1.0
