@@ -10,6 +10,33 @@ import torch
 from torch import nn
 
 
+# ----------------------------------------------------------------------------- the gated step, defined once
+# z = sigmoid(g_f) * c + sigmoid(g_i) * tanh(g_u) from the gate logits g = [g_f | g_i | g_u] (..., 3C); the
+# new context is LayerNorm(z). Every loop that runs the gated updater -- GatedUpdater (eager), the scripted
+# no-grad and sampling loops, the scripted training forward and its reverse loop (newllm.models.scripted) --
+# calls these three functions, and they are TorchScript-compatible so the scripted loops compile them in.
+def gate_activations(g: torch.Tensor) -> torch.Tensor:
+    """[sigmoid(g_f) | sigmoid(g_i) | tanh(g_u)]: the activated gates a = [f | i | u] (..., 3C)."""
+    d = g.shape[-1] // 3
+    return torch.cat([torch.sigmoid(g[..., : 2 * d]), torch.tanh(g[..., 2 * d :])], dim=-1)
+
+
+def gated_mix(c: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """z = f * c + i * u: the context kept by the forget gate plus the gated candidate."""
+    d = c.shape[-1]
+    return a[..., :d] * c + a[..., d : 2 * d] * a[..., 2 * d :]
+
+
+def gated_mix_backward(dz: torch.Tensor, c: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dL/dc through f * c, dL/dg) of z = gated_mix(c, gate_activations(g)), given dL/dz.
+
+    sigmoid' = s (1 - s), tanh' = 1 - t^2; tested against autograd (tests/test_hoisted.py)."""
+    d = c.shape[-1]
+    f, i, u = a[..., :d], a[..., d : 2 * d], a[..., 2 * d :]
+    dg = torch.cat([dz * c * f * (1 - f), dz * u * i * (1 - i), dz * i * (1 - u * u)], dim=-1)
+    return dz * f, dg
+
+
 class GatedUpdater(nn.Module):
     """LSTM-like damped update: c' = LN(sigmoid(W_f h) * c + sigmoid(W_i h) * tanh(W_u h)).
 
@@ -31,10 +58,8 @@ class GatedUpdater(nn.Module):
         return requested if requested is not None else context_dim
 
     def forward(self, c: torch.Tensor, x: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        forget = torch.sigmoid(self.forget(h))
-        inp = torch.sigmoid(self.input(h))
-        delta = torch.tanh(self.update(h))
-        return self.norm(forget * c + inp * delta), x
+        g = torch.cat([self.forget(h), self.input(h), self.update(h)], dim=-1)
+        return self.norm(gated_mix(c, gate_activations(g))), x
 
     def fused_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The three gate Linears stacked: W^T (H, 3C) and bias (3C,), for one matmul per step in a loop."""
@@ -43,9 +68,7 @@ class GatedUpdater(nn.Module):
 
     def fused_step(self, c: torch.Tensor, h: torch.Tensor, fused: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """forward(c, x, h)[0] with the gates from one addmm (same math, one kernel instead of three)."""
-        gates = torch.addmm(fused[1], h, fused[0])
-        forget, inp, delta = gates.chunk(3, dim=-1)
-        return self.norm(torch.sigmoid(forget) * c + torch.sigmoid(inp) * torch.tanh(delta))
+        return self.norm(gated_mix(c, gate_activations(torch.addmm(fused[1], h, fused[0]))))
 
 
 class ResidualUpdater(nn.Module):
