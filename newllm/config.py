@@ -186,6 +186,10 @@ class DataConfig:
     # has blank lines, else lines. The unit used is data/split_by in metrics.json.
     split_by: SplitBy = SplitBy.auto
     num_conversations: int | None = None  # cap on conversations/documents read (null = all)
+    # Drop documents whose normalised text (casefold, whitespace collapsed; a dialogue's whole
+    # conversation) repeats an earlier one, before the split (newllm.data.dedup). Recorded as data/dedup,
+    # data/duplicates_removed; document sources only (repetition and recall are generated).
+    dedup: bool = True
     max_train_tokens: int | None = None  # caps (at most); the counts used land in metrics as data/*
     max_val_tokens: int | None = None
     max_test_tokens: int | None = None

@@ -37,6 +37,15 @@ DATA_SPLIT_BY = "data/split_by"
 DATA_TEST_FRACTION = "data/test_fraction"
 DATA_VAL_PROTOCOL = "data/val_protocol"
 DATA_TRAIN_TOKENS = "data/train_tokens"
+DATA_DEDUP = "data/dedup"  # whether repeated documents were dropped before the split (data.dedup)
+DATA_DUPLICATES_REMOVED = "data/duplicates_removed"
+DATA_CONTAMINATION_NGRAM = "data/contamination/ngram"  # n of the n-gram overlap test (13, as GPT-3)
+
+
+def data_contamination(split: str) -> str:
+    """data/contamination/{split}_documents: share of the held-out split's documents that share an n-gram
+    with the training split (newllm/data/dedup.py)."""
+    return f"data/contamination/{split}_documents"
 
 
 def data_split(split: str, what: str) -> str:
@@ -178,6 +187,7 @@ _STATIC = {v for k, v in dict(globals()).items() if k.isupper() and isinstance(v
 _SPLIT = "|".join(SPLITS)
 _PATTERNS = [re.compile(p) for p in (
     rf"data/({_SPLIT})_(documents|tokens|loss_tokens|sequences|phrases_per_stage)",
+    rf"data/contamination/({'|'.join(HELD_OUT)})_documents",
     rf"phase1/({'|'.join(HELD_OUT)})_({'|'.join(P1_HELD_OUT_MEASURES)})",
     r"phase2/(train|last_epoch_train)_(loss|ppl|acc)",
     rf"phase2/({'|'.join(HELD_OUT)})_({'|'.join(P2_EVAL_MEASURES)})",

@@ -15,6 +15,7 @@ from omegaconf import OmegaConf
 from newllm.config import validate
 from newllm.data import load_data, phase1_sample
 from newllm.data.corpora import chatterbot_conversations, chatterbot_topics
+from newllm.data.dedup import normalise
 from newllm.data.streams import render_chatml
 from newllm.data.tokenizer import END_OF_TEXT
 from newllm.errors import ConfigError, DataError
@@ -167,8 +168,10 @@ def test_text_without_blank_lines_is_split_by_lines(tmp_path):
     d = data_cfg(name="text", files=[str(path)], loss_on="all")
     data = load_data(d, tok_cfg(), tmp_path)
     assert data.info["data/split_by"] == "line"
+    distinct = len({normalise(line) for line in path.read_text(encoding="utf-8").splitlines()})  # chatterbot repeats
     assert (data.info["data/documents"], data.info["data/val_documents"], data.info["data/test_documents"]) == (
-        3000, 300, 300)
+        distinct, round(distinct / 10), round(distinct / 10))
+    assert data.info["data/duplicates_removed"] == 3000 - distinct > 0
     with pytest.raises(DataError, match="1 documents are too few"):  # what paragraphs give for this file
         load_data(OmegaConf.merge(d, {"split_by": "paragraph"}), tok_cfg(), tmp_path)
 
@@ -182,7 +185,11 @@ def test_the_kept_weights_are_evaluated_once_on_test(tiny_run):
     run_dir, m, cfg, data = run_and_reload(tiny_run, "p2", "training.phase2.epochs=3",
                                            "training.phase2.max_steps_per_epoch=4")
     assert data.info["data/fingerprint"] == m["data/fingerprint"]
-    assert m["data/test_tokens"] == len(data.test_ids) and m["data/test_documents"] == 30  # 10 % of 300
+    # 10 % of the 222 distinct conversations among chatterbot's first 300, deduplicated by default
+    assert m["data/test_tokens"] == len(data.test_ids) and m["data/test_documents"] == 22
+    assert cfg.data.dedup is True and (m["data/dedup"], m["data/duplicates_removed"]) == (True, 78)
+    report = [f"data/contamination/{k}_documents" for k in ("val", "test")]  # near-duplicates only: 1 of 22 test
+    assert [m[k] for k in report] == [data.info[k] for k in report] == [0.0, 1 / 22]
     model, _ = analysis.load_model(run_dir)  # the weights the run kept
     p2 = cfg.training.phase2
     test = evaluate(model, make_windows(data.test_ids, data.test_mask, p2.seq_len, "test"), 64)

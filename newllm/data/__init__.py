@@ -1,9 +1,11 @@
 """Data: every source produces the same thing -- token streams, loss masks and a tokenizer.
 
     source (chatterbot | ultrachat | text)  -> documents (ChatML text + assistant spans, or plain text)
+    -> duplicates removed (data.dedup, newllm.data.dedup: normalised text, first occurrence kept)
     -> seeded split by document (data.split_seed) into train / validation / test
     -> tokenizer (BPE trained on the training split, cached)
-    -> token ids + assistant masks (tokenized once, cached by `datasets`) -> budgets -> TokenData
+    -> token ids + assistant masks (tokenized once, cached by `datasets`) -> budgets
+    -> contamination report (held-out documents sharing a 13-token n-gram with train) -> TokenData
     repetition: generated phrases (newllm.data.repetition) -> stages + the same streams.
 
 Every data choice (which documents are held out, their order, the Phase-1 sample) is drawn from
@@ -26,6 +28,7 @@ from tokenizers import Tokenizer
 from newllm import keys
 from newllm.data import recall, repetition
 from newllm.data.corpora import TEXT_UNITS, chatterbot_conversations, text_documents, ultrachat_conversations
+from newllm.data.dedup import NGRAM, contamination, first_occurrences
 from newllm.data.repetition import RepetitionStage
 from newllm.data.streams import Spans, encode_cached, render_chatml
 from newllm.data.tokenizer import check_vocab_size, load_or_train, load_pretrained
@@ -59,11 +62,13 @@ class TokenData:
 
 @dataclass
 class Split:
-    """One split's documents, concatenated: ids (N,), loss mask (N,), tokens per document (D,)."""
+    """One split's documents, concatenated: ids (N,), loss mask (N,), tokens per document (D,) and, for
+    a document source, each document's index in the source's (deduplicated) list (D,)."""
 
     ids: torch.Tensor
     mask: torch.Tensor
     lengths: torch.Tensor
+    docs: torch.Tensor | None = None
 
     @classmethod
     def of_rows(cls, stages: list[RepetitionStage]) -> Split:
@@ -77,7 +82,8 @@ class Split:
         stop = len(self.ids) if stop is None else min(stop, len(self.ids))
         ends = self.lengths.cumsum(0)
         kept = (torch.minimum(ends, torch.tensor(stop)) - torch.clamp(ends - self.lengths, min=start)).clamp(min=0)
-        return Split(self.ids[start:stop], self.mask[start:stop], kept[kept > 0])
+        return Split(self.ids[start:stop], self.mask[start:stop], kept[kept > 0],
+                     None if self.docs is None else self.docs[kept > 0])
 
 
 def check_options(d: DictConfig, tok: DictConfig) -> None:
@@ -185,9 +191,19 @@ def fingerprint(splits: dict[str, Split]) -> str:
     return h.hexdigest()[:16]
 
 
+def contamination_info(texts: list[str], splits: dict[str, Split]) -> dict:
+    """data/contamination/<split>_documents: the share of each held-out split's documents that share a
+    13-word n-gram with a training document (newllm.data.dedup holds the definition)."""
+    of = lambda s: (texts[i] for i in s.docs.tolist())
+    counts = contamination(of(splits["train"]), {k: list(of(s)) for k, s in splits.items() if k != "train"})
+    return {keys.DATA_CONTAMINATION_NGRAM: NGRAM,
+            **{keys.data_contamination(k): hit / max(total, 1) for k, (hit, total) in counts.items()}}
+
+
 def _finish(d: DictConfig, tokenizer: Tokenizer, splits: dict[str, Split], min_tokens: int, info: dict,
-            stages: dict[str, list[RepetitionStage]] | None = None) -> TokenData:
-    """Budgets, loss masks, size checks and the counts every option reports."""
+            stages: dict[str, list[RepetitionStage]] | None = None, texts: list[str] | None = None) -> TokenData:
+    """Budgets, loss masks, size checks and the counts every option reports; the contamination report
+    of a document source (`texts`: its documents, which Split.docs index)."""
     splits = dict(splits)
     splits["train"] = splits["train"].tokens(0, d.max_train_tokens)
     if d.val_protocol == "subset_of_train":  # the original protocol: the tail of what is trained on
@@ -198,7 +214,7 @@ def _finish(d: DictConfig, tokenizer: Tokenizer, splits: dict[str, Split], min_t
     else:
         splits.pop("test", None)
     if d.loss_on == "all":
-        splits = {k: Split(s.ids, torch.ones_like(s.mask), s.lengths) for k, s in splits.items()}
+        splits = {k: Split(s.ids, torch.ones_like(s.mask), s.lengths, s.docs) for k, s in splits.items()}
     _check_sizes(d, splits, min_tokens)
     counts = {}
     for name, s in splits.items():
@@ -206,7 +222,8 @@ def _finish(d: DictConfig, tokenizer: Tokenizer, splits: dict[str, Split], min_t
                        keys.data_split(name, "loss_tokens"): int(s.mask.sum())})
     info = {keys.DATA_NAME: str(d.name), **counts, keys.DATA_VAL_PROTOCOL: str(d.val_protocol),
             keys.DATA_TEST_FRACTION: d.test_fraction, keys.DATA_SPLIT_SEED: d.split_seed,
-            keys.DATA_FINGERPRINT: fingerprint(splits), keys.DATA_VOCAB_SIZE: tokenizer.get_vocab_size(), **info}
+            keys.DATA_FINGERPRINT: fingerprint(splits), keys.DATA_VOCAB_SIZE: tokenizer.get_vocab_size(),
+            **(contamination_info(texts, splits) if texts is not None else {}), **info}
     stages = stages or {}
     train, val, test = splits["train"], splits["val"], splits.get("test")
     return TokenData(train.ids, train.mask, val.ids, val.mask, tokenizer, info, stages.get("train"),
@@ -263,6 +280,10 @@ def load_data(data_cfg: DictConfig, tok_cfg: DictConfig, cache_dir: str | Path, 
 def _load_documents(d: DictConfig, tok_cfg: DictConfig, cache_dir: Path, min_tokens: int) -> TokenData:
     """A document source: seeded split by document, tokenizer trained on train, ids cached per split."""
     texts, spans, source_info = DOCUMENT_SOURCES[d.name](d, cache_dir)
+    read = len(texts)
+    if d.dedup:  # before the split, so no document can be both trained on and held out
+        kept = first_occurrences(texts)
+        texts, spans = [texts[i] for i in kept], [spans[i] for i in kept]
     indices = dict(zip(("train", "val", "test"), _split(len(texts), d.val_fraction, d.test_fraction, d.split_seed,
                                                         hold_out_val=d.val_protocol == "by_conversation"),
                        strict=True))
@@ -270,9 +291,11 @@ def _load_documents(d: DictConfig, tok_cfg: DictConfig, cache_dir: Path, min_tok
     splits, hits = {}, []
     for name, idx in indices.items():
         *encoded, hit = encode_cached(tokenizer, [texts[i] for i in idx], [spans[i] for i in idx], cache_dir)
-        splits[name], hits = Split(*encoded), [*hits, hit]
-    info = {keys.DATA_DOCUMENTS: len(texts), **source_info, **tok_info, keys.DATA_TOKENS_CACHE_HIT: all(hits)}
-    return _finish(d, tokenizer, splits, min_tokens, info)
+        splits[name], hits = Split(*encoded, torch.tensor(idx, dtype=torch.long)), [*hits, hit]
+    info = {keys.DATA_DOCUMENTS: len(texts), keys.DATA_DEDUP: bool(d.dedup),
+            keys.DATA_DUPLICATES_REMOVED: read - len(texts), **source_info, **tok_info,
+            keys.DATA_TOKENS_CACHE_HIT: all(hits)}
+    return _finish(d, tokenizer, splits, min_tokens, info, texts=texts)
 
 
 # data.name -> loader (newllm.config.DataSource lists the same names; Hydra refuses any other at compose).
