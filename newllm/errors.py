@@ -82,6 +82,11 @@ class SweepAborted(NewllmError):
     """Too many failed trials (every result was stored before this was raised)."""
 
 
+class JobDied(NewllmError):
+    """A cluster job that ended without a result (cancelled, killed, out of time or memory, node failure): its
+    trial's fail_reason (hydra_plugins/newllm_sweeper/launcher.py)."""
+
+
 class CompatError(NewllmError, ImportError):
     """An installed Optuna or Hydra lacks a private API that newllm.sweep.compat wraps (the message names the
     package, the version found and the version range newllm is tested with).

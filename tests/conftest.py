@@ -13,6 +13,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -178,3 +179,62 @@ def compare_outputs(tmp_path_factory) -> Path:
                         f"hydra.sweep.dir={sweep_dir}"], cwd=tmp)
     (tmp / "sweep.log").write_text(proc.stdout + proc.stderr)  # the sweeper's own log, for tests that read it
     return sweep_dir
+
+
+# ----------------------------------------------------------------------------- a PostgreSQL server (sweeps, SLURM)
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Postgres:
+    """A private PostgreSQL server on 127.0.0.1 whose TCP connections need a password, as a shared one does."""
+
+    port: int
+    password: str
+    user: str = "newllm"
+    database: str = "postgres"
+
+    def url(self, password: str = "") -> str:
+        secret = f":{password}" if password else ""
+        return f"postgresql+psycopg://{self.user}{secret}@127.0.0.1:{self.port}/{self.database}"
+
+
+@pytest.fixture(scope="module")
+def postgres() -> Iterator[Postgres]:
+    """initdb + pg_ctl as a non-root user; scram-sha-256 for host connections (trust only on its own Unix
+    socket, which nothing here uses); stopped and deleted afterwards."""
+    import glob
+    import secrets
+    import shutil
+    import tempfile
+
+    bins = sorted(glob.glob("/usr/lib/postgresql/*/bin"))
+    initdb = shutil.which("initdb") or (bins and f"{bins[-1]}/initdb")
+    if not initdb:
+        pytest.skip("PostgreSQL server not installed (Debian: apt-get install postgresql; .ci/run does this)")
+    pg_ctl = str(Path(initdb).with_name("pg_ctl"))
+    root = Path(tempfile.mkdtemp(prefix="newllm-pg-"))
+    server = Postgres(port=free_port(), password=f"pw-{secrets.token_hex(12)}")
+    (root / "pwfile").write_text(server.password + "\n")
+    as_user: list[str] = []
+    if os.geteuid() == 0:  # the server refuses to run as root
+        for path in (root, root / "pwfile"):
+            shutil.chown(path, "postgres")
+        as_user = ["runuser", "-u", "postgres", "--"]
+    data = root / "data"
+    subprocess.run([*as_user, initdb, "-D", str(data), "-U", server.user, f"--pwfile={root / 'pwfile'}",
+                    "--auth-local=trust", "--auth-host=scram-sha-256"], check=True, capture_output=True)
+    (root / "pwfile").unlink()
+    opts = f"-p {server.port} -k {root} -c listen_addresses=127.0.0.1 -c max_connections=80"
+    subprocess.run([*as_user, pg_ctl, "-D", str(data), "-o", opts, "-l", str(root / "log"), "-w", "start"],
+                   check=True, capture_output=True)
+    try:
+        yield server
+    finally:
+        subprocess.run([*as_user, pg_ctl, "-D", str(data), "-m", "immediate", "stop"], capture_output=True)
+        shutil.rmtree(root, ignore_errors=True)

@@ -11,7 +11,6 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import optuna
@@ -22,7 +21,7 @@ from optuna.trial import TrialState
 from newllm import analysis
 from newllm.config import EarlyStopConfig
 from newllm.sweep.hooks import early_stop_reason
-from tests.conftest import FAST, REPO, TINY, cli_env, read_metrics, run_cli
+from tests.conftest import FAST, REPO, TINY, cli_env, free_port, read_metrics, run_cli
 
 OURS = "hydra/sweeper=newllm_optuna"
 LEAN = ["save_checkpoint=false", "save_contexts=false"]  # trials write only what the tests read
@@ -454,71 +453,16 @@ def test_presets_compose():
     assert dict(arch.hydra.sweeper.params) == {"model": "sequential,layerwise", "model.layers": "1,2",
                                                "model.core_params": "5000,20000"}
     assert cmp.hydra.sweeper.study_name == "compare_sequential"
-    assert slurm.hydra.launcher._target_.endswith("SlurmLauncher") and slurm.hydra.sweeper.n_jobs == 8
-    assert slurm.hydra.sweeper.study_name == "optuna_cvfp" and slurm.device == "cuda"
+    assert slurm.hydra.launcher._target_ == "hydra_plugins.newllm_sweeper.launcher.SlurmLauncher"
+    assert slurm.hydra.sweeper.n_jobs == 8 and slurm.hydra.sweeper.study_name == "optuna_cvfp"
+    # fits any node: one CPU, the partition's default memory, no GPU asked, the device found there
+    assert (slurm.hydra.launcher.cpus_per_task, slurm.hydra.launcher.mem_gb, slurm.hydra.launcher.gpus_per_node,
+            slurm.hydra.launcher.gres, slurm.device) == (1, None, None, None, "auto")
     assert local.hydra.launcher._target_.endswith("JoblibLauncher") and local.hydra.launcher.n_jobs == 2
     assert (ppl.hydra.sweeper.pruner.n_startup_trials, ppl.hydra.sweeper.pruner.n_warmup_steps) == (5, 2)
     assert (quick.hydra.sweeper.pruner.n_startup_trials, quick.hydra.sweeper.pruner.n_warmup_steps) == (3, 0)
     assert hyper.hydra.sweeper.pruner._target_ == "optuna.pruners.HyperbandPruner"
     assert "n_startup_trials" not in hyper.hydra.sweeper.pruner
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@dataclass
-class Postgres:
-    """A private PostgreSQL server on 127.0.0.1 whose TCP connections need a password, as a shared one does."""
-
-    port: int
-    password: str
-    user: str = "newllm"
-    database: str = "postgres"
-
-    def url(self, password: str = "") -> str:
-        secret = f":{password}" if password else ""
-        return f"postgresql+psycopg://{self.user}{secret}@127.0.0.1:{self.port}/{self.database}"
-
-
-@pytest.fixture(scope="module")
-def postgres():
-    """initdb + pg_ctl as a non-root user; scram-sha-256 for host connections (trust only on its own Unix
-    socket, which nothing here uses); stopped and deleted afterwards."""
-    import glob
-    import secrets
-    import shutil
-    import tempfile
-
-    bins = sorted(glob.glob("/usr/lib/postgresql/*/bin"))
-    initdb = shutil.which("initdb") or (bins and f"{bins[-1]}/initdb")
-    if not initdb:
-        pytest.skip("PostgreSQL server not installed (Debian: apt-get install postgresql; .ci/run does this)")
-    pg_ctl = str(Path(initdb).with_name("pg_ctl"))
-    root = Path(tempfile.mkdtemp(prefix="newllm-pg-"))
-    server = Postgres(port=free_port(), password=f"pw-{secrets.token_hex(12)}")
-    (root / "pwfile").write_text(server.password + "\n")
-    as_user: list[str] = []
-    if os.geteuid() == 0:  # the server refuses to run as root
-        for path in (root, root / "pwfile"):
-            shutil.chown(path, "postgres")
-        as_user = ["runuser", "-u", "postgres", "--"]
-    data = root / "data"
-    subprocess.run([*as_user, initdb, "-D", str(data), "-U", server.user, f"--pwfile={root / 'pwfile'}",
-                    "--auth-local=trust", "--auth-host=scram-sha-256"], check=True, capture_output=True)
-    (root / "pwfile").unlink()
-    opts = f"-p {server.port} -k {root} -c listen_addresses=127.0.0.1 -c max_connections=80"
-    subprocess.run([*as_user, pg_ctl, "-D", str(data), "-o", opts, "-l", str(root / "log"), "-w", "start"],
-                   check=True, capture_output=True)
-    try:
-        yield server
-    finally:
-        subprocess.run([*as_user, pg_ctl, "-D", str(data), "-m", "immediate", "stop"], capture_output=True)
-        shutil.rmtree(root, ignore_errors=True)
 
 
 # Each racer says it is ready, waits for the go file, then opens the study: all start within a millisecond.

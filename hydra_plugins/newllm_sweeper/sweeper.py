@@ -154,8 +154,8 @@ class NewllmOptunaSweeperImpl(OptunaSweeperImpl):
                 self._tell_fail(study, t, f"launcher: {type(err).__name__}: {err}")
             raise
         self.job_idx += len(returns)
-        return sum(self._tell(study, trial, ret, n_objectives) == TrialState.FAIL
-                   for trial, ret in zip(trials, returns, strict=True))
+        return sum(self._tell(study, trial, ret, n_objectives, folder) == TrialState.FAIL
+                   for trial, ret, folder in zip(trials, returns, folders, strict=True))
 
     def _rerun_best(self, study: optuna.Study, space: dict, fixed_params: dict, fixed_overrides: list[str],
                     directions: list[str], names: list[str] | None, label: str | None) -> None:
@@ -338,8 +338,10 @@ class NewllmOptunaSweeperImpl(OptunaSweeperImpl):
                 f"hydra.sweep.subdir={_quote(str(folder.relative_to(self.sweep_dir)))}",
                 *(f"++hydra.job.env_set.{k}={_quote(v)}" for k, v in env.items())]
 
-    def _tell(self, study: optuna.Study, trial: optuna.Trial, ret: JobReturn, n_objectives: int) -> TrialState:
-        run_dir = Path(ret.hydra_cfg.hydra.runtime.output_dir) if ret.hydra_cfg else None
+    def _tell(self, study: optuna.Study, trial: optuna.Trial, ret: JobReturn, n_objectives: int,
+              folder: Path) -> TrialState:
+        # a job that died before Hydra set it up (killed on a cluster) returns no config: its folder is still `folder`
+        run_dir = Path(ret.hydra_cfg.hydra.runtime.output_dir) if ret.hydra_cfg else folder
         attrs = {"run_dir": str(run_dir), "overrides": list(ret.overrides or [])}
         if run_dir is not None and (run_dir / "metrics.json").is_file():
             attrs.update(json.loads((run_dir / "metrics.json").read_text()))
