@@ -368,7 +368,7 @@ class Config:
     )
     save_checkpoint: bool = True
     save_contexts: bool = True  # Phase-1 validation contexts (for spectra in notebooks)
-    progress: bool = True  # tqdm bars
+    progress: bool = True  # loop progress: a bar on a terminal, else a few log lines (newllm/training/progress.py)
     # A run dir: continue that interrupted run from its last checkpoint, with its own config.
     resume: str | None = None
 

@@ -21,13 +21,14 @@ import optuna
 import pytest
 import yaml
 
-from tests.conftest import FAST, TINY, cli_env, read_metrics
+from tests.conftest import FAST, cli_env, read_metrics
 
 pytestmark = pytest.mark.slow
 
 SWEEP_TIMEOUT_S = 600  # the sweep must end by itself well within this (it takes ~2 min on 2 busy cores)
 # tiny trials: 2 CPU-minutes each at most; 1 GB is far more than they use
-SMALL = [*TINY, *(o for o in FAST if o not in TINY), "save_checkpoint=false", "hydra.launcher.timeout_min=5"]
+SMALL = [*(o for o in FAST if o != "progress=false"), "progress=true", "save_checkpoint=false",
+         "hydra.launcher.timeout_min=5"]  # progress on, as a user's run has it: the job logs must show no bar
 
 
 def _slurm(*args: str) -> str:
@@ -140,4 +141,6 @@ def test_optuna_study_on_slurm_replaces_cancelled_and_killed_jobs(tmp_path, post
     assert results["n_trials"]["fail"] == 2
     assert results["n_trials"]["complete"] == 3 and results["best_value"] == min(t.value for t in trials.values()
                                                                                   if t.value is not None)
+    logs = [*sweep_dir.glob(".submitit/*/*_log.*"), *sweep_dir.glob("trial_*/*.log")]
+    assert len(logs) >= 10 and not [p for p in logs if "\r" in p.read_text()]  # readable: no bar redraws
     assert "Trial 0 failed: JobDied" in out and "Trial 1 failed: JobDied" in out  # the sweep's log

@@ -28,13 +28,13 @@ from typing import NamedTuple
 
 import torch
 from omegaconf import DictConfig
-from tqdm.auto import tqdm
 
 from newllm import keys, metrics
 from newllm.errors import TrainingError
 from newllm.models import evaluating
 from newllm.runtime.lifecycle import Phase1State
 from newllm.training.diversity import Diversity
+from newllm.training.progress import Progress
 from newllm.training.solvers import PASS0, sequential_pass, shifted_inputs, zeros_init
 
 STOP_CONVERGED, STOP_MAX_ITERATIONS, STOP_UNTRAINED = "val_converged", "max_iterations", "untrained"
@@ -283,8 +283,7 @@ def train_phase1(model: torch.nn.Module, train_ids: torch.Tensor, val_ids: torch
     val = held_out_ids(val_ids, cfg).to(device)
     test = held_out_ids(test_ids, cfg, "test").to(device) if test_ids is not None else None
     loop = Phase1Loop(model, ids, val, cfg, dist_reg_weight, diversity, state)
-    bar = tqdm(range(loop.state.iteration + 1, cfg.max_iterations + 1), desc="phase1", disable=not progress,
-               leave=False)
+    bar = Progress(range(loop.state.iteration + 1, cfg.max_iterations + 1), "phase1", progress)
     for k in bar:
         row, last = loop.step(k)
         if on_iteration is not None:

@@ -27,13 +27,13 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 from torch.nn import functional as F
-from tqdm.auto import tqdm
 
 from newllm import keys, metrics
 from newllm.errors import ConfigError, DataError, TrainingError
 from newllm.models import ContextModel, evaluating
 from newllm.runtime.lifecycle import Phase2State, TrainTally
 from newllm.training.instruments import PositionLoss
+from newllm.training.progress import Progress
 from newllm.training.solvers import jacobi_window
 
 ContextsCache = Callable[[torch.Tensor, Callable[[], torch.Tensor]], torch.Tensor]
@@ -271,7 +271,7 @@ class Phase2Loop:
         """Train one epoch with its evaluations; "plateau" or "cap" when the run ends in it, else None."""
         cfg, st = self.cfg, self.state
         self.model.train()
-        for idx in tqdm(self.batches(), desc=f"phase2 epoch {epoch}", disable=not progress, leave=False):
+        for idx in Progress(self.batches(), f"phase2 epoch {epoch}", progress):
             self.step(idx, epoch)
             capped = cfg.max_steps is not None and st.step >= cfg.max_steps
             if (cfg.eval_every and st.step % cfg.eval_every == 0) or capped:

@@ -29,11 +29,11 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 from torch.nn import functional as F
-from tqdm.auto import tqdm
 
 from newllm import keys
 from newllm.errors import TrainingError
 from newllm.training.diversity import Diversity
+from newllm.training.progress import Progress
 
 if TYPE_CHECKING:
     from newllm.data.repetition import RepetitionStage
@@ -93,7 +93,7 @@ def train_repetition(model: nn.Module, stages: list[RepetitionStage], cfg: DictC
         key = keys.rep_stage(p)
         result.metrics.update({f"{key}/{k}_initial": v for k, v in measure(model, stage, device).items()})
         diversity.reset()  # state carried across steps (EMAVariance's running mean) is per stage
-        for _ in tqdm(range(cfg.steps_per_stage), desc=f"repetition p={p}", disable=not progress, leave=False):
+        for _ in Progress(range(cfg.steps_per_stage), f"repetition p={p}", progress):
             model.train()
             loss, parts = repetition_loss(model, ids, p, dist_reg_weight, diversity, cfg.ce_weight)
             if not torch.isfinite(loss):
