@@ -92,7 +92,7 @@ def _accounting(name: str) -> dict[str, str]:
     return dict(r.split("|") for r in rows)
 
 
-def test_optuna_study_on_slurm_replaces_cancelled_and_killed_jobs(tmp_path, postgres, cluster):
+def test_optuna_study_on_slurm_replaces_cancelled_and_killed_jobs(tmp_path, cluster, postgres):  # skips before PG
     """'+sweep=[optuna_ppl_quick,on_slurm]' with PostgreSQL storage, 3 trials in batches of 3 on a 2-CPU node:
     of the first batch one job is scancel'd and one kill -9'd while running; both trials FAIL with the
     reason, the third job of that array completes (its result kept), and two more trials are run to reach
