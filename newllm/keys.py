@@ -72,6 +72,9 @@ MODEL_HIDDEN_DIM = "model/hidden_dim"
 MODEL_CORE_PARAMS_BUDGET = "model/core_params_budget"
 MODEL_PRETRAINED_ROWS = "model/pretrained_rows"
 MODEL_PRETRAINED_COVERAGE = "model/pretrained_coverage"
+# floats carried from one token to the next at the evaluation window (models.costs.state_floats): C for a
+# context LM, L x C for the GRU, the KV cache 2 x L x T x C for the transformer
+MODEL_STATE_FLOATS = "model/state_floats"
 
 
 def model_key(name: str) -> str:
@@ -101,6 +104,7 @@ P1_TRAIN_TIME_S = "phase1/train_time_s"
 P1_TOKEN_ITERATIONS_PER_S = "phase1/token_iterations_per_s"
 P1_HELD_OUT_TIME_S = "phase1/held_out_time_s"
 P1_FROM_RUN = "phase1/from_run"
+P1_TRAIN_FLOPS = "phase1/train_flops"  # estimated training compute (models.costs.phase1_train_flops)
 
 # Phase 1 on held-out streams from a cold start (training/phase1.evaluate_phase1), one family per split
 P1_HELD_OUT_MEASURES = ("convergence_rate", "fixed_point_distance", "effective_rank", "effective_rank_ratio",
@@ -153,6 +157,7 @@ P2_UNIFORM_PPL = "phase2/uniform_ppl"
 P2_TRAIN_TIME_S = "phase2/train_time_s"
 P2_TOKENS_PER_S = "phase2/tokens_per_s"
 P2_TOKENS_SEEN = "phase2/tokens_seen"
+P2_TRAIN_FLOPS = "phase2/train_flops"  # estimated training compute (models.costs.phase2_train_flops)
 
 # ----------------------------------------------------------------------------- recall (data=recall)
 RECALL_MEASURES = ("accuracy", "accuracy_by_distance", "answers_by_distance")

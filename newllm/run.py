@@ -34,7 +34,7 @@ from newllm.config import (
 )
 from newllm.data import load_data, phase1_sample
 from newllm.errors import NewllmError, describe, exit_one_line
-from newllm.models import ContextModel, build_model, count_parameters, pretrained
+from newllm.models import ContextModel, build_model, costs, count_parameters, pretrained
 from newllm.models.sizing import solve_core_params
 from newllm.runtime import checkpoint as ckpt
 from newllm.runtime.lifecycle import PHASE1, PHASE2, RunLifecycle, final_payload
@@ -146,11 +146,14 @@ def load_run_data(cfg: DictConfig, run_dir: Path):
 
 def build(cfg: DictConfig, data, device: torch.device, pretrained_files) -> tuple[torch.nn.Module, dict]:
     """The model on its device, and the metrics that describe the run before any training."""
+    p2_cfg = cfg.training.phase2
     with out_of_memory_guard(cfg, "building the model"):
         model = maybe_compile(build_model(cfg.model, data.vocab_size).to(device), cfg.training.compile)
     metrics: dict = {"seed": cfg.seed, "device": str(device), **data.info,
                      **{keys.model_key(k): v for k, v in count_parameters(model).items()},
-                     keys.MODEL_CONTEXT_DIM: model.context_dim}
+                     keys.MODEL_CONTEXT_DIM: model.context_dim,
+                     # at the evaluation window: the transformer's KV cache grows with it
+                     keys.MODEL_STATE_FLOATS: costs.state_floats(model, p2_cfg.eval_seq_len or p2_cfg.seq_len)}
     if getattr(model, "hidden_dim", None) is not None:
         metrics[keys.MODEL_HIDDEN_DIM] = model.hidden_dim
     if cfg.model.get("core_params") is not None:
@@ -179,6 +182,8 @@ def phase1_stage(cfg: DictConfig, model, data, device: torch.device, tracker: Ru
                           on_iteration=tracker.log, progress=cfg.progress, state=life.loop_state(PHASE1),
                           checkpoint=life.checkpointer(PHASE1), test_ids=getattr(data, "test_ids", None))
     p1.metrics[keys.P1_DOCUMENTS] = p1_documents  # kept with the Phase-1 checkpoint (from_run)
+    p1.metrics[keys.P1_TRAIN_FLOPS] = costs.phase1_train_flops(model, p1.metrics[keys.P1_TOKENS],
+                                                               p1.metrics[keys.P1_ITERATIONS])
     if cfg.save_contexts and p1.val_contexts is not None:
         torch.save(p1.val_contexts, life.run_dir / "phase1_val_contexts.pt")
     ckpt.save(life.run_dir / ckpt.PHASE1_FILE, "phase1", {
@@ -239,6 +244,8 @@ def phase2_stage(cfg: DictConfig, model, data, device: torch.device, tracker: Ru
                           progress=cfg.progress, checkpoint=life.checkpointer(PHASE2),
                           state=life.loop_state(PHASE2), contexts_cache=contexts_cache)
     metrics = dict(p2.metrics)
+    metrics[keys.P2_TRAIN_FLOPS] = costs.phase2_train_flops(model, cfg.training.phase2, metrics[keys.P2_TOKENS_SEEN],
+                                                             data.train_ids.numel(), isinstance(model, ContextModel))
     save_position_plot(metrics, life.run_dir / "loss_by_position.png")
     if data.recall is not None:
         metrics.update(recall_metrics(model, data.recall, cfg.training.phase2.batch_size * 4, device))

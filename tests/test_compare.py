@@ -141,6 +141,21 @@ def test_compare_models_quick_end_to_end(compare_outputs):
     assert table.loc[~context, "tuned/training.dist_reg_weight"].isna().all()  # not a knob of the baselines
     diff = "test_ppl_minus_layerwise/mean"
     assert math.isnan(table.loc[0, diff]) and table.loc[1:, diff].map(math.isfinite).all()
+    # each study its own sampler seed: the two context LMs (one space) no longer get the same proposal
+    lr = table.set_index("model")["tuned/training.phase2.lr"]
+    assert lr["layerwise"] != lr["sequential"] and lr["gru"] != lr["transformer"]
+    costs = table.set_index("model")
+    assert (costs.params == costs.embedding_params + costs.head_params + costs.core_params).all()
+    assert costs.loc["transformer", "head_params"] == 0  # tied to the token embedding, as GPT-2
+    assert (costs.loc[["layerwise", "sequential"], "phase1_flops/mean"] > 0).all()
+    assert (costs.loc[["gru", "transformer"], "phase1_flops/mean"] == 0).all()
+    assert (costs["train_flops/mean"] >= costs["phase2_flops/mean"]).all() and (costs["phase2_flops/mean"] > 0).all()
+    # state per sequence: C for a context LM, L x C for the GRU, the KV cache at the window for the transformer
+    width = {m: read_metrics(p.parent)["model/context_dim"] for m in MODELS
+             for p in [next((compare_outputs / m / "reruns").glob("*/metrics.json"))]}
+    assert costs.loc["layerwise", "state_floats"] == width["layerwise"]
+    assert costs.loc["gru", "state_floats"] == 2 * width["gru"]
+    assert costs.loc["transformer", "state_floats"] == 2 * 2 * 32 * width["transformer"]  # training=quick: T 32
 
 
 @pytest.mark.slow
@@ -185,14 +200,14 @@ def test_bad_stopping_settings_are_one_line_errors(tiny_run, override, expected)
     assert [line for line in proc.stderr.splitlines() if line.startswith("error:")][0].startswith(expected)
 
 
-def _rerun(root, label: str, seed: int, test_ppl) -> None:
+def _rerun(root, label: str, seed: int, test_ppl, **costs) -> None:
     """What +sweep=compare_models leaves for one re-run: rerun_best.json beside a job folder with its files."""
     folder = root / label / "reruns"
     (folder / str(seed) / ".hydra").mkdir(parents=True, exist_ok=True)
     (folder / "rerun_best.json").write_text(json.dumps({"label": label, "rerun_study": label, "params": {}}))
     (folder / str(seed) / ".hydra" / "config.yaml").write_text(f"seed: {seed}\ndata:\n  split_seed: 0\n")
     metrics = {"phase2/test_ppl": test_ppl, "phase2/val_ppl": 10.0, "model/params_core": 1000,
-               "phase2/stop_reason": "plateau", "phase2/best_step": 5, "phase2/time_to_best_s": 1.0}
+               "phase2/stop_reason": "plateau", "phase2/best_step": 5, "phase2/time_to_best_s": 1.0, **costs}
     (folder / str(seed) / "metrics.json").write_text(json.dumps(metrics))
 
 
@@ -210,3 +225,23 @@ def test_a_diverged_rerun_is_a_number_in_the_table_not_a_string(tmp_path):
     assert table.loc["layerwise", "test_ppl/mean"] == pytest.approx(13.0)
     assert math.isnan(table.loc["gru", "test_ppl/mean"])
     assert table.loc["gru", "test_ppl_minus_layerwise/mean"] == pytest.approx(-1.5)  # the seeds both finished
+
+
+def test_the_table_shows_params_state_and_compute_per_model(tmp_path):
+    """Parameters by part and state from metrics.json; training FLOPs are Phase 1 + Phase 2, averaged over seeds
+    (a baseline has no Phase 1: 0); runs written before these metrics existed show NaN, not a KeyError."""
+    from newllm.analysis.compare import compare_models
+
+    parts = {"model/params": 5000, "model/params_embedding": 3000, "model/params_head": 1000, "model/state_floats": 64}
+    for seed, flops in enumerate([100.0, 300.0]):
+        _rerun(tmp_path, "layerwise", seed, 12.0, **parts, **{"phase1/train_flops": 50.0, "phase2/train_flops": flops})
+        _rerun(tmp_path, "transformer", seed, 13.0, **{**parts, "model/params_head": 0, "model/state_floats": 4096,
+                                                       "phase2/train_flops": 2 * flops})
+        _rerun(tmp_path, "old", seed, 14.0)
+    table = compare_models(tmp_path).set_index("model")
+    lw, tf, old = table.loc["layerwise"], table.loc["transformer"], table.loc["old"]
+    assert (lw["params"], lw["embedding_params"], lw["head_params"], lw["core_params"]) == (5000, 3000, 1000, 1000)
+    assert (tf["head_params"], tf["state_floats"]) == (0, 4096)
+    assert (lw["phase1_flops/mean"], lw["phase2_flops/mean"], lw["train_flops/mean"]) == (50.0, 200.0, 250.0)
+    assert (tf["phase1_flops/mean"], tf["train_flops/mean"]) == (0.0, 400.0)
+    assert math.isnan(old["train_flops/mean"]) and math.isnan(old["phase1_flops/mean"]) and old["core_params"] == 1000

@@ -426,6 +426,26 @@ def test_job_folders_belong_to_one_storage_study_and_trial(tmp_path):
     assert states(study) == ["COMPLETE", "FAIL"] and study.trials[1].user_attrs["fail_reason"].startswith("job folder")
 
 
+def test_each_study_of_a_command_gets_its_own_sampler_seed():
+    """compare_models' studies share a space: with one sampler seed they got the same proposals (issue 24).
+    The seed is derived from (seed, study name): distinct per study, the same on every run of the command."""
+    from omegaconf import OmegaConf
+
+    from hydra_plugins.newllm_sweeper.sweeper import _seeded_for, study_seed
+
+    names = [f"compare_models_{m}" for m in ("sequential", "layerwise", "gru", "transformer")]
+    seeds = [study_seed(0, n) for n in names]
+    assert len(set(seeds)) == 4 and seeds == [study_seed(0, n) for n in names]
+    assert study_seed(1, names[0]) != seeds[0]
+    tpe = OmegaConf.create({"_target_": "optuna.samplers.TPESampler", "seed": 0, "n_startup_trials": 3})
+    assert _seeded_for(tpe, names[1]).seed == seeds[1] and _seeded_for(tpe, names[1]).n_startup_trials == 3
+    assert _seeded_for(OmegaConf.merge(tpe, {"seed": None}), names[1]).seed is None  # unseeded stays unseeded
+    proposals = [optuna.samplers.RandomSampler(seed=s).sample_independent(
+        optuna.create_study(), optuna.trial.create_trial(state=TrialState.RUNNING), "lr",
+        optuna.distributions.FloatDistribution(1e-4, 3e-2, log=True)) for s in seeds]
+    assert len(set(proposals)) == 4
+
+
 def test_presets_compose():
     from hydra import compose, initialize_config_dir
 

@@ -16,7 +16,8 @@ grammar (`create_params_from_overrides`), trial configuration and grid handling.
   - passwords: what this sweeper writes or logs shows the storage URL masked (newllm.sweep.storage); each job
     resolves the real URL in its own environment (newllm.sweep.hooks.job_storage_url);
   - traceability: run_dir, overrides and every metric of metrics.json in each trial's user attrs;
-  - several studies in one command (`studies`: a label -> fixed overrides and extra params), and the best
+  - several studies in one command (`studies`: a label -> fixed overrides and extra params), each sampler seeded
+    from (hydra.sweeper.sampler.seed, its study name) (study_seed), and the best
     trial of each re-run with `rerun_best.seeds` as trials of study <study>_reruns (user attrs rerun_of,
     rerun_seed, rerun_label; their folder holds rerun_best.json with the tuned params).
 The private parts of hydra-optuna-sweeper and Optuna it relies on (the `_impl` base class, storage and
@@ -33,6 +34,7 @@ import os
 import shutil
 import socket
 import warnings
+import zlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -93,14 +95,15 @@ class NewllmOptunaSweeperImpl(OptunaSweeperImpl):
         base_dir = Path(str(self.config.hydra.sweep.dir)).absolute()
         if not self.studies:
             return self._sweep_study(list(arguments), self.study_name, base_dir, self.sampler)
-        base_name, base_params = self.study_name, dict(self.params or {})
-        for label, study in self.studies.items():  # one after another, each with a fresh sampler
+        base_name, base_params, base_sampler = self.study_name, dict(self.params or {}), self.sampler_config
+        for label, study in self.studies.items():  # one after another, each with a fresh sampler of its own seed
+            name = f"{base_name}_{label}"
             self.params = {**base_params, **(study.get("params") or {})}
+            self.sampler_config = _seeded_for(base_sampler, name)
             sampler = instantiate(self.sampler_config, _execution_whitelist_=SAMPLERS) if self.sampler_config \
                 else self.sampler
-            self._sweep_study([*arguments, *(study.get("overrides") or [])], f"{base_name}_{label}",
-                              base_dir / label, sampler, label)
-        self.study_name, self.params = base_name, base_params
+            self._sweep_study([*arguments, *(study.get("overrides") or [])], name, base_dir / label, sampler, label)
+        self.study_name, self.params, self.sampler_config = base_name, base_params, base_sampler
 
     def _sweep_study(self, arguments: list[str], name: str | None, sweep_dir: Path, sampler: Any,
                      label: str | None = None) -> None:
@@ -410,6 +413,21 @@ def _objective_values(ret: Any, n: int) -> tuple[list[float], str | None]:
     if not all(math.isfinite(v) for v in values):
         return [], f"the task returned a non-finite objective: {values}"
     return values, None
+
+
+def study_seed(seed: int, study_name: str) -> int:
+    """The sampler seed of study `study_name` among several in one command: SeedSequence([seed, CRC-32 of the
+    name]). Studies of different models over one space would otherwise get the same proposals (one sampler
+    seed for all); the same command gives each study the same seed again."""
+    return int(np.random.SeedSequence([int(seed), zlib.crc32(study_name.encode())]).generate_state(1)[0])
+
+
+def _seeded_for(sampler_config: Any, study_name: str) -> Any:
+    """sampler_config with its seed replaced by study_seed(seed, study_name); unchanged if it has no seed."""
+    seed = (sampler_config or {}).get("seed")
+    if seed is None:
+        return sampler_config
+    return OmegaConf.merge(sampler_config, {"seed": study_seed(seed, study_name)})
 
 
 def _plain(node: Any) -> Any:

@@ -2,7 +2,8 @@
 
 `+sweep=compare_models` leaves, per model label, <sweep dir>/<label>/reruns/rerun_best.json (the tuned
 params, which trial they came from) next to one job folder per seed. `compare_models(root)` reads them
-all and reports, per model: the tuned hyperparameters, core parameters, test perplexity mean and
+all and reports, per model: the tuned hyperparameters, parameters (total, embedding, head, core), the state
+carried per sequence, training FLOPs (Phase 1 and Phase 2; newllm.models.costs), test perplexity mean and
 Student-t ci95 over seeds, the paired (same seed, same split) test-ppl difference against a reference
 model with its ci95, steps and wall time to the best validation evaluation, and how the runs stopped.
 """
@@ -10,6 +11,7 @@ model with its ci95, steps and wall time to the best validation evaluation, and 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pandas as pd
@@ -49,6 +51,23 @@ def _paired(runs: pd.DataFrame, model: str, reference: str) -> tuple[float, floa
     return (float(diff.mean()) if len(diff) else float("nan")), ci95(diff), len(diff)
 
 
+def _costs(group: pd.DataFrame) -> dict:
+    """What the model is and what its training cost: parameters by part (a head tied to the embedding counts
+    under embedding), the state it carries per sequence at the evaluation length, and training FLOPs -- Phase 1
+    (context LMs; 0 for the baselines, which have none) and Phase 2, means over the seeds (runs stop on their
+    own plateau). NaN where the runs predate the metric."""
+    def column(key: str) -> pd.Series:
+        return pd.to_numeric(group[key], errors="coerce") if key in group else pd.Series(math.nan, index=group.index)
+
+    phase2 = column(keys.P2_TRAIN_FLOPS)
+    phase1 = column(keys.P1_TRAIN_FLOPS).fillna(0.0).where(phase2.notna())  # no Phase 1 (baselines): 0
+    sizes = {"params": keys.MODEL_PARAMS, "embedding_params": keys.MODEL_PARAMS_EMBEDDING,
+             "head_params": keys.MODEL_PARAMS_HEAD, "core_params": keys.MODEL_PARAMS_CORE,
+             "state_floats": keys.MODEL_STATE_FLOATS}
+    return {**{name: column(key).iloc[0] for name, key in sizes.items()}, "phase1_flops/mean": phase1.mean(),
+            "phase2_flops/mean": phase2.mean(), "train_flops/mean": (phase1 + phase2).mean()}
+
+
 def compare_models(root: str | Path, reference: str = REFERENCE) -> pd.DataFrame:
     """The comparison table (one row per model, the reference first); also written to ROOT/compare_models.csv."""
     runs = rerun_runs(root)
@@ -60,7 +79,7 @@ def compare_models(root: str | Path, reference: str = REFERENCE) -> pd.DataFrame
     for model, group in runs.groupby("model", sort=False):
         tuned = {c: group[c].iloc[0] for c in group.columns if c.startswith("tuned/") and group[c].notna().any()}
         reasons = group[keys.P2_STOP_REASON].value_counts()
-        row = {"model": model, **tuned, "core_params": int(group[keys.MODEL_PARAMS_CORE].iloc[0]), "seeds": len(group),
+        row = {"model": model, **tuned, **_costs(group), "seeds": len(group),
                # skipna=False: a seed that diverged makes the mean NaN instead of dropping out of it unseen
                "test_ppl/mean": group[METRIC].mean(skipna=False), "test_ppl/ci95": ci95(group[METRIC]),
                "val_ppl/mean": group[keys.P2_VAL_PPL].mean(skipna=False)}

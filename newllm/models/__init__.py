@@ -9,9 +9,9 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from newllm.config import instantiate
-from newllm.models.interface import ContextModel, ContextUpdate
+from newllm.models.interface import ContextModel, ContextUpdate, OptimizerRecipe
 
-__all__ = ["ContextModel", "ContextUpdate", "build_model", "count_parameters", "evaluating"]
+__all__ = ["ContextModel", "ContextUpdate", "OptimizerRecipe", "build_model", "count_parameters", "evaluating"]
 
 
 def build_model(model_cfg: DictConfig, vocab_size: int) -> nn.Module:
@@ -25,10 +25,12 @@ def build_model(model_cfg: DictConfig, vocab_size: int) -> nn.Module:
 
 def count_parameters(model: nn.Module) -> dict[str, int]:
     """Total, embedding tables (tokens, and positions for the transformer), head, and the rest
-    ("core": the sequence model itself -- what baselines are matched on)."""
-    total = sum(p.numel() for p in model.parameters())
-    embedding = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Embedding))
-    head = sum(p.numel() for p in model.head.parameters())
+    ("core": the sequence model itself -- what baselines are matched on). A head tied to the token
+    embedding (the transformer, as GPT-2) is counted once, under embedding: its params_head is 0."""
+    total = sum(p.numel() for p in model.parameters())  # a shared tensor once
+    tables = {id(m.weight): m.weight.numel() for m in model.modules() if isinstance(m, nn.Embedding)}
+    embedding = sum(tables.values())
+    head = sum(p.numel() for p in model.head.parameters() if id(p) not in tables)
     return {"params": total, "params_embedding": embedding, "params_head": head,
             "params_core": total - embedding - head}
 

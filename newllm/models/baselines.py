@@ -1,10 +1,24 @@
 """Baselines trained and evaluated through the same Phase-2 code as the context models.
 
 Each exposes `contexts_window(ids) -> (B, T, C)` and `head`, like ContextLM, so perplexity is
-measured identically; they are sized by the same knobs (layers, context_dim, embed_dim).
+measured identically; they are sized by the same knobs (layers, context_dim; embed_dim where the
+reference has a separate embedding width). Each follows its reference implementation:
+
+- GRULM: torch's nn.GRU with its own initialisation, U(-1/sqrt(C), 1/sqrt(C)) for every weight and
+  bias, untouched here. Token embedding and head are N(0, init_std) (torch's word_language_model example
+  draws them from U(-0.1, 0.1) and feeds the embedding unnormalised); the embedding goes through the same
+  LayerNorm the context LM's does, so the GRU's input has unit RMS whatever the embedding's init scale.
+- TransformerLM: nanoGPT's GPT (karpathy/nanoGPT model.py, itself GPT-2): token and learned position
+  embeddings of width d_model summed, dropout, pre-LN blocks (GELU MLP of width hidden_dim), a final
+  LayerNorm, a bias-free head tied to the token embedding; every Linear and Embedding N(0, init_std),
+  the residual projections (attention out_proj, MLP linear2) N(0, init_std / sqrt(2 * layers)); AdamW
+  with betas (0.9, 0.95), weight decay on the >= 2-D tensors only (nanoGPT's configure_optimizers and
+  train.py; newllm.training.phase2 asks the model for this through OptimizerRecipe).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
@@ -21,12 +35,13 @@ class GRULM(nn.Module):
                  hidden_dim: int | None, init_std: float, dropout: float) -> None:
         super().__init__()
         self.vocab_size, self.context_dim, self.embed_dim = vocab_size, context_dim, embed_dim
+        self.layers = layers
         self.embedding = nn.Embedding(vocab_size, embed_dim)
         self.embed_norm = nn.LayerNorm(embed_dim)
         self.rnn = nn.GRU(embed_dim, context_dim, num_layers=layers, batch_first=True,
                           dropout=dropout if layers > 1 else 0.0)
         self.head = nn.Linear(context_dim, vocab_size)
-        init_normal_(self.embedding, init_std)
+        init_normal_(self.embedding, init_std)  # the GRU keeps nn.GRU's own init (reset_parameters)
         init_normal_(self.head, init_std)
 
     def contexts_window(self, ids: torch.Tensor) -> torch.Tensor:
@@ -36,36 +51,62 @@ class GRULM(nn.Module):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self.head(self.contexts_window(ids))
 
+    def state_floats(self, length: int) -> int:
+        """Floats carried from one token to the next: one hidden vector per layer, whatever the length."""
+        return self.layers * self.context_dim
+
 
 class TransformerLM(nn.Module):
-    """A small pre-LN causal decoder: d_model = context_dim, learned positions, FFN hidden_dim."""
+    """nanoGPT's GPT with torch's pre-LN encoder layers under a causal mask: d_model = context_dim,
+    FFN hidden_dim (null: 4 * d_model), `heads` attention heads, learned positions up to max_len.
+
+    `embed_dim` is accepted and unused: GPT-2 embeds tokens at d_model and ties them to the head (so a
+    sweep over model.embed_dim composes for every model); self.embed_dim is the width actually used."""
+
+    adam_betas = (0.9, 0.95)  # nanoGPT train.py (beta1, beta2)
 
     def __init__(self, vocab_size: int, layers: int, context_dim: int, embed_dim: int,
                  hidden_dim: int | None, init_std: float, dropout: float, heads: int = 4,
                  max_len: int = 4096) -> None:
         super().__init__()
-        self.vocab_size, self.context_dim, self.embed_dim = vocab_size, context_dim, embed_dim
-        self.max_len, self.hidden_dim = max_len, hidden_dim or 4 * context_dim
-        self.embedding = nn.Embedding(vocab_size, embed_dim)
-        self.proj = nn.Linear(embed_dim, context_dim) if embed_dim != context_dim else nn.Identity()
+        self.vocab_size, self.context_dim, self.embed_dim = vocab_size, context_dim, context_dim
+        self.max_len, self.hidden_dim, self.layers = max_len, hidden_dim or 4 * context_dim, layers
+        self.embedding = nn.Embedding(vocab_size, context_dim)
         self.pos = nn.Embedding(max_len, context_dim)
-        layer = nn.TransformerEncoderLayer(context_dim, heads, self.hidden_dim, dropout,
+        self.drop = nn.Dropout(dropout)
+        layer = nn.TransformerEncoderLayer(context_dim, heads, self.hidden_dim, dropout, activation="gelu",
                                            batch_first=True, norm_first=True)
         self.decoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(context_dim)
-        self.head = nn.Linear(context_dim, vocab_size)
+        self.head = nn.Linear(context_dim, vocab_size, bias=False)
+        self.head.weight = self.embedding.weight  # weight tying, as nanoGPT (and GPT-2) do
         init_normal_(self, init_std)
+        residual_std = init_std / math.sqrt(2 * layers)  # GPT-2: residual projections scaled by depth
+        for block in self.decoder.layers:
+            nn.init.normal_(block.self_attn.in_proj_weight, 0.0, init_std)  # a Parameter, not a Linear
+            nn.init.normal_(block.self_attn.out_proj.weight, 0.0, residual_std)
+            nn.init.normal_(block.linear2.weight, 0.0, residual_std)
 
     def contexts_window(self, ids: torch.Tensor) -> torch.Tensor:
         t = ids.shape[1]
         if t > self.max_len:
             raise ConfigError(f"sequence length {t} exceeds model.max_len={self.max_len}")
-        h = self.proj(self.embedding(ids)) + self.pos(torch.arange(t, device=ids.device))
+        h = self.drop(self.embedding(ids) + self.pos(torch.arange(t, device=ids.device)))
         mask = nn.Transformer.generate_square_subsequent_mask(t, device=ids.device)
         return self.norm(self.decoder(h, mask=mask, is_causal=True))
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self.head(self.contexts_window(ids))
+
+    def param_groups(self, params: list[nn.Parameter], weight_decay: float) -> list[dict]:
+        """nanoGPT's configure_optimizers: every >= 2-D tensor (matmul weights, embeddings) decays;
+        biases and LayerNorm gains do not."""
+        return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+                {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+
+    def state_floats(self, length: int) -> int:
+        """Floats carried to the next token after `length` tokens: the KV cache, 2 x layers x length x d_model."""
+        return 2 * self.layers * length * self.context_dim
 
     # ------------------------------------------------------------------ incremental decoding (KV cache)
     def new_cache(self, batch: int, capacity: int) -> list[torch.Tensor]:
@@ -77,7 +118,7 @@ class TransformerLM(nn.Module):
 
     def step(self, ids: torch.Tensor, t: int, cache: list[torch.Tensor]) -> torch.Tensor:
         """Logits (B, V) for tokens `ids` (B,) at position t, attending to cached positions 0..t."""
-        h = self.proj(self.embedding(ids)) + self.pos.weight[t]
+        h = self.embedding(ids) + self.pos.weight[t]
         for layer, kv in zip(self.decoder.layers, cache, strict=True):
             attn = layer.self_attn
             q, k, v = nn.functional.linear(layer.norm1(h), attn.in_proj_weight, attn.in_proj_bias).chunk(3, -1)

@@ -200,6 +200,10 @@ class ContextLM(nn.Module):
         return ([self.embedding.weight, norm.weight, norm.bias], norm.eps,
                 [f.weight[:, self.context_dim :].t().contiguous() for f in firsts], [f.bias for f in firsts])
 
+    def state_floats(self, length: int) -> int:
+        """Floats carried from one token to the next: the context c_t, whatever the length."""
+        return self.context_dim
+
     def updater_parameters(self) -> list[nn.Parameter]:
         """Everything except the output head: what Phase 1 trains and freeze_updater freezes."""
         return [p for n, p in self.named_parameters()

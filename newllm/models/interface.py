@@ -38,3 +38,14 @@ class ContextModel(ContextUpdate, Protocol):
     def contexts_window(self, ids: torch.Tensor, c0: torch.Tensor | None = None) -> torch.Tensor: ...
 
     def updater_parameters(self) -> list[nn.Parameter]: ...
+
+
+@runtime_checkable
+class OptimizerRecipe(Protocol):
+    """A model whose reference trains it with its own AdamW settings (the transformer: nanoGPT's betas, and
+    weight decay on >= 2-D tensors only); Phase 2 builds its optimizer from these. Models without them get
+    AdamW's default betas and weight decay on every trained tensor."""
+
+    adam_betas: tuple[float, float]
+
+    def param_groups(self, params: list[nn.Parameter], weight_decay: float) -> list[dict]: ...

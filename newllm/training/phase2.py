@@ -30,7 +30,7 @@ from torch.nn import functional as F
 
 from newllm import keys, metrics
 from newllm.errors import ConfigError, DataError, TrainingError
-from newllm.models import ContextModel, evaluating
+from newllm.models import ContextModel, OptimizerRecipe, evaluating
 from newllm.runtime.lifecycle import Phase2State, TrainTally
 from newllm.training.instruments import PositionLoss
 from newllm.training.progress import Progress
@@ -196,6 +196,14 @@ class Windows:
         return cls(train, val, test, eval_len)
 
 
+def make_optimizer(model: nn.Module, params: list[nn.Parameter], cfg: DictConfig) -> torch.optim.AdamW:
+    """AdamW at training.phase2.lr / weight_decay; a model with its reference's recipe (OptimizerRecipe) sets
+    the betas and which tensors decay, the others get AdamW's defaults with every tensor decayed."""
+    if isinstance(model, OptimizerRecipe):
+        return torch.optim.AdamW(model.param_groups(params, cfg.weight_decay), lr=cfg.lr, betas=model.adam_betas)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
 class Phase2Loop:
     """Phase 2 as init / step / finish: `step` is one optimizer step, `evaluation` one validation, the loop
     state lives in `self.state` (Phase2State)."""
@@ -216,7 +224,7 @@ class Phase2Loop:
             self.trainable += list(decoder.parameters())
         self.train_contexts = self.fixed_contexts(contexts_cache).to(device) if self.fixed else None
         self.state = Phase2State(
-            optimizer=torch.optim.AdamW(self.trainable, lr=cfg.lr, weight_decay=cfg.weight_decay),
+            optimizer=make_optimizer(model, self.trainable, cfg),
             generator=torch.Generator().manual_seed(seed), decoder=decoder,
             stop=Plateau(cfg.patience, cfg.min_delta, copy.deepcopy(model.state_dict())))
 
