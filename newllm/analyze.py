@@ -111,8 +111,8 @@ def cmd_instrument(args: argparse.Namespace) -> None:
         fig, name = ia.plot_recall(table), "recall_vs_pairs.png"
     else:
         runs, fit = ia.scaling_fit(args.root, args.y, offset=args.offset)
-        print(f"{args.y} = {fit.a:.4g} * N^-{fit.b:.4f} + {fit.c:.4g}   (N = data/train_tokens; b 95 % CI "
-              f"+- {fit.ci95_b:.3g}; {fit.n_points} runs, {fit.n_seeds} seeds)")
+        print(fit.summary(args.y) + f"\nN = {keys.DATA_TRAIN_TOKENS}; log residuals by N (a trend is a misfit):")
+        _print_table(fit.residuals_by_x())
         fig, name = analysis_scaling_plot(runs, args.y, fit), "data_scaling.png"
     analysis.save_figure(fig, out / name)
     print(f"wrote {out / name}")

@@ -37,9 +37,10 @@ def test_recall_capacity_quick_and_analyze_recall(sweeps):
 def test_data_scaling_quick_and_analyze_scaling(sweeps):
     tmp, out = sweeps
     runs, fit = scaling_fit(out / "scaling")
-    assert sorted(runs["data/train_tokens"].unique()) == [2000, 4000, 8000] and fit.n_seeds == 2
+    assert sorted(runs["data/train_tokens"].unique()) == [250, 500, 1000, 2000, 4000] and fit.n_seeds == 2
+    assert fit.n_points == 10 and len(fit.residuals) == 10 and fit.r2 <= 1
     proc = run_cli(["scaling", str(out / "scaling")], cwd=tmp, module="newllm.analyze")
-    assert "N^-" in proc.stdout and (out / "scaling/analysis/data_scaling.png").exists()
+    assert "N^-" in proc.stdout and "R^2" in proc.stdout and (out / "scaling/analysis/data_scaling.png").exists()
 
 
 def test_notebook_04_executes_on_the_quick_sweeps(sweeps, monkeypatch):

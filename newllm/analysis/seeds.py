@@ -1,4 +1,5 @@
-"""Seeds and uncertainty: runs that differ only in seed -> mean and 95 % Student-t interval."""
+"""Seeds and uncertainty: runs that differ only in seed -> mean and 95 % Student-t interval; the interval
+function every other 95 % interval in newllm.analysis uses (t_half_width)."""
 
 from __future__ import annotations
 
@@ -13,16 +14,25 @@ from newllm.analysis.runs import ID_COLUMNS, NOISE_KEYS
 from newllm.errors import AnalysisError
 
 
+def t_half_width(standard_error: float, dof: int) -> float:
+    """Half-width of a two-sided 95 % interval, estimate +- t(0.975, dof) x its standard error: the one interval
+    newllm reports -- for a mean over seeds (ci95) and for a fitted exponent (analysis.scaling, whose standard
+    error comes from a bootstrap). NaN when dof < 1 or the standard error is not finite."""
+    from scipy import stats
+
+    if dof < 1 or not math.isfinite(standard_error):
+        return math.nan
+    return float(stats.t.ppf(0.975, dof) * standard_error)
+
+
 def ci95(values: Sequence[float] | pd.Series) -> float:
     """Half-width of the two-sided 95 % Student-t interval of the mean: t(0.975, n-1) * s / sqrt(n),
     s the sample standard deviation (ddof 1) of the finite values; NaN for fewer than 2."""
-    from scipy import stats
-
     v = np.asarray(values, dtype=float)
     v = v[np.isfinite(v)]
     if len(v) < 2:
         return math.nan
-    return float(stats.t.ppf(0.975, len(v) - 1) * v.std(ddof=1) / math.sqrt(len(v)))
+    return t_half_width(float(v.std(ddof=1)) / math.sqrt(len(v)), len(v) - 1)
 
 
 def metric_columns(runs: pd.DataFrame) -> list[str]:
