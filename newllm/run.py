@@ -112,7 +112,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> tuple[dict, float | list[float]
     metrics[keys.WALL_S_THIS_PROCESS] = life.this_process_s()
     metrics[keys.WALL_S] = life.wall_s()
     if cfg.save_checkpoint:
-        ckpt.save(life.run_dir / "checkpoint.pt", "final", final_payload(model, cfg, data.vocab_size, metrics))
+        ckpt.save(life.run_dir / ckpt.FINAL_FILE, "final", final_payload(model, cfg, data.vocab_size, metrics))
     tracker.finish(metrics)
     life.close()
     return metrics, objective_values(metrics, list(cfg.objectives))
@@ -185,7 +185,7 @@ def phase1_stage(cfg: DictConfig, model, data, device: torch.device, tracker: Ru
     p1.metrics[keys.P1_TRAIN_FLOPS] = costs.phase1_train_flops(model, p1.metrics[keys.P1_TOKENS],
                                                                p1.metrics[keys.P1_ITERATIONS])
     if cfg.save_contexts and p1.val_contexts is not None:
-        torch.save(p1.val_contexts, life.run_dir / "phase1_val_contexts.pt")
+        ckpt.save(life.run_dir / ckpt.VAL_CONTEXTS_FILE, "val_contexts", {"contexts": p1.val_contexts})
     ckpt.save(life.run_dir / ckpt.PHASE1_FILE, "phase1", {
         "config": to_container(cfg), "model": model.state_dict(), "metrics": ckpt.primitive(p1.metrics),
         "tokenizer_hash": ckpt.tokenizer_hash(data.tokenizer), "vocab_size": data.vocab_size})

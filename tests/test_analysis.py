@@ -281,3 +281,25 @@ def test_a_run_that_fails_with_a_traceback_records_the_exception_type_and_messag
     log.write_text("\n".join(t for t in log.read_text().splitlines() if "][newllm][ERROR]" not in t) + "\n")
     assert "Job failed" in log.read_text() and analysis.read_run(run_dir)["error"] == row["error"]
 
+
+
+def test_analysis_reads_checkpoints_only_through_checkpoint_load(tmp_path):
+    """load_model and load_contexts go through runtime.checkpoint.load: a foreign file or a checkpoint of another
+    kind is one clear line (CheckpointError), not an unpickling error or a KeyError deep in the model code."""
+    import torch
+
+    from newllm.errors import CheckpointError
+    from newllm.runtime import checkpoint
+
+    contexts = torch.randn(7, 4)
+    checkpoint.save(tmp_path / checkpoint.VAL_CONTEXTS_FILE, "val_contexts", {"contexts": contexts})
+    assert torch.equal(analysis.load_contexts(tmp_path), contexts)
+    torch.save({"model": {}}, tmp_path / checkpoint.FINAL_FILE)  # a raw torch.save: no newllm marker
+    with pytest.raises(CheckpointError, match="is not a newllm checkpoint"):
+        analysis.load_model(tmp_path)
+    checkpoint.save(tmp_path / checkpoint.FINAL_FILE, "resume", {"model": {}})
+    with pytest.raises(CheckpointError, match="holds a 'resume' checkpoint, expected 'final'"):
+        analysis.load_model(tmp_path)
+    torch.save(contexts, tmp_path / checkpoint.VAL_CONTEXTS_FILE)  # how runs before this wrote it
+    with pytest.raises(CheckpointError, match="is not a newllm checkpoint"):
+        analysis.load_contexts(tmp_path)

@@ -2,7 +2,8 @@
 cached incrementally; and what one finished run left on disk (history, contexts, model, samples).
 
 Reads only what a run leaves (.hydra/*.yaml, metrics.json, history.csv, run.log, phase1_val_contexts.pt,
-checkpoint.pt, tokenizer.json); never imports newllm.training (arrows point down).
+checkpoint.pt, tokenizer.json; the .pt files through newllm.runtime.checkpoint.load, which checks them);
+never imports newllm.training (arrows point down).
 """
 
 from __future__ import annotations
@@ -313,11 +314,11 @@ def load_history(run_dir: str | Path) -> pd.DataFrame:
 
 
 def load_contexts(run_dir: str | Path) -> torch.Tensor:
-    """The (N, C) validation contexts Phase 1 converged to (phase1_val_contexts.pt)."""
-    import torch
+    """The (N, C) validation contexts Phase 1 converged to (phase1_val_contexts.pt), read by checkpoint.load."""
+    from newllm.runtime import checkpoint
 
-    path = _need(Path(run_dir) / "phase1_val_contexts.pt", "run with save_contexts=true and Phase 1 enabled")
-    return torch.load(path, weights_only=True)
+    path = _need(Path(run_dir) / checkpoint.VAL_CONTEXTS_FILE, "run with save_contexts=true and Phase 1 enabled")
+    return checkpoint.load(path, "val_contexts")["contexts"]  # a bad file: one-line CheckpointError
 
 
 def context_spectrum(run_dir: str | Path, centered: bool = False) -> tuple[np.ndarray, float]:
@@ -330,14 +331,14 @@ def context_spectrum(run_dir: str | Path, centered: bool = False) -> tuple[np.nd
 
 def load_model(run_dir: str | Path, device: str = "cpu"):
     """(model, tokenizer) of a finished run, rebuilt from checkpoint.pt's config and tokenizer.json."""
-    import torch
     from tokenizers import Tokenizer
 
     from newllm.models import build_model
+    from newllm.runtime import checkpoint
 
     run_dir = Path(run_dir)
-    ckpt = torch.load(_need(run_dir / "checkpoint.pt", "run with save_checkpoint=true"), map_location=device,
-                      weights_only=True)
+    path = _need(run_dir / checkpoint.FINAL_FILE, "run with save_checkpoint=true")
+    ckpt = checkpoint.load(path, "final")  # format, version and kind checked: one-line CheckpointError
     model = build_model(OmegaConf.create(ckpt["config"]["model"]), ckpt["vocab_size"])
     model.load_state_dict(ckpt["model"])
     tokenizer = Tokenizer.from_file(str(_need(run_dir / "tokenizer.json", "the run's tokenizer")))

@@ -7,6 +7,8 @@ Files in a run dir:
                          the run finishes.
   checkpoints/phase1.pt  the Phase-1 weights, their metrics and model config (training.phase1.from_run).
   checkpoint.pt          the final model (written by run.py when save_checkpoint=true).
+  phase1_val_contexts.pt the held-out contexts Phase 1 converged to (save_contexts=true).
+Every one of them is written by `save` and read by `load` (analysis included), which checks it.
 
 Everything is stored as tensors, numbers, strings and containers, so `torch.load(weights_only=True)`
 reads it; a truncated or foreign file is one clear CheckpointError, never a crash deep in torch.
@@ -31,6 +33,8 @@ FORMAT = "newllm-checkpoint"
 VERSION = 1
 RESUME_FILE = "checkpoints/last.pt"
 PHASE1_FILE = "checkpoints/phase1.pt"
+FINAL_FILE = "checkpoint.pt"
+VAL_CONTEXTS_FILE = "phase1_val_contexts.pt"  # kind val_contexts: {"contexts": (N, C)}
 
 
 def save(path: str | Path, kind: str, payload: dict) -> Path:
