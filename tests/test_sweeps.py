@@ -367,7 +367,8 @@ def abandon_a_trial(study: optuna.Study) -> None:
 ], ids=["tpe", "nsgaii"])
 def test_resumed_study_continues_its_search_instead_of_replaying_it(tmp_path, preset, objectives):
     """Killed during trial 2 and re-run with the same command, the sampler goes on proposing new points (on
-    main, trials 3 and 4 repeated trials 0 and 1); a fresh study with the same seed still repeats the first run."""
+    main, trials 3 and 4 repeated trials 0 and 1); a fresh study of the same name and seed (in another storage)
+    still repeats the first run."""
     args = [f"+sweep={preset}", *PHASES_OFF, f"objectives={objectives}", "hydra.sweeper.sampler.seed=0",
             "model.context_dim=choice(16,24,32,48,64)"]
     study, _ = sweep(tmp_path, *args, "hydra.sweeper.n_trials=2")
@@ -378,7 +379,8 @@ def test_resumed_study_continues_its_search_instead_of_replaying_it(tmp_path, pr
     assert all(p not in first for p in resumed), (first, resumed)
     assert "reseeded" in proc.stdout  # the log says why the stream differs from a fresh study's
 
-    fresh, _ = sweep(tmp_path, *args, "hydra.sweeper.n_trials=2", name="fresh", sweep_dir="fresh")
+    fresh, _ = sweep(tmp_path, *args, "hydra.sweeper.n_trials=2", storage=f"sqlite:///{tmp_path / 'fresh.db'}",
+                     sweep_dir="fresh")
     assert [t.params for t in fresh.trials] == first
 
 

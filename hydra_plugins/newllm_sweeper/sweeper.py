@@ -16,8 +16,9 @@ grammar (`create_params_from_overrides`), trial configuration and grid handling.
   - passwords: what this sweeper writes or logs shows the storage URL masked (newllm.sweep.storage); each job
     resolves the real URL in its own environment (newllm.sweep.hooks.job_storage_url);
   - traceability: run_dir, overrides and every metric of metrics.json in each trial's user attrs;
-  - several studies in one command (`studies`: a label -> fixed overrides and extra params), each sampler seeded
-    from (hydra.sweeper.sampler.seed, its study name) (study_seed), and the best
+  - sampler seeds: every study's sampler is seeded from (hydra.sweeper.sampler.seed, the study's name)
+    (study_seed), so studies of different models never share proposals;
+  - several studies in one command (`studies`: a label -> fixed overrides and extra params), and the best
     trial of each re-run with `rerun_best.seeds` as trials of study <study>_reruns (user attrs rerun_of,
     rerun_seed, rerun_label; their folder holds rerun_best.json with the tuned params).
 The private parts of hydra-optuna-sweeper and Optuna it relies on (the `_impl` base class, storage and
@@ -93,16 +94,16 @@ class NewllmOptunaSweeperImpl(OptunaSweeperImpl):
         self._check_settings()
         self._process_searchspace_config()
         base_dir = Path(str(self.config.hydra.sweep.dir)).absolute()
-        if not self.studies:
-            return self._sweep_study(list(arguments), self.study_name, base_dir, self.sampler)
         base_name, base_params, base_sampler = self.study_name, dict(self.params or {}), self.sampler_config
-        for label, study in self.studies.items():  # one after another, each with a fresh sampler of its own seed
-            name = f"{base_name}_{label}"
+        studies = self.studies or {None: {}}  # several (`studies`), one after another, or just this one
+        for label, study in studies.items():
+            name = base_name if label is None else f"{base_name}_{label}"
             self.params = {**base_params, **(study.get("params") or {})}
-            self.sampler_config = _seeded_for(base_sampler, name)
-            sampler = instantiate(self.sampler_config, _execution_whitelist_=SAMPLERS) if self.sampler_config \
-                else self.sampler
-            self._sweep_study([*arguments, *(study.get("overrides") or [])], name, base_dir / label, sampler, label)
+            self.sampler_config = _seeded_for(base_sampler, name)  # each study a sampler of its own seed
+            fresh = self.sampler_config and (label is not None or self.sampler_config is not base_sampler)
+            sampler = instantiate(self.sampler_config, _execution_whitelist_=SAMPLERS) if fresh else self.sampler
+            self._sweep_study([*arguments, *(study.get("overrides") or [])], name,
+                              base_dir if label is None else base_dir / label, sampler, label)
         self.study_name, self.params, self.sampler_config = base_name, base_params, base_sampler
 
     def _sweep_study(self, arguments: list[str], name: str | None, sweep_dir: Path, sampler: Any,
@@ -416,18 +417,23 @@ def _objective_values(ret: Any, n: int) -> tuple[list[float], str | None]:
 
 
 def study_seed(seed: int, study_name: str) -> int:
-    """The sampler seed of study `study_name` among several in one command: SeedSequence([seed, CRC-32 of the
-    name]). Studies of different models over one space would otherwise get the same proposals (one sampler
-    seed for all); the same command gives each study the same seed again."""
+    """The sampler seed study `study_name` runs with: SeedSequence([seed, CRC-32 of the name]). Studies of
+    different models over one space (compare_models' studies, compare_architectures' two commands) would
+    otherwise get the same proposals from one hydra.sweeper.sampler.seed; the same study gets the same seed
+    on every run (and a resumed one is reseeded from it, _continue_search)."""
     return int(np.random.SeedSequence([int(seed), zlib.crc32(study_name.encode())]).generate_state(1)[0])
 
 
-def _seeded_for(sampler_config: Any, study_name: str) -> Any:
-    """sampler_config with its seed replaced by study_seed(seed, study_name); unchanged if it has no seed."""
+def _seeded_for(sampler_config: Any, study_name: str | None) -> Any:
+    """sampler_config with its seed replaced by study_seed(seed, study_name); the same object if it has no seed
+    (or the study no name: Optuna then makes one up)."""
     seed = (sampler_config or {}).get("seed")
-    if seed is None:
+    if seed is None or study_name is None:
         return sampler_config
-    return OmegaConf.merge(sampler_config, {"seed": study_seed(seed, study_name)})
+    derived = study_seed(seed, study_name)
+    log.info("Study %s: sampler seed %d (study_seed of hydra.sweeper.sampler.seed=%s and the study name)",
+             study_name, derived, seed)
+    return OmegaConf.merge(sampler_config, {"seed": derived})
 
 
 def _plain(node: Any) -> Any:
