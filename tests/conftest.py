@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -36,6 +37,35 @@ TINY = [
     "training=quick", "progress=false", "model.context_dim=32", "model.embed_dim=24",
     "tokenizer.vocab_size=512", "data.num_conversations=300",
 ]
+
+
+# ----------------------------------------------------------------------------- the device
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--device", default="cpu",
+                     help="where the tests that take the `device` fixture (marker `device`) run: cpu (default), "
+                          "cuda or cuda:N (benchmarks/gpu_check.sh runs them with --device cuda)")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "device: takes the --device option through the `device` fixture "
+                                       "(added automatically; `-m device` selects the tests a GPU check runs)")
+    name = config.getoption("--device")
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", name):
+        raise pytest.UsageError(f"--device={name} is not allowed: cpu, cuda or cuda:N")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise pytest.UsageError(f"--device={name}: no CUDA device here (torch {torch.__version__})")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:  # the marker follows the fixture: a test cannot take the device and escape `-m device`
+        if "device" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.device)
+
+
+@pytest.fixture
+def device(request: pytest.FixtureRequest) -> torch.device:
+    """The --device option: the tests that take it build their models and tensors there."""
+    return torch.device(request.config.getoption("--device"))
 
 
 # ----------------------------------------------------------------------------- tiers

@@ -27,14 +27,16 @@ def stepwise(model, x: torch.Tensor, c0: torch.Tensor | None = None) -> torch.Te
 
 
 def tokens(model, batch: int = 3, length: int = 17, seed: int = 1) -> torch.Tensor:
-    return torch.randint(0, model.vocab_size, (batch, length), generator=torch.Generator().manual_seed(seed))
+    """Random ids on the model's device (drawn on the CPU: the same ids whatever the device)."""
+    ids = torch.randint(0, model.vocab_size, (batch, length), generator=torch.Generator().manual_seed(seed))
+    return ids.to(model.head.weight.device)
 
 
 @pytest.mark.parametrize(("arch", "updater"), CASES)
-def test_recurrence_equals_stepwise_update_fp32(arch, updater):
-    model = context_lm(arch, updater, layers=3, init_std=0.3)
+def test_recurrence_equals_stepwise_update_fp32(arch, updater, device):
+    model = context_lm(arch, updater, layers=3, init_std=0.3).to(device)
     x = model.embed(tokens(model)).detach()
-    c0 = torch.randn(3, model.context_dim, generator=torch.Generator().manual_seed(2))
+    c0 = torch.randn(3, model.context_dim, generator=torch.Generator().manual_seed(2)).to(device)
     with torch.no_grad():
         ref, fast = stepwise(model, x, c0), model.recurrence(x, c0)
     assert fast.shape == (3, 17, model.context_dim)
@@ -45,11 +47,11 @@ def test_recurrence_equals_stepwise_update_fp32(arch, updater):
 
 
 @pytest.mark.parametrize(("arch", "updater"), CASES)
-def test_recurrence_gradients_equal_stepwise(arch, updater):
+def test_recurrence_gradients_equal_stepwise(arch, updater, device):
     """Phase 2 `propagate` trains through the hoisted loop: same loss, same gradients."""
     grads = []
     for fast in (False, True):
-        model = context_lm(arch, updater, layers=2, init_std=0.3, seed=4)
+        model = context_lm(arch, updater, layers=2, init_std=0.3, seed=4).to(device)
         ids = tokens(model, seed=5)
         contexts = model.contexts_window(ids) if fast else stepwise(model, model.embed(ids))
         torch.nn.functional.cross_entropy(model.head(contexts).flatten(0, 1), ids.flatten()).backward()
@@ -94,13 +96,14 @@ def test_the_scripted_training_recurrence_has_autograds_gradients_in_float64():
     assert torch.autograd.gradcheck(fn, (c0, *hoisted, *w_c, *w_g, *b_g, *ln_w, *ln_b))
 
 
-def test_phase2_of_the_default_family_trains_through_the_scripted_function_and_falls_back_otherwise():
-    model = context_lm("layerwise", "gated", layers=2)
+def test_phase2_of_the_default_family_trains_through_the_scripted_function_and_falls_back_otherwise(device):
+    model = context_lm("layerwise", "gated", layers=2).to(device)
     ids = tokens(model)
     assert type(model.contexts_window(ids).grad_fn).__name__ == "_GatedLayerwiseBackward"
-    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast rounds op by op: the eager step does that
+    with torch.autocast(device.type, dtype=torch.bfloat16):  # autocast rounds op by op: the eager step does that
         assert "GatedLayerwise" not in type(model.contexts_window(ids).grad_fn).__name__
-    for other in (context_lm("sequential", "gated", layers=2), context_lm("layerwise", "residual", layers=2)):
+    for other in (context_lm("sequential", "gated", layers=2).to(device),
+                  context_lm("layerwise", "residual", layers=2).to(device)):
         assert "GatedLayerwise" not in type(other.contexts_window(ids).grad_fn).__name__
 
 
@@ -137,19 +140,20 @@ def test_pass0_solvers_agree_with_and_without_the_model_loop(updater):
 
 
 @pytest.mark.parametrize(("arch", "updater"), CASES)
-def test_generate_samples_what_stepping_f_samples(arch, updater):
-    """Same seed, same text: the vocabulary tables change how a step is computed, not what it samples."""
-    model = context_lm(arch, updater, layers=2, init_std=0.3).eval()
-    prompt = torch.tensor([3, 1, 4, 1, 5])
+def test_generate_samples_what_stepping_f_samples(arch, updater, device):
+    """Same seed, same text: the vocabulary tables change how a step is computed, not what it samples.
+    The generator is a CPU one whatever the device (as analysis.generate_text passes it)."""
+    model = context_lm(arch, updater, layers=2, init_std=0.3).eval().to(device)
+    prompt = torch.tensor([3, 1, 4, 1, 5], device=device)
     got = model.generate(prompt, 40, temperature=0.8, top_k=10, generator=torch.Generator().manual_seed(7))
     gen = torch.Generator().manual_seed(7)
     with torch.no_grad():
         c = stepwise(model, model.embed(prompt.view(1, -1)))[:, -1]
         want = []
         for _ in range(40):
-            tok = sample_token(model.head(c)[0], 0.8, 10, gen)
+            tok = sample_token(model.head(c)[0], 0.8, 10, gen, gen.device)
             want.append(tok)
-            c = model.update(c, model.embed(torch.tensor([tok])))
+            c = model.update(c, model.embed(torch.tensor([tok], device=device)))
     assert got.tolist() == want
     assert len(set(want)) > 3  # not a constant stream
 
@@ -178,11 +182,11 @@ def test_burn_in_pass_is_exact_with_enough_burn_in_and_close_with_some():
     assert err_short < err_none / 10, (float(err_short), float(err_none))
 
 
-def test_scripted_loop_runs_without_grad_and_equals_the_python_loop():
+def test_scripted_loop_runs_without_grad_and_equals_the_python_loop(device):
     """Layer-wise gated without autograd runs one TorchScript loop; it must equal the Python steps."""
     from newllm.models import scripted
 
-    model = context_lm("layerwise", "gated", layers=3, init_std=0.3)
+    model = context_lm("layerwise", "gated", layers=3, init_std=0.3).to(device)
     x = model.embed(tokens(model, length=40)).detach()
     with torch.no_grad():
         assert model._scriptable()

@@ -19,17 +19,17 @@ from newllm.training.phase2 import train_contexts_window
 from newllm.training.solvers import jacobi_sweep, jacobi_window, sequential_pass
 from tests.helpers_science import context_lm, phase1_cfg, phase2_cfg
 
-CPU = torch.device("cpu")
 # A layer-wise gated model over 64 token ids with a large init_std, so the fast paths have work to do.
 context_model = functools.partial(context_lm, vocab=64, context_dim=16, embed_dim=8, init_std=0.3)
 
 
-def test_phase1_loop_is_plain_jacobi_iteration_with_chunks_and_buffer_swap():
+def test_phase1_loop_is_plain_jacobi_iteration_with_chunks_and_buffer_swap(device):
     """untrained: each iteration must be exactly one periodic Jacobi sweep of the previous one."""
-    model, ids = context_model(), torch.randint(0, 64, (50,), generator=torch.Generator().manual_seed(1))
+    model = context_model().to(device)
+    ids = torch.randint(0, 64, (50,), generator=torch.Generator().manual_seed(1)).to(device)
     cfg = phase1_cfg(max_tokens=50, max_iterations=4, min_iterations=4, untrained=True, chunk_size=7,
                      convergence_target=1.0, erank_samples=64, val_iterations=1)
-    res = train_phase1(model, ids, ids, cfg, 0.0, NoDiversity(), CPU, progress=False)
+    res = train_phase1(model, ids, ids, cfg, 0.0, NoDiversity(), device, progress=False)
     with torch.no_grad():
         x = model.embed(ids.unsqueeze(0))
         p = sequential_pass(model, x)
@@ -43,10 +43,10 @@ def test_phase1_loop_is_plain_jacobi_iteration_with_chunks_and_buffer_swap():
     assert expected[0] > 1e-3  # the check would notice a stale buffer
 
 
-def test_jacobi_window_equals_sequential_recurrence():
-    model = context_model()
-    x = model.embed(torch.randint(0, 64, (3, 20), generator=torch.Generator().manual_seed(2)))
-    c0 = torch.randn(3, 16, generator=torch.Generator().manual_seed(3))
+def test_jacobi_window_equals_sequential_recurrence(device):
+    model = context_model().to(device)
+    x = model.embed(torch.randint(0, 64, (3, 20), generator=torch.Generator().manual_seed(2)).to(device))
+    c0 = torch.randn(3, 16, generator=torch.Generator().manual_seed(3)).to(device)
     with torch.no_grad():
         seq = sequential_pass(model, x, c0)
         exact, sweeps = jacobi_window(model.update, x, c0, max_sweeps=20, tol=0.0)  # T sweeps: exact for any f
@@ -68,9 +68,9 @@ def test_jacobi_window_tolerance_stops_early_on_a_contraction():
     assert (truncated - seq).abs().max() > 1e-3  # one sweep is not the recurrence
 
 
-def test_phase2_jacobi_solver_matches_sequential_and_trains():
-    model = context_model()
-    ids = torch.randint(0, 64, (4, 24), generator=torch.Generator().manual_seed(4))
+def test_phase2_jacobi_solver_matches_sequential_and_trains(device):
+    model = context_model().to(device)
+    ids = torch.randint(0, 64, (4, 24), generator=torch.Generator().manual_seed(4)).to(device)
     cfg = phase2_cfg(solver="jacobi", jacobi_tol=0.0)
     jac = train_contexts_window(model, ids, cfg)
     seq = model.contexts_window(ids)
@@ -82,7 +82,7 @@ def test_phase2_jacobi_solver_matches_sequential_and_trains():
 def _train_head(model: torch.nn.Module, ids: torch.Tensor, precision: str, steps: int = 8) -> list[float]:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     losses = []
-    with autocast(CPU, precision):
+    with autocast(ids.device, precision):
         for _ in range(steps):
             logits = model(ids[:, :-1])
             loss = F.cross_entropy(logits.flatten(0, 1).float(), ids[:, 1:].flatten())
@@ -93,18 +93,18 @@ def _train_head(model: torch.nn.Module, ids: torch.Tensor, precision: str, steps
     return losses
 
 
-def test_bf16_autocast_learns_like_fp32_on_cpu():
+def test_bf16_autocast_learns_like_fp32(device):
     """A bf16 context spanning the loop must see the optimizer's updates (no stale weight cache)."""
-    ids = torch.randint(0, 16, (8, 7), generator=torch.Generator().manual_seed(5))
-    fp32 = _train_head(context_model(), ids, "fp32")
-    bf16 = _train_head(context_model(), ids, "bf16")
+    ids = torch.randint(0, 16, (8, 7), generator=torch.Generator().manual_seed(5)).to(device)
+    fp32 = _train_head(context_model().to(device), ids, "fp32")
+    bf16 = _train_head(context_model().to(device), ids, "bf16")
     assert fp32[-1] < fp32[0] - 0.5
     assert bf16[-1] == pytest.approx(fp32[-1], rel=0.05)
 
 
-def test_compile_switch_keeps_outputs_and_state_dict():
-    model = context_model(context_dim=8, embed_dim=8, layers=1)
-    ids = torch.randint(0, 64, (2, 5), generator=torch.Generator().manual_seed(6))
+def test_compile_switch_keeps_outputs_and_state_dict(device):
+    model = context_model(context_dim=8, embed_dim=8, layers=1).to(device)
+    ids = torch.randint(0, 64, (2, 5), generator=torch.Generator().manual_seed(6)).to(device)
     with torch.no_grad():
         eager = model(ids)
         keys = set(model.state_dict())
@@ -115,10 +115,10 @@ def test_compile_switch_keeps_outputs_and_state_dict():
     assert set(compiled.state_dict()) == keys  # checkpoints stay loadable by an eager model
 
 
-def test_transformer_kv_cache_steps_equal_full_forward():
+def test_transformer_kv_cache_steps_equal_full_forward(device):
     torch.manual_seed(7)
-    model = TransformerLM(50, 2, 16, 8, None, 0.1, 0.0, heads=4, max_len=32).eval()
-    ids = torch.randint(0, 50, (2, 10))
+    model = TransformerLM(50, 2, 16, 8, None, 0.1, 0.0, heads=4, max_len=32).eval().to(device)
+    ids = torch.randint(0, 50, (2, 10)).to(device)
     with torch.no_grad():
         full = model(ids)
         cache = model.new_cache(2, 10)

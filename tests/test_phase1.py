@@ -83,17 +83,17 @@ def test_shifted_inputs_carry_the_last_context_over():
     assert shifted_inputs(p).tolist() == [[[4.0, 5.0], [0.0, 1.0], [2.0, 3.0]]]
 
 
-def test_first_sweep_by_hand_carry_over_and_same_mse_for_loss_and_convergence():
+def test_first_sweep_by_hand_carry_over_and_same_mse_for_loss_and_convergence(device):
     """Untrained: iteration 1 equals the hand computation with position 0 reading P_N (not 0)."""
-    m = context_lm("layerwise").eval()
-    ids = torch.randint(0, 40, (200,))
+    m = context_lm("layerwise").eval().to(device)
+    ids = torch.randint(0, 40, (200,)).to(device)
     cfg = phase1_cfg(untrained=True, max_iterations=1, min_iterations=0, convergence_threshold=1e-3,
                      val_iterations=1, erank_samples=64)
     with torch.no_grad():
         x = m.embed(ids[None])
         p0 = sequential_pass(m, x)
         new = m.update(shifted_inputs(p0), x)
-    r = train_phase1(m, ids, ids, cfg, 0.0, NoDiversity(), CPU, progress=False)
+    r = train_phase1(m, ids, ids, cfg, 0.0, NoDiversity(), device, progress=False)
     row = r.history[0]
     mse = float((new - p0).pow(2).mean())
     assert mse > 0  # context carried over: position 0 changed (a reset to c = 0 would give exactly 0)
@@ -147,8 +147,9 @@ REGULARISERS = {"none": NoDiversity, "frobenius": FrobeniusDeviation, "dim_usage
 
 
 def sweep_gradients(chunk: int, reg, ids: torch.Tensor, w: float = 0.5, dropout: float = 0.0, seed: int = 3):
-    """One training sweep through phase1.sweep from the sequential pass: (mse, div, grads, output)."""
-    m = dropout_lm(dropout, seed) if dropout else context_lm("layerwise", seed=seed)
+    """One training sweep through phase1.sweep from the sequential pass: (mse, div, grads, output), on ids' device."""
+    m = (dropout_lm(dropout, seed) if dropout else context_lm("layerwise", seed=seed)).to(ids.device)
+    reg = reg.to(ids.device)
     with torch.no_grad():
         p = sequential_pass(m, m.embed(ids[None]))
     out = torch.empty_like(p)
@@ -158,10 +159,10 @@ def sweep_gradients(chunk: int, reg, ids: torch.Tensor, w: float = 0.5, dropout:
 
 
 @pytest.mark.parametrize("name", list(REGULARISERS))
-def test_chunk_size_changes_neither_loss_nor_gradient_nor_weights(name):
+def test_chunk_size_changes_neither_loss_nor_gradient_nor_weights(name, device):
     """chunk_size is a memory knob: each regulariser (and the MSE) is computed on the whole sweep.
     Before, the diversity term was per chunk (Frobenius -0.332 at chunk 96 vs -0.238 at chunk 20)."""
-    ids = torch.randint(0, 40, (96,), generator=torch.Generator().manual_seed(5))
+    ids = torch.randint(0, 40, (96,), generator=torch.Generator().manual_seed(5)).to(device)
     (mse1, div1, g1, out1), (mse2, div2, g2, out2) = (sweep_gradients(c, REGULARISERS[name](), ids) for c in (96, 20))
     assert (mse1, div1) == pytest.approx((mse2, div2), rel=1e-5, abs=1e-7)
     torch.testing.assert_close(out1, out2, rtol=1e-5, atol=1e-6)
@@ -170,9 +171,9 @@ def test_chunk_size_changes_neither_loss_nor_gradient_nor_weights(name):
     assert sum(float(g.abs().sum()) for g in g1) > 0
     trained = []
     for chunk in (96, 20, 7):  # 7: uneven chunks. float64: Adam's first steps are ~lr * sign(grad), which
-        m = context_lm("layerwise", seed=3).double()  # float32 rounding flips for near-zero gradient entries
+        m = context_lm("layerwise", seed=3).double().to(device)  # float32 rounding flips for near-zero gradients
         cfg = phase1_cfg(max_iterations=2, min_iterations=2, chunk_size=chunk, val_iterations=1, erank_samples=64)
-        r = train_phase1(m, ids, ids, cfg, 0.5, REGULARISERS[name](), CPU, progress=False)
+        r = train_phase1(m, ids, ids, cfg, 0.5, REGULARISERS[name]().to(device), device, progress=False)
         trained.append((weights(m), [v for row in r.history for v in (row["phase1/cvfp_loss"],
                                                                         row["phase1/diversity_loss"])]))
     (w1, l1), *others = trained
@@ -181,12 +182,12 @@ def test_chunk_size_changes_neither_loss_nor_gradient_nor_weights(name):
         assert max(float((a - b).abs().max()) for a, b in zip(w1, w2, strict=True)) < 1e-9
 
 
-def test_chunked_sweep_replays_dropout_masks_for_its_gradient():
+def test_chunked_sweep_replays_dropout_masks_for_its_gradient(device):
     """With dropout, the gradient of a chunked sweep is that of the loss at the contexts it returns:
-    the re-run chunks must see the masks of the no-grad forward, not fresh ones."""
-    ids = torch.randint(0, 40, (60,), generator=torch.Generator().manual_seed(6))
+    the re-run chunks must see the masks of the no-grad forward (on CUDA: the CUDA generator's), not fresh ones."""
+    ids = torch.randint(0, 40, (60,), generator=torch.Generator().manual_seed(6)).to(device)
     mse, div, grads, out = sweep_gradients(20, FrobeniusDeviation(), ids, dropout=0.3)
-    m = dropout_lm(0.3, seed=3)
+    m = dropout_lm(0.3, seed=3).to(device)
     with torch.no_grad():
         p = sequential_pass(m, m.embed(ids[None]))
     c_in = shifted_inputs(p)
@@ -200,16 +201,16 @@ def test_chunked_sweep_replays_dropout_masks_for_its_gradient():
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
 
 
-def test_gated_layerwise_reaches_the_convergence_target_and_moves_weights():
+def test_gated_layerwise_reaches_the_convergence_target_and_moves_weights(device):
     """Trained from zeros with w = 0, f learns to contract (measured: from the sequential start the same
     f's held-out rate stays < 0.03 at 20 sweeps, memory ~100 tokens, while its training step stability is 0.99)."""
     torch.manual_seed(1)
-    m = context_lm("layerwise", context_dim=16, embed_dim=12, init_std=0.1, seed=1)
+    m = context_lm("layerwise", context_dim=16, embed_dim=12, init_std=0.1, seed=1).to(device)
     before = weights(m)
     ids = torch.randint(0, 40, (256,))
     cfg = phase1_cfg(max_iterations=60, min_iterations=5, lr=3e-3, convergence_threshold=1e-3, init="zeros",
                      val_iterations=20, val_every=5, val_streams=1, erank_samples=256)
-    r = train_phase1(m, ids, torch.randint(0, 40, (128,)), cfg, 0.0, NoDiversity(), CPU, progress=False)
+    r = train_phase1(m, ids, torch.randint(0, 40, (128,)), cfg, 0.0, NoDiversity(), device, progress=False)
     # stopped early at the target, measured on the held-out stream from c = 0
     assert r.metrics["phase1/stop_reason"] == "val_converged"
     assert r.metrics["phase1/iterations"] < 60 and r.metrics["phase1/iterations"] % 5 == 0
@@ -220,13 +221,13 @@ def test_gated_layerwise_reaches_the_convergence_target_and_moves_weights():
 
 
 @pytest.mark.parametrize("untrained", [False, True])
-def test_per_token_mode_trains_or_only_measures(untrained):
-    m = context_lm("layerwise")
+def test_per_token_mode_trains_or_only_measures(untrained, device):
+    m = context_lm("layerwise").to(device)
     before = weights(m)
     ids = torch.randint(0, 40, (300,))
     cfg = phase1_cfg(mode="per_token", untrained=untrained, max_iterations=8, min_iterations=8,
                      val_iterations=8, erank_samples=64)
-    r = train_phase1(m, ids, ids, cfg, 0.0, NoDiversity(), CPU, progress=False)
+    r = train_phase1(m, ids, ids, cfg, 0.0, NoDiversity(), device, progress=False)
     assert r.metrics["phase1/tokens"] == len(torch.unique(ids))  # each distinct token once
     # iteration 1 from c = 0: the per-token loss MSE(f(0, x), 0) > 0
     assert r.history[0]["phase1/cvfp_loss"] > 0.5

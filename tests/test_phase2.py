@@ -38,9 +38,9 @@ def quick(**kw):
     return phase2_cfg(**{**base, **kw})
 
 
-def test_context_model_perplexity_drops_below_uniform():
+def test_context_model_perplexity_drops_below_uniform(device):
     m = context_lm("layerwise", vocab=V)
-    r = train_phase2(m, pattern_data(), quick(), CPU, seed=0, progress=False)
+    r = train_phase2(m.to(device), pattern_data(), quick(), device, seed=0, progress=False)
     assert r.metrics["phase2/uniform_ppl"] == V
     assert r.metrics["phase2/val_ppl"] < V / 2
     assert r.metrics["phase2/val_acc"] > 0.5
@@ -54,21 +54,21 @@ def make_baseline(cls):
 
 
 @pytest.mark.parametrize("cls", [GRULM, TransformerLM])
-def test_baselines_train_through_the_same_code_with_the_same_keys(cls):
+def test_baselines_train_through_the_same_code_with_the_same_keys(cls, device):
     data = pattern_data()
     ref = train_phase2(context_lm("layerwise", vocab=V), data, quick(epochs=1, max_steps_per_epoch=2), CPU,
                        seed=0, progress=False)
-    r = train_phase2(make_baseline(cls), data, quick(), CPU, seed=0, progress=False)
+    r = train_phase2(make_baseline(cls).to(device), data, quick(), device, seed=0, progress=False)
     assert set(r.metrics) == set(ref.metrics)
     assert [set(row) for row in r.history] == [set(ref.history[0])] * len(r.history)
     assert r.metrics["phase2/val_ppl"] < V / 2
 
 
-def test_fixed_contexts_train_only_the_head():
-    m = context_lm("layerwise", vocab=V)
+def test_fixed_contexts_train_only_the_head(device):
+    m = context_lm("layerwise", vocab=V).to(device)
     f_before = [p.detach().clone() for p in m.updater_parameters()]
     head_before = m.head.weight.detach().clone()
-    r = train_phase2(m, pattern_data(), quick(context="fixed", epochs=2), CPU, seed=0, progress=False)
+    r = train_phase2(m, pattern_data(), quick(context="fixed", epochs=2), device, seed=0, progress=False)
     assert all(torch.equal(a, b) for a, b in zip(f_before, m.updater_parameters(), strict=True))
     assert not torch.equal(head_before, m.head.weight)
     assert r.metrics["phase2/val_ppl"] < V  # contexts as features already beat a uniform guess

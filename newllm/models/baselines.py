@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from newllm.errors import ConfigError, GenerationError
-from newllm.models.sampling import sample_token
+from newllm.models.sampling import draw_device, sample_token
 from newllm.models.weights import init_normal_
 
 
@@ -140,9 +140,9 @@ class TransformerLM(nn.Module):
         cache = self.new_cache(1, total)
         for t, tok in enumerate(prompt.tolist()):
             logits = self.step(torch.tensor([tok], device=self.head.weight.device), t, cache)
-        out = []
+        out, draw = [], draw_device(generator, logits.device)
         for t in range(prompt.numel(), total):
-            tok = sample_token(logits[0], max(temperature, 1e-6), 0, generator)
+            tok = sample_token(logits[0], max(temperature, 1e-6), 0, generator, draw)
             out.append(tok)
             if t + 1 < total:
                 logits = self.step(torch.tensor([tok], device=logits.device), t, cache)

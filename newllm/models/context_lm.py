@@ -17,7 +17,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from newllm.errors import GenerationError
-from newllm.models.sampling import sample_token
+from newllm.models.sampling import draw_device, sample_token
 from newllm.models.scripted import gated_layerwise_loop, gated_layerwise_sample, gated_layerwise_trainable
 from newllm.models.updaters import relu_fnn
 from newllm.models.weights import init_normal_
@@ -185,9 +185,9 @@ class ContextLM(nn.Module):
         if self._scriptable():  # the whole loop, sampling included, without the interpreter
             return gated_layerwise_sample(self._token_inputs(), c, self._scripted_params(weights), self.head,
                                           n, temperature, top_k, generator)
-        out = torch.empty(n, dtype=torch.long)
+        out, draw = torch.empty(n, dtype=torch.long), draw_device(generator, c.device)
         for i in range(n):
-            tok = sample_token(self.head(c)[0], temperature, top_k, generator)
+            tok = sample_token(self.head(c)[0], temperature, top_k, generator, draw)
             out[i] = tok
             x = self.embed(prompt.new_tensor([[tok]]))
             c = self._step(c, x[:, 0], [None if p is None else p[:, 0] for p in self._hoisted_inputs(x)], weights)

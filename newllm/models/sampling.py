@@ -11,16 +11,26 @@ from __future__ import annotations
 import torch
 
 
-def sample_token(logits: torch.Tensor, temperature: float, top_k: int, generator: torch.Generator | None) -> int:
+def sample_token(logits: torch.Tensor, temperature: float, top_k: int, generator: torch.Generator | None,
+                 draw_device: torch.device | None = None) -> int:
     """A token id drawn from softmax(logits / temperature) over the top_k largest logits (top_k 0: all of them).
 
-    logits (V,); temperature > 0 (callers clamp it); float64 keeps tokens of probability ~1e-12 drawable."""
+    logits (V,); temperature > 0 (callers clamp it); float64 keeps tokens of probability ~1e-12 drawable.
+    The uniform is drawn on `draw_device` (default: logits'), which must be the generator's: a CPU generator
+    may drive a CUDA model (`draw_device(generator, ...)`), and a seed then draws the same on every device."""
     logits = logits / temperature
     if top_k > 0:
         kth = torch.topk(logits, top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     cdf = torch.softmax(logits.double(), -1).cumsum(0)
-    u = torch.rand(1, dtype=torch.float64, generator=generator, device=logits.device) * cdf[-1]
+    where = logits.device if draw_device is None else draw_device
+    u = torch.rand(1, dtype=torch.float64, generator=generator, device=where).to(logits.device) * cdf[-1]
     # right=True: the first index whose cdf exceeds u, so a token of probability 0 (a flat step) is never drawn;
     # the clamp covers u rounding up to cdf[-1] itself.
     return int(torch.searchsorted(cdf, u, right=True).clamp(max=logits.numel() - 1))
+
+
+def draw_device(generator: torch.Generator | None, default: torch.device) -> torch.device:
+    """Where sample_token must draw with `generator`: its own device (TorchScript cannot ask it, so the eager
+    callers do, once per generate call)."""
+    return default if generator is None else generator.device

@@ -20,7 +20,7 @@ import warnings
 import torch
 from torch.nn import functional as F
 
-from newllm.models.sampling import sample_token
+from newllm.models.sampling import draw_device, sample_token
 from newllm.models.updaters import gate_activations, gated_mix, gated_mix_backward
 
 
@@ -53,7 +53,7 @@ def _gated_layerwise_sample(embed: list[torch.Tensor], embed_eps: float, w_x: li
                             w_g: list[torch.Tensor], b_g: list[torch.Tensor], ln_w: list[torch.Tensor],
                             ln_b: list[torch.Tensor], eps: float, head_w: torch.Tensor, head_b: torch.Tensor,
                             n: int, temperature: float, top_k: int,
-                            generator: torch.Generator | None) -> torch.Tensor:
+                            generator: torch.Generator | None, draw: torch.device) -> torch.Tensor:
     """n tokens sampled from c (1, C) as ContextLM.generate's eager loop samples them (sample_token, same random
     stream). head_w (C, V): the head's weight transposed, BLAS's fastest layout for one row. embed: [embedding
     matrix, its LayerNorm's weight and bias]; w_x[k] (E, H), b_x[k]: block k's x-part of its first Linear and
@@ -62,7 +62,7 @@ def _gated_layerwise_sample(embed: list[torch.Tensor], embed_eps: float, w_x: li
     out = torch.empty(n, dtype=torch.long)
     size = [embed[0].shape[1]]
     for i in range(n):
-        tok = sample_token(torch.addmm(head_b, c, head_w)[0], temperature, top_k, generator)
+        tok = sample_token(torch.addmm(head_b, c, head_w)[0], temperature, top_k, generator, draw)
         out[i] = tok
         x = F.layer_norm(embed[0][tok : tok + 1], size, embed[1], embed[2], embed_eps)
         c = _gated_step(c, [torch.addmm(b_x[k], x, w_x[k]) for k in range(len(w_x))], w_c, w_g, b_g, ln_w, ln_b, eps)
@@ -92,7 +92,7 @@ def gated_layerwise_sample(inputs: tuple, c: torch.Tensor, params: tuple, head: 
     """The whole sampling loop of generate in TorchScript. inputs: (embed, embed_eps, w_x, b_x) as
     _gated_layerwise_sample takes them; params: what gated_layerwise_loop takes after c."""
     return _compiled("_gated_layerwise_sample")(*inputs, c, *params, head.weight.t().contiguous(), head.bias, n,
-                                                temperature, top_k, generator)
+                                                temperature, top_k, generator, draw_device(generator, c.device))
 
 
 # ----------------------------------------------------------------------------- with autograd (Phase 2)
