@@ -64,14 +64,22 @@ def per_token_mse(new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
     return (new - old).pow(2).mean(dim=-1)
 
 
+def converged_fraction(new: torch.Tensor, old: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Fraction of positions whose per-token MSE to the previous sweep is below `threshold` (0-d, on the device)."""
+    return (per_token_mse(new, old) < threshold).float().mean()
+
+
+def residual_norm(new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+    """Mean L2 norm ||f(c) - c|| over positions (0-d, on the device)."""
+    return (new - old).norm(dim=-1).mean()
+
+
 def convergence_rate(new: torch.Tensor, old: torch.Tensor, threshold: float) -> float:
-    """Fraction of positions whose per-token MSE to the previous sweep is below `threshold`."""
-    return float((per_token_mse(new, old) < threshold).float().mean())
+    return float(converged_fraction(new, old, threshold))
 
 
 def mean_residual(new: torch.Tensor, old: torch.Tensor) -> float:
-    """Mean L2 norm ||f(c) - c|| over positions."""
-    return float((new - old).norm(dim=-1).mean())
+    return float(residual_norm(new, old))
 
 
 def identity_mapping_score(update: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
@@ -118,23 +126,25 @@ def perplexity(mean_cross_entropy: float) -> float:
 
 def masked_token_losses(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor
                         ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(CE, top-1 hit) of each predicted token, in the row-major order of mask's True entries."""
+    """(CE, top-1 hit) of every position (..., T): 0 and False where mask is False.
+
+    Dense, not gathered by the mask: a boolean index has a data-dependent size, i.e. a host-device sync on
+    CUDA, and these run once per training step and evaluation batch."""
     mask = mask.bool()
-    logits, targets = logits[mask], targets[mask]
-    ce = torch.nn.functional.cross_entropy(logits.float(), targets, reduction="none")
-    return ce, logits.argmax(-1) == targets
+    ce = torch.nn.functional.cross_entropy(logits.flatten(0, -2).float(), targets.flatten(), reduction="none")
+    hit = (logits.argmax(-1) == targets) & mask
+    return ce.view(targets.shape).masked_fill(~mask, 0.0), hit
 
 
 def masked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean CE over mask's tokens (0 where the mask is empty, so a window with nothing to score adds no
     gradient): the Phase-2 training loss, from the same per-token CE that evaluation reports."""
     ce, _ = masked_token_losses(logits, targets, mask)
-    return ce.sum() / max(ce.numel(), 1)
+    return ce.sum() / mask.sum().clamp(min=1)
 
 
-def masked_token_stats(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> tuple[float, int, int]:
-    """(sum of CE, number of correct top-1 predictions, number of predicted tokens) over mask."""
-    if not mask.any():
-        return 0.0, 0, 0
+def masked_token_sums(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """[sum of CE, correct top-1 predictions, predicted tokens] over mask: a float64 (3,) tensor on logits'
+    device, to be summed over steps there and read once (`.tolist()`), not once per step."""
     ce, hit = masked_token_losses(logits, targets, mask)
-    return float(ce.sum()), int(hit.sum()), int(ce.numel())
+    return torch.stack([ce.double().sum(), hit.sum().double(), mask.sum().double()])

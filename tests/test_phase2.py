@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from newllm.data import TokenData
-from newllm.errors import DataError
+from newllm.errors import DataError, TrainingError
 from newllm.models.baselines import GRULM, TransformerLM
 from newllm.training import phase2
 from newllm.training.phase2 import make_windows, train_phase2
@@ -160,3 +160,12 @@ def test_train_figures_come_from_the_same_epoch_as_the_kept_weights():
         assert m[f"phase2/val_{k}"] == best[f"phase2/val_{k}"]
         assert m[f"phase2/last_epoch_train_{k}"] == last[f"phase2/train_{k}"]
     assert m["phase2/train_loss"] != m["phase2/last_epoch_train_loss"]
+
+
+def test_a_non_finite_loss_stops_the_run_at_the_next_evaluation_naming_the_steps(device):
+    """The loss joins the tally on the device (no sync per step); the evaluation that reads it refuses a NaN."""
+    m = context_lm("layerwise", vocab=V).to(device)
+    with torch.no_grad():
+        m.head.bias[3] = float("nan")  # every logit row holds a NaN: the very first loss is NaN
+    with pytest.raises(TrainingError, match=r"phase 2 loss became non-finite in epoch 1, within steps 1-4; lower"):
+        train_phase2(m, pattern_data(), quick(max_steps_per_epoch=4), device, seed=0, progress=False)

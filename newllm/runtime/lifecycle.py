@@ -64,7 +64,7 @@ class Phase1State(LoopState):
     def restore(self, saved: dict, device: torch.device) -> None:
         self.iteration, self.contexts = saved["iteration"], saved["contexts"].to(device)
         self.optimizer.load_state_dict(saved["optimizer"])
-        ckpt.load_module_state(self.diversity, saved["diversity"])
+        ckpt.load_module_state(self.diversity, saved["diversity"], device)
         self.history = list(saved["history"])
         self.elapsed_s, self.measuring_s = saved.get("elapsed_s", 0.0), saved.get("measuring_s", 0.0)
         ckpt.set_rng_state(saved["rng"])
@@ -72,14 +72,27 @@ class Phase1State(LoopState):
 
 @dataclass
 class TrainTally:
-    """Training CE sum, correct top-1 and token count since the last evaluation."""
+    """Training CE sum, correct top-1 and token count since the last evaluation, the sum of the steps' losses,
+    and how many steps. The sums stay on the training device, added to at every step without a host sync;
+    `read()` brings them over once (at an evaluation or a checkpoint)."""
 
-    ce_sum: float = 0.0
-    correct: int = 0
-    count: int = 0
+    sums: torch.Tensor = field(default_factory=lambda: torch.zeros(4, dtype=torch.float64))
+    steps: int = 0
 
-    def add(self, ce_sum: float, correct: int, count: int) -> None:
-        self.ce_sum, self.correct, self.count = self.ce_sum + ce_sum, self.correct + correct, self.count + count
+    def add(self, token_sums: torch.Tensor, loss: torch.Tensor) -> None:
+        """token_sums: metrics.masked_token_sums of the step; loss: its total loss (non-finite taints the sum)."""
+        step = torch.cat([token_sums, loss.detach().double().view(1)])
+        self.sums = self.sums.to(step.device) + step
+        self.steps += 1
+
+    def read(self) -> tuple[float, int, int, float]:
+        """(CE sum, correct, tokens, sum of the steps' total losses): the one sync."""
+        ce, correct, count, loss = self.sums.tolist()
+        return ce, int(correct), int(count), loss
+
+    @classmethod
+    def restore(cls, running: list, steps: int) -> TrainTally:
+        return cls(torch.tensor([float(v) for v in running], dtype=torch.float64), steps)
 
 
 @dataclass
@@ -100,7 +113,7 @@ class Phase2State(LoopState):
                 "generator": self.generator.get_state(),
                 "decoder": self.decoder.state_dict() if self.decoder is not None else None,
                 "history": self.history, "stop": self.stop.state(), "step": self.step, "n_seen": self.n_seen,
-                "running": [self.tally.ce_sum, self.tally.correct, self.tally.count], "rng": ckpt.rng_state()}
+                "running": list(self.tally.read()), "running_steps": self.tally.steps, "rng": ckpt.rng_state()}
 
     def restore(self, saved: dict) -> None:
         self.optimizer.load_state_dict(saved["optimizer"])
@@ -110,7 +123,7 @@ class Phase2State(LoopState):
         self.history = list(saved["history"])
         self.stop.load(saved["stop"])
         self.epoch, self.step, self.n_seen = saved["epoch"], saved["step"], saved["n_seen"]
-        self.tally = TrainTally(*saved["running"])
+        self.tally = TrainTally.restore(saved["running"], saved["running_steps"])
         self.elapsed_s = saved.get("elapsed_s", 0.0)
         ckpt.set_rng_state(saved["rng"])
 

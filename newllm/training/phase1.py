@@ -317,20 +317,21 @@ def cold_start_rates(model: torch.nn.Module, x: torch.Tensor, cfg: DictConfig, s
     first = None if per_token else x.new_zeros(x.shape[0], model.context_dim)
     reference = None if per_token else sequential_pass(model, x, recurrence=model.recurrence)
     p = zeros_init(model, x)
-    rates: list[float] = []
-    distances: list[float] = []
+    per_sweep: list[torch.Tensor] = []  # (rate, distance) of each sweep, on the device
     kept = p
     for k in range(1, max(sweeps, until or 0) + 1):
         new = model.update(p if per_token else shifted_inputs(p, first), x)
         start = 0 if per_token else min(k, x.shape[1] - 1)
         target = (p if per_token else reference)[:, start:]
-        rates.append(metrics.convergence_rate(new[:, start:], target, cfg.convergence_threshold))
-        distances.append(metrics.mean_residual(new[:, start:], target))
+        per_sweep.append(torch.stack([metrics.converged_fraction(new[:, start:], target, cfg.convergence_threshold),
+                                      metrics.residual_norm(new[:, start:], target)]))
         p = new
         if k == sweeps:
             kept = p
-        if k >= sweeps and (until is None or rates[-1] >= cfg.convergence_target):
+        # Read on the host only when it decides something: past `sweeps`, with `until`, once per sweep.
+        if k >= sweeps and (until is None or float(per_sweep[-1][0]) >= cfg.convergence_target):
             break
+    rates, distances = torch.stack(per_sweep, dim=1).tolist()
     return rates, distances, (kept if per_token else reference)
 
 

@@ -144,13 +144,15 @@ def evaluate(model: nn.Module, windows: tuple[torch.Tensor, ...], batch_size: in
     loss and token counts by position bucket (newllm.training.instruments)."""
     model.eval()
     inputs, targets, mask = windows
-    ce_sum, correct, count = 0.0, 0, 0
+    sums = torch.zeros(3, dtype=torch.float64, device=inputs.device)  # summed on the device, read once
     by_pos = PositionLoss(inputs.shape[1])
     for i in range(0, inputs.shape[0], batch_size):
         logits = model.head(model.contexts_window(inputs[i : i + batch_size]))
         ce, hit = metrics.masked_token_losses(logits, targets[i : i + batch_size], mask[i : i + batch_size])
         by_pos.add_losses(ce, mask[i : i + batch_size])  # the same per-token CE, bucketed by position
-        ce_sum, correct, count = ce_sum + float(ce.sum()), correct + int(hit.sum()), count + ce.numel()
+        sums += torch.stack([ce.double().sum(), hit.sum().double(), mask[i : i + batch_size].sum().double()])
+    ce_sum, correct, count = sums.tolist()
+    count = int(count)
     loss = ce_sum / max(count, 1)
     pos_loss, pos_tokens = by_pos.result()
     return {"loss": loss, "ppl": metrics.perplexity(loss), "acc": correct / max(count, 1), "tokens": count,
@@ -248,25 +250,28 @@ class Phase2Loop:
         loss = metrics.masked_cross_entropy(logits, targets, mask)
         if st.decoder is not None:
             loss = loss + cfg.reconstruction_weight * st.decoder.loss(contexts, self.model.embed(inputs))
-        if not torch.isfinite(loss):
-            raise TrainingError(f"phase 2 loss became non-finite at epoch {epoch}, step {st.step}; "
-                                "lower training.phase2.lr")
+        # No host sync per step: the loss joins the tally on the device, and a non-finite one is caught when
+        # the tally is read (the next evaluation), naming the steps since the last one.
         st.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.trainable, cfg.grad_clip)
         st.optimizer.step()
         st.step += 1
         st.n_seen += inputs.numel()
-        st.tally.add(*metrics.masked_token_stats(logits.detach(), targets, mask))
+        st.tally.add(metrics.masked_token_sums(logits.detach(), targets, mask), loss)
 
     def evaluation(self, epoch: int) -> bool:
         """Validate now, log the row, update the plateau rule; True when it says stop."""
-        st, tally = self.state, self.state.tally
-        train_loss = tally.ce_sum / max(tally.count, 1)
+        st = self.state
+        ce_sum, correct, count, loss_sum = st.tally.read()
+        if not math.isfinite(loss_sum):
+            raise TrainingError(f"phase 2 loss became non-finite in epoch {epoch}, within steps "
+                                f"{st.step - st.tally.steps + 1}-{st.step}; lower training.phase2.lr")
+        train_loss = ce_sum / max(count, 1)
         val = evaluate(self.model, self.windows.val, self.cfg.batch_size * 4)
         row = {"phase": 2, "step": st.step, "epoch": epoch, "evaluation": st.stop.evaluations + 1,
                keys.P2_TRAIN_LOSS: train_loss, keys.P2_TRAIN_PPL: metrics.perplexity(train_loss),
-               keys.P2_TRAIN_ACC: tally.correct / max(tally.count, 1),
+               keys.P2_TRAIN_ACC: correct / max(count, 1),
                keys.P2_VAL_LOSS: val["loss"], keys.P2_VAL_PPL: val["ppl"], keys.P2_VAL_ACC: val["acc"],
                keys.P2_TIME_S: st.elapsed()}
         st.tally = TrainTally()
@@ -288,7 +293,7 @@ class Phase2Loop:
                 if capped:
                     return "cap"
                 self.model.train()
-        pending = st.tally.count > 0 or not st.history  # steps not yet validated
+        pending = st.tally.steps > 0 or not st.history  # steps not yet validated
         if (not cfg.eval_every or (epoch == cfg.epochs and pending)) and self.evaluation(epoch):
             return "plateau"
         st.epoch = epoch
