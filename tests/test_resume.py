@@ -270,3 +270,40 @@ def test_fixed_context_cache_key_holds_shape_dtype_and_precision():
     keys = {ckpt.contexts_key(x.reshape(2, 64), w, "fp32"), ckpt.contexts_key(x.reshape(4, 32), w, "fp32"),
             ckpt.contexts_key(x.reshape(2, 64), w, "bf16"), ckpt.contexts_key(x.reshape(2, 64), [2 * w[0]], "fp32")}
     assert len(keys) == 4
+
+
+def test_phase1_resumed_from_a_checkpoint_file_continues_bit_identically_on_the_device(device, tmp_path):
+    """The loop state through a real checkpoint file (loaded to the CPU, as resume does) on --device: context
+    noise and dropout draw from the device's generator, EMAVariance keeps a running mean outside its buffers,
+    Adam its moments. Iterations 4-5 after a restore equal those of a run that never stopped, to the bit."""
+    from functools import partial
+
+    from newllm.models.context_lm import ContextLM
+    from newllm.models.updaters import GatedUpdater
+    from newllm.training.diversity import EMAVariance
+    from newllm.training.phase1 import Phase1Loop, phase1_ids
+    from tests.helpers_science import phase1_cfg
+
+    cfg = phase1_cfg(max_tokens=256, max_iterations=6, min_iterations=6, val_every=1000, erank_every=1000,
+                     checkpoint_every=0, context_noise=0.01, erank_samples=64, chunk_size=100)
+    ids = torch.randint(0, 40, (256,), generator=torch.Generator().manual_seed(0))
+
+    def loop(saved: dict | None = None) -> Phase1Loop:
+        torch.manual_seed(0)
+        model = ContextLM(40, "layerwise", 2, 24, 16, None, 0.1, 0.1, partial(GatedUpdater)).to(device)
+        if saved is not None:
+            model.load_state_dict(saved["model"])
+        return Phase1Loop(model, phase1_ids(ids, cfg).to(device), phase1_ids(ids[:128], cfg).to(device), cfg,
+                          0.3, EMAVariance(momentum=0.5).to(device), None if saved is None else saved["loop"])
+
+    def rows(lp: Phase1Loop, ks) -> list[dict]:
+        return [{k: v for k, v in lp.step(k)[0].items() if k != "phase1/time_s"} for k in ks]
+
+    reference = rows(loop(), range(1, 6))
+    first = loop()
+    assert rows(first, range(1, 4)) == reference[:3]
+    ckpt.save(tmp_path / "last.pt", "resume", {"loop": first.state.save(), "model": first.model.state_dict()})
+    torch.manual_seed(1234)  # whatever ran in between: the restore must set every generator back
+    resumed = loop(ckpt.load(tmp_path / "last.pt", "resume"))
+    assert resumed.state.diversity.running_mean.device.type == device.type  # was left on the CPU
+    assert rows(resumed, range(4, 6)) == reference[3:]

@@ -88,10 +88,12 @@ def module_state(module: torch.nn.Module) -> dict:
     return {"state_dict": module.state_dict(), "attributes": extra}
 
 
-def load_module_state(module: torch.nn.Module, state: dict) -> None:
+def load_module_state(module: torch.nn.Module, state: dict, device: torch.device) -> None:
+    """`module_state`'s inverse. Checkpoints load to the CPU: load_state_dict copies into the module's own
+    tensors, but a plain tensor attribute is set as it comes, so it is moved to `device` (the run's)."""
     module.load_state_dict(state["state_dict"])
     for k, v in state["attributes"].items():
-        setattr(module, k, v)
+        setattr(module, k, v.to(device) if isinstance(v, torch.Tensor) else v)
 
 
 def primitive(d: dict) -> dict:
