@@ -8,8 +8,8 @@ with markers evaluated for the target Python on x86-64 Linux. A requirement the 
 satisfies (benchmarks/gpu_image.txt, from the device docs: names, and versions where they were read;
 an exact pin is met only by a version read there) ends the walk: its own needs are the image's business.
 Any other one is carried, at the version installed here (the one newllm is tested with), and its own
-requirements are walked in turn. Prints
-`name==version`, one a line, sorted. torch is never carried: the machine's CUDA build is the point.
+requirements are walked in turn. Prints `name==version`, one a line, sorted. torch is never carried: the
+machine's CUDA build is the point (`check` holds it to torch>=2.11, the GPU image's, not to pyproject's pin).
 
 `check` walks the same closure in the running interpreter (the GPU machine's python3 with the wheel
 folder on PYTHONPATH) and prints one line per package: version, and whether it meets every requirement
@@ -26,6 +26,7 @@ from pathlib import Path
 
 from packaging.markers import default_environment
 from packaging.requirements import Requirement
+from packaging.specifiers import SpecifierSet
 from packaging.utils import canonicalize_name
 from packaging.version import Version
 
@@ -33,7 +34,9 @@ HERE = Path(__file__).resolve().parent
 IMAGE = HERE / "gpu_image.txt"
 ROOT = "newllm"
 EXTRA_ROOTS = ["pytest>=8"]  # the device tests run under pytest (the image has it; carried if it did not)
-NEVER_CARRIED = {"torch"}  # the machine's own CUDA build
+# The machine's own CUDA build is never carried; pyproject's pin (this machine's CPU wheel) does not apply to
+# it, this floor does: newllm must run on the GPU image's torch.
+MACHINES_OWN = {"torch": SpecifierSet(">=2.11")}
 
 
 def image_packages(path: Path = IMAGE) -> dict[str, Version | None]:
@@ -93,7 +96,7 @@ def plan(python_version: str) -> dict[str, Version]:
     while todo:
         req = todo.pop()
         name = canonicalize_name(req.name)
-        if name in NEVER_CARRIED:
+        if name in MACHINES_OWN:
             continue
         if name in image and image_satisfies(req, image[name]):
             continue
@@ -124,7 +127,8 @@ def check() -> int:
     bad = 0
     for name, reqs in sorted(seen.items()):
         version = installed(name)
-        unmet = [str(r) for r in reqs if version is None or not r.specifier.contains(version, prereleases=True)]
+        specs = [MACHINES_OWN[name]] if name in MACHINES_OWN else [r.specifier for r in reqs]
+        unmet = [f"{name}{s}" for s in specs if version is None or not s.contains(version, prereleases=True)]
         bad += bool(unmet)
         where = "" if version is None else Path(metadata.distribution(name)._path).parent  # type: ignore[attr-defined]
         print(f"{'FAIL' if unmet else 'ok  '} {name:28} {str(version or 'missing'):14} "

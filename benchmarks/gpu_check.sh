@@ -1,0 +1,164 @@
+#!/usr/bin/env bash
+# newllm on a CUDA machine in one call: install what the image lacks, run the device tests, the default run,
+# bf16 and compiled quick runs, the three benchmarks and an Optuna study; print a summary table last.
+#
+#   benchmarks/gpu_check.sh                          # on the GPU machine: ~8 min at most (each step has a limit)
+#   benchmarks/gpu_check.sh --smoke                  # a ~2-minute subset
+#   benchmarks/gpu_check.sh --device cpu --smoke --python /tmp/py312/bin/python   # the CPU rehearsal
+#
+# Options:
+#   --device cuda|cuda:N|cpu  where the tests, runs and benchmarks run (default cuda)
+#   --smoke                   the subset: env, install, deps, a third of the device tests, a quick run, bf16,
+#                             one Phase-1 benchmark case
+#   --wheels DIR              the wheel folder from benchmarks/gpu_wheels.sh (default .whl)
+#   --target DIR              where they are installed, emptied first (default /tmp/newllm_site); it goes on
+#                             PYTHONPATH, so the machine's own torch and packages stay as they are
+#   --out DIR                 summary, log, CSVs, the default run's metrics (default $OUT, else gpu_check_out);
+#                             at most 8 files, as the device tool brings back
+#   --python PY               the interpreter (default python3: on the GPU image, the one that holds torch)
+#   --time-scale X            multiply every step's time limit by X (default 1; a slow CPU rehearsal: 4)
+# A step that fails says so at once (its last lines) and the next one runs; the exit status is 1 if any
+# step failed. Runs and studies go to a scratch folder; only --out comes back.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+device=cuda smoke=0 wheels=.whl target=/tmp/newllm_site out=${OUT:-gpu_check_out} python=python3 scale=1
+usage() { echo "gpu_check.sh: $1 (see the header of benchmarks/gpu_check.sh)" >&2; exit 2; }
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --device) device=${2:-}; shift 2 ;;
+    --smoke) smoke=1; shift ;;
+    --wheels) wheels=${2:-}; shift 2 ;;
+    --target) target=${2:-}; shift 2 ;;
+    --out) out=${2:-}; shift 2 ;;
+    --python) python=${2:-}; shift 2 ;;
+    --time-scale) scale=${2:-}; shift 2 ;;
+    -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
+    *) usage "unknown option $1" ;;
+  esac
+done
+[[ $device =~ ^(cpu|cuda(:[0-9]+)?)$ ]] || usage "--device=$device is not allowed: cpu, cuda or cuda:N"
+[[ $scale =~ ^[0-9]+([.][0-9]+)?$ ]] || usage "--time-scale=$scale: a positive number"
+compgen -G "$wheels/*.whl" >/dev/null || usage "--wheels=$wheels holds no .whl files: run benchmarks/gpu_wheels.sh"
+command -v "$python" >/dev/null || usage "--python=$python is not an interpreter here"
+[[ -n $target && $target != / ]] || usage "--target=$target: give a folder of its own"
+
+mkdir -p "$out"
+out=$(cd "$out" && pwd) log=$out/gpu_check.log summary=$out/summary.txt
+: >"$log"
+scratch=$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX")
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 PYTHONUNBUFFERED=1 MPLBACKEND=Agg HF_HOME=$scratch/hf
+export PYTHONPATH=$target${PYTHONPATH:+:$PYTHONPATH}
+commit=$(cat "$wheels/COMMIT" 2>/dev/null || git rev-parse --short HEAD 2>/dev/null || echo unknown)
+
+rows=()
+failed=0
+# step NAME LIMIT_S COMMAND...: run it under a time limit (scaled), log everything, record status and seconds.
+step() {
+  local name=$1 limit=$2 rc=0 t0=$SECONDS status
+  shift 2
+  limit=$(awk -v l="$limit" -v s="$scale" 'BEGIN { printf "%d", l * s }')
+  printf '\n=== %s (limit %ss): %s\n' "$name" "$limit" "$*" >>"$log"
+  # bash -c: the command may be one of the functions below (exported, with the variables they read)
+  timeout --kill-after=15 "$limit" bash -c '"$@"' step "$@" >"$scratch/step.log" 2>&1 || rc=$?
+  cat "$scratch/step.log" >>"$log"
+  case $rc in
+    0) status=ok ;;
+    124|137) status="TIMEOUT ${limit}s" ;;
+    *) status="FAIL rc=$rc" ;;
+  esac
+  if [[ $rc -ne 0 ]]; then
+    failed=$((failed + 1))
+    echo "!!! $name: $status -- its last lines:"
+    tail -n 15 "$scratch/step.log" | sed 's/^/    /'
+  else
+    echo "--- $name: ok in $((SECONDS - t0)) s"
+  fi
+  rows+=("$name|$status|$((SECONDS - t0))|")
+}
+# figure ARGS...: the key figure of the step just run (benchmarks/gpu_figures.py ARGS), into its row.
+figure() {
+  local text
+  text=$("$python" benchmarks/gpu_figures.py "$@" 2>/dev/null | tail -n 1)
+  rows[-1]="${rows[-1]}${text:-?}"
+}
+
+install() {
+  rm -rf "$target" && mkdir -p "$target" &&
+  "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$target" \
+    "$wheels"/*.whl &&
+  # The project itself (--no-deps: its needs are the wheels and the image): its metadata is what Hydra's entry
+  # point and gpu_deps.py read; the code that runs is this checkout's, first on sys.path (conf/ lies beside it).
+  "$python" -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --target "$target" . &&
+  echo "installed $(ls "$wheels"/*.whl | wc -l) wheels and newllm into $target"
+}
+
+newllm_run() {  # newllm_run NAME OVERRIDES...: one run into the scratch folder
+  local name=$1
+  shift
+  "$python" -m newllm.run device="$device" progress=false hydra.run.dir="$scratch/runs/$name" \
+    paths.output_root="$scratch/outputs" "$@"
+}
+
+export -f install newllm_run
+export python target wheels device scratch
+echo "gpu_check.sh: device=$device smoke=$smoke wheels=$wheels target=$target out=$out commit=$commit"
+step env 60 "$python" benchmarks/gpu_figures.py env
+figure env
+step install 120 install
+rows[-1]="${rows[-1]}$(ls "$wheels"/*.whl | wc -l) wheels + newllm"
+step deps 60 "$python" benchmarks/gpu_deps.py check
+rows[-1]="${rows[-1]}$(tail -n 1 "$scratch/step.log")"
+
+if [[ $smoke -eq 1 ]]; then
+  tests=(tests/test_host_syncs.py tests/test_perf_paths.py tests/test_resume.py tests/test_hoisted.py)
+  step tests 150 "$python" -m pytest -q -p no:cacheprovider -m device --device "$device" "${tests[@]}"
+  figure pytest "$scratch/step.log"
+  step quick_run 90 newllm_run quick training=quick
+  figure run "$scratch/runs/quick"
+  step quick_bf16 60 newllm_run bf16 training=quick training.precision=bf16
+  figure run "$scratch/runs/bf16"
+  step bench_phase1 90 "$python" -m benchmarks.bench_phase1 --device "$device" --dims 64 --layers 2 \
+    --tokens 1000 --iterations 3 --reps 1 --naive-budget 2 --whole "" --out "$out/phase1_speed.csv"
+  figure csv "$out/phase1_speed.csv" phase1
+else
+  step tests 150 "$python" -m pytest -q -p no:cacheprovider -m device --device "$device" tests/
+  figure pytest "$scratch/step.log"
+  # The CLI killed in both phases and resumed (device=auto: CUDA where there is one) to identical metrics.
+  step resume_cli 90 "$python" -m pytest -q -p no:cacheprovider \
+    "tests/test_resume.py::test_killed_in_both_phases_resumes_to_identical_metrics"
+  figure pytest "$scratch/step.log"
+  step default_run 150 newllm_run default
+  figure run "$scratch/runs/default"
+  cp "$scratch/runs/default/metrics.json" "$out/default_metrics.json" 2>/dev/null
+  step quick_bf16 60 newllm_run bf16 training=quick training.precision=bf16
+  figure run "$scratch/runs/bf16"
+  step quick_compile 120 newllm_run compile training=quick training.compile=true
+  figure run "$scratch/runs/compile"
+  step bench_phase1 90 "$python" -m benchmarks.bench_phase1 --quick --device "$device" --reps 2 --iterations 5 \
+    --naive-budget 3 --whole "" --out "$out/phase1_speed.csv"
+  figure csv "$out/phase1_speed.csv" phase1
+  step bench_phase2 60 "$python" -m benchmarks.bench_phase2 --quick --device "$device" --reps 2 \
+    --out "$out/phase2_speed.csv"
+  figure csv "$out/phase2_speed.csv" phase2
+  step bench_memory 60 "$python" -m benchmarks.bench_memory --quick --device "$device" --cap 10 \
+    --out "$out/memory.csv"
+  figure csv "$out/memory.csv" memory
+  step optuna_ppl_quick 120 "$python" -m newllm.run -m +sweep=optuna_ppl_quick device="$device" progress=false \
+    paths.output_root="$scratch/outputs"
+  figure study "sqlite:///$scratch/outputs/optuna.db"
+fi
+
+{
+  echo
+  echo "newllm GPU check: device=$device smoke=$smoke commit=$commit $(date -u '+%Y-%m-%d %H:%M UTC') host=$(hostname)"
+  printf '%-16s | %-14s | %5s | %s\n' step status s "key figure"
+  printf '%-16s-+-%-14s-+-%5s-+-%s\n' "----------------" "--------------" "-----" "----------"
+  for row in "${rows[@]}"; do
+    IFS='|' read -r name status secs fig <<<"$row"
+    printf '%-16s | %-14s | %5s | %s\n' "$name" "$status" "$secs" "$fig"
+  done
+  echo "$failed step(s) failed; total ${SECONDS} s; log: $log"
+} | tee "$summary"
+rm -rf "$scratch"
+[[ $failed -eq 0 ]]
