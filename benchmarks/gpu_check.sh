@@ -89,7 +89,10 @@ install() {
     "$wheels"/*.whl &&
   # The project itself (--no-deps: its needs are the wheels and the image): its metadata is what Hydra's entry
   # point and gpu_deps.py read; the code that runs is this checkout's, first on sys.path (conf/ lies beside it).
-  "$python" -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --target "$target" . &&
+  # Built from a copy: setuptools leaves build/ in the tree it builds.
+  mkdir -p "$scratch/src" && cp -r pyproject.toml README.md newllm hydra_plugins "$scratch/src" &&
+  "$python" -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --target "$target" \
+    "$scratch/src" &&
   echo "installed $(ls "$wheels"/*.whl | wc -l) wheels and newllm into $target"
 }
 

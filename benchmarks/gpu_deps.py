@@ -1,6 +1,7 @@
 """newllm's dependency closure, for the GPU machines (benchmarks/gpu_wheels.sh, benchmarks/gpu_check.sh).
 
     python benchmarks/gpu_deps.py plan [--python-version 3.12]   # what the wheel folder must hold
+    python benchmarks/gpu_deps.py image [--python-version 3.12]  # the image's packages the walk stops at
     python benchmarks/gpu_deps.py check                          # does THIS interpreter satisfy newllm?
 
 `plan` walks newllm's requirements (as installed in this venv: its metadata, pins included) plus pytest,
@@ -88,10 +89,12 @@ def image_satisfies(req: Requirement, version: Version | None) -> bool:
     return req.specifier.contains(version, prereleases=True)
 
 
-def plan(python_version: str) -> dict[str, Version]:
-    """{name: version} to carry: the closure less what the image satisfies, at this venv's versions."""
+def plan(python_version: str) -> tuple[dict[str, Version], dict[str, list[Requirement]]]:
+    """({name: version} to carry: the closure less what the image satisfies, at this venv's versions;
+    {name: the requirements that reach it} of the image's packages where the walk stops)."""
     env, image = marker_env(python_version), image_packages()
     carry: dict[str, Version] = {}
+    frontier: dict[str, list[Requirement]] = {}
     todo = roots(env)
     while todo:
         req = todo.pop()
@@ -99,6 +102,7 @@ def plan(python_version: str) -> dict[str, Version]:
         if name in MACHINES_OWN:
             continue
         if name in image and image_satisfies(req, image[name]):
+            frontier.setdefault(name, []).append(req)
             continue
         version = installed(name)
         if version is None:
@@ -109,7 +113,7 @@ def plan(python_version: str) -> dict[str, Version]:
         if name not in carry:
             carry[name] = version
             todo += requirements_of(name, set(req.extras), env)
-    return dict(sorted(carry.items()))
+    return dict(sorted(carry.items())), dict(sorted(frontier.items()))
 
 
 def check() -> int:
@@ -140,11 +144,18 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     sub.add_parser("plan").add_argument("--python-version", default="3.12")
+    sub.add_parser("image").add_argument("--python-version", default="3.12")
     sub.add_parser("check")
     args = p.parse_args()
     if args.cmd == "plan":
-        for name, version in plan(args.python_version).items():
+        for name, version in plan(args.python_version)[0].items():
             print(f"{name}=={version}")
+    elif args.cmd == "image":  # what a stand-in for the image must hold (benchmarks/gpu_rehearsal.sh)
+        image = image_packages()
+        for name, reqs in plan(args.python_version)[1].items():
+            known = image[name]
+            spec = f"=={known}" if known else ",".join(sorted({str(s) for r in reqs for s in r.specifier}))
+            print(f"{name}{spec}")
     else:
         bad = check()
         print(f"gpu_deps check: {bad} package(s) fail newllm's requirements" if bad else "gpu_deps check: all met")
