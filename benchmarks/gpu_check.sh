@@ -16,13 +16,16 @@
 #   --out DIR                 summary, log, CSVs, the default run's metrics (default $OUT, else gpu_check_out);
 #                             at most 8 files, as the device tool brings back
 #   --python PY               the interpreter (default python3: on the GPU image, the one that holds torch)
-#   --time-scale X            multiply every step's time limit by X (default 1; a slow CPU rehearsal: 4)
+#   --budget S                seconds for the whole check (default 470, --smoke 130): each step runs under its
+#                             own limit, cut to what is left of the budget; a step with under 10 s left is
+#                             SKIPPED, so the summary always comes, inside the device tool's call
+#   --time-scale X            multiply every limit and the budget by X (default 1; the CPU rehearsal: 6)
 # A step that fails says so at once (its last lines) and the next one runs; the exit status is 1 if any
-# step failed. Runs and studies go to a scratch folder; only --out comes back.
+# step failed or was skipped. Runs and studies go to a scratch folder; only --out comes back.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
-device=cuda smoke=0 wheels=.whl target=/tmp/newllm_site out=${OUT:-gpu_check_out} python=python3 scale=1
+device=cuda smoke=0 wheels=.whl target=/tmp/newllm_site out=${OUT:-gpu_check_out} python=python3 scale=1 budget=""
 usage() { echo "gpu_check.sh: $1 (see the header of benchmarks/gpu_check.sh)" >&2; exit 2; }
 while [[ $# -gt 0 ]]; do
   case "$1" in
@@ -33,12 +36,16 @@ while [[ $# -gt 0 ]]; do
     --out) out=${2:-}; shift 2 ;;
     --python) python=${2:-}; shift 2 ;;
     --time-scale) scale=${2:-}; shift 2 ;;
-    -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
+    --budget) budget=${2:-}; shift 2 ;;
+    -h|--help) sed -n '2,28p' "$0"; exit 0 ;;
     *) usage "unknown option $1" ;;
   esac
 done
 [[ $device =~ ^(cpu|cuda(:[0-9]+)?)$ ]] || usage "--device=$device is not allowed: cpu, cuda or cuda:N"
 [[ $scale =~ ^[0-9]+([.][0-9]+)?$ ]] || usage "--time-scale=$scale: a positive number"
+budget=${budget:-$([[ $smoke -eq 1 ]] && echo 130 || echo 470)}
+[[ $budget =~ ^[0-9]+$ ]] || usage "--budget=$budget: whole seconds"
+budget=$(awk -v b="$budget" -v s="$scale" 'BEGIN { printf "%d", b * s }')
 compgen -G "$wheels/*.whl" >/dev/null || usage "--wheels=$wheels holds no .whl files: run benchmarks/gpu_wheels.sh"
 command -v "$python" >/dev/null || usage "--python=$python is not an interpreter here"
 [[ -n $target && $target != / ]] || usage "--target=$target: give a folder of its own"
@@ -55,9 +62,18 @@ rows=()
 failed=0
 # step NAME LIMIT_S COMMAND...: run it under a time limit (scaled), log everything, record status and seconds.
 step() {
-  local name=$1 limit=$2 rc=0 t0=$SECONDS status
+  local name=$1 limit=$2 rc=0 t0=$SECONDS status left
   shift 2
   limit=$(awk -v l="$limit" -v s="$scale" 'BEGIN { printf "%d", l * s }')
+  left=$((budget - SECONDS - 15))  # 15 s kept for the last step's figure and the summary
+  if [[ $left -lt 10 ]]; then
+    failed=$((failed + 1))
+    echo "!!! $name: SKIPPED, the ${budget} s budget is spent"
+    rows+=("$name|SKIPPED|0|budget spent")
+    : >"$scratch/step.log"
+    return
+  fi
+  [[ $limit -le $left ]] || limit=$left
   printf '\n=== %s (limit %ss): %s\n' "$name" "$limit" "$*" >>"$log"
   # bash -c: the command may be one of the functions below (exported, with the variables they read)
   timeout --kill-after=15 "$limit" bash -c '"$@"' step "$@" >"$scratch/step.log" 2>&1 || rc=$?
@@ -78,9 +94,10 @@ step() {
 }
 # figure ARGS...: the key figure of the step just run (benchmarks/gpu_figures.py ARGS), into its row.
 figure() {
-  local text
-  text=$("$python" benchmarks/gpu_figures.py "$@" 2>/dev/null | tail -n 1)
-  rows[-1]="${rows[-1]}${text:-?}"
+  note "$("$python" benchmarks/gpu_figures.py "$@" 2>/dev/null | tail -n 1)"
+}
+note() {  # note TEXT: the key figure of the step just run, unless it was skipped
+  [[ ${rows[-1]} == *"|SKIPPED|"* ]] || rows[-1]="${rows[-1]}${1:-?}"
 }
 
 install() {
@@ -105,13 +122,13 @@ newllm_run() {  # newllm_run NAME OVERRIDES...: one run into the scratch folder
 
 export -f install newllm_run
 export python target wheels device scratch
-echo "gpu_check.sh: device=$device smoke=$smoke wheels=$wheels target=$target out=$out commit=$commit"
+echo "gpu_check.sh: device=$device smoke=$smoke budget=${budget}s wheels=$wheels target=$target out=$out commit=$commit"
 step env 60 "$python" benchmarks/gpu_figures.py env
-figure env
+note "$(tail -n 1 "$scratch/step.log")"
 step install 120 install
-rows[-1]="${rows[-1]}$(ls "$wheels"/*.whl | wc -l) wheels + newllm"
+note "$(ls "$wheels"/*.whl | wc -l) wheels + newllm"
 step deps 60 "$python" benchmarks/gpu_deps.py check
-rows[-1]="${rows[-1]}$(tail -n 1 "$scratch/step.log")"
+note "$(tail -n 1 "$scratch/step.log")"
 
 if [[ $smoke -eq 1 ]]; then
   tests=(tests/test_host_syncs.py tests/test_perf_paths.py tests/test_resume.py tests/test_hoisted.py)
@@ -161,7 +178,7 @@ fi
     IFS='|' read -r name status secs fig <<<"$row"
     printf '%-16s | %-14s | %5s | %s\n' "$name" "$status" "$secs" "$fig"
   done
-  echo "$failed step(s) failed; total ${SECONDS} s; log: $log"
+  echo "$failed step(s) failed or skipped; total ${SECONDS} s of a ${budget} s budget; log: $log"
 } | tee "$summary"
 rm -rf "$scratch"
 [[ $failed -eq 0 ]]

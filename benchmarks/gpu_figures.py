@@ -27,8 +27,10 @@ def env() -> str:
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
         gpu = f"{props.name}, {props.total_memory / 2**30:.0f} GiB, sm_{props.major}{props.minor}"
+    # TF32 as torch leaves it: full fp32 matmuls, but cuDNN (the GRU baseline) may use TF32 (its default)
+    tf32 = f"tf32 matmul={torch.backends.cuda.matmul.allow_tf32} cudnn={torch.backends.cudnn.allow_tf32}"
     return (f"python {platform.python_version()}, torch {torch.__version__}, CUDA {torch.version.cuda}, "
-            f"cuDNN {torch.backends.cudnn.version()}, {gpu}")
+            f"cuDNN {torch.backends.cudnn.version()}, {gpu}, {tf32}")
 
 
 def run(run_dir: str) -> str:
