@@ -56,6 +56,7 @@ def pytest_configure(config: pytest.Config) -> None:
         raise pytest.UsageError(f"--device={name}: no CUDA device here (torch {torch.__version__})")
 
 
+@pytest.hookimpl(tryfirst=True)  # before `-m` selects by markers
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:  # the marker follows the fixture: a test cannot take the device and escape `-m device`
         if "device" in getattr(item, "fixturenames", ()):
