@@ -20,24 +20,27 @@
 #                             own limit, cut to what is left of the budget; a step with under 10 s left is
 #                             SKIPPED, so the summary always comes, inside the device tool's call
 #   --time-scale X            multiply every limit and the budget by X (default 1; the CPU rehearsal: 6)
+#   --tiny                    rehearsal sizes (a 2-core CPU): runs with context_dim 32, vocab 512, 300 dialogues,
+#                             3 Optuna trials, one small case per benchmark; the code paths are the same
 # A step that fails says so at once (its last lines) and the next one runs; the exit status is 1 if any
 # step failed or was skipped. Runs and studies go to a scratch folder; only --out comes back.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
-device=cuda smoke=0 wheels=.whl target=/tmp/newllm_site out=${OUT:-gpu_check_out} python=python3 scale=1 budget=""
+device=cuda smoke=0 wheels=.whl target=/tmp/newllm_site out=${OUT:-gpu_check_out} python=python3 scale=1 budget="" tiny=0
 usage() { echo "gpu_check.sh: $1 (see the header of benchmarks/gpu_check.sh)" >&2; exit 2; }
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --device) device=${2:-}; shift 2 ;;
     --smoke) smoke=1; shift ;;
+    --tiny) tiny=1; shift ;;
     --wheels) wheels=${2:-}; shift 2 ;;
     --target) target=${2:-}; shift 2 ;;
     --out) out=${2:-}; shift 2 ;;
     --python) python=${2:-}; shift 2 ;;
     --time-scale) scale=${2:-}; shift 2 ;;
     --budget) budget=${2:-}; shift 2 ;;
-    -h|--help) sed -n '2,28p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,30p' "$0"; exit 0 ;;
     *) usage "unknown option $1" ;;
   esac
 done
@@ -116,13 +119,23 @@ install() {
 newllm_run() {  # newllm_run NAME OVERRIDES...: one run into the scratch folder
   local name=$1
   shift
+  # shellcheck disable=SC2086  # $sizes: overrides without spaces, one word each
   "$python" -m newllm.run device="$device" progress=false hydra.run.dir="$scratch/runs/$name" \
-    paths.output_root="$scratch/outputs" "$@"
+    paths.output_root="$scratch/outputs" $sizes "$@"
 }
 
+# What the runs and benchmarks are sized to: the real ones on a GPU, --tiny for a CPU rehearsal.
+study_sizes=(hydra.sweeper.n_trials=6) b1=(--quick --reps 2 --iterations 5 --naive-budget 3) b2=(--quick --reps 2)
+bm=(--quick --cap 10) sizes=""
+if [[ $tiny -eq 1 ]]; then
+  sizes="model.context_dim=32 model.embed_dim=24 tokenizer.vocab_size=512 data.num_conversations=300"
+  study_sizes=(hydra.sweeper.n_trials=3 tokenizer.vocab_size=512 data.num_conversations=300)
+  b1=(--dims 64 --layers 2 --tokens 1000 --reps 1 --iterations 3 --naive-budget 2)
+  b2=(--dims 32 --steps 2 --reps 1) bm=(--tokens 1000 --dim 64 --cap 5)
+fi
 export -f install newllm_run
-export python target wheels device scratch
-echo "gpu_check.sh: device=$device smoke=$smoke budget=${budget}s wheels=$wheels target=$target out=$out commit=$commit"
+export python target wheels device scratch sizes
+echo "gpu_check.sh: device=$device smoke=$smoke tiny=$tiny budget=${budget}s wheels=$wheels target=$target out=$out commit=$commit"
 step env 60 "$python" benchmarks/gpu_figures.py env
 note "$(tail -n 1 "$scratch/step.log")"
 step install 120 install
@@ -155,23 +168,21 @@ else
   figure run "$scratch/runs/bf16"
   step quick_compile 120 newllm_run compile training=quick training.compile=true
   figure run "$scratch/runs/compile"
-  step bench_phase1 90 "$python" -m benchmarks.bench_phase1 --quick --device "$device" --reps 2 --iterations 5 \
-    --naive-budget 3 --whole "" --out "$out/phase1_speed.csv"
+  step bench_phase1 90 "$python" -m benchmarks.bench_phase1 --device "$device" "${b1[@]}" --whole "" \
+    --out "$out/phase1_speed.csv"
   figure csv "$out/phase1_speed.csv" phase1
-  step bench_phase2 60 "$python" -m benchmarks.bench_phase2 --quick --device "$device" --reps 2 \
-    --out "$out/phase2_speed.csv"
+  step bench_phase2 60 "$python" -m benchmarks.bench_phase2 --device "$device" "${b2[@]}" --out "$out/phase2_speed.csv"
   figure csv "$out/phase2_speed.csv" phase2
-  step bench_memory 60 "$python" -m benchmarks.bench_memory --quick --device "$device" --cap 10 \
-    --out "$out/memory.csv"
+  step bench_memory 60 "$python" -m benchmarks.bench_memory --device "$device" "${bm[@]}" --out "$out/memory.csv"
   figure csv "$out/memory.csv" memory
   step optuna_ppl_quick 120 "$python" -m newllm.run -m +sweep=optuna_ppl_quick device="$device" progress=false \
-    paths.output_root="$scratch/outputs"
+    paths.output_root="$scratch/outputs" "${study_sizes[@]}"
   figure study "sqlite:///$scratch/outputs/optuna.db"
 fi
 
 {
   echo
-  echo "newllm GPU check: device=$device smoke=$smoke commit=$commit $(date -u '+%Y-%m-%d %H:%M UTC') host=$(hostname)"
+  echo "newllm GPU check: device=$device smoke=$smoke tiny=$tiny commit=$commit $(date -u '+%Y-%m-%d %H:%M UTC') host=$(hostname)"
   printf '%-16s | %-14s | %5s | %s\n' step status s "key figure"
   printf '%-16s-+-%-14s-+-%5s-+-%s\n' "----------------" "--------------" "-----" "----------"
   for row in "${rows[@]}"; do

@@ -3,7 +3,8 @@
 # Python (3.12) holding torch 2.11 (PyPI's CUDA 13 build, the image's; it runs on the CPU) and only the image's
 # packages that newllm's closure reaches (benchmarks/gpu_deps.py image: at the versions the device docs give,
 # else pip's), none of this checkout's venv. Then the cp312 wheel folder is built as for the GPU, and
-# gpu_check.sh runs with --device cpu against a clean --target. Optionally the fast test tier runs on torch 2.11.
+# gpu_check.sh runs with --device cpu --tiny (rehearsal sizes: same steps and code paths, small models) against
+# a clean --target. Optionally the fast test tier runs on torch 2.11 too.
 #
 #   benchmarks/gpu_rehearsal.sh --smoke                    # ~15-20 min on a busy 2-core machine
 #   benchmarks/gpu_rehearsal.sh --tests                    # the full check, then `pytest -m "not slow"` on torch 2.11
@@ -53,7 +54,7 @@ whl=$out/whl
 benchmarks/gpu_wheels.sh --python-version "$pyver" --out "$whl"
 git rev-parse --short HEAD >"$whl/COMMIT" 2>/dev/null || true
 rc=0
-benchmarks/gpu_check.sh --device cpu "${smoke[@]}" --python "$venv/bin/python" --wheels "$whl" \
+benchmarks/gpu_check.sh --device cpu --tiny "${smoke[@]}" --python "$venv/bin/python" --wheels "$whl" \
   --target "$out/site" --out "$out/check" --time-scale "$scale" || rc=$?
 if [[ $tests -eq 1 ]]; then
   echo "=== the fast tier on $("$venv/bin/python" -c 'import torch; print("torch", torch.__version__)')"
