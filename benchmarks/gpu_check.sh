@@ -72,7 +72,7 @@ step() {
   if [[ $left -lt 10 ]]; then
     failed=$((failed + 1))
     echo "!!! $name: SKIPPED, the ${budget} s budget is spent"
-    rows+=("$name|SKIPPED|0|budget spent")
+    rows+=("$name|SKIPPED|0|")
     : >"$scratch/step.log"
     return
   fi
@@ -99,8 +99,8 @@ step() {
 figure() {
   note "$("$python" benchmarks/gpu_figures.py "$@" 2>/dev/null | tail -n 1)"
 }
-note() {  # note TEXT: the key figure of the step just run, unless it was skipped
-  [[ ${rows[-1]} == *"|SKIPPED|"* ]] || rows[-1]="${rows[-1]}${1:-?}"
+note() {  # note TEXT: the key figure of the step just run, if it ran to the end
+  [[ ${rows[-1]} == *"|ok|"* ]] && rows[-1]="${rows[-1]}${1:-?}"
 }
 
 install() {
