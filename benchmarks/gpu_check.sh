@@ -59,7 +59,8 @@ out=$(cd "$out" && pwd) log=$out/gpu_check.log summary=$out/summary.txt
 scratch=$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX")
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 PYTHONUNBUFFERED=1 MPLBACKEND=Agg HF_HOME=$scratch/hf
 export PYTHONPATH=$target${PYTHONPATH:+:$PYTHONPATH}
-commit=$(cat "$wheels/COMMIT" 2>/dev/null || git rev-parse --short HEAD 2>/dev/null || echo unknown)
+# the checkout's commit; where no .git travelled (the device tool), the one written beside the wheels
+commit=$(git rev-parse --short HEAD 2>/dev/null || cat "$wheels/COMMIT" 2>/dev/null || echo unknown)
 
 rows=()
 failed=0
