@@ -98,7 +98,7 @@ step() {
 }
 # figure ARGS...: the key figure of the step just run (benchmarks/gpu_figures.py ARGS), into its row.
 figure() {
-  note "$("$python" benchmarks/gpu_figures.py "$@" 2>/dev/null | tail -n 1)"
+  [[ ${rows[-1]} == *"|ok|"* ]] && note "$("$python" benchmarks/gpu_figures.py "$@" 2>/dev/null | tail -n 1)"
 }
 note() {  # note TEXT: the key figure of the step just run, if it ran to the end
   [[ ${rows[-1]} == *"|ok|"* ]] && rows[-1]="${rows[-1]}${1:-?}"
