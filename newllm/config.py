@@ -163,6 +163,9 @@ class TransformerConfig:
     dropout: float = 0.0
     heads: int = 4
     max_len: int = 4096
+    # Positions each token attends to in each layer, itself included (null: every earlier one), so a token
+    # sees layers x (w - 1) back. 1: no access to the past at all, data=recall's negative control.
+    attention_window: int | None = None
     # A core-parameter budget (everything but embedding and head): when set, context_dim (and an
     # explicit hidden_dim, in proportion) is solved to meet it within 2 % (newllm.models.sizing).
     core_params: int | None = None
@@ -210,11 +213,13 @@ class DataConfig:
     phrases_per_stage: int = 8
     # data=recall (newllm.data.recall): token ids generated directly; sequences of seq_len tokens
     task: RecallTask = RecallTask.mqar
-    vocab_size: int = 64
-    num_pairs: int = 8
-    query_gap_min: int = 0  # mqar: noise tokens between the pairs and the queries, uniform in [min, max]
-    query_gap_max: int = 0  # per sequence: how far back the evidence lies
-    seq_len: int = 64  # must equal training.phase2.seq_len (one sequence per window)
+    vocab_size: int = 128  # mqar: > seq_len, as Zoology's multiquery_ar asserts
+    num_pairs: int = 4  # mqar: at most seq_len // 4
+    # mqar: query slot i (1, 2, ... after the pairs) is drawn with weight i^(power_a - 1), as Zoology's
+    # multiquery_ar: 0.01 (its default) puts queries near the pairs, 1 spreads them uniformly.
+    power_a: float = 0.01
+    # = training.phase2.seq_len (one sequence per window; conf/data/recall.yaml makes the window follow it)
+    seq_len: int = 64
     num_train: int = 2000
     num_val: int = 200
     num_test: int = 200
@@ -460,10 +465,7 @@ def _check_recall(cfg: DictConfig) -> None:
     d, p2 = cfg.data, cfg.training.phase2
     for key in ("vocab_size", "num_pairs", "seq_len", "num_train", "num_val", "num_test"):
         _positive_int(f"data.{key}", d[key])
-    _check(isinstance(d.query_gap_min, int) and d.query_gap_min >= 0, "data.query_gap_min", d.query_gap_min,
-           "a non-negative integer")
-    _check(isinstance(d.query_gap_max, int) and d.query_gap_max >= d.query_gap_min, "data.query_gap_max",
-           d.query_gap_max, f"an integer >= data.query_gap_min={d.query_gap_min}")
+    _check(d.power_a > 0, "data.power_a", d.power_a, "a number > 0 (1: queries uniform over the slots)")
     for key in ("seq_len", "eval_seq_len"):  # a window must be exactly one sequence
         if p2[key] is not None:
             _check(p2[key] == d.seq_len, f"training.phase2.{key}", p2[key],
@@ -504,6 +506,8 @@ def _check_model(m: DictConfig) -> None:
         _check_context_model(m)
     if m.get("core_params") is not None:
         _positive_int("model.core_params", m.core_params)
+    if m.get("attention_window") is not None:
+        _positive_int("model.attention_window", m.attention_window)
     if "heads" in m:
         _positive_int("model.heads", m.heads)
         if m.get("core_params") is None:  # a budget solves context_dim as a multiple of heads

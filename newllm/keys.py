@@ -58,8 +58,7 @@ DATA_PHRASE_LENGTHS = "data/phrase_lengths"
 DATA_REPETITIONS = "data/repetitions"
 DATA_TASK = "data/task"
 DATA_NUM_PAIRS = "data/num_pairs"
-DATA_QUERY_GAP_MIN = "data/query_gap_min"
-DATA_QUERY_GAP_MAX = "data/query_gap_max"
+DATA_POWER_A = "data/power_a"  # mqar: the power law of the query slots (data.power_a)
 DATA_SEQ_LEN = "data/seq_len"
 
 # ----------------------------------------------------------------------------- model
@@ -166,6 +165,11 @@ RECALL_MEASURES = ("accuracy", "accuracy_by_distance", "answers_by_distance")
 def recall_split(split: str, measure: str) -> str:
     """recall/{split}_{measure}, split in val/test, measure in RECALL_MEASURES."""
     return f"recall/{split}_{measure}"
+
+
+# Accuracy without recall, from the task's parameters (newllm.data.recall.chance_accuracy):
+RECALL_CHANCE_NO_PAST = "recall/chance_accuracy_no_past"  # the best from the current token alone: 1 / value ids
+RECALL_CHANCE_STORED_VALUE = "recall/chance_accuracy_stored_value"  # a uniform pick among stored values: 1 / P
 
 
 # ----------------------------------------------------------------------------- repetition (data=repetition)

@@ -163,3 +163,20 @@ def test_default_init_is_not_a_near_identity_map(name):
     score = identity_mapping_score(default.update, default.context_dim, default.embed_dim)
     assert identity_mapping_score(small.update, small.context_dim, small.embed_dim) > 0.95
     assert score < 0.9
+
+
+@pytest.mark.parametrize(("window", "sees"), [(1, 0), (3, 4), (None, 9)])
+def test_transformer_attention_window_limits_what_a_position_sees(window, sees):
+    """model.attention_window=w: each layer attends w - 1 positions back, so with 2 layers position t
+    depends on the 2 (w - 1) tokens before it (w = 1: none at all), found by changing one at a time."""
+    torch.manual_seed(0)
+    model = TransformerLM(20, 2, 16, 16, None, 0.1, 0.0, heads=2, max_len=16, attention_window=window).eval()
+    ids = torch.randint(0, 20, (1, 10))
+    with torch.no_grad():
+        base = model(ids)[0, 9]
+        changed = []
+        for j in range(9):
+            other = ids.clone()
+            other[0, j] = (other[0, j] + 1) % 20
+            changed.append(not torch.allclose(model(other)[0, 9], base))
+    assert sum(changed) == sees and all(changed[9 - sees :])

@@ -115,9 +115,10 @@ def test_compile_switch_keeps_outputs_and_state_dict(device):
     assert set(compiled.state_dict()) == keys  # checkpoints stay loadable by an eager model
 
 
-def test_transformer_kv_cache_steps_equal_full_forward(device):
+@pytest.mark.parametrize("window", [None, 1, 3])
+def test_transformer_kv_cache_steps_equal_full_forward(window, device):
     torch.manual_seed(7)
-    model = TransformerLM(50, 2, 16, 8, None, 0.1, 0.0, heads=4, max_len=32).eval().to(device)
+    model = TransformerLM(50, 2, 16, 8, None, 0.1, 0.0, heads=4, max_len=32, attention_window=window).eval().to(device)
     ids = torch.randint(0, 50, (2, 10)).to(device)
     with torch.no_grad():
         full = model(ids)

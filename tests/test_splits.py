@@ -180,7 +180,8 @@ def test_text_without_blank_lines_is_split_by_lines(tmp_path):
 @pytest.mark.slow
 def test_the_kept_weights_are_evaluated_once_on_test(tiny_run):
     from newllm import analysis
-    from newllm.training.phase2 import evaluate, make_windows
+    from newllm.training.evaluation import evaluate
+    from newllm.training.phase2 import make_windows
 
     run_dir, m, cfg, data = run_and_reload(tiny_run, "p2", "training.phase2.epochs=3",
                                            "training.phase2.max_steps_per_epoch=4")

@@ -54,6 +54,10 @@ class TokenData:
     test_stages: list[RepetitionStage] | None = None  # data=repetition: held-out test phrases
     train_doc_lengths: torch.Tensor | None = None  # (D,) tokens per training document, in stream order
     recall: dict[str, recall.RecallSplit] | None = None  # data=recall: val/test sequences with answer distances
+    # Per split, the target stream where it differs from the ids (aligned with them: targets[i] is scored
+    # at position i - 1); None or a missing split: the ids themselves. data=recall's mqar answers exist
+    # only here (the input holds filler there).
+    targets: dict[str, torch.Tensor] | None = None
 
     @property
     def vocab_size(self) -> int:
@@ -62,13 +66,15 @@ class TokenData:
 
 @dataclass
 class Split:
-    """One split's documents, concatenated: ids (N,), loss mask (N,), tokens per document (D,) and, for
-    a document source, each document's index in the source's (deduplicated) list (D,)."""
+    """One split's documents, concatenated: ids (N,), loss mask (N,), tokens per document (D,), for
+    a document source each document's index in the source's (deduplicated) list (D,), and the targets
+    (N,) where they differ from the ids (TokenData.targets)."""
 
     ids: torch.Tensor
     mask: torch.Tensor
     lengths: torch.Tensor
     docs: torch.Tensor | None = None
+    targets: torch.Tensor | None = None
 
     @classmethod
     def of_rows(cls, stages: list[RepetitionStage]) -> Split:
@@ -83,7 +89,8 @@ class Split:
         ends = self.lengths.cumsum(0)
         kept = (torch.minimum(ends, torch.tensor(stop)) - torch.clamp(ends - self.lengths, min=start)).clamp(min=0)
         return Split(self.ids[start:stop], self.mask[start:stop], kept[kept > 0],
-                     None if self.docs is None else self.docs[kept > 0])
+                     None if self.docs is None else self.docs[kept > 0],
+                     None if self.targets is None else self.targets[start:stop])
 
 
 def check_options(d: DictConfig, tok: DictConfig) -> None:
@@ -187,7 +194,10 @@ def fingerprint(splits: dict[str, Split]) -> str:
     """A short hash of every split's token ids and loss mask: equal fingerprints, identical data."""
     h = hashlib.sha256()
     for name in sorted(splits):
-        h.update(name.encode() + splits[name].ids.numpy().tobytes() + splits[name].mask.numpy().tobytes())
+        s = splits[name]
+        h.update(name.encode() + s.ids.numpy().tobytes() + s.mask.numpy().tobytes())
+        if s.targets is not None:
+            h.update(s.targets.numpy().tobytes())
     return h.hexdigest()[:16]
 
 
@@ -214,7 +224,8 @@ def _finish(d: DictConfig, tokenizer: Tokenizer, splits: dict[str, Split], min_t
     else:
         splits.pop("test", None)
     if d.loss_on == "all":
-        splits = {k: Split(s.ids, torch.ones_like(s.mask), s.lengths, s.docs) for k, s in splits.items()}
+        splits = {k: Split(s.ids, torch.ones_like(s.mask), s.lengths, s.docs, s.targets)
+                  for k, s in splits.items()}
     _check_sizes(d, splits, min_tokens)
     counts = {}
     for name, s in splits.items():
@@ -228,7 +239,8 @@ def _finish(d: DictConfig, tokenizer: Tokenizer, splits: dict[str, Split], min_t
     train, val, test = splits["train"], splits["val"], splits.get("test")
     return TokenData(train.ids, train.mask, val.ids, val.mask, tokenizer, info, stages.get("train"),
                      stages.get("val"), test.ids if test else None, test.mask if test else None,
-                     stages.get("test"), train.lengths)
+                     stages.get("test"), train.lengths,
+                     targets={k: s.targets for k, s in splits.items() if s.targets is not None} or None)
 
 
 def _load_repetition(d: DictConfig, tok: DictConfig, cache_dir: Path, min_tokens: int) -> TokenData:
@@ -253,19 +265,23 @@ def _recall_stream(s: recall.RecallSplit) -> Split:
     """Sequences back to back, plus one trailing pad (never a target) so the last one fills a window too."""
     lengths = torch.full((s.ids.shape[0],), s.ids.shape[1], dtype=torch.long)
     lengths[-1] += 1
-    return Split(torch.cat([s.ids.reshape(-1), torch.tensor([recall.PAD])]),
-                 torch.cat([s.mask.reshape(-1), torch.tensor([False])]), lengths)
+    pad, no = torch.tensor([recall.PAD]), torch.tensor([False])
+    return Split(torch.cat([s.ids.reshape(-1), pad]), torch.cat([s.mask.reshape(-1), no]), lengths,
+                 targets=torch.cat([s.targets.reshape(-1), pad]))
 
 
 def _load_recall(d: DictConfig, tok: DictConfig, cache_dir: Path, min_tokens: int) -> TokenData:
     """Generated ids (no tokenizer training): every sequence one document, loss only on answers."""
     splits = recall.make_splits(d.task, (d.num_train, d.num_val, d.num_test), d.seq_len, d.vocab_size,
-                                d.num_pairs, d.split_seed, (d.query_gap_min, d.query_gap_max))
+                                d.num_pairs, d.split_seed, d.power_a)
     as_split = {name: _recall_stream(s) for name, s in zip(("train", "val", "test"), splits, strict=True)}
-    info = {keys.DATA_TASK: str(d.task), keys.DATA_NUM_PAIRS: d.num_pairs if d.task == "mqar" else 0,
-            keys.DATA_QUERY_GAP_MIN: d.query_gap_min, keys.DATA_QUERY_GAP_MAX: d.query_gap_max,
-            keys.DATA_SEQ_LEN: d.seq_len, **{keys.data_split(k, "sequences"): s.ids.shape[0]
-                                          for k, s in zip(("train", "val", "test"), splits, strict=True)}}
+    mqar = d.task == "mqar"
+    chance = recall.chance_accuracy(d.task, d.seq_len, d.vocab_size, d.num_pairs)
+    info = {keys.DATA_TASK: str(d.task), keys.DATA_NUM_PAIRS: d.num_pairs if mqar else 0,
+            **({keys.DATA_POWER_A: d.power_a} if mqar else {}), keys.DATA_SEQ_LEN: d.seq_len,
+            **{keys.data_split(k, "sequences"): s.ids.shape[0] for k, s in zip(("train", "val", "test"), splits,
+                                                                               strict=True)},
+            keys.RECALL_CHANCE_NO_PAST: chance["no_past"], keys.RECALL_CHANCE_STORED_VALUE: chance["stored_value"]}
     data = _finish(d, recall.id_tokenizer(d.vocab_size), as_split, min_tokens, info)
     data.recall = {"val": splits[1], "test": splits[2]}
     return data

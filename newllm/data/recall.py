@@ -1,14 +1,37 @@
 """data=recall: seeded synthetic memory tasks, token ids generated directly (no text, no BPE).
 
-Every sequence is exactly data.seq_len tokens, so with training.phase2.seq_len (and eval_seq_len)
-equal to it each Phase-2 window is one sequence read from a fresh state. Only answer tokens are
-in the loss mask; `distance` holds, per answer, how many positions back its evidence lies.
+Every sequence is exactly data.seq_len tokens; with training.phase2.seq_len = data.seq_len (the
+default: conf/data/recall.yaml sets it) each Phase-2 window is one sequence read from a fresh state.
+A task yields four (N, T) tensors: the input `ids`; the `targets`, aligned with the ids (targets[t]
+is what position t - 1 is scored on; equal to ids[t] except where an answer exists only as a label);
+the answer `mask` (the only targets in the loss); and `distance`: per answer, how many positions
+back from the answer's position lies the stored token it repeats (mqar: the queried pair's value,
+the same number as from the query back to its key; copy: the source token).
 
-  mqar:           k1 v1 k2 v2 ... kP vP | noise x gap | q1 a1 q2 a2 ... (queries of earlier keys, a = its value), pad
+  mqar:           k1 v1 k2 v2 ... kP vP  then filler with every key queried once, at power-law positions
   copy:           x1 ... xL SEP x1 ... xL                       (L = (seq_len - 1) // 2), pad
   selective_copy: noise with L data tokens scattered, SEP, the L data tokens in order, pad
 
-Ids: 0 pad, 1 separator, 2 noise; mqar keys [3, 3 + K), values [3 + K, vocab) with K = (vocab - 3) // 2.
+mqar follows Zoology's `multiquery_ar` (Arora, Eyuboglu et al. 2023, zoology/data/multiquery_ar.py):
+P keys drawn without replacement from the key ids, P values without replacement from the value ids,
+the pairs first; the query region after them has (T - 2P) // 2 two-token slots, and each key is
+queried exactly once, in a slot drawn without replacement with probability proportional to
+i^(power_a - 1) for slot i = 1, 2, ... (power_a = 0.01 favours slots near the pairs; 1 is uniform);
+key j takes the j-th slot drawn, as in Zoology. The input holds the query key; the value is only
+the target at the next position (the input there is filler), so no answer is ever fed back and
+none can be copied from an earlier query. Zoology's assertions hold: vocab_size > seq_len, and
+2P + 2P <= seq_len (P slots for P queries).
+Where it departs, and why:
+- Filler is one token (NOISE), Zoology's `random_non_queries=False`, not its default of uniform
+  random tokens: at the small vocabularies a CPU run affords, random filler writes a queried key
+  into the query region before its query -- a second, false "pair" that an induction-style lookup
+  would copy from -- for 8.9 % of the queries at seq_len 64, vocab 128, 4 pairs (0.16 % at
+  Zoology's vocab 8,192; docs/data.md).
+- Ids 0 pad, 1 separator, 2 noise are reserved; keys are [3, 3 + K), values [3 + K, V) with
+  K = (V - 3) // 2 (Zoology: keys [1, V // 2), values [V // 2, V), 0 is its filler).
+- Odd seq_len is allowed (Zoology asserts even): the last position is filler then.
+copy and selective_copy are teacher-forced, as a language model reads them: each answer is also
+the next input, which is no leak (each data token is asked once, after its own prediction).
 """
 
 from __future__ import annotations
@@ -26,8 +49,9 @@ PAD, SEP, NOISE, FIRST = 0, 1, 2, 3
 
 @dataclass
 class RecallSplit:
-    ids: torch.Tensor  # (N, T) long
-    mask: torch.Tensor  # (N, T) bool: answer tokens (the targets scored)
+    ids: torch.Tensor  # (N, T) long: the inputs
+    targets: torch.Tensor  # (N, T) long: targets[:, t] is scored at position t - 1 (ids where no answer hides)
+    mask: torch.Tensor  # (N, T) bool: answer targets (the only ones scored)
     distance: torch.Tensor  # (N, T) long: positions back to the evidence (0 where not an answer)
 
 
@@ -36,96 +60,118 @@ def id_tokenizer(vocab_size: int) -> Tokenizer:
     return Tokenizer(WordLevel({f"t{i}": i for i in range(vocab_size)}, unk_token="t0"))
 
 
-def _mqar(n: int, t: int, vocab: int, pairs: int, g: torch.Generator,
-          gap: tuple[int, int] = (0, 0)) -> tuple[torch.Tensor, ...]:
-    """Pairs, then `gap` noise tokens (uniform in [gap_min, gap_max] per sequence), then the queries:
-    the gap sets how far back the evidence lies (the distance knob)."""
+def mqar_ids(vocab: int) -> tuple[int, int]:
+    """(number of key ids, number of value ids): keys [FIRST, FIRST + K), values [FIRST + K, vocab)."""
     n_keys = (vocab - FIRST) // 2
-    gap_min, gap_max = gap
-    queries = (t - 2 * pairs - gap_max) // 2
-    if not 0 <= gap_min <= gap_max:
-        raise DataError(f"data.query_gap_min={gap_min}, data.query_gap_max={gap_max} are not allowed: "
-                        "expected 0 <= query_gap_min <= query_gap_max")
-    if pairs > n_keys or queries < 1:
-        raise DataError(f"data.num_pairs={pairs} is not allowed with data.vocab_size={vocab}, data.seq_len={t}, "
-                        f"data.query_gap_max={gap_max}: expected 1 <= num_pairs <= {n_keys} (distinct keys) and "
-                        "2 * num_pairs + query_gap_max + 2 <= seq_len")
-    keys = torch.rand(n, n_keys, generator=g).argsort(1)[:, :pairs] + FIRST
-    values = torch.randint(FIRST + n_keys, vocab, (n, pairs), generator=g)
-    # which pair each query asks (distinct while there are enough pairs)
-    if queries <= pairs:
-        asked = torch.rand(n, pairs, generator=g).argsort(1)[:, :queries]
-    else:
-        asked = torch.randint(0, pairs, (n, queries), generator=g)
-    gaps = torch.randint(gap_min, gap_max + 1, (n, 1), generator=g) if gap_max else torch.zeros(n, 1, dtype=torch.long)
-    ids = torch.full((n, t), PAD, dtype=torch.long)
-    ids[:, : 2 * pairs + gap_max] = NOISE  # the gap (the rest of it is overwritten by queries below)
+    return n_keys, vocab - FIRST - n_keys
+
+
+def check_mqar(t: int, vocab: int, pairs: int, power_a: float) -> None:
+    """Zoology's conditions, as one line naming the keys (before any sequence is drawn)."""
+    if vocab <= t:
+        raise DataError(f"data.vocab_size={vocab} is not allowed with data.task=mqar and data.seq_len={t}: "
+                        "expected vocab_size > seq_len (Zoology's multiquery_ar asserts it)")
+    if not 1 <= pairs <= t // 4:
+        raise DataError(f"data.num_pairs={pairs} is not allowed with data.seq_len={t}: expected "
+                        f"1 <= num_pairs <= seq_len // 4 = {t // 4} (2 tokens per pair, and a query slot of 2 "
+                        "tokens per key)")
+    if not power_a > 0:
+        raise DataError(f"data.power_a={power_a} is not allowed: expected a number > 0 (slot i is drawn with "
+                        "weight i^(power_a - 1); 1 is uniform)")
+
+
+def _mqar(n: int, t: int, vocab: int, pairs: int, power_a: float, g: torch.Generator) -> tuple[torch.Tensor, ...]:
+    check_mqar(t, vocab, pairs, power_a)
+    n_keys, n_values = mqar_ids(vocab)
+    keys = torch.rand(n, n_keys, generator=g).argsort(1)[:, :pairs] + FIRST  # without replacement
+    values = torch.rand(n, n_values, generator=g).argsort(1)[:, :pairs] + FIRST + n_keys  # without replacement
+    slots = (t - 2 * pairs) // 2
+    weight = torch.arange(1, slots + 1, dtype=torch.float64) ** (power_a - 1)
+    slot = torch.multinomial(weight.repeat(n, 1), pairs, replacement=False, generator=g)  # key j -> slot[:, j]
+    query = 2 * pairs + 2 * slot  # (n, P) position of each key's query; its answer is scored at query + 1
+    ids = torch.full((n, t), NOISE, dtype=torch.long)
     ids[:, 0 : 2 * pairs : 2], ids[:, 1 : 2 * pairs : 2] = keys, values
-    q_pos = 2 * pairs + gaps + 2 * torch.arange(queries)  # (n, Q) query key positions; the answer follows
-    ids.scatter_(1, q_pos, keys.gather(1, asked))
-    ids.scatter_(1, q_pos + 1, values.gather(1, asked))
-    mask = torch.zeros(n, t, dtype=torch.bool).scatter_(1, q_pos + 1, True)
-    distance = torch.zeros(n, t, dtype=torch.long).scatter_(1, q_pos + 1, (q_pos + 1) - (2 * asked + 1))
-    return ids, mask, distance
+    ids.scatter_(1, query, keys)
+    targets = ids.clone().scatter_(1, query + 1, values)  # the answer is a label only: ids hold filler there
+    mask = torch.zeros(n, t, dtype=torch.bool).scatter_(1, query + 1, True)
+    # answer position (query + 1) back to the pair's value (2j + 1) = query back to the pair's key (2j)
+    distance = torch.zeros(n, t, dtype=torch.long).scatter_(1, query + 1, query - 2 * torch.arange(pairs))
+    return ids, targets, mask, distance
+
+
+def copy_length(t: int, selective: bool) -> int:
+    """Data tokens a copy sequence of t tokens asks back: (t - 1) // 2; selective: half of that (>= 1)."""
+    span = (t - 1) // 2
+    return max(1, span // 2) if selective else span
 
 
 def _copy(n: int, t: int, vocab: int, selective: bool, g: torch.Generator) -> tuple[torch.Tensor, ...]:
-    length = (t - 1) // 2
-    if length < 1 or vocab <= FIRST:
+    span = (t - 1) // 2
+    if span < 1 or vocab <= FIRST:
         raise DataError(f"data.seq_len={t} / data.vocab_size={vocab} are too small for a copy task: "
                         "expected seq_len >= 3 and vocab_size >= 4")
+    length = copy_length(t, selective)
     data = torch.randint(FIRST, vocab, (n, length), generator=g)
     ids = torch.full((n, t), PAD, dtype=torch.long)
-    if selective:  # data tokens at sorted random positions of a noise span of `length` tokens
-        span = length
-        data = data[:, : max(1, span // 2)]
-        length = data.shape[1]
-        slots = torch.rand(n, span, generator=g).argsort(1)[:, :length].sort(1).values
+    if selective:  # data tokens at sorted random positions of a noise span of `span` tokens
+        src = torch.rand(n, span, generator=g).argsort(1)[:, :length].sort(1).values
         ids[:, :span] = NOISE
-        ids.scatter_(1, slots, data)
-        src = slots
-        start = span + 1
+        ids.scatter_(1, src, data)
     else:
         ids[:, :length] = data
         src = torch.arange(length).expand(n, length)
-        start = length + 1
-    ids[:, start - 1] = SEP
-    ans = start + torch.arange(length)
+    ids[:, span] = SEP
+    ans = span + 1 + torch.arange(length)
     ids[:, ans] = data
     mask = torch.zeros(n, t, dtype=torch.bool)
     mask[:, ans] = True
     distance = torch.zeros(n, t, dtype=torch.long)
     distance[:, ans] = ans - src
-    return ids, mask, distance
+    return ids, ids.clone(), mask, distance
 
 
-# data.task -> generator (n, seq_len, vocab, num_pairs, g, gap) -> (ids, answer mask, answer distance)
+# data.task -> generator (n, seq_len, vocab, num_pairs, power_a, g) -> (ids, targets, answer mask, distance)
 TASKS = {
     "mqar": _mqar,
-    "copy": lambda n, t, vocab, pairs, g, gap: _copy(n, t, vocab, False, g),
-    "selective_copy": lambda n, t, vocab, pairs, g, gap: _copy(n, t, vocab, True, g),
+    "copy": lambda n, t, vocab, pairs, power_a, g: _copy(n, t, vocab, False, g),
+    "selective_copy": lambda n, t, vocab, pairs, power_a, g: _copy(n, t, vocab, True, g),
 }
 
 
+def chance_accuracy(task: str, seq_len: int, vocab_size: int, num_pairs: int) -> dict[str, float]:
+    """Accuracy on answers without recall, from the task's parameters alone.
+
+    no_past: the best a model that sees only the current token (and its position) can do. mqar:
+    the value of a key is uniform over the value ids whatever the key and slot, so 1 / (value ids);
+    copy: data tokens are uniform over [FIRST, V), so 1 / (V - FIRST). An untrained model guessing
+    over the whole vocabulary gets 1 / V, below both.
+    stored_value: a model that knows which tokens this sequence stored but not which one is asked,
+    and picks one uniformly. mqar: 1 / P (values are distinct); copy: the L data tokens are drawn
+    with replacement, so 1 / L + (1 - 1 / L) / (V - FIRST).
+    """
+    if task == "mqar":
+        return {"no_past": 1 / mqar_ids(vocab_size)[1], "stored_value": 1 / num_pairs}
+    length, n = copy_length(seq_len, task == "selective_copy"), vocab_size - FIRST
+    return {"no_past": 1 / n, "stored_value": 1 / length + (1 - 1 / length) / n}
+
+
 def generate(task: str, n: int, seq_len: int, vocab_size: int, num_pairs: int, g: torch.Generator,
-             gap: tuple[int, int] = (0, 0)):
+             power_a: float = 0.01) -> tuple[torch.Tensor, ...]:
     """n sequences of `task` (a newllm.config.RecallTask: Hydra checks the name at compose time)."""
-    return TASKS[task](n, seq_len, vocab_size, num_pairs, g, gap)
+    return TASKS[task](n, seq_len, vocab_size, num_pairs, power_a, g)
 
 
 def make_splits(task: str, counts: tuple[int, int, int], seq_len: int, vocab_size: int, num_pairs: int,
-                seed: int, gap: tuple[int, int] = (0, 0)) -> tuple[RecallSplit, RecallSplit, RecallSplit]:
+                seed: int, power_a: float = 0.01) -> tuple[RecallSplit, RecallSplit, RecallSplit]:
     """Disjoint (train, val, test): duplicates and held-out rows seen in training are dropped."""
     g = torch.Generator().manual_seed(seed)
-    total = sum(counts)
-    ids, mask, dist = generate(task, total, seq_len, vocab_size, num_pairs, g, gap)
-    _, first = _first_occurrence(ids)
-    keep = first
+    ids, targets, mask, dist = generate(task, sum(counts), seq_len, vocab_size, num_pairs, g, power_a)
+    keep = _first_occurrence(ids)  # the ids fix the targets: equal inputs are equal sequences
     splits, start = [], 0
     for c in counts:
         rows = torch.arange(start, start + c)
         rows = rows[keep[rows]]
-        splits.append(RecallSplit(ids[rows], mask[rows], dist[rows]))
+        splits.append(RecallSplit(ids[rows], targets[rows], mask[rows], dist[rows]))
         start += c
     for s in splits:
         if s.ids.shape[0] == 0:
@@ -133,10 +179,10 @@ def make_splits(task: str, counts: tuple[int, int, int], seq_len: int, vocab_siz
     return tuple(splits)
 
 
-def _first_occurrence(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(inverse, is_first): whether each row is the first of its identical rows (in row order)."""
+def _first_occurrence(ids: torch.Tensor) -> torch.Tensor:
+    """Whether each row is the first of its identical rows (in row order)."""
     _, inverse = torch.unique(ids, dim=0, return_inverse=True)
     order = torch.arange(len(inverse))
     firsts = torch.full((int(inverse.max()) + 1,), len(inverse), dtype=torch.long).scatter_reduce(
         0, inverse, order, reduce="amin")
-    return inverse, firsts[inverse] == order
+    return firsts[inverse] == order

@@ -61,16 +61,21 @@ class TransformerLM(nn.Module):
     FFN hidden_dim (null: 4 * d_model), `heads` attention heads, learned positions up to max_len.
 
     `embed_dim` is accepted and unused: GPT-2 embeds tokens at d_model and ties them to the head (so a
-    sweep over model.embed_dim composes for every model); self.embed_dim is the width actually used."""
+    sweep over model.embed_dim composes for every model); self.embed_dim is the width actually used.
+
+    attention_window w (null: the whole causal prefix) lets position t attend to t - w + 1 ... t only,
+    in every layer (so it sees layers x (w - 1) tokens back): w = 1 sees no earlier token at all
+    (data=recall's negative control: the same network with no access to the past)."""
 
     adam_betas = (0.9, 0.95)  # nanoGPT train.py (beta1, beta2)
 
     def __init__(self, vocab_size: int, layers: int, context_dim: int, embed_dim: int,
                  hidden_dim: int | None, init_std: float, dropout: float, heads: int = 4,
-                 max_len: int = 4096) -> None:
+                 max_len: int = 4096, attention_window: int | None = None) -> None:
         super().__init__()
         self.vocab_size, self.context_dim, self.embed_dim = vocab_size, context_dim, context_dim
         self.max_len, self.hidden_dim, self.layers = max_len, hidden_dim or 4 * context_dim, layers
+        self.attention_window = attention_window
         self.embedding = nn.Embedding(vocab_size, context_dim)
         self.pos = nn.Embedding(max_len, context_dim)
         self.drop = nn.Dropout(dropout)
@@ -93,7 +98,10 @@ class TransformerLM(nn.Module):
             raise ConfigError(f"sequence length {t} exceeds model.max_len={self.max_len}")
         h = self.drop(self.embedding(ids) + self.pos(torch.arange(t, device=ids.device)))
         mask = nn.Transformer.generate_square_subsequent_mask(t, device=ids.device)
-        return self.norm(self.decoder(h, mask=mask, is_causal=True))
+        if self.attention_window is not None:  # also hide keys w or more positions back: a band, not causal
+            mask = mask.masked_fill(torch.ones_like(mask, dtype=torch.bool).tril(-self.attention_window),
+                                    float("-inf"))
+        return self.norm(self.decoder(h, mask=mask, is_causal=self.attention_window is None))
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self.head(self.contexts_window(ids))
@@ -105,8 +113,10 @@ class TransformerLM(nn.Module):
                 {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
 
     def state_floats(self, length: int) -> int:
-        """Floats carried to the next token after `length` tokens: the KV cache, 2 x layers x length x d_model."""
-        return 2 * self.layers * length * self.context_dim
+        """Floats carried to the next token after `length` tokens: the KV cache, 2 x layers x length x d_model
+        (with an attention window w, only the last w - 1 positions are read again)."""
+        kept = length if self.attention_window is None else min(length, self.attention_window - 1)
+        return 2 * self.layers * kept * self.context_dim
 
     # ------------------------------------------------------------------ incremental decoding (KV cache)
     def new_cache(self, batch: int, capacity: int) -> list[torch.Tensor]:
@@ -124,8 +134,9 @@ class TransformerLM(nn.Module):
             q, k, v = nn.functional.linear(layer.norm1(h), attn.in_proj_weight, attn.in_proj_bias).chunk(3, -1)
             b, nh = h.shape[0], attn.num_heads
             kv[0, :, :, t], kv[1, :, :, t] = k.view(b, nh, -1), v.view(b, nh, -1)
-            a = nn.functional.scaled_dot_product_attention(q.view(b, nh, 1, -1), kv[0, :, :, : t + 1],
-                                                           kv[1, :, :, : t + 1])
+            seen = slice(0 if self.attention_window is None else max(0, t + 1 - self.attention_window), t + 1)
+            a = nn.functional.scaled_dot_product_attention(q.view(b, nh, 1, -1), kv[0, :, :, seen],
+                                                           kv[1, :, :, seen])
             h = h + attn.out_proj(a.reshape(b, -1))
             h = h + layer.linear2(layer.activation(layer.linear1(layer.norm2(h))))
         return self.head(self.norm(h))

@@ -6,6 +6,6 @@
   phase2.py      next-token training with plateau stopping, validation and test
   repetition.py  staged phrase-repetition training
   instruments.py loss by position in the window
-  evaluation.py  recall accuracy by evidence distance
+  evaluation.py  the one evaluation loop (Phase-2 validation and test, recall accuracy by distance)
   accel.py       precision (autocast) and torch.compile switches
 """

@@ -1,44 +1,77 @@
-"""Evaluation of a trained model on held-out data that needs more than the Phase-2 loss: recall accuracy
-on data=recall's answers, overall and by how far back the evidence lies."""
+"""Evaluation of a model on held-out windows: the one loop Phase 2's validation and test and data=recall's
+answer accuracy all go through.
+
+Every window is read from a fresh state (c = 0 for context models) and position t predicts target t + 1
+where the mask is set. `evaluate` gives the masked loss, perplexity, top-1 accuracy, the loss by position
+bucket (newllm.training.instruments) and, given each target's `distance` (data=recall: positions back to
+the evidence), the accuracy by distance bucket.
+"""
 
 from __future__ import annotations
 
 import torch
+from torch import nn
 
-from newllm import keys
+from newllm import keys, metrics
 from newllm.data.recall import RecallSplit
-from newllm.training.instruments import bucket_edges, bucket_labels
+from newllm.training.instruments import PositionLoss, bucket_edges, bucket_labels
+
+Windows = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (inputs, targets, target mask), each (W, T)
 
 
-def answer_accuracy(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor, distance: torch.Tensor
-                    ) -> tuple[float, dict[str, float], dict[str, int]]:
-    """Top-1 accuracy on answer targets, overall and by distance bucket (1-8, 9-16, 17-32, ...)."""
-    hit = (logits.argmax(-1) == targets)[mask].double()
-    d = distance[mask]
+def accuracy_by_distance(hit: torch.Tensor, distance: torch.Tensor) -> tuple[dict[str, float], dict[str, int]]:
+    """Top-1 accuracy and answer count per distance bucket (1-8, 9-16, 17-32, ...) of answers whose hits
+    and distances are given in the same order; buckets without answers are left out."""
+    hit, d = hit.double().cpu(), distance.cpu()
     top = max(int(d.max()), 1) if d.numel() else 1
     edges, labels = torch.tensor(bucket_edges(top)), bucket_labels(top)
     b = torch.bucketize(d, edges)
     n = torch.zeros(len(edges), dtype=torch.float64).index_add_(0, b, torch.ones_like(hit))
     s = torch.zeros(len(edges), dtype=torch.float64).index_add_(0, b, hit)
-    by = {k: float(s[i] / n[i]) for i, k in enumerate(labels) if n[i] > 0}
-    counts = {k: int(n[i]) for i, k in enumerate(labels) if n[i] > 0}
-    return float(hit.mean()) if hit.numel() else float("nan"), by, counts
+    return ({k: float(s[i] / n[i]) for i, k in enumerate(labels) if n[i] > 0},
+            {k: int(n[i]) for i, k in enumerate(labels) if n[i] > 0})
 
 
 @torch.no_grad()
-def evaluate_recall(model, split: RecallSplit, batch_size: int, device) -> tuple[float, dict, dict]:
-    """The model reads each sequence from a fresh state; position t predicts token t+1."""
+def evaluate(model: nn.Module, windows: Windows | list[torch.Tensor], batch_size: int,
+             distance: torch.Tensor | None = None) -> dict:
+    """Masked CE, perplexity and top-1 accuracy over all windows, the loss and token counts by position
+    bucket, and with `distance` ((W, T), aligned with the targets) the accuracy and answers by distance."""
     model.eval()
-    logits = torch.cat([model.head(model.contexts_window(split.ids[i : i + batch_size, :-1].to(device))).cpu()
-                        for i in range(0, split.ids.shape[0], batch_size)])
-    return answer_accuracy(logits, split.ids[:, 1:], split.mask[:, 1:], split.distance[:, 1:])
+    inputs, targets, mask = windows
+    ce_sum, correct, count, hits = 0.0, 0, 0, []
+    by_pos = PositionLoss(inputs.shape[1])
+    for i in range(0, inputs.shape[0], batch_size):
+        m = mask[i : i + batch_size]
+        logits = model.head(model.contexts_window(inputs[i : i + batch_size]))
+        ce, hit = metrics.masked_token_losses(logits, targets[i : i + batch_size], m)
+        by_pos.add_losses(ce, m)  # the same per-token CE, bucketed by position
+        ce_sum, correct, count = ce_sum + float(ce.sum()), correct + int(hit.sum()), count + ce.numel()
+        hits.append(hit.cpu())
+    loss = ce_sum / max(count, 1)
+    pos_loss, pos_tokens = by_pos.result()
+    out = {"loss": loss, "ppl": metrics.perplexity(loss), "acc": correct / max(count, 1), "tokens": count,
+           "loss_by_position": pos_loss, "tokens_by_position": pos_tokens}
+    if distance is not None:  # row-major over mask's True entries, the order of the hits
+        out["acc_by_distance"], out["answers_by_distance"] = accuracy_by_distance(
+            torch.cat(hits), distance.to(mask.device)[mask.bool()])
+    return out
 
 
-def recall_metrics(model, splits: dict[str, RecallSplit], batch_size: int, device) -> dict:
+def recall_windows(split: RecallSplit) -> tuple[Windows, torch.Tensor]:
+    """One window per sequence (inputs, targets, mask) and the targets' distances: position t predicts t + 1."""
+    return (split.ids[:, :-1], split.targets[:, 1:], split.mask[:, 1:]), split.distance[:, 1:]
+
+
+def recall_metrics(model: nn.Module, splits: dict[str, RecallSplit], batch_size: int,
+                   device: torch.device) -> dict:
+    """recall/{val,test}_accuracy and their accuracy and answer counts by distance (the kept weights)."""
     out = {}
     for name in ("val", "test"):
         if name in splits:
-            acc, by, counts = evaluate_recall(model, splits[name], batch_size, device)
-            out.update({keys.recall_split(name, "accuracy"): acc, keys.recall_split(name, "accuracy_by_distance"): by,
-                        keys.recall_split(name, "answers_by_distance"): counts})
+            windows, distance = recall_windows(splits[name])
+            r = evaluate(model, [t.to(device) for t in windows], batch_size, distance)
+            out.update({keys.recall_split(name, "accuracy"): r["acc"],
+                        keys.recall_split(name, "accuracy_by_distance"): r["acc_by_distance"],
+                        keys.recall_split(name, "answers_by_distance"): r["answers_by_distance"]})
     return out

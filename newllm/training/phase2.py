@@ -2,8 +2,10 @@
 
 The stream is cut into windows of seq_len + 1 tokens; every model reads a window from a fresh
 state (c = 0 for context models) and position t predicts token t+1, where the target's loss
-mask is set (assistant tokens for dialogue). Evaluation uses the same windows on validation,
-so perplexities of all models are measured identically. Validation runs every eval_every steps
+mask is set (assistant tokens for dialogue; targets may differ from the next input where the data
+says so: data=recall's answers). Evaluation uses the same windows on validation, through the one
+evaluation loop (newllm.training.evaluation.evaluate, which recall's accuracy uses too), so
+perplexities of all models are measured identically. Validation runs every eval_every steps
 (0: once per epoch); it picks the weights that are kept (the best evaluation, restored at the end)
 and feeds the stopping rule -- `patience` evaluations without a val-loss gain > min_delta stop the
 run ("plateau"), else the epochs / max_steps budget does ("cap") -- and pruning. The kept weights
@@ -32,7 +34,7 @@ from newllm import keys, metrics
 from newllm.errors import ConfigError, DataError, TrainingError
 from newllm.models import ContextModel, OptimizerRecipe, evaluating
 from newllm.runtime.lifecycle import Phase2State, TrainTally
-from newllm.training.instruments import PositionLoss
+from newllm.training.evaluation import evaluate
 from newllm.training.progress import Progress
 from newllm.training.solvers import jacobi_window
 
@@ -79,15 +81,17 @@ class Plateau:
             setattr(self, key, value)
 
 
-def make_windows(ids: torch.Tensor, mask: torch.Tensor, seq_len: int, what: str) -> tuple[torch.Tensor, ...]:
-    """(inputs (W, T), targets (W, T), target mask (W, T)) from non-overlapping windows."""
+def make_windows(ids: torch.Tensor, mask: torch.Tensor, seq_len: int, what: str,
+                 targets: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+    """(inputs (W, T), targets (W, T), target mask (W, T)) from non-overlapping windows. `targets`: the
+    target stream where it differs from the ids (TokenData.targets; None: the ids)."""
     w = (ids.numel() - 1) // seq_len
     if w < 1:
         raise DataError(f"the {what} stream has {ids.numel()} tokens, fewer than one window of "
                         f"training.phase2.seq_len + 1 = {seq_len + 1}")
     span = w * seq_len
     inputs = ids[:span].reshape(w, seq_len)
-    targets = ids[1 : span + 1].reshape(w, seq_len)
+    targets = (ids if targets is None else targets)[1 : span + 1].reshape(w, seq_len)
     target_mask = mask[1 : span + 1].reshape(w, seq_len)
     return inputs, targets, target_mask
 
@@ -138,6 +142,7 @@ def contexts_of(model: nn.Module, inputs: torch.Tensor, batch_size: int) -> torc
                           for i in range(0, inputs.shape[0], batch_size)])
 
 
+<<<<<<< HEAD
 @torch.no_grad()
 def evaluate(model: nn.Module, windows: tuple[torch.Tensor, ...], batch_size: int) -> dict:
     """Masked CE, perplexity and top-1 accuracy over all windows (fresh state per window), and the
@@ -159,6 +164,8 @@ def evaluate(model: nn.Module, windows: tuple[torch.Tensor, ...], batch_size: in
             "loss_by_position": pos_loss, "tokens_by_position": pos_tokens}
 
 
+=======
+>>>>>>> mqar
 def eval_length(model: nn.Module, cfg: DictConfig) -> int:
     """training.phase2.eval_seq_len (null = seq_len); both window lengths checked against a transformer's
     max_len before any step (not as a failure mid-training)."""
@@ -182,19 +189,24 @@ class Windows:
 
     @classmethod
     def build(cls, model: nn.Module, data, cfg: DictConfig, device: torch.device) -> Windows:
-        train = [t.to(device) for t in make_windows(data.train_ids, data.train_mask, cfg.seq_len, "training")]
-        val_ids, val_mask = data.val_ids, data.val_mask
+        targets = getattr(data, "targets", None) or {}
+        train = [t.to(device) for t in make_windows(data.train_ids, data.train_mask, cfg.seq_len, "training",
+                                                    targets.get("train"))]
+        val_ids, val_mask, val_targets = data.val_ids, data.val_mask, targets.get("val")
         if cfg.max_val_tokens:
-            val_ids, val_mask = val_ids[: cfg.max_val_tokens + 1], val_mask[: cfg.max_val_tokens + 1]
+            cut = slice(0, cfg.max_val_tokens + 1)
+            val_ids, val_mask = val_ids[cut], val_mask[cut]
+            val_targets = None if val_targets is None else val_targets[cut]
         eval_len = eval_length(model, cfg)
-        val = [t.to(device) for t in make_windows(val_ids, val_mask, eval_len, "validation")]
+        val = [t.to(device) for t in make_windows(val_ids, val_mask, eval_len, "validation", val_targets)]
         if int(val[2].sum()) == 0:
             raise DataError("the validation windows hold no tokens to predict (loss mask all false); "
                             "use data.loss_on=all or more validation data")
         test_ids = getattr(data, "test_ids", None)
         test = None
         if test_ids is not None and test_ids.numel() > 0:
-            test = [t.to(device) for t in make_windows(test_ids, data.test_mask, eval_len, "test")]
+            test = [t.to(device) for t in make_windows(test_ids, data.test_mask, eval_len, "test",
+                                                       targets.get("test"))]
         return cls(train, val, test, eval_len)
 
 
