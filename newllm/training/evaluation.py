@@ -39,15 +39,19 @@ def evaluate(model: nn.Module, windows: Windows | list[torch.Tensor], batch_size
     bucket, and with `distance` ((W, T), aligned with the targets) the accuracy and answers by distance."""
     model.eval()
     inputs, targets, mask = windows
-    ce_sum, correct, count, hits = 0.0, 0, 0, []
+    sums = torch.zeros(3, dtype=torch.float64, device=inputs.device)  # summed on the device, read once
+    hits = []
     by_pos = PositionLoss(inputs.shape[1])
     for i in range(0, inputs.shape[0], batch_size):
         m = mask[i : i + batch_size]
         logits = model.head(model.contexts_window(inputs[i : i + batch_size]))
         ce, hit = metrics.masked_token_losses(logits, targets[i : i + batch_size], m)
         by_pos.add_losses(ce, m)  # the same per-token CE, bucketed by position
-        ce_sum, correct, count = ce_sum + float(ce.sum()), correct + int(hit.sum()), count + ce.numel()
-        hits.append(hit.cpu())
+        sums += torch.stack([ce.double().sum(), hit.sum().double(), m.sum().double()])
+        if distance is not None:
+            hits.append(hit)
+    ce_sum, correct, count = sums.tolist()
+    count = int(count)
     loss = ce_sum / max(count, 1)
     pos_loss, pos_tokens = by_pos.result()
     out = {"loss": loss, "ppl": metrics.perplexity(loss), "acc": correct / max(count, 1), "tokens": count,

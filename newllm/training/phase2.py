@@ -142,30 +142,6 @@ def contexts_of(model: nn.Module, inputs: torch.Tensor, batch_size: int) -> torc
                           for i in range(0, inputs.shape[0], batch_size)])
 
 
-<<<<<<< HEAD
-@torch.no_grad()
-def evaluate(model: nn.Module, windows: tuple[torch.Tensor, ...], batch_size: int) -> dict:
-    """Masked CE, perplexity and top-1 accuracy over all windows (fresh state per window), and the
-    loss and token counts by position bucket (newllm.training.instruments)."""
-    model.eval()
-    inputs, targets, mask = windows
-    sums = torch.zeros(3, dtype=torch.float64, device=inputs.device)  # summed on the device, read once
-    by_pos = PositionLoss(inputs.shape[1])
-    for i in range(0, inputs.shape[0], batch_size):
-        logits = model.head(model.contexts_window(inputs[i : i + batch_size]))
-        ce, hit = metrics.masked_token_losses(logits, targets[i : i + batch_size], mask[i : i + batch_size])
-        by_pos.add_losses(ce, mask[i : i + batch_size])  # the same per-token CE, bucketed by position
-        sums += torch.stack([ce.double().sum(), hit.sum().double(), mask[i : i + batch_size].sum().double()])
-    ce_sum, correct, count = sums.tolist()
-    count = int(count)
-    loss = ce_sum / max(count, 1)
-    pos_loss, pos_tokens = by_pos.result()
-    return {"loss": loss, "ppl": metrics.perplexity(loss), "acc": correct / max(count, 1), "tokens": count,
-            "loss_by_position": pos_loss, "tokens_by_position": pos_tokens}
-
-
-=======
->>>>>>> mqar
 def eval_length(model: nn.Module, cfg: DictConfig) -> int:
     """training.phase2.eval_seq_len (null = seq_len); both window lengths checked against a transformer's
     max_len before any step (not as a failure mid-training)."""
