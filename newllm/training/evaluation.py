@@ -45,7 +45,7 @@ def evaluate(model: nn.Module, windows: Windows | list[torch.Tensor], batch_size
     for i in range(0, inputs.shape[0], batch_size):
         m = mask[i : i + batch_size]
         logits = model.head(model.contexts_window(inputs[i : i + batch_size]))
-        ce, hit = metrics.masked_token_losses(logits, targets[i : i + batch_size], m)
+        ce, hit = metrics.masked_token_losses(logits, targets[i : i + batch_size], m)  # dense (B, T)
         by_pos.add_losses(ce, m)  # the same per-token CE, bucketed by position
         sums += torch.stack([ce.double().sum(), hit.sum().double(), m.sum().double()])
         if distance is not None:
@@ -57,8 +57,9 @@ def evaluate(model: nn.Module, windows: Windows | list[torch.Tensor], batch_size
     out = {"loss": loss, "ppl": metrics.perplexity(loss), "acc": correct / max(count, 1), "tokens": count,
            "loss_by_position": pos_loss, "tokens_by_position": pos_tokens}
     if distance is not None:  # row-major over mask's True entries, the order of the hits
+        answers = mask.bool()
         out["acc_by_distance"], out["answers_by_distance"] = accuracy_by_distance(
-            torch.cat(hits), distance.to(mask.device)[mask.bool()])
+            torch.cat(hits)[answers], distance.to(mask.device)[answers])
     return out
 
 
