@@ -37,6 +37,7 @@ from newllm.errors import NewllmError, describe, exit_one_line
 from newllm.models import ContextModel, build_model, count_parameters, pretrained
 from newllm.models.sizing import solve_core_params
 from newllm.runtime import checkpoint as ckpt
+from newllm.runtime.fileio import save_checkpoint, save_text
 from newllm.runtime.lifecycle import PHASE1, PHASE2, RunLifecycle, final_payload
 from newllm.runtime.memory import check_model_fits, out_of_memory_guard
 from newllm.runtime.tracking import RunTracker
@@ -139,7 +140,7 @@ def prepare_config(cfg: DictConfig) -> dict[str, Path] | None:
 
 def load_run_data(cfg: DictConfig, run_dir: Path):
     data = load_data(cfg.data, cfg.tokenizer, cfg.paths.cache_dir, min_tokens=cfg.training.phase2.seq_len + 1)
-    data.tokenizer.save(str(run_dir / "tokenizer.json"))
+    save_text(run_dir / "tokenizer.json", data.tokenizer.to_str())
     log.info("data: %d train / %d val tokens, vocab %d", len(data.train_ids), len(data.val_ids), data.vocab_size)
     return data
 
@@ -180,7 +181,7 @@ def phase1_stage(cfg: DictConfig, model, data, device: torch.device, tracker: Ru
                           checkpoint=life.checkpointer(PHASE1), test_ids=getattr(data, "test_ids", None))
     p1.metrics[keys.P1_DOCUMENTS] = p1_documents  # kept with the Phase-1 checkpoint (from_run)
     if cfg.save_contexts and p1.val_contexts is not None:
-        torch.save(p1.val_contexts, life.run_dir / "phase1_val_contexts.pt")
+        save_checkpoint(life.run_dir / "phase1_val_contexts.pt", p1.val_contexts)
     ckpt.save(life.run_dir / ckpt.PHASE1_FILE, "phase1", {
         "config": to_container(cfg), "model": model.state_dict(), "metrics": ckpt.primitive(p1.metrics),
         "tokenizer_hash": ckpt.tokenizer_hash(data.tokenizer), "vocab_size": data.vocab_size})

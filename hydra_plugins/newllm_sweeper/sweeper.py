@@ -47,7 +47,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from hydra_plugins.newllm_sweeper import config as _config  # noqa: F401  (registers configs + presets)
 from newllm.errors import ConfigError, FolderOwned, SweepAborted, exit_one_line  # importable from here as before
-from newllm.runtime.fileio import atomic_write
+from newllm.runtime.fileio import save_text
 from newllm.sweep import compat, hooks
 from newllm.sweep import storage as storages
 
@@ -184,8 +184,7 @@ class NewllmOptunaSweeperImpl(OptunaSweeperImpl):
             self._launch(reruns, trials, overrides, len(directions))
         record = {**tag, "label": label, "best_value": best.value, "params": best.params,
                   "fixed": {k: v for k, v in fixed_params.items() if k != "seed"}, "seeds": self.rerun_seeds}
-        atomic_write(self.sweep_dir / "rerun_best.json",
-                     lambda tmp: Path(tmp).write_text(json.dumps(record, indent=1, default=str) + "\n"))
+        save_text(self.sweep_dir / "rerun_best.json", json.dumps(record, indent=1, default=str) + "\n")
         self._save_results(reruns, directions)
         self.study_name, self.sweep_dir = tuned_name, tuned_dir
 
@@ -396,8 +395,7 @@ class NewllmOptunaSweeperImpl(OptunaSweeperImpl):
             results["solutions"] = [{"params": t.params, "values": t.values} for t in study.best_trials]
         results["n_trials"] = {s.name.lower(): len(study.get_trials(deepcopy=False, states=(s,)))
                                for s in TrialState}
-        self.sweep_dir.mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(OmegaConf.create(results), self.sweep_dir / "optimization_results.yaml")
+        save_text(self.sweep_dir / "optimization_results.yaml", OmegaConf.to_yaml(OmegaConf.create(results)))
 
 
 def _objective_values(ret: Any, n: int) -> tuple[list[float], str | None]:
@@ -434,8 +432,7 @@ def _read_owner(folder: Path) -> dict[str, Any] | None:
 
 
 def _write_owner(folder: Path, owner: dict[str, Any]) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    atomic_write(folder / OWNER_FILE, lambda tmp: Path(tmp).write_text(json.dumps(owner, indent=1) + "\n"))
+    save_text(folder / OWNER_FILE, json.dumps(owner, indent=1) + "\n")
 
 
 def _job_folders(folder: Path) -> list[Path]:

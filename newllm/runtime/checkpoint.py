@@ -36,7 +36,6 @@ PHASE1_FILE = "checkpoints/phase1.pt"
 def save(path: str | Path, kind: str, payload: dict) -> Path:
     """torch.save to a temp file + rename: a kill mid-write leaves the previous checkpoint intact."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     save_checkpoint(path, {"format": FORMAT, "version": VERSION, "kind": kind, **payload})
     return path
 
