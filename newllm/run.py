@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+import sys
 from pathlib import Path
 
 import hydra
@@ -26,6 +27,7 @@ from newllm.config import (
     Phase1Config,
     Phase2Config,
     RepetitionConfig,
+    check_group_overrides,
     flatten,
     instantiate,
     register_configs,
@@ -45,10 +47,11 @@ from newllm.sweep.hooks import Pruned, TrialPruned, attach_trial
 from newllm.training.accel import autocast, maybe_compile
 from newllm.training.evaluation import recall_metrics
 from newllm.training.phase1 import train_phase1
-from newllm.training.phase2 import train_phase2
+from newllm.training.phase2 import Windows, train_phase2
 from newllm.training.repetition import train_repetition
 
 log = logging.getLogger("newllm")
+CONF = Path(__file__).resolve().parents[1] / "conf"  # @hydra.main's config_path
 register_configs()
 
 
@@ -100,6 +103,8 @@ def run(cfg: DictConfig, run_dir: str | Path) -> tuple[dict, float | list[float]
 
     data = load_run_data(cfg, life.run_dir)
     model, metrics = build(cfg, data, device, pretrained_files)
+    if cfg.training.phase2.enabled:  # its windows fit the data: checked now, not after Phase 1
+        Windows.check(model, data, typed(cfg.training.phase2, Phase2Config))
     attach_trial(tracker.hooks, cfg, model)  # reports to its Optuna trial when the newllm_optuna sweeper runs it
     life.restore(model, metrics, tracker.history)
 
@@ -269,5 +274,14 @@ def main(cfg: DictConfig) -> float | list[float] | Pruned:
     return objectives
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """`python -m newllm.run`: the overrides Hydra would fail on with a traceback are refused in one line first."""
+    try:
+        check_group_overrides(sys.argv[1:], CONF)
+    except NewllmError as err:
+        exit_one_line(err)
     main()
+
+
+if __name__ == "__main__":
+    cli()

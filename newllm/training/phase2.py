@@ -79,12 +79,13 @@ class Plateau:
             setattr(self, key, value)
 
 
-def make_windows(ids: torch.Tensor, mask: torch.Tensor, seq_len: int, what: str) -> tuple[torch.Tensor, ...]:
-    """(inputs (W, T), targets (W, T), target mask (W, T)) from non-overlapping windows."""
+def make_windows(ids: torch.Tensor, mask: torch.Tensor, seq_len: int, what: str,
+                 key: str = "training.phase2.seq_len") -> tuple[torch.Tensor, ...]:
+    """(inputs (W, T), targets (W, T), target mask (W, T)) from non-overlapping windows; `key` sets seq_len."""
     w = (ids.numel() - 1) // seq_len
     if w < 1:
         raise DataError(f"the {what} stream has {ids.numel()} tokens, fewer than one window of "
-                        f"training.phase2.seq_len + 1 = {seq_len + 1}")
+                        f"{key} + 1 = {seq_len + 1}")
     span = w * seq_len
     inputs = ids[:span].reshape(w, seq_len)
     targets = ids[1 : span + 1].reshape(w, seq_len)
@@ -185,15 +186,22 @@ class Windows:
         if cfg.max_val_tokens:
             val_ids, val_mask = val_ids[: cfg.max_val_tokens + 1], val_mask[: cfg.max_val_tokens + 1]
         eval_len = eval_length(model, cfg)
-        val = [t.to(device) for t in make_windows(val_ids, val_mask, eval_len, "validation")]
+        key = "training.phase2.eval_seq_len" if cfg.eval_seq_len else "training.phase2.seq_len"
+        val = [t.to(device) for t in make_windows(val_ids, val_mask, eval_len, "validation", key)]
         if int(val[2].sum()) == 0:
             raise DataError("the validation windows hold no tokens to predict (loss mask all false); "
                             "use data.loss_on=all or more validation data")
         test_ids = getattr(data, "test_ids", None)
         test = None
         if test_ids is not None and test_ids.numel() > 0:
-            test = [t.to(device) for t in make_windows(test_ids, data.test_mask, eval_len, "test")]
+            test = [t.to(device) for t in make_windows(test_ids, data.test_mask, eval_len, "test", key)]
         return cls(train, val, test, eval_len)
+
+    @classmethod
+    def check(cls, model: nn.Module, data, cfg: DictConfig) -> None:
+        """What `build` would refuse (a window longer than a stream, max_len, an empty loss mask), said before
+        Phase 1 instead of after it: the windows are views of the streams, so this costs no copy."""
+        cls.build(model, data, cfg, torch.device("cpu"))
 
 
 class Phase2Loop:
