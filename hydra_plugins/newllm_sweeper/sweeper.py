@@ -46,6 +46,7 @@ from omegaconf import DictConfig, OmegaConf
 from optuna.trial import FrozenTrial, TrialState
 
 from hydra_plugins.newllm_sweeper import config as _config  # noqa: F401  (registers configs + presets)
+from newllm.config import check_directions
 from newllm.errors import ConfigError, FolderOwned, SweepAborted, exit_one_line  # importable from here as before
 from newllm.runtime.fileio import save_text
 from newllm.sweep import compat, hooks
@@ -193,12 +194,7 @@ class NewllmOptunaSweeperImpl(OptunaSweeperImpl):
         """Settings that would leak a password, share job folders or run nothing: refused before anything is opened."""
         if self.n_trials < 1:
             raise ConfigError(f"hydra.sweeper.n_trials={self.n_trials} is not allowed: expected an integer >= 1")
-        written = OmegaConf.to_container(self.config.hydra.sweeper, resolve=False).get("storage")
-        if storages.literal_password(written):
-            raise ConfigError(
-                "hydra.sweeper.storage holds a password, which Hydra would write into every job's .hydra/hydra.yaml: "
-                "leave it out (PGPASSWORD, ~/.pgpass or PGSERVICE) or write it as "
-                + storages.masked(self.storage).replace(storages.MASK, "${oc.env:NEWLLM_DB_PASSWORD}"))
+        storages.check_not_written(self.config)  # newllm.runtime.preflight checked it already, for any sweeper
         if self.subdir.format(number=0) == self.subdir.format(number=1):
             raise ConfigError(f"hydra.sweeper.subdir={self.subdir!r} is not allowed: it must contain {{number}}, "
                               "so that every trial gets a job folder of its own")
@@ -206,9 +202,7 @@ class NewllmOptunaSweeperImpl(OptunaSweeperImpl):
     def _objective_names(self, directions: list[str]) -> list[str]:
         """The config's `objectives`: what the task returns, in order, hence the study's metric names."""
         names = [str(n) for n in self.config.get("objectives") or []]
-        if len(names) != len(directions):
-            raise ConfigError(f"objectives={names} has {len(names)} name(s) for hydra.sweeper.direction={directions}:"
-                              " give one direction per objective")
+        check_directions(names, directions)
         return names
 
     # ------------------------------------------------------------------ study and trials
