@@ -48,6 +48,7 @@ from optuna.trial import FrozenTrial, TrialState
 from hydra_plugins.newllm_sweeper import config as _config  # noqa: F401  (registers configs + presets)
 from newllm.config import check_directions
 from newllm.errors import ConfigError, FolderOwned, SweepAborted, exit_one_line  # importable from here as before
+from newllm.runtime import rundirs
 from newllm.runtime.fileio import save_text
 from newllm.sweep import compat, hooks
 from newllm.sweep import storage as storages
@@ -55,7 +56,7 @@ from newllm.sweep import storage as storages
 log = logging.getLogger(__name__)
 OWNER = f"{socket.gethostname()}:{os.getpid()}"
 COUNTED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
-OWNER_FILE = ".newllm-owner.json"  # in the sweep folder and in each job folder: which study (and trial) owns it
+OWNER_FILE = rundirs.OWNER_FILE  # in the sweep folder and in each job folder: which study (and trial) owns it
 SAMPLERS = ("hydra_plugins.hydra_optuna_sweeper.*", "optuna.samplers.*")  # what the official plugin instantiates
 OptunaSweeperImpl, create_params_from_overrides = compat.optuna_sweeper_impl()  # private in hydra-optuna-sweeper
 
