@@ -8,7 +8,8 @@ grammar (`create_params_from_overrides`), trial configuration and grid handling.
     stops once this run has more than max_failure_rate x n_trials failures; every result is stored
     before anything raises;
   - resume: n_trials counts COMPLETE + PRUNED (+ running) trials of the whole study, and a re-run reseeds
-    the sampler from (seed, trials in the study), so it continues the search instead of replaying it;
+    the sampler from (seed, trials in the study), so it continues the search instead of replaying it; a trial
+    left RUNNING by a killed sweep is recovered from its job folder when its job had finished, else FAIL;
   - job folders: named by trial number; the sweep folder and each job folder carry an owner record
     (OWNER_FILE: storage, study, trial), and a sweep never writes into a folder it does not own;
   - names and values: the study's metric names are the config's `objectives`; a pruned trial's value is its
@@ -314,13 +315,39 @@ class NewllmOptunaSweeperImpl(OptunaSweeperImpl):
         return trials
 
     def _fail_abandoned(self, study: optuna.Study) -> None:
-        """RUNNING trials left by a sweep process on this host that no longer exists (killed, crashed)."""
+        """RUNNING trials left by a sweep process on this host that no longer exists (killed, crashed): a trial
+        whose job finished before the kill is recovered from its folder (`_recover`), the others are FAIL."""
         host = socket.gethostname()
         for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             owner = t.system_attrs.get("newllm:owner", "")
             h, _, pid = owner.rpartition(":")
-            if h == host and pid.isdigit() and not _alive(int(pid)):
+            if h == host and pid.isdigit() and not _alive(int(pid)) and not self._recover(study, t, owner):
                 self._tell_fail(study, t, f"abandoned: sweep process {owner} is gone")
+
+    def _recover(self, study: optuna.Study, trial: FrozenTrial, owner: str) -> bool:
+        """Tell the study a trial whose job finished although its sweep process was killed before telling it: the
+        job folder this sweeper made for it (its owner record names this study and trial) holds the complete
+        metrics.json (written atomically, last) and the overrides it ran with, which must hold the trial's params.
+        Its values are the objectives of the job's own config, as the task returned them. False: not finished."""
+        folder = self.sweep_dir / self.subdir.format(number=trial.number)
+        record = _read_owner(folder) or {}
+        job = _finished_job(folder)
+        if job is None or (record.get("study_id"), record.get("trial")) != (compat.study_id(study), trial.number):
+            return False
+        overrides, objectives, metrics = job
+        if any(f"{name}={value}" not in overrides for name, value in trial.params.items()):
+            return False  # not the params the study gave this trial: not its result
+        reason = f"recovered from {folder}: its job finished, sweep process {owner} was gone before recording it"
+        for key, value in {"run_dir": str(folder), "overrides": overrides, **metrics, "recovered": reason}.items():
+            compat.set_trial_user_attr(study, trial, key, value)
+        returned = [float(metrics.get(name, math.nan)) for name in objectives]  # what newllm.run returned
+        values, problem = _objective_values(returned[0] if len(returned) == 1 else returned, len(study.directions))
+        if problem:
+            self._tell_fail(study, trial, problem)
+        else:
+            study.tell(trial.number, values)
+            log.info("Trial %d %s", trial.number, reason)
+        return True
 
     def _job_overrides(self, study: optuna.Study, trial: optuna.Trial, folder: Path) -> list[str]:
         compat.set_trial_system_attr(study, trial, hooks.SPEC_ATTR, self.task_spec)
@@ -337,8 +364,8 @@ class NewllmOptunaSweeperImpl(OptunaSweeperImpl):
         # a job that died before Hydra set it up (killed on a cluster) returns no config: its folder is still `folder`
         run_dir = Path(ret.hydra_cfg.hydra.runtime.output_dir) if ret.hydra_cfg else folder
         attrs = {"run_dir": str(run_dir), "overrides": list(ret.overrides or [])}
-        if run_dir is not None and (run_dir / "metrics.json").is_file():
-            attrs.update(json.loads((run_dir / "metrics.json").read_text()))
+        if run_dir is not None:
+            attrs.update(_metrics(run_dir) or {})
         for key, value in attrs.items():
             trial.set_user_attr(key, value)
         if ret.status == JobStatus.COMPLETED and isinstance(ret.return_value, hooks.Pruned):
@@ -403,6 +430,24 @@ def _objective_values(ret: Any, n: int) -> tuple[list[float], str | None]:
     if not all(math.isfinite(v) for v in values):
         return [], f"the task returned a non-finite objective: {values}"
     return values, None
+
+
+def _metrics(run_dir: Path) -> dict[str, Any] | None:
+    """A job's metrics.json (written atomically when the run finished), or None."""
+    path = run_dir / "metrics.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _finished_job(folder: Path) -> tuple[list[str], list[str], dict[str, Any]] | None:
+    """(overrides, objectives, metrics) of a job that finished in `folder`, from what Hydra and the run wrote there;
+    None when it did not finish (no metrics.json) or its .hydra/ files are missing."""
+    metrics = _metrics(folder)
+    hydra_dir = folder / ".hydra"
+    if metrics is None or not (hydra_dir / "overrides.yaml").is_file() or not (hydra_dir / "config.yaml").is_file():
+        return None
+    overrides = [str(o) for o in OmegaConf.load(hydra_dir / "overrides.yaml")]
+    objectives = [str(o) for o in OmegaConf.load(hydra_dir / "config.yaml").get("objectives") or []]
+    return overrides, objectives, metrics
 
 
 def _plain(node: Any) -> Any:
