@@ -582,7 +582,7 @@ def check_schema_node(node: DictConfig, prefix: str = "") -> None:
     misspelt `+training.phase1.max_iteration=9` would otherwise pass silently (or fail deep inside a
     constructor)."""
     schema = OmegaConf.get_type(node)
-    typed = dataclasses.is_dataclass(schema)
+    typed = dataclasses.is_dataclass(schema) and schema.__module__ == __name__  # not a plugin's (Hydra, Optuna)
     known = {f.name for f in dataclasses.fields(schema)} if typed else None
     ranges = schema_ranges(schema) if typed else {}
     for key, value in node.items_ex(resolve=False):  # as written: no interpolation resolved
@@ -594,7 +594,7 @@ def check_schema_node(node: DictConfig, prefix: str = "") -> None:
                               f"{hint}; expected one of {sorted(known)}")
         if key in ranges:
             _check_range(f"{prefix}{key}", node[key], *ranges[key])  # node[key]: interpolations resolved
-        if isinstance(value, DictConfig):
+        if isinstance(value, DictConfig) and node[key] is not None:  # a typed node set to null has no keys
             check_schema_node(value, f"{prefix}{key}.")
 
 

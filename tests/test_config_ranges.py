@@ -20,6 +20,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict, read_write
 
+from newllm import config
 from newllm.config import INT64_MAX, RANGE, Range, register_configs, schema_ranges
 from tests.conftest import REPO
 
@@ -30,18 +31,13 @@ OPTIONS = [[], ["model/updater=residual"], ["model=gru"], ["model=transformer"],
 
 
 def schemas() -> set[type]:
-    """Every dataclass registered as a schema, and every dataclass nested in one."""
+    """Every schema in newllm/config.py: the registered ones, what they nest, and the sweeper's early_stop."""
+    found = {obj for obj in vars(config).values() if isinstance(obj, type) and dataclasses.is_dataclass(obj)
+             and obj.__module__ == config.__name__ and obj is not Range}
     register_configs()
-    found: set[type] = set()
-    todo = [ConfigStore.instance().load(name).node for name in ConfigStore.instance().list("")
-            if name.endswith("_schema.yaml")]
-    todo = [OmegaConf.get_type(node) for node in todo]
-    while todo:
-        schema = todo.pop()
-        if schema in found or not dataclasses.is_dataclass(schema):
-            continue
-        found.add(schema)
-        todo += [typing.get_type_hints(schema)[f.name] for f in dataclasses.fields(schema)]
+    registered = {OmegaConf.get_type(ConfigStore.instance().load(name).node) for name in ConfigStore.instance().list("")
+                  if name.endswith("_schema.yaml")}
+    assert registered <= found
     return found
 
 
@@ -90,7 +86,7 @@ def typed_keys(node: DictConfig, prefix: str = ""):
     for key, value in node.items_ex(resolve=False):
         if key in ranges:
             yield f"{prefix}{key}", schema, key
-        if isinstance(value, DictConfig):
+        if isinstance(value, DictConfig) and node[key] is not None:
             yield from typed_keys(value, f"{prefix}{key}.")
 
 
@@ -102,14 +98,24 @@ def composed() -> list[DictConfig]:
         return [compose("config", options, return_hydra_config=True) for options in OPTIONS]
 
 
-def as_run(config: DictConfig, run_dir: Path) -> DictConfig:
+@pytest.fixture(scope="module")
+def study_sweep() -> DictConfig:
+    """A newllm_optuna sweep as Hydra composes it: its early_stop node is a newllm schema."""
+    import newllm.run  # noqa: F401
+
+    with initialize_config_dir(config_dir=str(REPO / "conf")):
+        return compose("config", ["hydra/sweeper=newllm_optuna", "objectives=[phase2/val_ppl]"],
+                       return_hydra_config=True)
+
+
+def as_run(composition: DictConfig, run_dir: Path) -> DictConfig:
     """What Hydra hands the task: the config without its hydra node, HydraConfig set to a run in run_dir."""
-    config = copy.deepcopy(config)
-    with read_write(config.hydra):
-        config.hydra.runtime.output_dir = str(run_dir)
-        config.hydra.mode = RunMode.RUN
-    HydraConfig.instance().set_config(config)
-    task = copy.deepcopy(config)
+    composition = copy.deepcopy(composition)
+    with read_write(composition.hydra):
+        composition.hydra.runtime.output_dir = str(run_dir)
+        composition.hydra.mode = RunMode.RUN
+    HydraConfig.instance().set_config(composition)
+    task = copy.deepcopy(composition)
     with read_write(task), open_dict(task):
         del task["hydra"]
     return task
@@ -128,8 +134,8 @@ def test_every_numeric_key_just_outside_its_range_is_one_line_and_exit_2(compose
     """The property: for every ranged key of every schema, each value just outside its range stops the run
     before any work with one line naming the key and the allowed values."""
     walked, wrong = set(), []
-    for config in composed:
-        base = as_run(config, tmp_path / "run")
+    for composition in composed:
+        base = as_run(composition, tmp_path / "run")
         for key, schema, name in typed_keys(base):
             if (schema, name) in walked:  # a field shared by several options (data.*, training.*): once
                 continue
@@ -144,9 +150,30 @@ def test_every_numeric_key_just_outside_its_range_is_one_line_and_exit_2(compose
                 if not ok:
                     wrong.append((key, value, code, lines))
     every = {(s, n) for s in schemas() for n in schema_ranges(s)}
-    assert every - walked == set()  # every ranged field of every schema was reached
+    assert every - walked - {(config.EarlyStopConfig, n) for n in schema_ranges(config.EarlyStopConfig)} == set()
     assert wrong == []
     assert not (tmp_path / "run").exists()  # refused before any work: nothing written
+
+
+def test_every_sweeper_key_newllm_types_just_outside_its_range_is_one_line_and_exit_2(study_sweep, capsys):
+    """hydra.sweeper.early_stop.* (EarlyStopConfig), through the callback every sweep passes first."""
+    from newllm.runtime.preflight import Preflight
+
+    walked, wrong = set(), []
+    for key, schema, name in typed_keys(study_sweep.hydra.sweeper, "hydra.sweeper."):
+        rng, integer = schema_ranges(schema)[name]
+        walked.add((schema, name))
+        for value in outside(rng, integer):
+            sweep = copy.deepcopy(study_sweep)
+            with read_write(sweep.hydra):
+                OmegaConf.update(sweep, key, value)
+            with pytest.raises(SystemExit) as exit_:
+                Preflight().on_multirun_start(config=sweep)
+            lines = capsys.readouterr().err.strip().splitlines()
+            if not (exit_.value.code == 2 and len(lines) == 1 and lines[0].startswith(f"error: {key}=")):
+                wrong.append((key, value, exit_.value.code, lines))
+    assert walked == {(config.EarlyStopConfig, n) for n in schema_ranges(config.EarlyStopConfig)}
+    assert wrong == []
 
 
 # The values issue 26 found accepted (or failing late, or with a traceback), each refused at once.
@@ -166,8 +193,8 @@ ISSUE_CASES = [
 
 @pytest.mark.parametrize(("key", "value", "allowed"), ISSUE_CASES, ids=[f"{k}={v}" for k, v, _ in ISSUE_CASES])
 def test_values_issue_26_found_accepted_are_one_line(composed, tmp_path, capsys, key, value, allowed):
-    config = composed[4] if key.startswith("training.diversity") else composed[0]
-    task = as_run(config, tmp_path / "run")
+    composition = composed[4] if key.startswith("training.diversity") else composed[0]
+    task = as_run(composition, tmp_path / "run")
     OmegaConf.update(task, key, value)
     code, lines = refusal(task, capsys)
     assert (code, lines) == (2, [f"error: {key}={OmegaConf.select(task, key)!r} is not allowed: expected {allowed}"])

@@ -3,6 +3,7 @@
 `Preflight` is a Hydra callback (conf/config.yaml, hydra.callbacks, before RunFolders claims a folder),
 so every run and every sweeper passes through it -- Hydra's own, the official Optuna sweeper, newllm's:
   - the sweeper's storage URL holds no password Hydra would write into .hydra/ (newllm.sweep.storage);
+  - the sweeper's settings that newllm's schemas type (early_stop) lie in their declared ranges;
   - an Optuna sweep has one direction per objective (else it ran a whole trial before failing);
   - a grid (Hydra's basic sweeper): each job's config passes newllm.config.validate, so a bad value in one
     cell refuses the grid in one line before any job runs. A grid's cells are one experiment: running the
@@ -23,7 +24,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
-from newllm.config import check_directions, validate
+from newllm.config import check_directions, check_schema_node, validate
 from newllm.errors import ConfigError, NewllmError, exit_one_line
 
 log = logging.getLogger(__name__)
@@ -97,6 +98,7 @@ class Preflight(Callback):
 
         try:
             check_not_written(config)
+            check_schema_node(config.hydra.sweeper, "hydra.sweeper.")
             check_objective_directions(config)
             if config.hydra.sweeper.get("_target_") == BASIC_SWEEPER and not config.get("resume"):
                 check_grid(config)
