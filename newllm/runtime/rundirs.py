@@ -126,11 +126,11 @@ def check_resume_overrides(overrides: list[str]) -> None:
 def check_resume(config: DictConfig) -> None:
     """Everything a resume can be refused for, before Hydra writes .hydra/resume and run.log there."""
     check_resume_overrides(list(config.hydra.overrides.task))
+    ckpt.resume_config(config.resume, mmap=True)  # readable and resumable (tensors mapped, not read)
     run_dir = str(config.hydra.run.dir)
     if Path(run_dir).resolve() != Path(config.resume).resolve():  # Hydra would write .hydra/resume, run.log there
         raise ConfigError(f"hydra.run.dir={run_dir!r} is not allowed with resume={config.resume!r}: a resumed run "
                           "writes only into its own folder; drop hydra.run.dir")
-    ckpt.resume_config(config.resume, mmap=True)  # readable and resumable (tensors mapped, not read)
 
 
 def _set(config: DictConfig, node: str, folder: str) -> None:
