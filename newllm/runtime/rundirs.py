@@ -56,6 +56,14 @@ def foreign_owner(folder: Path) -> Path | None:
     return None
 
 
+def check_outside_others(key: str, folder: str) -> None:
+    """A new run or sweep folder lies inside no other run's or sweep's folder."""
+    owner = foreign_owner(Path(folder))
+    if owner is not None:
+        raise RunFolderError(f"{key}={folder!r} lies inside {str(owner)!r}, which belongs to another run or sweep: "
+                             "a run needs a folder of its own, outside every other run's; choose another")
+
+
 def check_inside(key: str, written: Any, unique: bool = False) -> None:
     """A folder Hydra makes below a claimed one (hydra.sweep.subdir, hydra.output_subdir), as written: a relative
     path without '..', so it stays inside; with `unique`, also one that differs from job to job."""
@@ -95,10 +103,7 @@ def claim(folder: Path, marker: str) -> bool:
 def claim_fresh(key: str, folder: str, pattern: str, marker: str) -> str:
     """The folder this run gets for `key` (hydra.run.dir / hydra.sweep.dir): `folder` itself, or,
     for a timestamped pattern, the first free one of folder_1, folder_2, ..."""
-    owner = foreign_owner(Path(folder))
-    if owner is not None:
-        raise RunFolderError(f"{key}={folder!r} lies inside {str(owner)!r}, which belongs to another run or sweep: "
-                             "a run needs a folder of its own, outside every other run's; choose another")
+    check_outside_others(key, folder)
     candidates = [folder] + ([f"{folder}_{n}" for n in range(1, MAX_SUFFIX)] if "${now:" in pattern else [])
     for candidate in candidates:
         try:
@@ -209,10 +214,7 @@ class RunFolders(Callback):
             if "newllm_sweeper" in str(config.hydra.sweeper.get("_target_", "")):
                 # It makes each trial's job folder itself (never one that exists) and keeps its sweep folder
                 # across re-runs of a study, under an owner record: only where that folder lies is checked here.
-                owner = foreign_owner(Path(str(config.hydra.sweep.dir)))
-                if owner is not None:
-                    raise RunFolderError(f"hydra.sweep.dir={str(config.hydra.sweep.dir)!r} lies inside {str(owner)!r}, "
-                                         "which belongs to another run or sweep: choose another")
+                check_outside_others("hydra.sweep.dir", str(config.hydra.sweep.dir))
                 return
             subdir = OmegaConf.to_container(config.hydra.sweep, resolve=False)["subdir"]
             check_inside("hydra.sweep.subdir", subdir, unique=True)
