@@ -18,6 +18,7 @@ import pandas as pd
 
 from newllm import analysis, keys
 from newllm.errors import NewllmError
+from newllm.runtime.fileio import atomic_write
 
 
 def _print_table(df: pd.DataFrame) -> None:
@@ -53,7 +54,7 @@ def cmd_runs(args: argparse.Namespace) -> None:
             raise analysis.AnalysisError(f"--sort {args.sort!r} is not a column; e.g. {analysis.KEY_METRICS}")
         runs = runs.sort_values(sort, ascending=not args.desc, na_position="last")
     if args.csv:
-        runs.to_csv(args.csv, index=False)
+        atomic_write(args.csv, lambda tmp: runs.to_csv(tmp, index=False))
         print(f"wrote {len(runs)} rows x {runs.shape[1]} columns to {args.csv}", file=sys.stderr)
     cols = _metric_columns(runs, args.columns.split(",")) if args.columns else default_cols
     unknown = [c for c in (args.columns.split(",") if args.columns else []) if not _metric_columns(runs, [c])]

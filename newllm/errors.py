@@ -11,6 +11,7 @@ any other exception is a bug and keeps its traceback. The subclasses say which p
       ResourceError      more memory than the device has
       CheckpointError    a checkpoint that is missing, truncated, foreign or does not fit
       RunFolderError     a run folder that is taken, or a run that is still running
+      OutputError        a file or folder newllm cannot write (disk full, read-only, no permission)
       PretrainedError    a pretrained model that cannot be fetched or does not fit
       GenerationError    a sampling request the model cannot serve (also a ValueError)
       AnalysisError      nothing to analyse (missing folder, no runs, unknown study, unreadable file)
@@ -58,6 +59,12 @@ class CheckpointError(NewllmError):
 
 class RunFolderError(NewllmError):
     """The run folder asked for is taken (or cannot be made), or the run to resume is still running."""
+
+
+class OutputError(NewllmError, OSError):
+    """A file or folder newllm cannot write: the disk is full, the file system read-only, no permission.
+
+    Also an OSError, which the write raised before the error contract."""
 
 
 class PretrainedError(NewllmError):

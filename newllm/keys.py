@@ -209,3 +209,23 @@ _PATTERNS = [re.compile(p) for p in (
 def is_known(key: str) -> bool:
     """Whether `key` is one this module defines (a constant or a member of a family)."""
     return key in _STATIC or any(p.fullmatch(key) for p in _PATTERNS)
+
+
+# ----------------------------------------------------------------------------- objectives
+# What a sweep may optimise (`objectives`, checked by newllm.config.validate before any work): numbers a
+# finished run reports about validation data, its training, or its cost. The test split is left out on
+# purpose (nothing selects on it), and so are labels, counts of the data and per-position lists.
+OBJECTIVES = (
+    P2_VAL_PPL, P2_VAL_LOSS, P1_VAL_CONVERGENCE_RATE, P2_VAL_ACC,
+    *(p1_held_out("val", m) for m in P1_HELD_OUT_MEASURES if m not in ("memory_length_capped", "tokens")),
+    P1_EFFECTIVE_RANK, P1_EFFECTIVE_RANK_RATIO, P1_PARTICIPATION_RATIO, P1_RESIDUAL, P1_TRAIN_STEP_STABILITY,
+    P1_IDENTITY_SCORE, P1_ITERATIONS, P2_TRAIN_LOSS, P2_TRAIN_PPL, P2_TRAIN_ACC, P2_BEST_STEP, P2_TIME_TO_BEST_S,
+    recall_split("val", "accuracy"),
+    MODEL_PARAMS, MODEL_PARAMS_CORE, WALL_S, P1_TOKEN_ITERATIONS_PER_S, P2_TOKENS_PER_S,
+)
+_OBJECTIVE_FAMILIES = [re.compile(r"repetition/((val|end)/)?p\d+/\w+")]  # rep_stage(p, measure, where)
+
+
+def is_objective(key: str) -> bool:
+    """Whether `key` may be one of `objectives`: in OBJECTIVES, or a per-stage repetition statistic."""
+    return key in OBJECTIVES or any(p.fullmatch(key) for p in _OBJECTIVE_FAMILIES)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+import sys
 from pathlib import Path
 
 import hydra
@@ -26,6 +27,7 @@ from newllm.config import (
     Phase1Config,
     Phase2Config,
     RepetitionConfig,
+    check_group_overrides,
     flatten,
     instantiate,
     register_configs,
@@ -37,6 +39,7 @@ from newllm.errors import NewllmError, describe, exit_one_line
 from newllm.models import ContextModel, build_model, costs, count_parameters, pretrained
 from newllm.models.sizing import solve_core_params
 from newllm.runtime import checkpoint as ckpt
+from newllm.runtime.fileio import save_text
 from newllm.runtime.lifecycle import PHASE1, PHASE2, RunLifecycle, final_payload
 from newllm.runtime.memory import check_model_fits, out_of_memory_guard
 from newllm.runtime.tracking import RunTracker
@@ -44,10 +47,11 @@ from newllm.sweep.hooks import Pruned, TrialPruned, attach_trial
 from newllm.training.accel import autocast, maybe_compile
 from newllm.training.evaluation import recall_metrics
 from newllm.training.phase1 import train_phase1
-from newllm.training.phase2 import train_phase2
+from newllm.training.phase2 import Windows, train_phase2
 from newllm.training.repetition import train_repetition
 
 log = logging.getLogger("newllm")
+CONF = Path(__file__).resolve().parents[1] / "conf"  # @hydra.main's config_path
 register_configs()
 
 
@@ -99,6 +103,8 @@ def run(cfg: DictConfig, run_dir: str | Path) -> tuple[dict, float | list[float]
 
     data = load_run_data(cfg, life.run_dir)
     model, metrics = build(cfg, data, device, pretrained_files)
+    if cfg.training.phase2.enabled:  # its windows fit the data: checked now, not after Phase 1
+        Windows.check(model, data, typed(cfg.training.phase2, Phase2Config))
     attach_trial(tracker.hooks, cfg, model)  # reports to its Optuna trial when the newllm_optuna sweeper runs it
     life.restore(model, metrics, tracker.history)
 
@@ -139,7 +145,7 @@ def prepare_config(cfg: DictConfig) -> dict[str, Path] | None:
 
 def load_run_data(cfg: DictConfig, run_dir: Path):
     data = load_data(cfg.data, cfg.tokenizer, cfg.paths.cache_dir, min_tokens=cfg.training.phase2.seq_len + 1)
-    data.tokenizer.save(str(run_dir / "tokenizer.json"))
+    save_text(run_dir / "tokenizer.json", data.tokenizer.to_str())
     log.info("data: %d train / %d val tokens, vocab %d", len(data.train_ids), len(data.val_ids), data.vocab_size)
     return data
 
@@ -275,5 +281,14 @@ def main(cfg: DictConfig) -> float | list[float] | Pruned:
     return objectives
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """`python -m newllm.run`: the overrides Hydra would fail on with a traceback are refused in one line first."""
+    try:
+        check_group_overrides(sys.argv[1:], CONF)
+    except NewllmError as err:
+        exit_one_line(err)
     main()
+
+
+if __name__ == "__main__":
+    cli()

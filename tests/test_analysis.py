@@ -96,6 +96,28 @@ def test_missing_or_empty_folder_is_a_clear_error(tmp_path):
         analysis.load_runs(tmp_path)
 
 
+def test_a_damaged_metrics_json_is_one_failed_row_not_a_crash(tmp_path, capsys):
+    """A truncated metrics.json in one run folder made `analyze runs` fail with JSONDecodeError: one bad folder hid
+    the whole table. (newllm writes metrics.json atomically; damage comes from outside: a full disk elsewhere,
+    a copy cut short.)"""
+    from newllm.analyze import main
+
+    for name, text in (("good", '{"phase2/val_ppl": 12.5}'), ("truncated", '{"phase2/val_ppl": 1')):
+        (tmp_path / name / ".hydra").mkdir(parents=True)
+        (tmp_path / name / ".hydra" / "config.yaml").write_text("seed: 1\n")
+        (tmp_path / name / "metrics.json").write_text(text)
+    runs = analysis.load_runs(tmp_path, cache=False).set_index("run")
+    assert runs.loc["good", "status"] == "completed" and runs.loc["good", "phase2/val_ppl"] == 12.5
+    assert runs.loc["truncated", "status"] == "failed"
+    assert runs.loc["truncated", "error"].startswith(f"{tmp_path / 'truncated' / 'metrics.json'} is unreadable "
+                                                     "(JSONDecodeError: ")
+    assert main(["runs", str(tmp_path)]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].startswith(f"2 runs under {tmp_path} (") and len(table) == 4  # title, header, both runs
+    with pytest.raises(analysis.AnalysisError, match="is unreadable"):  # read directly: one line, not a traceback
+        analysis.read_metrics(tmp_path / "truncated")
+
+
 @pytest.mark.slow
 def test_history_and_contexts_of_a_run(runs, analysis_outputs):
     run_dir = Path(analysis.select_sweep(runs, analysis_outputs["grid"])["run_dir"].iloc[0])

@@ -98,6 +98,25 @@ CASES: list[tuple[str, list[str], str, Setup | None, str]] = [
     ("study_objectives", [*STUDY, "hydra.sweeper.direction=minimize", "objectives=[phase2/val_loss]"],
      "objectives=['phase2/val_loss'] do not match study 's'", _study("minimize", ["phase2/val_ppl"]), "newllm.run"),
     ("analyze_nothing", ["runs", "{tmp}/nothing"], "{tmp}/nothing", None, "newllm.analyze"),
+    # issue 26: accepted, or a traceback, on 360fac1 (every numeric key: tests/test_config_ranges.py, in-process)
+    ("negative_grad_clip", ["training.phase2.grad_clip=-1"],
+     "training.phase2.grad_clip=-1.0 is not allowed: expected a positive number", None, "newllm.run"),
+    ("seed_beyond_the_rngs", ["seed=99999999999999999999"],
+     "seed=99999999999999999999 is not allowed: expected an integer in [0, 4294967295]", None, "newllm.run"),
+    ("objective_no_run_reports", ["objectives=[nope/metric]"], "'nope/metric' is not a metric a run reports", None,
+     "newllm.run"),
+    ("group_given_a_number", ["model=5"], "model=5 is not allowed: model is a config group", None, "newllm.run"),
+    ("grid_with_a_bad_job", ["-m", "model.layers=0,1", "hydra.sweep.dir={tmp}/grid"],
+     "model.layers=0 is not allowed: expected a positive integer (job 0 of the 2 in this sweep; no job was started)",
+     None, "newllm.run"),
+    ("eval_windows_longer_than_the_data", ["training.phase2.eval_seq_len=100000000"],
+     "fewer than one window of training.phase2.eval_seq_len + 1 = 100000001", None, "newllm.run"),
+    ("official_sweeper_password", ["-m", "hydra/sweeper=optuna", "hydra.sweep.dir={tmp}/sweep",
+                                   "hydra.sweeper.storage=postgresql+psycopg://u:p@ss@localhost/optuna"],
+     "hydra.sweeper.storage holds a password", None, "newllm.run"),
+    ("official_sweeper_directions", ["-m", "hydra/sweeper=optuna", "hydra.sweep.dir={tmp}/sweep",
+                                     "hydra.sweeper.storage=null"],
+     "has 2 name(s) for hydra.sweeper.direction=['minimize']", None, "newllm.run"),
 ]
 if not torch.cuda.is_available():  # the one case that depends on the machine
     CASES.append(("device", ["device=cuda"], "device='cuda' is not available", None, "newllm.run"))

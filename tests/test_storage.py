@@ -38,6 +38,49 @@ def test_literal_password_is_judged_on_the_written_form(written, literal):
     assert storage.literal_password(written) is literal
 
 
+def composed(*overrides: str):
+    """The run's config as Hydra composes it for a sweep with these overrides (in-process, no run)."""
+    from hydra import compose, initialize_config_dir
+
+    import newllm.run  # noqa: F401 -- registers the schemas and resolvers
+    from tests.conftest import REPO
+
+    with initialize_config_dir(config_dir=str(REPO / "conf")):
+        return compose("config", list(overrides), return_hydra_config=True)
+
+
+SECRET = "p@ss:w/rd"  # an '@' makes every URL parser put part of it in the host
+
+
+@pytest.mark.parametrize("overrides", [
+    ["hydra/sweeper=optuna", f"hydra.sweeper.storage=postgresql+psycopg://alice:{SECRET}@db.lab/optuna"],
+    ["hydra/sweeper=newllm_optuna", f"hydra.sweeper.storage=postgresql+psycopg://alice:{SECRET}@db.lab/optuna"],
+    ["hydra/sweeper=optuna", f"hydra.sweeper.storage='postgresql+psycopg://alice@db.lab/optuna?password={SECRET}'"],
+    # the URL, or only its password, in another key the storage interpolates: Hydra writes that key too
+    ["hydra/sweeper=optuna", f"+db='postgresql+psycopg://alice:{SECRET}@db.lab/optuna'", "hydra.sweeper.storage=${db}"],
+    ["hydra/sweeper=optuna", f"+pw='{SECRET}'", "hydra.sweeper.storage=postgresql+psycopg://alice:${pw}@db.lab/optuna"],
+], ids=["official", "newllm", "query", "url_in_another_key", "password_in_another_key"])
+def test_a_password_hydra_would_write_is_refused_for_any_sweeper_without_showing_it(overrides):
+    from newllm.errors import ConfigError
+
+    with pytest.raises(ConfigError) as refused:
+        storage.check_not_written(composed(*overrides))
+    message = str(refused.value)
+    assert message.startswith("hydra.sweeper.storage holds a password") and "postgresql+psycopg://USER:" in message
+    assert not any(part in message for part in ("p@ss", "ss:w", "w/rd", "rd@", "alice", "db.lab"))
+
+
+@pytest.mark.parametrize("overrides", [
+    ["hydra/sweeper=optuna", "hydra.sweeper.storage=postgresql+psycopg://alice:${oc.env:NEWLLM_DB_PASSWORD}@db/o"],
+    ["hydra/sweeper=optuna", "hydra.sweeper.storage=postgresql+psycopg://alice@db.lab/optuna"],  # PGPASSWORD
+    ["hydra/sweeper=newllm_optuna"],  # the default: SQLite under outputs/
+    [],  # Hydra's basic sweeper has no storage
+])
+def test_a_storage_without_a_written_password_passes(overrides, monkeypatch):
+    monkeypatch.setenv("NEWLLM_DB_PASSWORD", SECRET)
+    storage.check_not_written(composed(*overrides))
+
+
 def test_folder_names_tell_storages_apart(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     names = {
@@ -83,3 +126,21 @@ def test_schema_race_is_the_losing_side_of_creating_one_schema_and_nothing_else(
     assert storage.schema_race(wrapped(OperationalError, sqlite3.OperationalError("table studies already exists")))
     assert storage.schema_race(wrapped(OperationalError, sqlite3.OperationalError("database is locked")))
     assert not storage.schema_race(wrapped(OperationalError, sqlite3.OperationalError("no such table: studies")))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sweeper", ["optuna", "newllm_optuna"])
+def test_a_storage_password_is_refused_before_anything_is_written(tmp_path, sweeper):
+    """The official sweeper wrote the URL into <sweep>/0/.hydra/hydra.yaml and logged it ("Storage: ..."); the
+    refusal itself printed the part of a password after its '@'."""
+    from tests.conftest import TINY, run_cli, tree
+
+    before = tree(tmp_path)
+    proc = run_cli(["-m", *TINY, f"hydra/sweeper={sweeper}", f"paths.output_root={tmp_path / 'outputs'}",
+                    f"hydra.sweep.dir={tmp_path / 'sweep'}", "objectives=[phase2/val_ppl]",
+                    f"hydra.sweeper.storage=postgresql+psycopg://alice:{SECRET}@localhost/optuna"],
+                   cwd=tmp_path, check=False)
+    (line,) = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and line.startswith("error: hydra.sweeper.storage holds a password")
+    assert not any(part in proc.stdout + proc.stderr for part in ("p@ss", "ss:w", "w/rd", "localhost"))
+    assert tree(tmp_path) == before  # nothing written: no sweep folder, no .hydra, no database

@@ -8,7 +8,8 @@ grammar (`create_params_from_overrides`), trial configuration and grid handling.
     stops once this run has more than max_failure_rate x n_trials failures; every result is stored
     before anything raises;
   - resume: n_trials counts COMPLETE + PRUNED (+ running) trials of the whole study, and a re-run reseeds
-    the sampler from (seed, trials in the study), so it continues the search instead of replaying it;
+    the sampler from (seed, trials in the study), so it continues the search instead of replaying it; a trial
+    left RUNNING by a killed sweep is recovered from its job folder when its job had finished, else FAIL;
   - job folders: named by trial number; the sweep folder and each job folder carry an owner record
     (OWNER_FILE: storage, study, trial), and a sweep never writes into a folder it does not own;
   - names and values: the study's metric names are the config's `objectives`; a pruned trial's value is its
@@ -49,15 +50,17 @@ from omegaconf import DictConfig, OmegaConf
 from optuna.trial import FrozenTrial, TrialState
 
 from hydra_plugins.newllm_sweeper import config as _config  # noqa: F401  (registers configs + presets)
+from newllm.config import check_directions
 from newllm.errors import ConfigError, FolderOwned, SweepAborted, exit_one_line  # importable from here as before
-from newllm.runtime.fileio import atomic_write
+from newllm.runtime import rundirs
+from newllm.runtime.fileio import save_text
 from newllm.sweep import compat, hooks
 from newllm.sweep import storage as storages
 
 log = logging.getLogger(__name__)
 OWNER = f"{socket.gethostname()}:{os.getpid()}"
 COUNTED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
-OWNER_FILE = ".newllm-owner.json"  # in the sweep folder and in each job folder: which study (and trial) owns it
+OWNER_FILE = rundirs.OWNER_FILE  # in the sweep folder and in each job folder: which study (and trial) owns it
 SAMPLERS = ("hydra_plugins.hydra_optuna_sweeper.*", "optuna.samplers.*")  # what the official plugin instantiates
 OptunaSweeperImpl, create_params_from_overrides = compat.optuna_sweeper_impl()  # private in hydra-optuna-sweeper
 
@@ -188,8 +191,7 @@ class NewllmOptunaSweeperImpl(OptunaSweeperImpl):
             self._launch(reruns, trials, overrides, len(directions))
         record = {**tag, "label": label, "best_value": best.value, "params": best.params,
                   "fixed": {k: v for k, v in fixed_params.items() if k != "seed"}, "seeds": self.rerun_seeds}
-        atomic_write(self.sweep_dir / "rerun_best.json",
-                     lambda tmp: Path(tmp).write_text(json.dumps(record, indent=1, default=str) + "\n"))
+        save_text(self.sweep_dir / "rerun_best.json", json.dumps(record, indent=1, default=str) + "\n")
         self._save_results(reruns, directions)
         self.study_name, self.sweep_dir = tuned_name, tuned_dir
 
@@ -198,12 +200,7 @@ class NewllmOptunaSweeperImpl(OptunaSweeperImpl):
         """Settings that would leak a password, share job folders or run nothing: refused before anything is opened."""
         if self.n_trials < 1:
             raise ConfigError(f"hydra.sweeper.n_trials={self.n_trials} is not allowed: expected an integer >= 1")
-        written = OmegaConf.to_container(self.config.hydra.sweeper, resolve=False).get("storage")
-        if storages.literal_password(written):
-            raise ConfigError(
-                "hydra.sweeper.storage holds a password, which Hydra would write into every job's .hydra/hydra.yaml: "
-                "leave it out (PGPASSWORD, ~/.pgpass or PGSERVICE) or write it as "
-                + storages.masked(self.storage).replace(storages.MASK, "${oc.env:NEWLLM_DB_PASSWORD}"))
+        storages.check_not_written(self.config)  # newllm.runtime.preflight checked it already, for any sweeper
         if self.subdir.format(number=0) == self.subdir.format(number=1):
             raise ConfigError(f"hydra.sweeper.subdir={self.subdir!r} is not allowed: it must contain {{number}}, "
                               "so that every trial gets a job folder of its own")
@@ -211,9 +208,7 @@ class NewllmOptunaSweeperImpl(OptunaSweeperImpl):
     def _objective_names(self, directions: list[str]) -> list[str]:
         """The config's `objectives`: what the task returns, in order, hence the study's metric names."""
         names = [str(n) for n in self.config.get("objectives") or []]
-        if len(names) != len(directions):
-            raise ConfigError(f"objectives={names} has {len(names)} name(s) for hydra.sweeper.direction={directions}:"
-                              " give one direction per objective")
+        check_directions(names, directions)
         return names
 
     # ------------------------------------------------------------------ study and trials
@@ -324,13 +319,39 @@ class NewllmOptunaSweeperImpl(OptunaSweeperImpl):
         return trials
 
     def _fail_abandoned(self, study: optuna.Study) -> None:
-        """RUNNING trials left by a sweep process on this host that no longer exists (killed, crashed)."""
+        """RUNNING trials left by a sweep process on this host that no longer exists (killed, crashed): a trial
+        whose job finished before the kill is recovered from its folder (`_recover`), the others are FAIL."""
         host = socket.gethostname()
         for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             owner = t.system_attrs.get("newllm:owner", "")
             h, _, pid = owner.rpartition(":")
-            if h == host and pid.isdigit() and not _alive(int(pid)):
+            if h == host and pid.isdigit() and not _alive(int(pid)) and not self._recover(study, t, owner):
                 self._tell_fail(study, t, f"abandoned: sweep process {owner} is gone")
+
+    def _recover(self, study: optuna.Study, trial: FrozenTrial, owner: str) -> bool:
+        """Tell the study a trial whose job finished although its sweep process was killed before telling it: the
+        job folder this sweeper made for it (its owner record names this study and trial) holds the complete
+        metrics.json (written atomically, last) and the overrides it ran with, which must hold the trial's params.
+        Its values are the objectives of the job's own config, as the task returned them. False: not finished."""
+        folder = self.sweep_dir / self.subdir.format(number=trial.number)
+        record = _read_owner(folder) or {}
+        job = _finished_job(folder)
+        if job is None or (record.get("study_id"), record.get("trial")) != (compat.study_id(study), trial.number):
+            return False
+        overrides, objectives, metrics = job
+        if any(f"{name}={value}" not in overrides for name, value in trial.params.items()):
+            return False  # not the params the study gave this trial: not its result
+        reason = f"recovered from {folder}: its job finished, sweep process {owner} was gone before recording it"
+        for key, value in {"run_dir": str(folder), "overrides": overrides, **metrics, "recovered": reason}.items():
+            compat.set_trial_user_attr(study, trial, key, value)
+        returned = [float(metrics.get(name, math.nan)) for name in objectives]  # what newllm.run returned
+        values, problem = _objective_values(returned[0] if len(returned) == 1 else returned, len(study.directions))
+        if problem:
+            self._tell_fail(study, trial, problem)
+        else:
+            study.tell(trial.number, values)
+            log.info("Trial %d %s", trial.number, reason)
+        return True
 
     def _job_overrides(self, study: optuna.Study, trial: optuna.Trial, folder: Path) -> list[str]:
         compat.set_trial_system_attr(study, trial, hooks.SPEC_ATTR, self.task_spec)
@@ -347,8 +368,8 @@ class NewllmOptunaSweeperImpl(OptunaSweeperImpl):
         # a job that died before Hydra set it up (killed on a cluster) returns no config: its folder is still `folder`
         run_dir = Path(ret.hydra_cfg.hydra.runtime.output_dir) if ret.hydra_cfg else folder
         attrs = {"run_dir": str(run_dir), "overrides": list(ret.overrides or [])}
-        if run_dir is not None and (run_dir / "metrics.json").is_file():
-            attrs.update(json.loads((run_dir / "metrics.json").read_text()))
+        if run_dir is not None:
+            attrs.update(_metrics(run_dir) or {})
         for key, value in attrs.items():
             trial.set_user_attr(key, value)
         if ret.status == JobStatus.COMPLETED and isinstance(ret.return_value, hooks.Pruned):
@@ -400,8 +421,7 @@ class NewllmOptunaSweeperImpl(OptunaSweeperImpl):
             results["solutions"] = [{"params": t.params, "values": t.values} for t in study.best_trials]
         results["n_trials"] = {s.name.lower(): len(study.get_trials(deepcopy=False, states=(s,)))
                                for s in TrialState}
-        self.sweep_dir.mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(OmegaConf.create(results), self.sweep_dir / "optimization_results.yaml")
+        save_text(self.sweep_dir / "optimization_results.yaml", OmegaConf.to_yaml(OmegaConf.create(results)))
 
 
 def _objective_values(ret: Any, n: int) -> tuple[list[float], str | None]:
@@ -436,6 +456,24 @@ def _seeded_for(sampler_config: Any, study_name: str | None) -> Any:
     return OmegaConf.merge(sampler_config, {"seed": derived})
 
 
+def _metrics(run_dir: Path) -> dict[str, Any] | None:
+    """A job's metrics.json (written atomically when the run finished), or None."""
+    path = run_dir / "metrics.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _finished_job(folder: Path) -> tuple[list[str], list[str], dict[str, Any]] | None:
+    """(overrides, objectives, metrics) of a job that finished in `folder`, from what Hydra and the run wrote there;
+    None when it did not finish (no metrics.json) or its .hydra/ files are missing."""
+    metrics = _metrics(folder)
+    hydra_dir = folder / ".hydra"
+    if metrics is None or not (hydra_dir / "overrides.yaml").is_file() or not (hydra_dir / "config.yaml").is_file():
+        return None
+    overrides = [str(o) for o in OmegaConf.load(hydra_dir / "overrides.yaml")]
+    objectives = [str(o) for o in OmegaConf.load(hydra_dir / "config.yaml").get("objectives") or []]
+    return overrides, objectives, metrics
+
+
 def _plain(node: Any) -> Any:
     return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
 
@@ -458,8 +496,7 @@ def _read_owner(folder: Path) -> dict[str, Any] | None:
 
 
 def _write_owner(folder: Path, owner: dict[str, Any]) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    atomic_write(folder / OWNER_FILE, lambda tmp: Path(tmp).write_text(json.dumps(owner, indent=1) + "\n"))
+    save_text(folder / OWNER_FILE, json.dumps(owner, indent=1) + "\n")
 
 
 def _job_folders(folder: Path) -> list[Path]:

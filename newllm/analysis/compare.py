@@ -21,6 +21,7 @@ from newllm import keys
 from newllm.analysis.runs import read_metrics
 from newllm.analysis.seeds import ci95
 from newllm.errors import AnalysisError
+from newllm.runtime.fileio import atomic_write
 
 REFERENCE = "layerwise"  # the context LM (layer-wise): what every other model is paired against
 METRIC = keys.P2_TEST_PPL
@@ -95,5 +96,5 @@ def compare_models(root: str | Path, reference: str = REFERENCE) -> pd.DataFrame
     table = table.set_index("model").loc[[m for m in order if m in set(table.model)]].reset_index()
     tuned = sorted(c for c in table.columns if c.startswith("tuned/"))
     table = table[["model", *tuned, *(c for c in table.columns if c != "model" and c not in tuned)]]
-    table.to_csv(Path(root) / "compare_models.csv", index=False)
+    atomic_write(Path(root) / "compare_models.csv", lambda tmp: table.to_csv(tmp, index=False))
     return table

@@ -219,12 +219,10 @@ def save_position_plot(metrics: dict, path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     curves = {s: metrics[keys.p2_split(s, "loss_by_position")] for s in keys.HELD_OUT
               if keys.p2_split(s, "loss_by_position") in metrics}
     if not curves:
         return
-    fig = plot_loss_by_position(curves, f"loss by position (eval_seq_len {metrics.get('phase2/eval_seq_len')})")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(plot_loss_by_position(curves, f"loss by position (eval_seq_len {metrics.get('phase2/eval_seq_len')})"),
+                path)

@@ -26,7 +26,7 @@ from omegaconf import OmegaConf
 
 from newllm import keys
 from newllm.config import flatten
-from newllm.errors import AnalysisError
+from newllm.errors import AnalysisError, first_line
 from newllm.runtime.fileio import atomic_write
 
 if TYPE_CHECKING:  # torch loads lazily: `analyze runs` answers in about a second
@@ -94,9 +94,19 @@ def _as_number(value: Any) -> Any:
 
 
 def read_metrics(run_dir: str | Path) -> dict[str, Any]:
-    """A run's metrics.json as numbers (its "nan"/"inf" strings as floats); {} when the run wrote none."""
+    """A run's metrics.json as numbers (its "nan"/"inf" strings as floats); {} when the run wrote none. A file
+    that is not a JSON object (truncated or damaged outside newllm, which writes it atomically) is an
+    AnalysisError naming it."""
     path = Path(run_dir) / "metrics.json"
-    return {k: _as_number(v) for k, v in json.loads(path.read_text()).items()} if path.is_file() else {}
+    if not path.is_file():
+        return {}
+    try:
+        metrics = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise AnalysisError(f"{path} is unreadable ({first_line(err)})") from err
+    if not isinstance(metrics, dict):
+        raise AnalysisError(f"{path} is unreadable (a JSON {type(metrics).__name__}, not an object)")
+    return {k: _as_number(v) for k, v in metrics.items()}
 
 
 def _resolved_config(path: Path) -> dict:
@@ -174,9 +184,12 @@ def read_run(run_dir: str | Path, root: str | Path | None = None) -> dict[str, A
     choices = hydra_node.get("runtime", {}).get("choices", {}) or {}
     sweep = _sweep_dir(run_dir, root, hydra_node.get("mode"))
     metrics_path = run_dir / "metrics.json"
-    metrics = read_metrics(run_dir)
-    pruned = None if metrics else _pruned_reason(run_dir)
-    error = None if metrics or pruned else _failure(run_dir)
+    try:
+        metrics, unreadable = read_metrics(run_dir), None
+    except AnalysisError as err:  # one damaged folder is one failed row, not a table that cannot be read
+        metrics, unreadable = {}, str(err)
+    pruned = None if metrics or unreadable else _pruned_reason(run_dir)
+    error = unreadable or (None if metrics or pruned else _failure(run_dir))
     end = _mtime(metrics_path)
     row: dict[str, Any] = {
         "run": run_dir.relative_to(root).as_posix() if run_dir.is_relative_to(root) else str(run_dir),

@@ -23,6 +23,7 @@ from tokenizers import Tokenizer
 
 from newllm.data.corpora import Conversation
 from newllm.data.tokenizer import END_OF_TEXT, IM_END, IM_START
+from newllm.runtime.fileio import writing
 
 log = logging.getLogger(__name__)
 Spans = list[tuple[int, int]]
@@ -120,11 +121,12 @@ def encode_cached(tokenizer: Tokenizer, texts: list[str], spans: list[Spans], ca
     ds = _read_cached(path, len(texts), tokenizer.get_vocab_size())
     hit = ds is not None
     if ds is None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        docs = datasets.Dataset.from_dict({"text": texts, "spans": [[list(s) for s in sp] for sp in spans]})
-        ds = docs.map(lambda b: _encode_batch(tokenizer, b), batched=True, batch_size=256,
-                      remove_columns=["text", "spans"], features=FEATURES, cache_file_name=str(path),
-                      load_from_cache_file=False, new_fingerprint=path.stem)
+        with writing(path):  # datasets writes the cache file itself (a temp file, renamed): no atomic_write here
+            path.parent.mkdir(parents=True, exist_ok=True)
+            docs = datasets.Dataset.from_dict({"text": texts, "spans": [[list(s) for s in sp] for sp in spans]})
+            ds = docs.map(lambda b: _encode_batch(tokenizer, b), batched=True, batch_size=256,
+                          remove_columns=["text", "spans"], features=FEATURES, cache_file_name=str(path),
+                          load_from_cache_file=False, new_fingerprint=path.stem)
     ids = pc.list_flatten(ds.data.column("ids")).to_numpy().astype(np.int64)
     mask = pc.list_flatten(ds.data.column("mask")).to_numpy(zero_copy_only=False)
     lengths = pc.list_value_length(ds.data.column("ids")).to_numpy().astype(np.int64)

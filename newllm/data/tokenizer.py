@@ -11,7 +11,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from newllm.data.hub import hub_reachable
 from newllm.errors import DataError, first_line
-from newllm.runtime.fileio import atomic_write
+from newllm.runtime.fileio import save_text
 
 IM_START, IM_END, END_OF_TEXT, PAD = "<|im_start|>", "<|im_end|>", "<|endoftext|>", "<|pad|>"
 SPECIAL_TOKENS = [PAD, END_OF_TEXT, IM_START, IM_END]
@@ -62,7 +62,7 @@ def load_or_train(
             pass
         path.unlink(missing_ok=True)
     tok = train_bpe(texts, vocab_size, min_frequency)
-    atomic_write(path, lambda tmp: Path(tmp).write_text(tok.to_str(), encoding="utf-8"))
+    save_text(path, tok.to_str())
     return tok, path, False
 
 

@@ -40,7 +40,6 @@ VAL_CONTEXTS_FILE = "phase1_val_contexts.pt"  # kind val_contexts: {"contexts": 
 def save(path: str | Path, kind: str, payload: dict) -> Path:
     """torch.save to a temp file + rename: a kill mid-write leaves the previous checkpoint intact."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     save_checkpoint(path, {"format": FORMAT, "version": VERSION, "kind": kind, **payload})
     return path
 

@@ -21,6 +21,7 @@ from omegaconf import DictConfig
 
 from newllm.config import retyped, to_container
 from newllm.runtime import checkpoint as ckpt
+from newllm.runtime.fileio import remove_stale_temps
 
 PHASE1, PHASE2 = "phase1", "phase2"
 log = logging.getLogger("newllm")
@@ -152,6 +153,9 @@ class RunLifecycle:
         stored, resumed = ckpt.resume_config(cfg.resume)
         stored = retyped(stored)
         stored.device, stored.progress, stored.resume = cfg.device, cfg.progress, None
+        # A kill mid-write left its temp file (checkpoints/.last.pt.<hex>.tmp); this process now holds the folder.
+        for stale in remove_stale_temps(cfg.resume):
+            log.info("removed %s, a temp file of a write the interrupted run did not finish", stale)
         return cls(stored, Path(cfg.resume), resumed)
 
     def restore(self, model: torch.nn.Module, metrics: dict, history: list[dict]) -> None:

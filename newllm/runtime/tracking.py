@@ -17,10 +17,7 @@ from omegaconf import DictConfig
 
 from newllm import keys
 from newllm.config import instantiate
-from newllm.runtime.fileio import (
-    atomic_write,
-    save_json,
-)
+from newllm.runtime.fileio import atomic_write, save_json, save_text
 
 
 class CSVLogger:
@@ -109,7 +106,7 @@ class MLflowLogger:
         run = self.client.create_run(experiment_id, run_name=run_name or Path(run_dir).name,
                                      tags={"newllm.run_dir": str(Path(run_dir).resolve())})
         self.run_id = run.info.run_id
-        atomic_write(id_file, lambda tmp: Path(tmp).write_text(self.run_id))
+        save_text(id_file, self.run_id)
 
     def log_params(self, params: dict) -> None:
         from mlflow.entities import Param

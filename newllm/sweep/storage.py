@@ -21,8 +21,11 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from omegaconf import DictConfig, OmegaConf
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, IntegrityError, OperationalError, ProgrammingError
+
+from newllm.errors import ConfigError
 
 if TYPE_CHECKING:
     import optuna
@@ -46,12 +49,22 @@ def _parse(url: str) -> URL | None:
         return None
 
 
+def _userinfo_password(url: str) -> str | None:
+    """The password of scheme://user:PASSWORD@host/..., read without a URL parser: written unescaped, an '@' in it
+    makes parsers take part of it for the host, and a '/' makes them fail; it is a password all the same."""
+    _, sep, rest = url.partition("://")
+    userinfo = rest.rsplit("@", 1)[0] if sep and "@" in rest else ""
+    return userinfo.split(":", 1)[1] or None if ":" in userinfo else None
+
+
 def password(url: str | None) -> str | None:
     """The password a URL carries (user:PASSWORD@host, or ?password=), else None."""
-    parsed = _parse(url) if url else None
-    if parsed is None:
+    if not url:
         return None
-    return parsed.password or parsed.query.get("password") or None  # type: ignore[return-value]
+    parsed = _parse(url)
+    if parsed is not None and parsed.query.get("password"):
+        return parsed.query["password"]  # type: ignore[return-value]
+    return _userinfo_password(url)
 
 
 def masked(url: str | None) -> str:
@@ -77,6 +90,43 @@ def literal_password(written: str | None) -> bool:
         written = _INTERPOLATION.sub("INTERPOLATED", written)
     secret = password(written)
     return bool(secret) and "INTERPOLATED" not in secret
+
+
+def _strings(node: Any) -> list[str]:
+    """Every string in a config tree (an override 'key=value' also as its value)."""
+    if isinstance(node, dict):
+        return [s for v in node.values() for s in _strings(v)]
+    if isinstance(node, list):
+        return [s for v in node for s in _strings(v)]
+    if isinstance(node, str):
+        return [node, node.split("=", 1)[1]] if "=" in node else [node]
+    return []
+
+
+def check_not_written(config: DictConfig) -> None:
+    """Refuse a storage URL whose password Hydra would write down, for any sweeper (newllm_optuna, the official
+    optuna one, any other with a `storage`): Hydra saves the config as written into every .hydra/, and sweepers
+    log it. Written means literally in the storage setting, or in another key it interpolates (the password, or
+    a URL holding it). The message shows the URL's scheme only: nothing of the password, however it is spelt
+    (an '@' in it makes any parser split it into user, host and password wrongly)."""
+    sweeper = config.hydra.get("sweeper") if "hydra" in config else None
+    if not isinstance(sweeper, DictConfig) or "storage" not in sweeper:
+        return
+    written = OmegaConf.to_container(sweeper, resolve=False).get("storage")
+    try:
+        resolved = sweeper.storage
+    except Exception:  # noqa: BLE001 -- e.g. ${oc.env:...} unset here: judged on the written form alone
+        resolved = None
+    secret = password(str(resolved)) if resolved else None
+    everything = _strings(OmegaConf.to_container(config, resolve=False))
+    leaked = literal_password(written if isinstance(written, str) else None) or bool(secret) and any(
+        text == secret or ("://" in text and password(text) == secret) for text in everything)
+    if leaked:
+        scheme = re.match(r"[A-Za-z][A-Za-z0-9+.-]*(?=://)", str(written or resolved or ""))
+        example = f"{scheme.group(0) if scheme else 'postgresql+psycopg'}://USER:${{oc.env:NEWLLM_DB_PASSWORD}}@HOST/DB"
+        raise ConfigError("hydra.sweeper.storage holds a password, which Hydra would write into .hydra/ of every "
+                          "job (and sweepers log it): leave it out (PGPASSWORD, ~/.pgpass or PGSERVICE) or write it "
+                          f"as {example}")
 
 
 def absolute_sqlite(url: str | None) -> str | None:

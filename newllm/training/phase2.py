@@ -82,13 +82,14 @@ class Plateau:
 
 
 def make_windows(ids: torch.Tensor, mask: torch.Tensor, seq_len: int, what: str,
-                 targets: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
-    """(inputs (W, T), targets (W, T), target mask (W, T)) from non-overlapping windows. `targets`: the
-    target stream where it differs from the ids (TokenData.targets; None: the ids)."""
+                 targets: torch.Tensor | None = None, key: str = "training.phase2.seq_len") -> tuple[torch.Tensor, ...]:
+    """(inputs (W, T), targets (W, T), target mask (W, T)) from non-overlapping windows; `key` names the
+    setting of the window length. `targets`: the target stream where it differs from the ids
+    (TokenData.targets; None: the ids)."""
     w = (ids.numel() - 1) // seq_len
     if w < 1:
         raise DataError(f"the {what} stream has {ids.numel()} tokens, fewer than one window of "
-                        f"training.phase2.seq_len + 1 = {seq_len + 1}")
+                        f"{key} + 1 = {seq_len + 1}")
     span = w * seq_len
     inputs = ids[:span].reshape(w, seq_len)
     targets = (ids if targets is None else targets)[1 : span + 1].reshape(w, seq_len)
@@ -174,7 +175,8 @@ class Windows:
             val_ids, val_mask = val_ids[cut], val_mask[cut]
             val_targets = None if val_targets is None else val_targets[cut]
         eval_len = eval_length(model, cfg)
-        val = [t.to(device) for t in make_windows(val_ids, val_mask, eval_len, "validation", val_targets)]
+        key = "training.phase2.eval_seq_len" if cfg.eval_seq_len else "training.phase2.seq_len"
+        val = [t.to(device) for t in make_windows(val_ids, val_mask, eval_len, "validation", val_targets, key)]
         if int(val[2].sum()) == 0:
             raise DataError("the validation windows hold no tokens to predict (loss mask all false); "
                             "use data.loss_on=all or more validation data")
@@ -182,8 +184,14 @@ class Windows:
         test = None
         if test_ids is not None and test_ids.numel() > 0:
             test = [t.to(device) for t in make_windows(test_ids, data.test_mask, eval_len, "test",
-                                                       targets.get("test"))]
+                                                       targets.get("test"), key)]
         return cls(train, val, test, eval_len)
+
+    @classmethod
+    def check(cls, model: nn.Module, data, cfg: DictConfig) -> None:
+        """What `build` would refuse (a window longer than a stream, max_len, an empty loss mask), said before
+        Phase 1 instead of after it: the windows are views of the streams, so this costs no copy."""
+        cls.build(model, data, cfg, torch.device("cpu"))
 
 
 def make_optimizer(model: nn.Module, params: list[nn.Parameter], cfg: DictConfig) -> torch.optim.AdamW:
