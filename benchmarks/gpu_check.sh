@@ -156,7 +156,10 @@ if [[ $smoke -eq 1 ]]; then
     --tokens 1000 --iterations 3 --reps 1 --naive-budget 2 --whole "" --out "$out/phase1_speed.csv"
   figure csv "$out/phase1_speed.csv" phase1
 else
-  step tests 150 "$python" -m pytest -q -p no:cacheprovider -m device --device "$device" tests/
+  # test_notebooks imports nbclient at collection: a dev extra neither the image nor the wheels hold (its tests
+  # are slow ones, none takes the device); the rehearsal found the collection error
+  step tests 150 "$python" -m pytest -q -p no:cacheprovider -m device --device "$device" \
+    --ignore=tests/test_notebooks.py tests/
   figure pytest "$scratch/step.log"
   # The CLI killed in both phases and resumed (device=auto: CUDA where there is one) to identical metrics.
   step resume_cli 90 "$python" -m pytest -q -p no:cacheprovider \
