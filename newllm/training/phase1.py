@@ -24,6 +24,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from itertools import islice
 from typing import NamedTuple
 
 import torch
@@ -35,7 +36,7 @@ from newllm.models import evaluating
 from newllm.runtime.lifecycle import Phase1State
 from newllm.training.diversity import Diversity
 from newllm.training.progress import Progress
-from newllm.training.solvers import PASS0, sequential_pass, shifted_inputs, zeros_init
+from newllm.training.solvers import PASS0, jacobi_sweep, jacobi_sweeps, sequential_pass, sweep_inputs, zeros_init
 
 STOP_CONVERGED, STOP_MAX_ITERATIONS, STOP_UNTRAINED = "val_converged", "max_iterations", "untrained"
 
@@ -130,16 +131,17 @@ def sweep(model: torch.nn.Module, ids: torch.Tensor, c_in: torch.Tensor, target:
     n = ids.shape[1]
     spans = [(a, min(n, a + chunk_size)) for a in range(0, n, chunk_size)]
     if train and len(spans) == 1:
-        c = model.update(c_in, model.embed(ids))
+        c = jacobi_sweep(model.update, None, model.embed(ids), inputs=c_in)
         loss, mse, div, token_mse = sweep_loss(c, target, w, diversity)
         loss.backward()
         out.copy_(c.detach())
         return SweepStats(mse.detach(), div.detach(), token_mse.detach())
     device, rng = c_in.device, []
     with torch.no_grad():
+        x = model.embed(ids)
         for a, b in spans:
             rng.append(_rng_snapshot(device))
-            out[:, a:b] = model.update(c_in[:, a:b], model.embed(ids[:, a:b]))
+            out[:, a:b] = jacobi_sweep(model.update, None, x, inputs=c_in, start=a, stop=b)
     if not train:
         with torch.no_grad():
             _, mse, div, token_mse = sweep_loss(out, target, w, diversity)
@@ -150,7 +152,8 @@ def sweep(model: torch.nn.Module, ids: torch.Tensor, c_in: torch.Tensor, target:
     loss.backward()
     for (a, b), state in zip(spans, rng, strict=True):
         _rng_restore(state, device)  # the same dropout masks as the no-grad forward
-        model.update(c_in[:, a:b], model.embed(ids[:, a:b])).backward(leaf.grad[:, a:b])
+        # the chunk's own embedding: its graph (the embedding is trained) is built per chunk, like f's
+        jacobi_sweep(model.update, None, model.embed(ids[:, a:b]), inputs=c_in[:, a:b]).backward(leaf.grad[:, a:b])
     _rng_restore(after, device)
     return SweepStats(mse.detach(), div.detach(), token_mse.detach())
 
@@ -183,7 +186,7 @@ class Phase1Loop:
         cfg, st = self.cfg, self.state
         st.optimizer.zero_grad(set_to_none=True)
         p = st.contexts
-        c_in = p if self.c_in is None else shifted_inputs(p, out=self.c_in)
+        c_in = sweep_inputs(p, per_token=self.c_in is None, out=self.c_in)
         if self.train and cfg.context_noise > 0:
             c_in = c_in + cfg.context_noise * torch.randn_like(c_in)
         with torch.set_grad_enabled(self.train):
@@ -314,21 +317,22 @@ def cold_start_rates(model: torch.nn.Module, x: torch.Tensor, cfg: DictConfig, s
     With `until`, sweeping goes on (up to `until` sweeps in all) while the fraction is below convergence_target.
     """
     per_token = cfg.mode == "per_token"
-    first = None if per_token else x.new_zeros(x.shape[0], model.context_dim)
     reference = None if per_token else sequential_pass(model, x, recurrence=model.recurrence)
-    p = zeros_init(model, x)
+    p = zeros_init(model, x)  # swept in place
     rates: list[float] = []
     distances: list[float] = []
     kept = p
-    for k in range(1, max(sweeps, until or 0) + 1):
-        new = model.update(p if per_token else shifted_inputs(p, first), x)
-        start = 0 if per_token else min(k, x.shape[1] - 1)
-        target = (p if per_token else reference)[:, start:]
-        rates.append(metrics.convergence_rate(new[:, start:], target, cfg.convergence_threshold))
-        distances.append(metrics.mean_residual(new[:, start:], target))
-        p = new
-        if k == sweeps:
-            kept = p
+    sweeping = jacobi_sweeps(model.update, x, p, p.new_zeros(x.shape[0], p.shape[-1]), per_token)
+    for k, (_, change) in enumerate(islice(sweeping, max(sweeps, until or 0)), start=1):
+        if per_token:  # the residual of c = f(c, x) is this sweep's change
+            rates.append(float((change < cfg.convergence_threshold).float().mean()))
+            distances.append(float((change * p.shape[-1]).sqrt().mean()))
+        else:  # positions t < k are exact by construction: measured from min(k, N - 1) on
+            start = min(k, x.shape[1] - 1)
+            rates.append(metrics.convergence_rate(p[:, start:], reference[:, start:], cfg.convergence_threshold))
+            distances.append(metrics.mean_residual(p[:, start:], reference[:, start:]))
+        if k == sweeps and per_token:
+            kept = p.clone()
         if k >= sweeps and (until is None or rates[-1] >= cfg.convergence_target):
             break
     return rates, distances, (kept if per_token else reference)
