@@ -259,7 +259,10 @@ class Phase1Config:
     max_iterations: int = 40
     min_iterations: int = 5
     convergence_threshold: float = 0.01  # per-token MSE(C_t, P_t) below this => converged
-    convergence_target: float = 0.95  # stop once this fraction of held-out tokens converged from c = 0
+    convergence_target: float = 0.95  # stop once this fraction of held-out tokens converged from c = 0...
+    # ...and the held-out probe gains this much top-1 accuracy over the bigram (phase1.held_out_converged):
+    # a memoryless or collapsed f converges in one sweep but gains exactly 0
+    min_probe_gain: float = 0.01
     lr: float = 1e-3
     grad_clip: float = 1.0
     context_noise: float = 0.0  # std of Gaussian noise on the input contexts during training
@@ -364,7 +367,7 @@ class Config:
     seed: int = 42
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     objectives: list[str] = field(
-        default_factory=lambda: [keys.P1_VAL_CONVERGENCE_RATE, keys.P2_VAL_PPL]
+        default_factory=lambda: [keys.P1_VAL_CONVERGED_GAIN, keys.P2_VAL_PPL]
     )
     save_checkpoint: bool = True
     save_contexts: bool = True  # Phase-1 validation contexts (for spectra in notebooks)
@@ -552,6 +555,7 @@ def _check_phase1(t: DictConfig) -> None:
     _check(p1.convergence_threshold > 0, "training.phase1.convergence_threshold",
            p1.convergence_threshold, "a positive number")
     _unit_interval("training.phase1.convergence_target", p1.convergence_target)
+    _unit_interval("training.phase1.min_probe_gain", p1.min_probe_gain)
     _check(p1.lr > 0, "training.phase1.lr", p1.lr, "a positive number")
     _check(p1.context_noise >= 0, "training.phase1.context_noise", p1.context_noise, "a number >= 0")
     for key, node in (("training.phase1.checkpoint_every", p1), ("training.phase2.checkpoint_every", t.phase2)):
