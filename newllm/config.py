@@ -342,6 +342,9 @@ class Phase1Config:
     convergence_threshold: float = ranged(0.01, "(0, inf)")  # per-token MSE(C_t, P_t) below this => converged
     # stop once this fraction of held-out tokens converged from c = 0
     convergence_target: float = ranged(0.95, "[0, 1]")
+    # ...and the held-out probe gains this much top-1 accuracy over the bigram (phase1.held_out_converged):
+    # a memoryless or collapsed f converges in one sweep but gains exactly 0
+    min_probe_gain: float = ranged(0.01, "[0, 1]")
     lr: float = ranged(1e-3, "(0, inf)")
     grad_clip: float = ranged(1.0, "(0, inf)")
     context_noise: float = ranged(0.0, "[0, inf)")  # std of Gaussian noise on the input contexts during training
@@ -453,7 +456,7 @@ class Config:
     seed: int = ranged(42, "[0, SEED_MAX]")
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     objectives: list[str] = field(
-        default_factory=lambda: [keys.P1_VAL_CONVERGENCE_RATE, keys.P2_VAL_PPL]
+        default_factory=lambda: [keys.P1_VAL_CONVERGED_GAIN, keys.P2_VAL_PPL]
     )
     save_checkpoint: bool = True
     save_contexts: bool = True  # Phase-1 validation contexts (for spectra in notebooks)

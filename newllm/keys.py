@@ -105,9 +105,12 @@ P1_HELD_OUT_TIME_S = "phase1/held_out_time_s"
 P1_FROM_RUN = "phase1/from_run"
 P1_TRAIN_FLOPS = "phase1/train_flops"  # estimated training compute (models.costs.phase1_train_flops)
 
+# The next-token probe of the held-out contexts (training/phase1.probe_metrics; stream mode only)
+P1_PROBE_MEASURES = ("probe_accuracy", "bigram_accuracy", "probe_gain", "converged_gain")
 # Phase 1 on held-out streams from a cold start (training/phase1.evaluate_phase1), one family per split
 P1_HELD_OUT_MEASURES = ("convergence_rate", "fixed_point_distance", "effective_rank", "effective_rank_ratio",
-                        "memory_length", "memory_length_capped", "tokens", "mean_norm", "spread", "pairwise_distance")
+                        "memory_length", "memory_length_capped", "tokens", "mean_norm", "spread", "pairwise_distance",
+                        *P1_PROBE_MEASURES)
 
 
 def p1_held_out(split: str, measure: str) -> str:
@@ -116,6 +119,8 @@ def p1_held_out(split: str, measure: str) -> str:
 
 
 P1_VAL_CONVERGENCE_RATE = p1_held_out("val", "convergence_rate")
+P1_VAL_CONVERGED_GAIN = p1_held_out("val", "converged_gain")  # the Phase-1 objective (docs/measurement.md)
+P1_VAL_PROBE_GAIN = p1_held_out("val", "probe_gain")
 P1_VAL_MEMORY_LENGTH = p1_held_out("val", "memory_length")
 P1_VAL_MEMORY_LENGTH_CAPPED = p1_held_out("val", "memory_length_capped")
 P1_VAL_EFFECTIVE_RANK = p1_held_out("val", "effective_rank")

@@ -148,3 +148,63 @@ def masked_token_sums(logits: torch.Tensor, targets: torch.Tensor, mask: torch.T
     device, to be summed over steps there and read once (`.tolist()`), not once per step."""
     ce, hit = masked_token_losses(logits, targets, mask)
     return torch.stack([ce.double().sum(), hit.sum().double(), mask.sum().double()])
+
+
+# Ridge penalty of the next-token probe, relative to the mean diagonal of its Gram matrix (a scale-free
+# choice: contexts are LayerNorm outputs of any width). Measured on the default run (seed 42): 1e-3 and 1e-1
+# rank trained, untrained and the controls alike (docs/measurement.md, "The Phase-1 objective").
+PROBE_RIDGE = 1e-3
+_PROBE_CHUNK_ELEMENTS = 1 << 22  # eval positions x target classes scored at once (memory bound)
+
+
+def next_token_probe(fit: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+                     scored: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+                     ridge: float = PROBE_RIDGE) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-1 hits of a closed-form probe that reads the context beside the current token, and of the bigram.
+
+    `fit` and `scored` are (contexts (M, C), current tokens (M,), next tokens (M,)) of disjoint positions.
+    The memoryless reference is the bigram fitted on `fit` (its argmax; a token never seen there backs off
+    to the unigram): the best any function of the current token alone does, in the same currency. The
+    probe adds a ridge regression of the next token's one-hot on the context's deviation from the mean
+    context of its current token (its mean over `fit`): the least-squares fit on [context; one-hot current
+    token], by Frisch-Waugh-Lovell, without the V x V one-hot block. A context that is a function of the
+    current token (memoryless, collapsed) deviates by exactly 0, so its probe IS the bigram: hits equal.
+    A scored token unseen in `fit` has no mean to deviate from and reads the unigram like the bigram.
+    Returns (probe hits, bigram hits), bool (M_scored,).
+    """
+    (cf, xf, yf), (cs, xs, ys) = fit, scored
+    cf, cs = cf.detach().double().cpu(), cs.detach().double().cpu()
+    xf, yf, xs, ys = (t.cpu() for t in (xf, yf, xs, ys))
+    classes, target = torch.unique(yf, return_inverse=True)
+    tokens, group = torch.unique(xf, return_inverse=True)
+    counts = torch.sparse_coo_tensor(torch.stack([group, target]), torch.ones_like(yf, dtype=torch.float64),
+                                     (len(tokens), len(classes)), check_invariants=True).coalesce()
+    size = torch.bincount(group, minlength=len(tokens)).double()
+    mean = torch.zeros(len(tokens), cf.shape[1], dtype=torch.float64).index_add_(0, group, cf) / size[:, None]
+    # A deviation below float32 resolution of the contexts is rounding (the mean of identical rows), not
+    # information: zeroed, so that a memoryless f scores exactly the bigram, ties broken alike.
+    tol = 1e-5 * float(cf.pow(2).sum(-1).mean().sqrt())
+    resid = _above(cf - mean[group], tol)
+    gram = resid.T @ resid
+    gram += ridge * float(gram.diagonal().mean().clamp(min=1e-12)) * torch.eye(len(gram), dtype=gram.dtype)
+    # right-hand side resid^T one-hot(y); resid^T bigram(x) is 0, the residuals of a token summing to 0
+    rhs = torch.zeros(cf.shape[1], len(classes), dtype=torch.float64).index_add_(1, target, resid.T)
+    weights = torch.linalg.solve(gram, rhs)
+    at = torch.searchsorted(tokens, xs).clamp(max=len(tokens) - 1)
+    seen = tokens[at] == xs
+    unigram = torch.bincount(target, minlength=len(classes)).double() / len(yf)
+    probe, bigram = torch.zeros(len(ys), dtype=torch.bool), torch.zeros(len(ys), dtype=torch.bool)
+    step = max(1, _PROBE_CHUNK_ELEMENTS // len(classes))
+    for a in range(0, len(ys), step):
+        s = slice(a, a + step)
+        rows = torch.index_select(counts, 0, at[s]).to_dense()
+        rows = torch.where(seen[s, None], rows / size[at[s], None], unigram)
+        bigram[s] = classes[rows.argmax(-1)] == ys[s]
+        deviation = torch.where(seen[s, None], _above(cs[s] - mean[at[s]], tol), 0.0)
+        probe[s] = classes[(rows + deviation @ weights).argmax(-1)] == ys[s]
+    return probe, bigram
+
+
+def _above(rows: torch.Tensor, tol: float) -> torch.Tensor:
+    """`rows` with every row of L2 norm <= tol set to exactly 0."""
+    return torch.where(rows.norm(dim=-1, keepdim=True) > tol, rows, 0.0)

@@ -196,11 +196,12 @@ def phase1_stage(cfg: DictConfig, model, data, device: torch.device, tracker: Ru
         "config": to_container(cfg), "model": model.state_dict(), "metrics": ckpt.primitive(p1.metrics),
         "tokenizer_hash": ckpt.tokenizer_hash(data.tokenizer), "vocab_size": data.vocab_size})
     m = p1.metrics
-    log.info("phase 1: %d iterations (%s); held-out from c = 0: convergence %.3f after %d sweeps, "
-             "memory length %d%s, effective rank %.1f/%d", m[keys.P1_ITERATIONS], m[keys.P1_STOP_REASON],
-             m[keys.P1_VAL_CONVERGENCE_RATE], p1_cfg.val_iterations, m[keys.P1_VAL_MEMORY_LENGTH],
-             " (capped)" if m[keys.P1_VAL_MEMORY_LENGTH_CAPPED] else "", m[keys.P1_VAL_EFFECTIVE_RANK],
-             model.context_dim)
+    log.info("phase 1: %d iterations (%s); held-out from c = 0: converged gain %.3f (probe gain %.3f), "
+             "convergence %.3f after %d sweeps, memory length %d%s, effective rank %.1f/%d",
+             m[keys.P1_ITERATIONS], m[keys.P1_STOP_REASON], m.get(keys.P1_VAL_CONVERGED_GAIN, math.nan),
+             m.get(keys.P1_VAL_PROBE_GAIN, math.nan), m[keys.P1_VAL_CONVERGENCE_RATE], p1_cfg.val_iterations,
+             m[keys.P1_VAL_MEMORY_LENGTH], " (capped)" if m[keys.P1_VAL_MEMORY_LENGTH_CAPPED] else "",
+             m[keys.P1_VAL_EFFECTIVE_RANK], model.context_dim)
     return m
 
 

@@ -167,8 +167,8 @@ def test_objective_names_come_from_a_trial_run_dir(runs, analysis_outputs):
     assert analysis.objective_names(study) == ["objective_0", "objective_1"]
     run_dir = analysis.select_sweep(runs, analysis_outputs["grid"])["run_dir"].iloc[0]
     study.add_trial(optuna.trial.create_trial(values=[0.5, 100.0], user_attrs={"run_dir": run_dir}))
-    assert analysis.objective_names(study) == ["phase1/val_convergence_rate", "phase2/val_ppl"]  # conf/config.yaml
-    assert list(analysis.pareto_front(study).columns[2:4]) == ["phase1/val_convergence_rate", "phase2/val_ppl"]
+    assert analysis.objective_names(study) == ["phase1/val_converged_gain", "phase2/val_ppl"]  # conf/config.yaml
+    assert list(analysis.pareto_front(study).columns[2:4]) == ["phase1/val_converged_gain", "phase2/val_ppl"]
     assert analysis.objective_names(study, ["a", "b"]) == ["a", "b"]
 
 

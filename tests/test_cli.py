@@ -16,6 +16,7 @@ pytestmark = pytest.mark.slow  # every test here starts the CLI
 REQUIRED_KEYS = [
     "phase1/train_step_stability", "phase1/effective_rank", "phase1/effective_rank_ratio", "phase1/iterations",
     "phase1/residual", "phase1/val_convergence_rate", "phase1/val_memory_length", "phase1/val_memory_length_capped",
+    "phase1/val_probe_gain", "phase1/val_converged_gain", "phase1/test_converged_gain",
     "phase1/stop_reason", "phase1/token_iterations_per_s",
     "phase2/val_ppl", "phase2/val_acc", "phase2/val_loss", "phase2/train_ppl", "phase2/tokens_per_s",
     "model/params", "time/wall_s", "seed", "device", "data/train_tokens", "data/val_tokens",

@@ -342,7 +342,7 @@ def test_resume_continues_to_n_trials_in_total_and_keeps_every_job_dir(tmp_path)
         assert {k: t.user_attrs[k] for k in metrics} == metrics
         assert f"model.layers={t.params['model.layers']}" in t.user_attrs["overrides"]
         assert {o.lower() for o in TINY} <= {o.lower() for o in t.user_attrs["overrides"]}  # progress=False
-        assert t.values == [metrics["phase1/val_convergence_rate"], metrics["phase2/val_ppl"]]
+        assert t.values == [metrics["phase1/val_converged_gain"], metrics["phase2/val_ppl"]]
 
     _, proc = sweep(tmp_path, *args, "hydra.sweeper.n_trials=2")  # already complete: launches nothing
     assert "Launching" not in proc.stderr + proc.stdout and len(study.trials) == 3

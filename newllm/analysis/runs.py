@@ -36,7 +36,8 @@ CACHE_NAME = ".runs_cache.parquet"
 # Columns every runs table starts with; metrics follow, then the flattened config.
 ID_COLUMNS = ["run", "status", "sweep_id", "job", "start_time", "end_time", "choices/model", "overrides", "error",
               "pruned_reason"]
-KEY_METRICS = [keys.P1_VAL_CONVERGENCE_RATE, keys.P1_VAL_MEMORY_LENGTH, keys.P1_VAL_EFFECTIVE_RANK,
+KEY_METRICS = [keys.P1_VAL_CONVERGED_GAIN, keys.P1_VAL_PROBE_GAIN, keys.P1_VAL_CONVERGENCE_RATE,
+               keys.P1_VAL_MEMORY_LENGTH, keys.P1_VAL_EFFECTIVE_RANK,
                keys.P2_VAL_PPL, keys.P2_TEST_PPL, keys.P2_TEST_ACC, keys.MODEL_PARAMS_CORE, keys.WALL_S]
 FINAL_METRIC = keys.P2_TEST_PPL  # what final comparisons report: the held-out test split, read once per run
 LOG_LINE = re.compile(r"^\[\d{4}-\d\d-\d\d ")  # '[2026-11-23 10:00:00,000][logger][LEVEL] - ...'

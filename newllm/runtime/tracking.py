@@ -180,7 +180,8 @@ def plot_curves(history: list[dict], path: Path) -> Path:
     fig, axes = plt.subplots(1, 4, figsize=(16, 3.4))
     panels = [
         ("Phase 1 loss", [keys.P1_CVFP_LOSS, keys.P1_DIVERSITY_LOSS], 1),
-        ("Phase 1 convergence", [keys.P1_VAL_CONVERGENCE_RATE, keys.P1_TRAIN_STEP_STABILITY], 1),
+        ("Phase 1 convergence", [keys.P1_VAL_CONVERGENCE_RATE, keys.P1_VAL_CONVERGED_GAIN,
+                                 keys.P1_TRAIN_STEP_STABILITY], 1),
         ("Phase 1 effective rank", [keys.P1_EFFECTIVE_RANK], 1),
         ("Phase 2 perplexity", [keys.P2_TRAIN_PPL, keys.P2_VAL_PPL], 2),
     ]

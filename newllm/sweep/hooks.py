@@ -10,8 +10,9 @@ the reason, valued by its objectives at that step. Optuna's private parts (the s
 in-process study, a trial handle from its id) are reached through newllm.sweep.compat.
 
 Intermediate values (single-objective studies only; Optuna forbids report() with several):
-  Phase 1 iteration k -> step k, value 1 - val_convergence_rate (maximize studies: val_convergence_rate),
-                         at the iterations that measure validation (every training.phase1.val_every)
+  Phase 1 iteration k -> step k, value -val_converged_gain (maximize studies: val_converged_gain, the
+                         Phase-1 objective), at the iterations that measure validation (every
+                         training.phase1.val_every)
   Phase 2 evaluation e -> step phase1.max_iterations + 1 + e (from 1; one per epoch unless eval_every),
                          value val_loss (maximize: -val_loss)
 so every trial of a study reports each phase at the same steps, and PhaseWisePruner lets the
@@ -65,7 +66,7 @@ class PhaseWisePruner(optuna.pruners.BasePruner):
     """The configured pruner, shown only the current phase's intermediate values of this trial.
 
     Pruners such as MedianPruner compare a trial's *best* value so far with other trials at the
-    current step; Phase-1 values (1 - val convergence, in [0, 1]) would always beat Phase-2 losses.
+    current step; Phase-1 values (the converged gain, in [-1, 1]) and Phase-2 losses are not comparable.
     Other trials are compared at the same step, hence within the same phase already.
     """
 
@@ -85,8 +86,8 @@ def early_stop_reason(row: dict, rules: EarlyStopConfig, context_dim: int, ident
     """The first early-stop rule this history row breaks, as a one-line reason (None: carry on).
 
     The rank rule reads the training contexts' rank (every erank_every iterations) and the held-out
-    one (every val_every): a collapsed f converges from c = 0 in a few sweeps, so a study that
-    maximises phase1/val_convergence_rate needs this rule to keep collapsed trials off its front.
+    one (every val_every): a collapsed f converges from c = 0 in one sweep. The Phase-1 objective
+    (phase1/val_converged_gain) already scores it 0, like a memoryless f; the rule stops such a trial early.
     """
     if rules.nan_loss:
         bad = {k: v for k, v in row.items() if k.endswith("loss") and isinstance(v, float) and not math.isfinite(v)}
@@ -158,9 +159,8 @@ class TrialReporter:
         return None
 
     def intermediate(self, row: dict) -> tuple[float | None, int]:
-        if row.get("phase") == 1 and "phase1" in self.report and keys.P1_VAL_CONVERGENCE_RATE in row:
-            rate = float(row[keys.P1_VAL_CONVERGENCE_RATE])
-            return (1.0 - rate if self.sign > 0 else rate), int(row["step"])
+        if row.get("phase") == 1 and "phase1" in self.report and keys.P1_VAL_CONVERGED_GAIN in row:
+            return -self.sign * float(row[keys.P1_VAL_CONVERGED_GAIN]), int(row["step"])
         if row.get("phase") == 2 and "phase2" in self.report and keys.P2_VAL_LOSS in row:
             evaluation = int(row.get("evaluation", row.get("epoch", 0)))
             return self.sign * float(row[keys.P2_VAL_LOSS]), self.phase2_offset + evaluation

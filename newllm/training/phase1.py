@@ -24,6 +24,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from itertools import islice
 from typing import NamedTuple
 
 import torch
@@ -35,7 +36,7 @@ from newllm.models import evaluating
 from newllm.runtime.lifecycle import Phase1State
 from newllm.training.diversity import Diversity
 from newllm.training.progress import Progress
-from newllm.training.solvers import PASS0, sequential_pass, shifted_inputs, zeros_init
+from newllm.training.solvers import PASS0, jacobi_sweep, jacobi_sweeps, sequential_pass, sweep_inputs, zeros_init
 
 STOP_CONVERGED, STOP_MAX_ITERATIONS, STOP_UNTRAINED = "val_converged", "max_iterations", "untrained"
 
@@ -130,16 +131,17 @@ def sweep(model: torch.nn.Module, ids: torch.Tensor, c_in: torch.Tensor, target:
     n = ids.shape[1]
     spans = [(a, min(n, a + chunk_size)) for a in range(0, n, chunk_size)]
     if train and len(spans) == 1:
-        c = model.update(c_in, model.embed(ids))
+        c = jacobi_sweep(model.update, None, model.embed(ids), inputs=c_in)
         loss, mse, div, token_mse = sweep_loss(c, target, w, diversity)
         loss.backward()
         out.copy_(c.detach())
         return SweepStats(mse.detach(), div.detach(), token_mse.detach())
     device, rng = c_in.device, []
     with torch.no_grad():
+        x = model.embed(ids)
         for a, b in spans:
             rng.append(_rng_snapshot(device))
-            out[:, a:b] = model.update(c_in[:, a:b], model.embed(ids[:, a:b]))
+            out[:, a:b] = jacobi_sweep(model.update, None, x, inputs=c_in, start=a, stop=b)
     if not train:
         with torch.no_grad():
             _, mse, div, token_mse = sweep_loss(out, target, w, diversity)
@@ -150,7 +152,8 @@ def sweep(model: torch.nn.Module, ids: torch.Tensor, c_in: torch.Tensor, target:
     loss.backward()
     for (a, b), state in zip(spans, rng, strict=True):
         _rng_restore(state, device)  # the same dropout masks as the no-grad forward
-        model.update(c_in[:, a:b], model.embed(ids[:, a:b])).backward(leaf.grad[:, a:b])
+        # the chunk's own embedding: its graph (the embedding is trained) is built per chunk, like f's
+        jacobi_sweep(model.update, None, model.embed(ids[:, a:b]), inputs=c_in[:, a:b]).backward(leaf.grad[:, a:b])
     _rng_restore(after, device)
     return SweepStats(mse.detach(), div.detach(), token_mse.detach())
 
@@ -183,7 +186,7 @@ class Phase1Loop:
         cfg, st = self.cfg, self.state
         st.optimizer.zero_grad(set_to_none=True)
         p = st.contexts
-        c_in = p if self.c_in is None else shifted_inputs(p, out=self.c_in)
+        c_in = sweep_inputs(p, per_token=self.c_in is None, out=self.c_in)
         if self.train and cfg.context_noise > 0:
             c_in = c_in + cfg.context_noise * torch.randn_like(c_in)
         with torch.set_grad_enabled(self.train):
@@ -224,7 +227,7 @@ class Phase1Loop:
             with evaluating(self.model):
                 row.update(evaluate_phase1(self.model, self.val, cfg, memory=False))
             self.state.measuring_s += time.perf_counter() - t_check  # timed apart from training
-            if self.train and k >= cfg.min_iterations and row[keys.P1_VAL_CONVERGENCE_RATE] >= cfg.convergence_target:
+            if self.train and k >= cfg.min_iterations and held_out_converged(row, cfg):
                 last, self.stop_reason = True, STOP_CONVERGED
         if k % cfg.erank_every == 0 or last:
             row[keys.P1_EFFECTIVE_RANK] = metrics.effective_rank(self.state.contexts, cfg.erank_samples)
@@ -296,12 +299,21 @@ def train_phase1(model: torch.nn.Module, train_ids: torch.Tensor, val_ids: torch
     return loop.finish(test)
 
 
+class ColdStart(NamedTuple):
+    """What `cold_start_rates` measured: per sweep from c = 0, the converged fraction and the mean L2
+    distance to the reference; the reference contexts (stream: the fixed point, i.e. the sequential pass;
+    per_token: the contexts after `sweeps` iterations) and the contexts after `sweeps` sweeps (S, N, C)."""
+
+    rates: list[float]
+    distances: list[float]
+    reference: torch.Tensor
+    swept: torch.Tensor
+
+
 @torch.no_grad()
 def cold_start_rates(model: torch.nn.Module, x: torch.Tensor, cfg: DictConfig, sweeps: int,
-                     until: int | None = None) -> tuple[list[float], list[float], torch.Tensor]:
-    """Sweeps from c = 0 over embedded held-out tokens x (S, N, E), no optimizer: the converged fraction
-    and the mean L2 distance to the reference after each sweep, and the held-out contexts (the reference;
-    per_token: the contexts after the `sweeps`-th iteration).
+                     until: int | None = None) -> ColdStart:
+    """Sweeps from c = 0 over embedded held-out tokens x (S, N, E), no optimizer (`ColdStart`).
 
     stream: each held-out stream is read once from c_0 = 0 (an open chain, as Phase 2 and generation
     read text); its fixed point is the sequential pass, which k sweeps from zeros reproduce exactly at
@@ -314,25 +326,73 @@ def cold_start_rates(model: torch.nn.Module, x: torch.Tensor, cfg: DictConfig, s
     With `until`, sweeping goes on (up to `until` sweeps in all) while the fraction is below convergence_target.
     """
     per_token = cfg.mode == "per_token"
-    first = None if per_token else x.new_zeros(x.shape[0], model.context_dim)
     reference = None if per_token else sequential_pass(model, x, recurrence=model.recurrence)
-    p = zeros_init(model, x)
+    p = zeros_init(model, x)  # swept in place
     per_sweep: list[torch.Tensor] = []  # (rate, distance) of each sweep, on the device
-    kept = p
-    for k in range(1, max(sweeps, until or 0) + 1):
-        new = model.update(p if per_token else shifted_inputs(p, first), x)
-        start = 0 if per_token else min(k, x.shape[1] - 1)
-        target = (p if per_token else reference)[:, start:]
-        per_sweep.append(torch.stack([metrics.converged_fraction(new[:, start:], target, cfg.convergence_threshold),
-                                      metrics.residual_norm(new[:, start:], target)]))
-        p = new
+    swept = p
+    sweeping = jacobi_sweeps(model.update, x, p, p.new_zeros(x.shape[0], p.shape[-1]), per_token)
+    for k, (_, change) in enumerate(islice(sweeping, max(sweeps, until or 0)), start=1):
+        if per_token:  # the residual of c = f(c, x) is this sweep's change
+            stats = [(change < cfg.convergence_threshold).float().mean(), (change * p.shape[-1]).sqrt().mean()]
+        else:  # positions t < k are exact by construction: measured from min(k, N - 1) on
+            start = min(k, x.shape[1] - 1)
+            stats = [metrics.converged_fraction(p[:, start:], reference[:, start:], cfg.convergence_threshold),
+                     metrics.residual_norm(p[:, start:], reference[:, start:])]
+        per_sweep.append(torch.stack(stats))
         if k == sweeps:
-            kept = p
+            swept = p.clone()
         # Read on the host only when it decides something: past `sweeps`, with `until`, once per sweep.
         if k >= sweeps and (until is None or float(per_sweep[-1][0]) >= cfg.convergence_target):
             break
     rates, distances = torch.stack(per_sweep, dim=1).tolist()
-    return rates, distances, (kept if per_token else reference)
+    return ColdStart(rates, distances, swept if per_token else reference, swept)
+
+
+def probe_metrics(ids: torch.Tensor, fixed: torch.Tensor, swept: torch.Tensor, sweeps: int, threshold: float,
+                  split: str) -> dict[str, float]:
+    """What the held-out contexts tell the next-token head beyond the current token (stream mode).
+
+    Positions t = sweeps .. N-2 of every stream (a next token, and the history the convergence rate asks
+    for), in stream order, cut into two halves: a probe fitted on the fixed-point contexts of one half
+    (`metrics.next_token_probe`: the bigram plus a ridge read-out of the context) predicts token t+1 of
+    the other half from the contexts that `sweeps` cold-start sweeps reached there, and the other way round.
+
+    Keys phase1/{split}_<measure> (keys.P1_PROBE_MEASURES):
+    probe_accuracy, bigram_accuracy  top-1 of the probe and of the memoryless reference
+    probe_gain       their difference: 0 exactly for any f whose context depends on the current token
+                     alone (memoryless, collapsed); < 0 where the probe reads noise
+    converged_gain   the gain counted only at positions converged after `sweeps` sweeps, per position:
+                     contexts that reached their fixed point AND inform the head (the Phase-1 objective)
+    """
+    n, dim = ids.shape[1], fixed.shape[-1]
+    tokens, targets = ids[:, sweeps:-1].reshape(-1).cpu(), ids[:, sweeps + 1:].reshape(-1).cpu()
+    half = len(tokens) // 2
+    if half == 0:
+        return {keys.p1_held_out(split, k): math.nan for k in keys.P1_PROBE_MEASURES}
+    fixed, swept = (c[:, sweeps : n - 1].reshape(-1, dim) for c in (fixed, swept))
+    probe, bigram = torch.zeros(len(tokens), dtype=torch.bool), torch.zeros(len(tokens), dtype=torch.bool)
+    for fit, scored in ((slice(0, half), slice(half, None)), (slice(half, None), slice(0, half))):
+        probe[scored], bigram[scored] = metrics.next_token_probe((fixed[fit], tokens[fit], targets[fit]),
+                                                                 (swept[scored], tokens[scored], targets[scored]))
+    gain = probe.double() - bigram.double()
+    converged = (metrics.per_token_mse(swept, fixed) < threshold).cpu()
+    return {keys.p1_held_out(split, "probe_accuracy"): float(probe.double().mean()),
+            keys.p1_held_out(split, "bigram_accuracy"): float(bigram.double().mean()),
+            keys.p1_held_out(split, "probe_gain"): float(gain.mean()),
+            keys.p1_held_out(split, "converged_gain"): float((gain * converged).mean())}
+
+
+def held_out_converged(m: dict, cfg: DictConfig, split: str = "val") -> bool:
+    """Phase 1's early stop: contexts reach their fixed point AND carry what the current token alone does not.
+
+    A convergence_target fraction converged after val_iterations cold-start sweeps, and (stream mode) a
+    probe gain of at least min_probe_gain over the bigram: a memoryless or collapsed f converges in one
+    sweep but gains exactly 0, so it never stops Phase 1 as converged. per_token mode has no next token
+    (its fixed points are memoryless by design): the rate alone.
+    """
+    if not m[keys.p1_held_out(split, "convergence_rate")] >= cfg.convergence_target:
+        return False
+    return cfg.mode == "per_token" or m[keys.p1_held_out(split, "probe_gain")] >= cfg.min_probe_gain
 
 
 def memory_length(rates: list[float], target: float, cap: int) -> tuple[int, bool]:
@@ -364,17 +424,20 @@ def evaluate_phase1(model: torch.nn.Module, ids: torch.Tensor, cfg: DictConfig, 
     """
     x = model.embed(ids)
     cap = cfg.memory_cap if cfg.mode == "per_token" else min(cfg.memory_cap, ids.shape[1] - 1)
-    rates, distances, contexts = cold_start_rates(model, x, cfg, cfg.val_iterations, cap if memory else None)
-    contexts = contexts.reshape(-1, contexts.shape[-1])
+    cold = cold_start_rates(model, x, cfg, cfg.val_iterations, cap if memory else None)
+    contexts = cold.reference.reshape(-1, cold.reference.shape[-1])
     erank = metrics.effective_rank(contexts, cfg.erank_samples)
     out: dict[str, float] = {
-        keys.p1_held_out(split, "convergence_rate"): rates[cfg.val_iterations - 1],
-        keys.p1_held_out(split, "fixed_point_distance"): distances[cfg.val_iterations - 1],
+        keys.p1_held_out(split, "convergence_rate"): cold.rates[cfg.val_iterations - 1],
+        keys.p1_held_out(split, "fixed_point_distance"): cold.distances[cfg.val_iterations - 1],
         keys.p1_held_out(split, "effective_rank"): erank,
         keys.p1_held_out(split, "effective_rank_ratio"): erank / contexts.shape[-1],
     }
+    if cfg.mode != "per_token":
+        out.update(probe_metrics(ids, cold.reference, cold.swept, cfg.val_iterations, cfg.convergence_threshold,
+                                 split))
     if memory:
-        length, capped = memory_length(rates, cfg.convergence_target, cap)
+        length, capped = memory_length(cold.rates, cfg.convergence_target, cap)
         collapse = metrics.collapse_stats(contexts, ids.reshape(-1))
         out.update({keys.p1_held_out(split, "memory_length"): length,
                     keys.p1_held_out(split, "memory_length_capped"): int(capped),

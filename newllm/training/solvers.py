@@ -8,11 +8,13 @@ Jacobi sweeps are given their start c0 and take `update` alone.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from itertools import islice
 from typing import Any
 
 import torch
 
+from newllm import metrics
 from newllm.models.interface import ContextModel, ContextUpdate
 
 Update = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -118,10 +120,47 @@ def shifted_inputs(contexts: torch.Tensor, first: torch.Tensor | None = None,
     return out
 
 
-def jacobi_sweep(update: Update, contexts: torch.Tensor, x: torch.Tensor,
-                 first: torch.Tensor | None = None) -> torch.Tensor:
-    """One parallel sweep: every c_t = f(c_{t-1}^{prev}, x_t) in one batched call."""
-    return update(shifted_inputs(contexts, first), x)
+def sweep_inputs(contexts: torch.Tensor, first: torch.Tensor | None = None, per_token: bool = False,
+                 out: torch.Tensor | None = None) -> torch.Tensor:
+    """What each position reads in the next Jacobi sweep: c_{t-1} of the previous sweep (`shifted_inputs`),
+    or, per_token (each position its own chain, the token repeated forever), its own previous c_t."""
+    return contexts if per_token else shifted_inputs(contexts, first, out)
+
+
+def jacobi_sweep(update: Update, contexts: torch.Tensor | None, x: torch.Tensor, first: torch.Tensor | None = None,
+                 *, per_token: bool = False, start: int = 0, stop: int | None = None,
+                 inputs: torch.Tensor | None = None) -> torch.Tensor:
+    """THE Jacobi sweep: every c_t = f(c_{t-1}^{prev}, x_t) in one batched call, positions [start, stop).
+
+    What each position reads of the previous sweep `contexts` is `sweep_inputs` (first / carry-over /
+    per_token); `inputs`, when given, are those already built (Phase-1 training builds them into a buffer
+    and may add noise; `contexts` is then unused). Phase-1 training (`phase1.sweep`, chunk by chunk), the
+    held-out measurement (`phase1.cold_start_rates`) and Phase 2's `jacobi_window` all sweep here.
+    """
+    if inputs is None:
+        inputs = sweep_inputs(contexts, first, per_token)
+    return update(inputs[:, start:stop], x[:, start:stop])
+
+
+def jacobi_sweeps(update: Update, x: torch.Tensor, contexts: torch.Tensor, first: torch.Tensor,
+                  per_token: bool = False) -> Iterator[tuple[int, torch.Tensor]]:
+    """No-grad Jacobi sweeps from `contexts` (S, N, C), updated in place: after sweep k yields
+    (start, per-token MSE change of the positions it recomputed, (S, N - start)).
+
+    Open chain (position 0 reads `first`): after k sweeps the first k positions are exact (their inputs
+    were), so sweep k + 1 recomputes positions >= k only and N sweeps are exact for any f. per_token:
+    each position is its own chain (`first` unused) and every sweep recomputes all of them. Endless:
+    the caller stops.
+    """
+    n, k = x.shape[1], 0
+    while True:
+        start = 0 if per_token else min(k, n)
+        with torch.no_grad():
+            tail = jacobi_sweep(update, contexts, x, first, per_token=per_token, start=start)
+            change = metrics.per_token_mse(tail, contexts[:, start:])
+            contexts[:, start:] = tail
+        k += 1
+        yield start, change
 
 
 def jacobi_window(update: Update, x: torch.Tensor, c0: torch.Tensor, max_sweeps: int, tol: float,
@@ -135,15 +174,10 @@ def jacobi_window(update: Update, x: torch.Tensor, c0: torch.Tensor, max_sweeps:
     n = x.shape[1]
     contexts = c0.unsqueeze(1).expand(-1, n, -1).clone()
     sweeps = 0
-    with torch.no_grad():
-        # After sweep s, positions < s are exact (their inputs were): later sweeps skip that prefix.
-        for s in range(min(max_sweeps, n)):
-            tail = update(shifted_inputs(contexts, c0)[:, s:], x[:, s:])
-            change = float((tail - contexts[:, s:]).pow(2).mean(-1).max())
-            contexts[:, s:] = tail
-            sweeps += 1
-            if change <= tol:
-                break
+    for _, change in islice(jacobi_sweeps(update, x, contexts, c0), max(0, min(max_sweeps, n))):
+        sweeps += 1
+        if float(change.max()) <= tol:
+            break
     for _ in range(grad_sweeps):
         contexts = jacobi_sweep(update, contexts, x, c0)
     return contexts, sweeps + grad_sweeps
