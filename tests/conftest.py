@@ -354,6 +354,9 @@ def run_in_process(args: list[str], cwd: Path, module: str = "newllm.run", check
     escaped, as the interpreter does), its output what it wrote to stdout and stderr."""
     out: dict[str, str] = {}
     returncode = 0
+    # As in a new process, the module is not imported yet (runpy warns on stderr if it is, as after
+    # test_layout imported every module); the test process keeps its own copy afterwards.
+    imported = sys.modules.pop(module, None)
     with _captured_output(out), _as_a_fresh_process([module, *args], cwd, {**CLI_ENV, **(env or {})}):
         try:
             runpy.run_module(module, run_name="__main__", alter_sys=True)
@@ -366,6 +369,10 @@ def run_in_process(args: list[str], cwd: Path, module: str = "newllm.run", check
         except Exception:  # noqa: BLE001 -- what the interpreter does with an uncaught exception
             traceback.print_exc()
             returncode = 1
+        finally:
+            sys.modules.pop(module, None)
+            if imported is not None:
+                sys.modules[module] = imported
     proc = subprocess.CompletedProcess([sys.executable, "-m", module, *args], returncode, out["stdout"],
                                        out["stderr"])
     if check and returncode != 0:
