@@ -123,7 +123,7 @@ sys.addaudithook(_refuse_processes_outside_the_slow_tier)
 # ----------------------------------------------------------------------------- parallel workers (pytest-xdist)
 # pyproject.toml runs the suite as `-n auto`: tests go to whichever worker is free, except that a test using a
 # module-, class- or session-scoped fixture of tests/ (an outputs/ folder built by real sweeps, a study, a
-# PostgreSQL server) goes to the worker that builds that fixture, so each is built once per run. Tests linked
+# PostgreSQL server) goes to the worker that builds that fixture instance, so each is built once per run. Tests linked
 # through several such fixtures (a notebook test reads analysis_outputs and compare_outputs), or marked
 # `xdist_group(name)` alike, form one group. A new shared fixture needs nothing more: its tests inherit this.
 #
@@ -136,11 +136,15 @@ GROUPS_FILE = "NEWLLM_XDIST_GROUPS"  # environment variable naming the file, set
 
 
 def _shared_fixtures(item: pytest.Item) -> list[str]:
-    """The module/class/session-scoped fixtures defined under tests/ that this test uses, and its
+    """The instances of module/class/package/session-scoped fixtures defined under tests/ that this test
+    uses (a module-scoped fixture is one instance per module: `postgres@tests/test_sweeps.py`), and its
     explicit xdist_group marks."""
     info = getattr(item, "_fixtureinfo", None)
+    path, *rest = item.nodeid.split("::")
+    instance = {"session": "", "package": f"@{Path(path).parent}", "module": f"@{path}",
+                "class": f"@{'::'.join([path, *rest[:-1]])}"}
     names = [] if info is None else [
-        name for name, defs in info.name2fixturedefs.items()
+        name + instance[defs[-1].scope] for name, defs in info.name2fixturedefs.items()
         if defs and defs[-1].scope in SHARED_SCOPES and defs[-1].baseid.startswith("tests")]
     marks = [f"group:{m.args[0] if m.args else m.kwargs.get('name', 'default')}"
              for m in item.iter_markers("xdist_group")]
