@@ -442,7 +442,7 @@ class LoggerConfig:
 @dataclass
 class PathsConfig:
     output_root: str = "outputs"
-    cache_dir: str = "outputs/cache"
+    cache_dir: str = "${paths.output_root}/cache"  # tokenizers, token streams, datasets: beside the runs
 
 
 @dataclass
@@ -455,13 +455,14 @@ class Config:
     paths: PathsConfig = field(default_factory=PathsConfig)
     seed: int = ranged(42, "[0, SEED_MAX]")
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    # What the task returns to a sweeper, in this order (keys of metrics.json).
     objectives: list[str] = field(
         default_factory=lambda: [keys.P1_VAL_CONVERGED_GAIN, keys.P2_VAL_PPL]
     )
     save_checkpoint: bool = True
     save_contexts: bool = True  # Phase-1 validation contexts (for spectra in notebooks)
     progress: bool = True  # loop progress: a bar on a terminal, else a few log lines (newllm/training/progress.py)
-    # A run dir: continue that interrupted run from its last checkpoint, with its own config.
+    # resume=<run dir>: continue that interrupted run there, from its last checkpoint, with its own config.
     resume: str | None = None
 
 

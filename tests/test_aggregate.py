@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from newllm import analysis
-from tests.conftest import run_cli
+from tests.conftest import run_in_process
 
 # Two-sided 95 % Student-t quantiles t(0.975, df), from a printed t table.
 T975 = {1: 12.706204736174704, 2: 4.302652729911275}
@@ -134,8 +134,8 @@ def test_analyze_runs_group_on_real_run_dirs(analysis_outputs, tmp_path):
         metrics = json.loads((run / "metrics.json").read_text())
         (run / "metrics.json").write_text(json.dumps({**metrics, "seed": seed, "phase2/test_ppl": ppl}))
     out = tmp_path / "seeds.csv"
-    proc = run_cli(["runs", str(root), "--group", "seed", "--csv", str(out), "--sort", "phase2/test_ppl"],
-                   cwd=tmp_path, module="newllm.analyze")
+    proc = run_in_process(["runs", str(root), "--group", "seed", "--csv", str(out), "--sort", "phase2/test_ppl"],
+                          cwd=tmp_path, module="newllm.analyze")
     assert "2 groups of completed runs differing only in seed" in proc.stdout
     table = pd.read_csv(out)
     assert list(table["n"]) == [3, 1] and list(table["training.phase2.lr"]) == [0.003, 0.01]
@@ -144,5 +144,5 @@ def test_analyze_runs_group_on_real_run_dirs(analysis_outputs, tmp_path):
     assert table.loc[0, "phase2/test_ppl/ci95"] == pytest.approx(half, rel=1e-6)
     assert math.isnan(table.loc[1, "phase2/test_ppl/ci95"])
     assert {"phase2/val_ppl/mean", "phase2/val_ppl/ci95", "model/params_core/mean"} <= set(table.columns)
-    bad = run_cli(["runs", str(root), "--group", "sed"], cwd=tmp_path, module="newllm.analyze", check=False)
+    bad = run_in_process(["runs", str(root), "--group", "sed"], cwd=tmp_path, module="newllm.analyze", check=False)
     assert bad.returncode == 2 and bad.stderr.strip().startswith("error: --group sed: not a column")

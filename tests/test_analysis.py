@@ -6,8 +6,6 @@ import json
 import math
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +14,7 @@ import pandas as pd
 import pytest
 
 from newllm import analysis
-from tests.conftest import TINY, cli_env, read_metrics, run_cli
+from tests.conftest import TINY, read_metrics, run_in_process
 
 
 @pytest.fixture(scope="module")
@@ -207,8 +205,8 @@ def test_plots(runs, studies, analysis_outputs, tmp_path):
 @pytest.mark.slow
 def test_cli_runs_table(analysis_outputs, tmp_path):
     out = analysis_outputs["outputs"]
-    proc = run_cli(["runs", str(out), "--sort", "phase2/val_ppl", "--csv", str(tmp_path / "runs.csv")],
-                   cwd=tmp_path, module="newllm.analyze")
+    proc = run_in_process(["runs", str(out), "--sort", "phase2/val_ppl", "--csv", str(tmp_path / "runs.csv")],
+                          cwd=tmp_path, module="newllm.analyze")
     lines = proc.stdout.splitlines()
     assert lines[0] == f"13 runs under {out} (12 completed, 1 failed)"
     assert "phase2/val_ppl" in lines[1] and "model.context_dim" in lines[1]
@@ -220,8 +218,8 @@ def test_cli_runs_table(analysis_outputs, tmp_path):
 
 @pytest.mark.slow
 def test_cli_studies(analysis_outputs, tmp_path):
-    proc = run_cli(["studies", "--storage", analysis_outputs["storage"], "--out", str(tmp_path / "plots")],
-                   cwd=tmp_path, module="newllm.analyze")
+    proc = run_in_process(["studies", "--storage", analysis_outputs["storage"], "--out", str(tmp_path / "plots")],
+                          cwd=tmp_path, module="newllm.analyze")
     assert "best trials of sequential:" in proc.stdout and "best trials of layerwise:" in proc.stdout
     pngs = sorted(p.name for p in (tmp_path / "plots").glob("*.png"))
     assert pngs == ["importances_objective_0.png", "importances_objective_1.png", "optimization_history.png",
@@ -241,8 +239,8 @@ def test_cli_studies_plots_each_study_with_its_own_objectives(analysis_outputs, 
         optuna.load_study(study_name=name, storage=url).set_metric_names(
             ["phase1/convergence_rate", "phase2/val_ppl"])  # as our sweeper names them
 
-    proc = run_cli(["studies", "--storage", url, "--out", str(tmp_path / "plots")], cwd=tmp_path,
-                   module="newllm.analyze")
+    proc = run_in_process(["studies", "--storage", url, "--out", str(tmp_path / "plots")], cwd=tmp_path,
+                          module="newllm.analyze")
     assert "best trials of ppl:" in proc.stdout and "best phase2/val_ppl" in proc.stdout
     assert sorted(p.name for p in (tmp_path / "plots").glob("*.png")) == [
         "importances_phase1_convergence_rate.png", "importances_phase2_val_ppl.png", "optimization_history.png",
@@ -266,7 +264,7 @@ def test_cli_studies_plots_each_study_with_its_own_objectives(analysis_outputs, 
 ])
 def test_cli_nothing_to_analyse(tmp_path, args, message):
     (tmp_path / "empty").mkdir()
-    proc = run_cli(args, cwd=tmp_path, module="newllm.analyze", check=False)
+    proc = run_in_process(args, cwd=tmp_path, module="newllm.analyze", check=False)
     assert proc.returncode == 2 and proc.stderr.startswith(message) and "Traceback" not in proc.stderr
     assert not os.path.exists(tmp_path / "missing.db")  # looking did not create an empty storage
 
@@ -274,25 +272,20 @@ def test_cli_nothing_to_analyse(tmp_path, args, message):
 # A bug surfacing mid-run, as one once did: the residual updater's constructor rejecting a width
 # (Hydra's instantiate appends unindented 'full_key: ...' lines to the message). Here the width is
 # set after the config checks, which now refuse it up front.
-BAD_WIDTH = """
-import runpy, sys
-import newllm.models as models
-build = models.build_model
-def build_with_bad_width(model_cfg, vocab_size):
-    model_cfg.hidden_dim = 50
-    return build(model_cfg, vocab_size)
-models.build_model = build_with_bad_width
-sys.argv = ["newllm.run", *sys.argv[1:]]
-runpy.run_module("newllm.run", run_name="__main__")
-"""
-
-
 @pytest.mark.slow
-def test_a_run_that_fails_with_a_traceback_records_the_exception_type_and_message(tmp_path):
+def test_a_run_that_fails_with_a_traceback_records_the_exception_type_and_message(tmp_path, monkeypatch):
+    import newllm.models as models
+
+    build = models.build_model
+
+    def build_with_bad_width(model_cfg, vocab_size):
+        model_cfg.hidden_dim = 50
+        return build(model_cfg, vocab_size)
+
+    monkeypatch.setattr(models, "build_model", build_with_bad_width)  # newllm.run imports it when it starts
     run_dir = tmp_path / "run"
-    proc = subprocess.run([sys.executable, "-c", BAD_WIDTH, *TINY, "model/updater=residual", f"hydra.run.dir={run_dir}",
-                           f"paths.output_root={tmp_path / 'outputs'}"], cwd=tmp_path, env=cli_env(),
-                          capture_output=True, text=True, timeout=600)
+    proc = run_in_process([*TINY, "model/updater=residual", f"hydra.run.dir={run_dir}",
+                           f"paths.output_root={tmp_path / 'outputs'}"], cwd=tmp_path, check=False)
     assert proc.returncode == 1 and "Traceback" in proc.stderr  # a bug stays a traceback for whoever debugs it
     row = analysis.read_run(run_dir)
     assert row["status"] == "failed"

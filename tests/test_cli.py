@@ -1,4 +1,5 @@
-"""The real CLI end to end: files, metrics, config errors, reproducibility."""
+"""The CLI end to end: files, metrics, config errors, reproducibility -- newllm.run's entry point in-process
+(tests.conftest.run_in_process), and a real process where the process is what is checked."""
 
 from __future__ import annotations
 
@@ -9,9 +10,9 @@ import stat
 import pytest
 import torch
 
-from tests.conftest import read_metrics, run_cli
+from tests.conftest import TINY, read_metrics, run_cli, run_in_process
 
-pytestmark = pytest.mark.slow  # every test here starts the CLI
+pytestmark = pytest.mark.slow  # every test here runs the CLI end to end
 
 REQUIRED_KEYS = [
     "phase1/train_step_stability", "phase1/effective_rank", "phase1/effective_rank_ratio", "phase1/iterations",
@@ -67,12 +68,14 @@ def test_config_errors_name_the_key(tiny_run, override, expected):
     assert expected in proc.stderr
 
 
-def test_value_errors_are_one_line(tiny_run):
-    _, proc = tiny_run("bad", "training.dist_reg_weight=1.5", check=False)
+def test_value_errors_are_one_line_and_exit_status_2_of_a_real_process(tmp_path):
+    """A real `python -m newllm.run` (the other tests here run its entry point in-process): the status the
+    shell sees, and nothing else on stderr -- no warning, nothing printed at interpreter exit."""
+    proc = run_cli([*TINY, f"hydra.run.dir={tmp_path / 'bad'}", f"paths.output_root={tmp_path / 'outputs'}",
+                    "training.dist_reg_weight=1.5"], cwd=tmp_path, check=False)
     assert proc.returncode == 2
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert errors == ["error: training.dist_reg_weight=1.5 is not allowed: expected a number in [0, 1]"]
-    assert "Traceback" not in proc.stderr
+    expected = "error: training.dist_reg_weight=1.5 is not allowed: expected a number in [0, 1]"
+    assert proc.stderr.splitlines() == [expected]
 
 
 @pytest.mark.parametrize(
@@ -100,12 +103,12 @@ def test_errors_that_were_tracebacks_are_one_line(tiny_run, overrides, expected)
 
 
 def test_schemas_are_not_offered_as_group_options(tmp_path):
-    proc = run_cli(["model=context_model_schema"], cwd=tmp_path, check=False)
+    proc = run_in_process(["model=context_model_schema"], cwd=tmp_path, check=False)
     assert proc.returncode != 0 and "MissingMandatoryValue" not in proc.stderr
     assert "Could not find 'model/context_model_schema'" in proc.stderr
     options = proc.stderr.split("Available options in 'model':")[1].split("Config search path")[0].split()
     assert options == ["gru", "layerwise", "sequential", "transformer"]
-    groups = run_cli(["--help"], cwd=tmp_path).stdout
+    groups = run_in_process(["--help"], cwd=tmp_path).stdout
     assert "_schema" not in groups and "model: gru, layerwise, sequential, transformer" in groups
 
 

@@ -14,7 +14,7 @@ import torch
 
 from newllm.data import TokenData
 from newllm.training.phase2 import train_phase2
-from tests.conftest import read_metrics, run_cli
+from tests.conftest import read_metrics, run_in_process
 from tests.helpers_science import context_lm, phase2_cfg
 from tests.test_phase2 import pattern_data
 
@@ -127,7 +127,7 @@ def test_resume_from_an_epoch_checkpoint_with_mid_epoch_evaluations_is_exact():
 def test_compare_models_quick_end_to_end(compare_outputs):
     reruns = [json.loads(p.read_text()) for p in compare_outputs.rglob("rerun_best.json")]
     assert {r["label"] for r in reruns} == MODELS and all(r["seeds"] == [1, 2] for r in reruns)
-    proc = run_cli(["compare", str(compare_outputs)], cwd=compare_outputs, module="newllm.analyze")
+    proc = run_in_process(["compare", str(compare_outputs)], cwd=compare_outputs, module="newllm.analyze")
     assert "test_ppl_minus_layerwise" in proc.stdout
     table = pd.read_csv(compare_outputs / "compare_models.csv")
     assert list(table.model) == ["layerwise", "gru", "sequential", "transformer"]  # reference first

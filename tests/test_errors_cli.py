@@ -1,4 +1,5 @@
-"""Every documented error through the real CLI: exit status 2 and exactly one line on stderr naming the bad value.
+"""Every documented error through the CLI's entry points: exit status 2 and exactly one line on stderr naming the
+bad value (in-process, tests.conftest.run_in_process; one case of each kind also as a real process).
 
 The cases follow the one-line errors of README and docs/ (value checks, budgets, memory, data and hub options,
 resume and run folders, from_run, pretrained embeddings, sweep settings and folders, the analysis
@@ -11,6 +12,7 @@ import importlib
 import json
 import pkgutil
 import re
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -20,7 +22,7 @@ import torch
 
 from newllm import errors
 from newllm.errors import first_line
-from tests.conftest import TINY, run_cli
+from tests.conftest import TINY, run_cli, run_in_process
 
 Setup = Callable[[Path], None]
 # Optuna logs to stderr itself ("[I 2026-12-02 10:00:00,000] Using an existing study ..."): not an error line.
@@ -138,7 +140,7 @@ def test_documented_error_is_one_line_and_exit_2(tmp_path, args, expected, setup
     args = [a.format(tmp=tmp_path) for a in args]
     if module == "newllm.run":
         args = [*_run_settings(args, tmp_path), *args]
-    proc = run_cli(args, cwd=tmp_path, module=module, check=False, timeout=300)
+    proc = run_in_process(args, cwd=tmp_path, module=module, check=False)
     lines = [line for line in proc.stderr.splitlines() if not OPTUNA_LOG.match(line)]
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr[-3000:]
@@ -159,10 +161,32 @@ CHOICES = [
 @pytest.mark.slow
 @pytest.mark.parametrize(("override", "expected"), CHOICES, ids=[c[0].split("=")[0] for c in CHOICES])
 def test_a_value_outside_a_choice_fails_at_compose_naming_key_value_and_options(tmp_path, override, expected):
-    proc = run_cli([*_run_settings([], tmp_path), override], cwd=tmp_path, check=False, timeout=120)
+    proc = run_in_process([*_run_settings([], tmp_path), override], cwd=tmp_path, check=False)
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert expected in proc.stderr and f"full_key: {override.split('=')[0]}" in proc.stderr
     assert "Traceback" not in proc.stderr and not (tmp_path / "run").exists()  # nothing started
+
+
+# The tests above run each entry point in-process (tests.conftest.run_in_process): one case of each kind
+# again as a real process, which must give the same exit status, stderr and stdout (timestamps aside).
+TIMESTAMP = re.compile(r"^\[\d{4}-\d\d-\d\d [\d:,]+\]", re.MULTILINE)
+REAL = [("newllm.run", ["model.context_dim=-4"], 2),  # newllm's one-line error
+        ("newllm.run", ["training.phase1.init=magic"], 1),  # Hydra refuses at compose time
+        ("newllm.analyze", ["runs", "{tmp}/nothing"], 2)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("module", "args", "status"), REAL, ids=["run_error", "compose_error", "analyze_error"])
+def test_a_real_process_gives_what_the_in_process_run_gives(tmp_path, module, args, status):
+    args = [a.format(tmp=tmp_path) for a in args]
+    if module == "newllm.run":
+        args = [*_run_settings(args, tmp_path), *args]
+    inside = run_in_process(args, cwd=tmp_path, module=module, check=False)
+    shutil.rmtree(tmp_path / "run", ignore_errors=True)  # the run folder it claimed: the process claims it anew
+    real = run_cli(args, cwd=tmp_path, module=module, check=False, timeout=300)
+    assert real.returncode == inside.returncode == status, real.stderr[-3000:]
+    assert real.stderr == inside.stderr and real.stderr.strip()
+    assert TIMESTAMP.sub("", real.stdout) == TIMESTAMP.sub("", inside.stdout)
 
 
 # ----------------------------------------------------------------------------- the contract itself (fast)

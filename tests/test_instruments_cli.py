@@ -4,7 +4,7 @@ the analyze subcommands on them."""
 import pytest
 
 from newllm.analysis.instruments import position_table, recall_table, scaling_fit
-from tests.conftest import run_cli
+from tests.conftest import run_cli, run_in_process
 
 pytestmark = pytest.mark.slow  # every test here starts the CLI
 
@@ -26,11 +26,11 @@ def test_recall_capacity_quick_and_analyze_recall(sweeps):
     assert len(table) == 16 and set(table["num_pairs"]) == {2, 4}
     assert set(table["choices/model"]) == {"layerwise", "sequential", "gru", "transformer"}
     assert table["accuracy"].between(0, 1).all()
-    proc = run_cli(["recall", str(out / "recall")], cwd=tmp, module="newllm.analyze")
+    proc = run_in_process(["recall", str(out / "recall")], cwd=tmp, module="newllm.analyze")
     assert "recall_vs_pairs.png" in proc.stdout and (out / "recall/analysis/recall_vs_pairs.png").exists()
     positions = position_table(out / "recall")
     assert list(positions.columns[-2:]) == ["9-16", "17-32"]
-    proc = run_cli(["positions", str(out / "recall")], cwd=tmp, module="newllm.analyze")
+    proc = run_in_process(["positions", str(out / "recall")], cwd=tmp, module="newllm.analyze")
     assert (out / "recall/analysis/loss_by_position.png").exists()
 
 
@@ -39,7 +39,7 @@ def test_data_scaling_quick_and_analyze_scaling(sweeps):
     runs, fit = scaling_fit(out / "scaling")
     assert sorted(runs["data/train_tokens"].unique()) == [250, 500, 1000, 2000, 4000] and fit.n_seeds == 2
     assert fit.n_points == 10 and len(fit.residuals) == 10 and fit.r2 <= 1
-    proc = run_cli(["scaling", str(out / "scaling")], cwd=tmp, module="newllm.analyze")
+    proc = run_in_process(["scaling", str(out / "scaling")], cwd=tmp, module="newllm.analyze")
     assert "N^-" in proc.stdout and "R^2" in proc.stdout and (out / "scaling/analysis/data_scaling.png").exists()
 
 

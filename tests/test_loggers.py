@@ -10,7 +10,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from newllm.config import register_configs
-from tests.conftest import REPO, TINY, read_metrics, run_cli
+from tests.conftest import REPO, TINY, read_metrics, run_in_process
 
 pytest.importorskip("tensorboard")
 pytest.importorskip("mlflow")
@@ -38,10 +38,10 @@ def test_many_loggers_record_metrics_params_and_artifacts(tmp_path):
     from tensorboard.plugins.hparams import plugin_data_pb2
 
     run_dir, outputs = tmp_path / "run", tmp_path / "outputs"
-    run_cli([*TINY, "logger=many", "data.num_conversations=150", "training.phase1.max_tokens=256",
-             "training.phase2.epochs=2", "training.phase2.patience=2", "training.phase2.max_steps_per_epoch=3",
-             "training.phase2.seq_len=16", "training.phase2.batch_size=8", "training.phase2.max_val_tokens=256",
-             f"hydra.run.dir={run_dir}", f"paths.output_root={outputs}"], cwd=tmp_path)
+    run_in_process([*TINY, "logger=many", "data.num_conversations=150", "training.phase1.max_tokens=256",
+                    "training.phase2.epochs=2", "training.phase2.patience=2", "training.phase2.max_steps_per_epoch=3",
+                    "training.phase2.seq_len=16", "training.phase2.batch_size=8", "training.phase2.max_val_tokens=256",
+                    f"hydra.run.dir={run_dir}", f"paths.output_root={outputs}"], cwd=tmp_path)
     history = pd.read_csv(run_dir / "history.csv")
     phase1 = history[history["phase"] == 1]
     phase2 = history[history["phase"] == 2]

@@ -14,7 +14,7 @@ from tokenizers import Tokenizer
 from newllm.errors import ConfigError
 from newllm.runtime import checkpoint as ckpt
 from newllm.runtime.rundirs import check_resume_overrides
-from tests.conftest import TINY, cli_env, read_metrics, run_cli, tree
+from tests.conftest import TINY, cli_env, read_metrics, run_cli, run_in_process, tree
 
 # Small enough for seconds per run, long enough to be interrupted in both phases: Phase 1 runs all
 # 8 iterations (checkpoint every 2), Phase 2 runs 3 epochs (checkpoint every epoch). Noise and
@@ -123,7 +123,7 @@ def test_resumed_run_reports_total_times_and_rates(resumed):
 
 @pytest.mark.slow
 def test_resume_refuses_finished_runs_and_other_overrides(reference, tmp_path):
-    proc = run_cli([f"resume={reference}"], cwd=tmp_path, check=False)
+    proc = run_in_process([f"resume={reference}"], cwd=tmp_path, check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert f"error: resume={str(reference)!r}: that run already finished" in proc.stderr
     check_resume_overrides(["resume=x", "device=cpu", "progress=false", "hydra.run.dir=y"])  # allowed
@@ -143,7 +143,7 @@ def test_resume_refusals_write_nothing(reference, tmp_path):
              (reference, "that run already finished")]
     for target, message in cases:
         before = tree(tmp_path), tree(reference)
-        proc = run_cli([f"resume={target}"], cwd=tmp_path, check=False)
+        proc = run_in_process([f"resume={target}"], cwd=tmp_path, check=False)
         assert proc.returncode == 2, proc.stderr[-3000:]
         (line,) = proc.stderr.strip().splitlines()
         assert line.startswith(f"error: resume={str(target)!r}") and message in line, line
@@ -186,7 +186,7 @@ def test_from_run_skips_phase1_reuses_its_weights_and_caches_fixed_contexts(refe
     args = [*LIFECYCLE, f"training.phase1.from_run={reference}", "training.phase2.context=fixed",
             f"paths.output_root={tmp_path / 'outputs'}"]
     run_dir = tmp_path / "p2"
-    run_cli([*args, f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    run_in_process([*args, f"hydra.run.dir={run_dir}"], cwd=tmp_path)
     got, want = read_metrics(run_dir), read_metrics(reference)
     assert got["phase1/from_run"] == str(reference / ckpt.PHASE1_FILE)
     assert "phase1/cvfp_loss" not in (run_dir / "history.csv").read_text()  # no Phase-1 iteration ran
@@ -202,7 +202,7 @@ def test_from_run_skips_phase1_reuses_its_weights_and_caches_fixed_contexts(refe
     cached = sorted((reference / "checkpoints").glob("phase1_contexts-*.pt"))
     assert len(cached) == 1
     stamp = cached[0].stat().st_mtime_ns
-    run_cli([*args, f"hydra.run.dir={tmp_path / 'b'}", "training.phase2.lr=0.01"], cwd=tmp_path)
+    run_in_process([*args, f"hydra.run.dir={tmp_path / 'b'}", "training.phase2.lr=0.01"], cwd=tmp_path)
     assert sorted((reference / "checkpoints").glob("phase1_contexts-*.pt")) == cached
     assert cached[0].stat().st_mtime_ns == stamp  # reused, not rewritten
     contexts = ckpt.load(cached[0], "contexts")["contexts"]
@@ -252,7 +252,7 @@ def test_truncated_and_foreign_checkpoints_are_one_clear_error(reference, tmp_pa
     (tmp_path / "run" / "checkpoints").mkdir(parents=True)
     (tmp_path / "run" / ckpt.RESUME_FILE).write_bytes(good[:1000])
     before = tree(tmp_path / "run")
-    proc = run_cli([f"resume={tmp_path / 'run'}"], cwd=tmp_path, check=False)
+    proc = run_in_process([f"resume={tmp_path / 'run'}"], cwd=tmp_path, check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     (line,) = proc.stderr.strip().splitlines()
     assert "last.pt is not a readable checkpoint (truncated or foreign file" in line

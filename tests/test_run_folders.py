@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import TINY, cli_env, read_metrics, run_cli, tree
+from tests.conftest import TINY, cli_env, read_metrics, run_cli, run_in_process, tree
 
 pytestmark = pytest.mark.slow
 TIMESTAMPED = "hydra.run.dir=${paths.output_root}/runs/${now:%Y}"  # the default's kind of pattern, coarser
@@ -73,7 +73,7 @@ def test_default_run_folder_that_is_taken_is_deduplicated(tmp_path):
     taken = next_seconds(out / "runs", 600)  # every folder the default pattern can name in the next 10 min
     occupy(taken)
     before = [tree(t) for t in taken]
-    run_cli([*TINY, f"paths.output_root={out}", "seed=5"], cwd=tmp_path)
+    run_in_process([*TINY, f"paths.output_root={out}", "seed=5"], cwd=tmp_path)
     (new,) = [p.parent for p in (out / "runs").glob("*/*/metrics.json") if p.parent not in taken]
     assert new.parent / new.name.removesuffix("_1") in taken and new.name.endswith("_1")
     assert seed_of(new) == 5

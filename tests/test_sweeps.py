@@ -21,7 +21,7 @@ from optuna.trial import TrialState
 from newllm import analysis
 from newllm.config import EarlyStopConfig
 from newllm.sweep.hooks import early_stop_reason
-from tests.conftest import FAST, REPO, TINY, cli_env, free_port, read_metrics, run_cli
+from tests.conftest import FAST, REPO, TINY, cli_env, free_port, read_metrics, run_cli, run_in_process
 
 OURS = "hydra/sweeper=newllm_optuna"
 LEAN = ["save_checkpoint=false", "save_contexts=false"]  # trials write only what the tests read
@@ -153,8 +153,8 @@ def test_analyze_runs_shows_pruned_trials_as_pruned(pruned_study):
         assert row["status"] == {"COMPLETE": "completed", "PRUNED": "pruned"}[t.state.name]
         if t.state == TrialState.PRUNED:
             assert row["pruned_reason"] == t.user_attrs["pruned_reason"] and row["error"] is None
-    proc = run_cli(["runs", str(root), "--status", "pruned", "--no-cache"], cwd=pruned_study["tmp"],
-                   module="newllm.analyze")
+    proc = run_in_process(["runs", str(root), "--status", "pruned", "--no-cache"], cwd=pruned_study["tmp"],
+                          module="newllm.analyze")
     n = len(study.get_trials(states=(TrialState.PRUNED,)))
     assert proc.stdout.splitlines()[0] == f"{n} runs under {root} ({n} pruned)"
 
