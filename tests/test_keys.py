@@ -68,8 +68,7 @@ def test_real_runs_write_only_defined_keys(analysis_outputs, compare_outputs, ti
     """Every metrics.json and history.csv column of real runs: a grid, Optuna studies, the model comparison
     (sequential, layer-wise, GRU, transformer), repetition and recall runs."""
     rep, _ = tiny_run("repetition", "data=repetition", "training=repetition", "training.repetition.steps_per_stage=2")
-    rec, _ = tiny_run("recall", "data=recall", "data.num_train=64", "data.num_val=16", "data.num_test=16",
-                      "training.phase2.seq_len=64")
+    rec, _ = tiny_run("recall", "data=recall", "data.num_train=64", "data.num_val=16", "data.num_test=16")
     roots = [analysis_outputs["outputs"], compare_outputs, rep, rec]
     written: set[str] = set()
     for root in roots:
