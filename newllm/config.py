@@ -581,6 +581,7 @@ def _check_range(key: str, value: Any, rng: Range, integer: bool) -> None:
         items = list(value)
         _check(all(rng.allows(v) for v in items), key, items, f"a list whose items are each {rng.describe(integer)}")
     else:
+        _check(not isinstance(value, float) or math.isfinite(value), key, value, "a finite number")
         _check(rng.allows(value), key, value, rng.describe(integer))
 
 

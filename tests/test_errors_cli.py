@@ -88,7 +88,7 @@ CASES: list[tuple[str, list[str], str, Setup | None, str]] = [
     ("resume_missing", ["resume={tmp}/nothing"], "is not a run directory", None, "newllm.run"),
     ("resume_not_a_run", ["resume={tmp}/empty"], "is not a run directory", _empty_folder, "newllm.run"),
     ("run_folder_taken", ["hydra.run.dir={tmp}/taken"], "hydra.run.dir=", _folder_with_a_file, "newllm.run"),
-    ("n_trials", [*SWEEP, "hydra.sweeper.n_trials=0", "hydra.sweeper.storage=null"],
+    ("n_trials", [*SWEEP, "hydra.sweeper.n_trials=0", "hydra.sweeper.storage=null", "objectives=[phase2/val_ppl]"],
      "hydra.sweeper.n_trials=0 is not allowed", None, "newllm.run"),
     ("storage_password", [*SWEEP, "hydra.sweeper.storage=postgresql+psycopg://u:pw@localhost/optuna"],
      "hydra.sweeper.storage holds a password", None, "newllm.run"),
