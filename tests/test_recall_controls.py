@@ -1,6 +1,7 @@
 """data=recall's controls at a size that trains in seconds, through the real data and Phase-2 code: full
-attention learns the key -> value lookup, a transformer with no access to the past (attention_window=1)
-stays at the chance level the task's parameters give. The documented 15-minute versions of both are
+attention reads the values stored in its sequence (it reaches the 1/P plateau, the first stage of learning
+the lookup), a transformer with no access to the past (attention_window=1) stays at the chance level the
+task's parameters give. The documented 15-minute versions of both are
 sweeps/recall_control.yaml (docs/results.md, "Recall (MQAR) controls")."""
 
 from __future__ import annotations
@@ -34,12 +35,18 @@ def _control(tmp_path, window: int | None, steps: int) -> dict:
     return {**data.info, **recall_metrics(model, data.recall, 256, torch.device("cpu"))}
 
 
-def test_attention_learns_recall_and_no_past_stays_at_chance(tmp_path):
+def test_attention_reads_the_stored_values_and_no_past_stays_at_chance(tmp_path):
     no_past = _control(tmp_path, 1, 150)
     chance, n = no_past["recall/chance_accuracy_no_past"], 1000 * PAIRS
     assert chance == 1 / 11 and no_past["recall/chance_accuracy_stored_value"] == 1 / PAIRS
     # no access to the past: at chance, within 4 binomial standard deviations of its 2,000 answers
     assert abs(no_past["recall/test_accuracy"] - chance) < 4 * math.sqrt(chance * (1 - chance) / n)
     full = _control(tmp_path, None, 150)
-    print(no_past["recall/test_accuracy"], full["recall/test_accuracy"])
-    assert full["recall/test_accuracy"] > 0.9  # well above picking one of the 2 stored values (0.5)
+    # Full attention reads the past: in one epoch it finds the P values stored in its sequence and picks
+    # among them (1/P = 0.5, far above 1/11). The nanoGPT-initialised transformer sits on that 1/P plateau
+    # for hundreds of steps before it learns which value belongs to the queried key (measured: 0.50 after
+    # 1 epoch, 0.52 after 4 at this size), so the >= 0.9 positive control is sweeps/recall_control
+    # (2,000 steps; docs/results.md), too long for this tier.
+    stored = no_past["recall/chance_accuracy_stored_value"]
+    assert full["recall/test_accuracy"] > stored - 4 * math.sqrt(stored * (1 - stored) / n)
+    assert full["recall/test_accuracy"] > no_past["recall/test_accuracy"] + 0.3
