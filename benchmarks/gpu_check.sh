@@ -144,9 +144,11 @@ note "$(ls "$wheels"/*.whl | wc -l) wheels + newllm"
 step deps 60 "$python" benchmarks/gpu_deps.py check
 note "$(tail -n 1 "$scratch/step.log")"
 
+# -o addopts=-ra: pyproject.toml's addopts run the tests on pytest-xdist workers (-n auto), a dev extra that
+# neither the image nor the wheel folder holds; the device tests run in one process here.
 if [[ $smoke -eq 1 ]]; then
   tests=(tests/test_host_syncs.py tests/test_perf_paths.py tests/test_resume.py tests/test_hoisted.py)
-  step tests 150 "$python" -m pytest -q -p no:cacheprovider -m device --device "$device" "${tests[@]}"
+  step tests 150 "$python" -m pytest -q -p no:cacheprovider -o addopts=-ra -m device --device "$device" "${tests[@]}"
   figure pytest "$scratch/step.log"
   step quick_run 90 newllm_run quick training=quick
   figure run "$scratch/runs/quick"
@@ -158,11 +160,11 @@ if [[ $smoke -eq 1 ]]; then
 else
   # test_notebooks imports nbclient at collection: a dev extra neither the image nor the wheels hold (its tests
   # are slow ones, none takes the device); the rehearsal found the collection error
-  step tests 150 "$python" -m pytest -q -p no:cacheprovider -m device --device "$device" \
+  step tests 150 "$python" -m pytest -q -p no:cacheprovider -o addopts=-ra -m device --device "$device" \
     --ignore=tests/test_notebooks.py tests/
   figure pytest "$scratch/step.log"
   # The CLI killed in both phases and resumed (device=auto: CUDA where there is one) to identical metrics.
-  step resume_cli 90 "$python" -m pytest -q -p no:cacheprovider \
+  step resume_cli 90 "$python" -m pytest -q -p no:cacheprovider -o addopts=-ra \
     "tests/test_resume.py::test_killed_in_both_phases_resumes_to_identical_metrics"
   figure pytest "$scratch/step.log"
   step default_run 150 newllm_run default

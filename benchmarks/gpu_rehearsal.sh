@@ -57,9 +57,10 @@ rc=0
 benchmarks/gpu_check.sh --device cpu --tiny "${smoke[@]}" --python "$venv/bin/python" --wheels "$whl" \
   --target "$out/site" --out "$out/check" --time-scale "$scale" || rc=$?
 if [[ $tests -eq 1 ]]; then
-  # test_notebooks imports nbclient, a dev extra that neither the image nor the wheel folder holds
+  # test_notebooks imports nbclient, a dev extra that neither the image nor the wheel folder holds; so is
+  # pytest-xdist, which pyproject's addopts use (-n auto): -o addopts=-ra runs the tier in one process
   echo "=== the fast tier on $("$venv/bin/python" -c 'import torch; print("torch", torch.__version__)')"
   PYTHONPATH=$out/site HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 "$venv/bin/python" -m pytest -q -p no:cacheprovider \
-    -m "not slow" --ignore=tests/test_notebooks.py tests/ 2>&1 | tee "$out/fast_tier.log" | tail -n 5 || rc=$?
+    -o addopts=-ra -m "not slow" --ignore=tests/test_notebooks.py tests/ 2>&1 | tee "$out/fast_tier.log" | tail -n 5 || rc=$?
 fi
 exit $rc

@@ -191,7 +191,7 @@ def pytest_collection_finish(session: pytest.Session) -> None:
         os.replace(temp, target)  # every worker writes the same groups: whichever lands last is complete
 
 
-@pytest.hookimpl(tryfirst=True)
+@pytest.hookimpl(tryfirst=True, optionalhook=True)  # optional: a machine without pytest-xdist runs -o addopts=-ra
 def pytest_xdist_make_scheduler(config: pytest.Config, log):
     if config.getvalue("dist") != "load":  # an explicit --dist=<mode> keeps xdist's own scheduler
         return None
