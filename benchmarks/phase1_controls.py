@@ -39,7 +39,7 @@ COLUMNS = ["seed", "model", "converged_gain", "probe_gain", "probe_accuracy", "b
 
 
 def measure(overrides: list[str], seed: int) -> list[dict]:
-    with initialize_config_dir(config_dir=str(CONF), version_base=None):
+    with initialize_config_dir(config_dir=str(CONF)):
         cfg = compose("config", overrides=[*overrides, f"seed={seed}"])
     prepare_config(cfg)
     seed_everything(cfg.seed)  # as newllm.run: seed, data, model -- the same initial f

@@ -125,8 +125,8 @@ def test_presets_optimise_the_converged_gain():
 
 # The default model (layer-wise, gated, C = 128, E = 64) on tiny data: chatterbot, vocab 512, 300
 # conversations, Phase 1 on 2,048 tokens with the default schedule. At this size the ordering holds for
-# seeds 1, 2 and 3 (benchmarks/phase1_controls.py, docs/results.md); at C = 32 it does not (Phase-1 training
-# lowered the converged gain below the untrained f's in 3 of 5 seeds), so the test uses the default width.
+# seeds 1, 2 and 3 (benchmarks/phase1_controls.py, docs/results.md); at C = 32 it does not hold for every seed
+# (Phase-1 training can lower the converged gain below the untrained f's), so the test uses the default width.
 TINY_DATA = ["model.context_dim=128", "model.embed_dim=64", "tokenizer.vocab_size=512", "data.num_conversations=300",
              "training.phase1.max_tokens=2048", "training.phase1.memory_cap=64"]
 
