@@ -2,13 +2,14 @@ import math
 
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
 from torch import nn
 
-from newllm.config import RecallTask
+from newllm.config import RecallTask, register_configs, validate
 from newllm.data.recall import FIRST, NOISE, TASKS, chance_accuracy, make_splits, mqar_ids
 from newllm.errors import DataError
 from newllm.training.evaluation import accuracy_by_distance, evaluate, recall_windows
-from tests.conftest import read_metrics
+from tests.conftest import REPO, read_metrics
 
 
 def _rows(ids: torch.Tensor) -> set[tuple[int, ...]]:
@@ -162,17 +163,37 @@ def test_accuracy_by_distance_hand_made():
     assert by == {"1-8": 1.0, "9-12": 0.5} and counts == {"1-8": 1, "9-12": 2}
 
 
+@pytest.mark.parametrize(("overrides", "window"), [
+    (["training=quick", "data=recall"], 64), (["data=recall", "training=quick", "data.seq_len=48"], 48),
+    (["data=recall"], 64), (["+sweep=recall_capacity_quick"], 32), (["+sweep=recall_control"], 32)])
+def test_the_window_follows_the_recall_sequence_length(overrides, window):
+    """conf/data/recall.yaml sets training.phase2.seq_len to ${data.seq_len}, and the data group composes
+    after the training group: training=quick's 32-token window does not override it, in any order."""
+    register_configs()
+    with initialize_config_dir(str(REPO / "conf"), version_base=None):
+        cfg = compose("config", overrides)
+    assert cfg.data.seq_len == cfg.training.phase2.seq_len == window
+    validate(cfg)  # the pairing check passes
+
+
+@pytest.mark.slow
+def test_training_quick_data_recall_runs(tiny_run):
+    run_dir, _ = tiny_run("quick", "data=recall")  # TINY holds training=quick
+    m = read_metrics(run_dir)
+    assert m["data/seq_len"] == m["phase2/eval_seq_len"] == 64 and m["data/val_loss_tokens"] == 200 * 4
+
+
 @pytest.mark.slow
 def test_recall_run_end_to_end(tiny_run):
     run_dir, _ = tiny_run("recall", "data=recall", "data.seq_len=32", "data.num_pairs=4", "data.num_train=200",
                           "data.num_val=50", "data.num_test=50", "model=gru", "training.phase1.enabled=false")
     m = read_metrics(run_dir)
-    assert m["data/vocab_size"] == 64 and m["data/test_sequences"] == 50
+    assert m["data/vocab_size"] == 128 and m["data/test_sequences"] == 50  # the default vocabulary
     assert m["data/val_loss_tokens"] == 50 * 4  # every key queried once
     assert 0.0 <= m["recall/val_accuracy"] <= 1.0
     assert sum(m["recall/test_answers_by_distance"].values()) == 50 * 4
     assert abs(m["recall/val_accuracy"] - m["phase2/val_acc"]) < 1e-9  # same answers, same kept weights
-    assert m["recall/chance_accuracy_no_past"] == 1 / 31 and m["recall/chance_accuracy_stored_value"] == 1 / 4
+    assert m["recall/chance_accuracy_no_past"] == 1 / 63 and m["recall/chance_accuracy_stored_value"] == 1 / 4
 
 
 @pytest.mark.slow
