@@ -26,6 +26,7 @@ def test_recall_capacity_quick_and_analyze_recall(sweeps):
     assert len(table) == 16 and set(table["num_pairs"]) == {2, 4}
     assert set(table["choices/model"]) == {"layerwise", "sequential", "gru", "transformer"}
     assert table["accuracy"].between(0, 1).all()
+    assert (table["chance"] == 1 / 63).all()  # vocab 128: 63 value ids, whatever the pairs
     proc = run_in_process(["recall", str(out / "recall")], cwd=tmp, module="newllm.analyze")
     assert "recall_vs_pairs.png" in proc.stdout and (out / "recall/analysis/recall_vs_pairs.png").exists()
     positions = position_table(out / "recall")

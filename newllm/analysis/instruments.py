@@ -64,13 +64,14 @@ def plot_positions(table: pd.DataFrame):
 
 
 def recall_table(root: str | Path, split: str = "test") -> pd.DataFrame:
-    """Accuracy per (model, core budget, num_pairs): mean and n over seeds."""
+    """Accuracy per (model, core budget, num_pairs): mean and n over seeds, beside the chance level a model
+    without access to the past reaches (recall/chance_accuracy_no_past; runs written before it had none)."""
     col = keys.recall_split(split, "accuracy")
     runs = _completed(root, col)
     runs["num_pairs"] = runs[keys.DATA_NUM_PAIRS]
     group = [k for k in ("choices/model", keys.MODEL_CORE_PARAMS_BUDGET) if k in runs] + ["num_pairs"]
-    return runs.groupby(group, dropna=False)[col].agg(["mean", "count"]).reset_index().rename(
-        columns={"mean": "accuracy", "count": "n"})
+    chance = {"chance": (keys.RECALL_CHANCE_NO_PAST, "first")} if keys.RECALL_CHANCE_NO_PAST in runs else {}
+    return runs.groupby(group, dropna=False).agg(accuracy=(col, "mean"), n=(col, "count"), **chance).reset_index()
 
 
 def plot_recall(table: pd.DataFrame):
@@ -81,6 +82,9 @@ def plot_recall(table: pd.DataFrame):
     for name, part in table.groupby(group, dropna=False):
         label = " ".join(map(str, name if isinstance(name, tuple) else (name,)))
         ax.plot(part["num_pairs"], part["accuracy"], marker="o", label=label)
+    if "chance" in table:  # what no access to the past scores: the floor to read accuracy against
+        floor = table.groupby("num_pairs")["chance"].max()
+        ax.plot(floor.index, floor.values, "k--", lw=1, label="chance (no past)")
     ax.set_xlabel("key-value pairs (data.num_pairs)")
     ax.set_ylabel("answer accuracy")
     ax.set_xscale("log", base=2)
