@@ -191,7 +191,8 @@ def test_compare_pairs_seeds_and_reruns_are_tagged(compare_outputs):
 @pytest.mark.parametrize(("override", "expected"), [
     ("training.phase2.patience=0", "error: training.phase2.patience=0 is not allowed: expected a positive integer"),
     ("training.phase2.eval_every=-1", "error: training.phase2.eval_every=-1 is not allowed: expected an integer >= 0"),
-    ("training.phase2.max_steps=0", "error: training.phase2.max_steps=0 is not allowed: expected a positive integer"),
+    ("training.phase2.max_steps=0",
+     "error: training.phase2.max_steps=0 is not allowed: expected null (no cap) or a positive integer"),
     ("training.phase2.min_delta=-0.1", "error: training.phase2.min_delta=-0.1 is not allowed: expected a number >= 0"),
 ])
 def test_bad_stopping_settings_are_one_line_errors(tiny_run, override, expected):

@@ -1,9 +1,14 @@
 """The long-context presets (recall_capacity_quick, data_scaling_quick) end to end through the real CLI, and
 the analyze subcommands on them."""
 
+import json
+import shutil
+
 import pytest
 
+from newllm import keys
 from newllm.analysis.instruments import position_table, recall_table, scaling_fit
+from newllm.errors import ScalingError
 from tests.conftest import run_cli, run_in_process
 
 pytestmark = pytest.mark.slow  # every test here starts the CLI
@@ -36,12 +41,33 @@ def test_recall_capacity_quick_and_analyze_recall(sweeps):
 
 
 def test_data_scaling_quick_and_analyze_scaling(sweeps):
+    """The quick runs are too short for a power-law regime (test loss 6.21, 6.20, 6.05, 5.74, 5.43 by budget:
+    flat, then falling): the fit is refused, with offset or without, in one line naming why."""
     tmp, out = sweeps
-    runs, fit = scaling_fit(out / "scaling")
-    assert sorted(runs["data/train_tokens"].unique()) == [250, 500, 1000, 2000, 4000] and fit.n_seeds == 2
-    assert fit.n_points == 10 and len(fit.residuals) == 10 and fit.r2 <= 1
-    proc = run_in_process(["scaling", str(out / "scaling")], cwd=tmp, module="newllm.analyze")
-    assert "N^-" in proc.stdout and "R^2" in proc.stdout and (out / "scaling/analysis/data_scaling.png").exists()
+    with pytest.raises(ScalingError, match="curve downward"):
+        scaling_fit(out / "scaling")
+    for offset in ([], ["--offset"]):
+        proc = run_in_process(["scaling", str(out / "scaling"), *offset], cwd=tmp, module="newllm.analyze",
+                              check=False)
+        [line] = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and line.startswith("error: ") and "curve downward" in line, proc.stderr
+
+
+def test_analyze_scaling_fits_real_run_dirs_with_hand_set_losses(sweeps, tmp_path):
+    """The same ten run dirs with test loss set to 30 N^-0.3 (+-0.5 % by seed): b recovered, plot written."""
+    _, out = sweeps
+    root = tmp_path / "scaling"
+    shutil.copytree(out / "scaling", root, ignore=shutil.ignore_patterns(".runs_cache.parquet", "analysis"))
+    for metrics_file in root.glob("*/metrics.json"):
+        metrics = json.loads(metrics_file.read_text())
+        loss = 30 * metrics[keys.DATA_TRAIN_TOKENS] ** -0.3 * (1.005 if metrics["seed"] else 0.995)
+        metrics_file.write_text(json.dumps({**metrics, keys.P2_TEST_LOSS: loss}))
+    runs, fit = scaling_fit(root)
+    assert sorted(runs[keys.DATA_TRAIN_TOKENS].unique()) == [250, 500, 1000, 2000, 4000] and fit.n_seeds == 2
+    assert fit.n_points == 10 and len(fit.residuals) == 10
+    assert fit.b == pytest.approx(0.3, abs=1e-9) and abs(fit.b - 0.3) <= fit.ci95_b < 0.05 and fit.r2 > 0.99
+    proc = run_in_process(["scaling", str(root)], cwd=tmp_path, module="newllm.analyze")
+    assert "N^-0.300" in proc.stdout and "R^2" in proc.stdout and (root / "analysis/data_scaling.png").exists()
 
 
 def test_notebook_04_executes_on_the_quick_sweeps(sweeps, monkeypatch):
@@ -63,4 +89,4 @@ def test_notebook_04_executes_on_the_quick_sweeps(sweeps, monkeypatch):
     figures = sum("image/png" in o.get("data", {}) for c in nb.cells for o in c.get("outputs", []))
     assert figures >= 3
     text = "".join(o.get("text", "") for c in nb.cells for o in c.get("outputs", []))
-    assert "N^-" in text and "6 runs" in text
+    assert "with offset: no offset fit" in text and "curve downward" in text and "10 runs" in text

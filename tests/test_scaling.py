@@ -70,11 +70,22 @@ def test_a_pure_power_law_on_points_that_level_off_is_refused():
     """Issue 24: true b = 0.3 with an irreducible loss, fitted without offset, gave b = 0.163 +- 0.002 (the
     interval excluding the truth). That fit is refused in one line; the fit with offset covers the truth."""
     df = _synthetic(30.0, 0.3, 2.0, 3, 0.005, n=BUDGETS)
-    with pytest.raises(ScalingError, match=r"they curve on log-log axes .*fit with an offset") as e:
+    with pytest.raises(ScalingError, match=r"they curve upward on log-log axes .*fit with an offset") as e:
         fit_power_law(df, "N", "L")
     assert "\n" not in str(e.value)
     fit = fit_power_law(df, "N", "L", offset=True)
     assert abs(fit.b - 0.3) <= fit.ci95_b
+
+
+def test_points_that_bend_downward_are_refused_with_and_without_offset():
+    """Loss flat at small N, then falling (data_scaling_quick's ten runs: 6.21, 6.20, 6.05, 5.74, 5.43 by budget):
+    no a N^-b + c is concave in log-log, so the offset fit keeps c = 0 -- the pure law, refused for the same reason."""
+    n = np.repeat(BUDGETS, 2)
+    df = pd.DataFrame({"N": n, "L": 6.2 * (1 - 0.12 * n / n.max()) * np.tile([1.0, 1.003], len(BUDGETS))})
+    for offset in (False, True):
+        with pytest.raises(ScalingError, match=r"curve downward on log-log axes \(quadratic term in log N: t = -") as e:
+            fit_power_law(df, "N", "L", offset=offset)
+        assert "\n" not in str(e.value) and ("best offset is c = 0" in str(e.value)) == offset
 
 
 def _coverage(offset: bool, c: float, draws: int = 200) -> float:

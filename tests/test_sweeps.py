@@ -291,19 +291,20 @@ def test_identity_rule_measures_f_without_dropout():
 def test_failures_are_recorded_and_replaced_until_the_rate_is_exceeded(tmp_path):
     """Raising (ConfigError) and NaN-returning trials are FAIL with their reason and are replaced; the sweep
     stops once failures exceed max_failure_rate x n_trials; the finished trial is kept."""
+    # recall/val_accuracy is a metric newllm knows (so config checks pass) that a chatterbot run never reports: NaN.
     raising, nan_objective, finishing = ({"training.dist_reg_weight": w, "objectives": o} for w, o in
-                             ((1.5, "[phase2/val_ppl]"), (0.5, "[phase2/no_such_metric]"), (0.5, "[phase2/val_ppl]")))
-    # dist_reg_weight=1.5 (raises), a missing objective (NaN), a good trial, 1.5 again.
+                             ((1.5, "[phase2/val_ppl]"), (0.5, "[recall/val_accuracy]"), (0.5, "[phase2/val_ppl]")))
+    # dist_reg_weight=1.5 (raises), an objective this run does not report (NaN), a good trial, 1.5 again.
     pinned = pin_trials(tmp_path, "minimize", raising, nan_objective, finishing, raising)
     study, proc = sweep(tmp_path, OURS, "hydra/sweeper/sampler=random",
                         "hydra.sweeper.direction=minimize", "training.dist_reg_weight=choice(0.5,1.5)",
-                        "objectives=choice([phase2/val_ppl],[phase2/no_such_metric])", "hydra.sweeper.n_trials=2",
+                        "objectives=choice([phase2/val_ppl],[recall/val_accuracy])", "hydra.sweeper.n_trials=2",
                         "hydra.sweeper.max_failure_rate=1.0", check=False)
     assert [t.params for t in study.trials] == pinned
     assert states(study) == ["FAIL", "FAIL", "COMPLETE", "FAIL"]
     raised = "ConfigError: training.dist_reg_weight=1.5 is not allowed: expected a number in [0, 1]"
     assert study.trials[0].user_attrs["fail_reason"] == raised == study.trials[3].user_attrs["fail_reason"]
-    assert study.trials[1].params["objectives"] == "[phase2/no_such_metric]"
+    assert study.trials[1].params["objectives"] == "[recall/val_accuracy]"
     assert study.trials[1].user_attrs["fail_reason"] == "the task returned a non-finite objective: [nan]"
     good = study.trials[2]
     assert good.params == {"training.dist_reg_weight": 0.5, "objectives": "[phase2/val_ppl]"}
@@ -620,7 +621,8 @@ def test_literal_database_password_is_refused_before_anything_is_written(tmp_pat
                    check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     [line] = proc.stderr.strip().splitlines()
-    assert line == ("error: hydra.sweeper.storage holds a password, which Hydra would write into every job's "
-                    ".hydra/hydra.yaml: leave it out (PGPASSWORD, ~/.pgpass or PGSERVICE) or write it as "
-                    "postgresql+psycopg://alice:${oc.env:NEWLLM_DB_PASSWORD}@127.0.0.1:9/optuna")
+    # The message repeats the scheme only: nothing of the URL a password may be spelt into.
+    assert line == ("error: hydra.sweeper.storage holds a password, which Hydra would write into .hydra/ of every "
+                    "job (and sweepers log it): leave it out (PGPASSWORD, ~/.pgpass or PGSERVICE) or write it as "
+                    "postgresql+psycopg://USER:${oc.env:NEWLLM_DB_PASSWORD}@HOST/DB")
     assert "s3cr3t" not in proc.stdout and list(tmp_path.iterdir()) == []

@@ -215,12 +215,14 @@ def read_run(run_dir: str | Path, root: str | Path | None = None) -> dict[str, A
 
 def _parquet_safe(df: pd.DataFrame) -> pd.DataFrame:
     """Object columns holding several Python types (a key that is 'auto' in one run, 3 in another) become str."""
-    df = df.copy()
+    mixed = {}
     for col in [c for c in df.columns if df[c].dtype == object]:
         types = {type(v) for v in df[col] if v is not None and not (isinstance(v, float) and math.isnan(v))}
         if len(types) > 1:
-            df[col] = df[col].map(lambda v: None if v is None or (isinstance(v, float) and math.isnan(v)) else str(v))
-    return df
+            mixed[col] = df[col].map(lambda v: None if v is None or (isinstance(v, float) and math.isnan(v))
+                                     else str(v))
+    # one concat, not a setitem per column: hundreds of setitems fragment the frame (PerformanceWarning on stderr)
+    return pd.concat([df.drop(columns=list(mixed)), pd.DataFrame(mixed, index=df.index)], axis=1)[list(df.columns)]
 
 
 def _order_columns(df: pd.DataFrame) -> pd.DataFrame:
@@ -259,7 +261,7 @@ def load_runs(root: str | Path = "outputs", cache: bool = True) -> pd.DataFrame:
     if cache and fresh:
         with contextlib.suppress(OSError):  # read-only outputs: analyse without caching
             atomic_write(cache_path, lambda tmp: df.to_parquet(tmp, index=False))
-    df = df.drop(columns="_signature")
+    df = df.drop(columns="_signature").copy()  # copy() consolidates: per-column inserts below would warn on stderr
     df["run_dir"] = [str((root / r).resolve()) for r in df["run"]]
     df = df.sort_values("start_time", ascending=False, kind="stable").reset_index(drop=True)
     return _order_columns(df)

@@ -114,8 +114,12 @@ def _clean(df: pd.DataFrame, x: str, y: str) -> pd.DataFrame:
     return d[(d[x] > 0) & (d[y] > 0)]
 
 
-def _check_curvature(lx: np.ndarray, ly: np.ndarray, x: str) -> None:
-    """offset=False assumes a straight log-log line: refuse points whose quadratic term in log N is significant."""
+def _check_curvature(lx: np.ndarray, ly: np.ndarray, x: str, offset: bool) -> None:
+    """A pure power law is a straight log-log line: refuse points whose quadratic term in log N is significant.
+
+    Checked for offset=False, and for an offset fit whose best c is 0 (it is then the pure law). Curving up
+    (t > 0: the loss flattens as N grows) is what an offset c describes; curving down (t < 0: the loss falls
+    faster at larger N, as before a power-law regime) no a N^-b + c can describe."""
     from scipy import stats
 
     u = lx - lx.mean()
@@ -129,10 +133,16 @@ def _check_curvature(lx: np.ndarray, ly: np.ndarray, x: str) -> None:
     se = math.sqrt(sigma2 * np.linalg.inv(design.T @ design)[2, 2])
     t = coef[2] / se if se > 0 else (0.0 if coef[2] == 0 else math.inf)
     p = 2 * stats.t.sf(abs(t), dof)
-    if p < CURVATURE_P:
-        raise ScalingError(f"offset=False is not allowed for these points: they curve on log-log axes (quadratic "
-                           f"term in log {x}: t = {t:.1f}, p = {p:.1g} < {CURVATURE_P}), so a pure power law would "
-                           "bias b; fit with an offset (--offset, offset=True)")
+    if p >= CURVATURE_P:
+        return
+    what = "offset=False is not allowed" if not offset else "no offset fit: the best offset is c = 0, a pure power law"
+    test = f"quadratic term in log {x}: t = {t:.1f}, p = {p:.1g} < {CURVATURE_P}"
+    if t > 0 and not offset:
+        raise ScalingError(f"{what} for these points: they curve upward on log-log axes ({test}), so a pure power "
+                           "law would bias b; fit with an offset (--offset, offset=True)")
+    raise ScalingError(f"{what}, and these points curve downward on log-log axes ({test}): the loss falls faster "
+                       "at larger N, which no a N^-b + c describes (the smallest budgets are not yet in a power-law "
+                       "regime); drop them, or train longer at every budget")
 
 
 def fit_power_law(df: pd.DataFrame, x: str, y: str, offset: bool = False, n_boot: int = N_BOOT,
@@ -146,9 +156,9 @@ def fit_power_law(df: pd.DataFrame, x: str, y: str, offset: bool = False, n_boot
                            f"positive values of {x} (its {params} parameters + 2); got {d[x].nunique()}")
     xs, ys = d[x].to_numpy(float), d[y].to_numpy(float)
     lx, ly = np.log(xs), np.log(ys)
-    if not offset:
-        _check_curvature(lx, ly, x)
     a, b, c = (float(v[0]) for v in _fit_rows(lx, ly[None], offset))
+    if c == 0.0:  # offset=False, or an offset fit that kept c = 0: either way a straight log-log line
+        _check_curvature(lx, ly, x, offset)
     fitted = np.log(a * xs**-b + c)
     residuals = ly - fitted
     n = len(xs)
@@ -162,25 +172,31 @@ def fit_power_law(df: pd.DataFrame, x: str, y: str, offset: bool = False, n_boot
                        n_seeds=int(d["seed"].nunique()) if "seed" in d else 1, offset=offset)
 
 
-def plot_power_law(df: pd.DataFrame, x: str, y: str, fit: PowerLawFit, label: str | None = None):
+def plot_power_law(df: pd.DataFrame, x: str, y: str, fit: PowerLawFit | None, label: str | None = None):
     """Log-log scatter of the runs with the fitted curve (legend: the fit, its interval and R^2), and below it
-    the log residuals against x; returns the figure."""
+    the log residuals against x; returns the figure. fit=None (a refused fit): the runs alone, one panel."""
     import matplotlib.pyplot as plt
 
-    fig, (ax, res) = plt.subplots(2, 1, figsize=(5, 5), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    if fit is None:
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+    else:
+        fig, (ax, res) = plt.subplots(2, 1, figsize=(5, 5), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
     d = _clean(df, x, y)
     ax.scatter(d[x], d[y], s=14, alpha=0.7, label=label or "runs")
-    grid = np.geomspace(d[x].min(), d[x].max(), 50)
-    text = (f"{fit.a:.3g} N^-{fit.b:.3f}" + (f" + {fit.c:.3g}" if fit.offset else "")
-            + f"  (b ± {fit.ci95_b:.2g}, R² {fit.r2:.3f})")
-    ax.plot(grid, fit.predict(grid), "-", label=text)
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_ylabel(y)
+    if fit is not None:
+        grid = np.geomspace(d[x].min(), d[x].max(), 50)
+        text = (f"{fit.a:.3g} N^-{fit.b:.3f}" + (f" + {fit.c:.3g}" if fit.offset else "")
+                + f"  (b ± {fit.ci95_b:.2g}, R² {fit.r2:.3f})")
+        ax.plot(grid, fit.predict(grid), "-", label=text)
+        res.axhline(0.0, color="grey", lw=0.8)
+        res.scatter(fit.x, fit.residuals, s=10)
+        res.set_xlabel(x)
+        res.set_ylabel(f"log {y} residual", fontsize=8)
+    else:
+        ax.set_xlabel(x)
     ax.legend(fontsize=8)
-    res.axhline(0.0, color="grey", lw=0.8)
-    res.scatter(fit.x, fit.residuals, s=10)
-    res.set_xlabel(x)
-    res.set_ylabel(f"log {y} residual", fontsize=8)
     fig.tight_layout()
     return fig
