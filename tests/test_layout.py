@@ -84,3 +84,21 @@ def test_analysis_never_imports_training():
     for name, deps in graph.items():
         if name.startswith("newllm.analysis"):
             assert not {d for d in deps if d.startswith("newllm.training")}, name
+
+
+def test_training_entry_points_are_annotated_with_the_typed_sections_run_hands_them():
+    """run.py passes `typed(section, Schema)` (a dataclass instance, not a DictConfig): the cfg hint says so."""
+    import typing
+
+    import newllm.training.phase1
+    import newllm.training.phase2
+
+    tree = ast.parse((PKG / "run.py").read_text())
+    handed = {}
+    for call in (n for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)):
+        for arg in call.args:
+            if isinstance(arg, ast.Call) and getattr(arg.func, "id", None) == "typed":
+                handed[call.func.id] = arg.args[1].id
+    assert handed["train_phase1"] == "Phase1Config" and handed["train_phase2"] == "Phase2Config"
+    for module, name in ((newllm.training.phase1, "train_phase1"), (newllm.training.phase2, "train_phase2")):
+        assert typing.get_type_hints(getattr(module, name))["cfg"].__name__ == handed[name]

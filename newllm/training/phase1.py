@@ -28,9 +28,9 @@ from itertools import islice
 from typing import NamedTuple
 
 import torch
-from omegaconf import DictConfig
 
 from newllm import keys, metrics
+from newllm.config import Phase1Config  # what run.typed hands the training functions
 from newllm.errors import TrainingError
 from newllm.models import evaluating
 from newllm.runtime.lifecycle import Phase1State
@@ -56,13 +56,13 @@ def as_streams(ids: torch.Tensor, num_streams: int) -> torch.Tensor:
     return ids[: n * num_streams].reshape(num_streams, n)
 
 
-def phase1_ids(ids: torch.Tensor, cfg: DictConfig) -> torch.Tensor:
+def phase1_ids(ids: torch.Tensor, cfg: Phase1Config) -> torch.Tensor:
     """The (S, N) training positions Phase 1 iterates over: streams, or each distinct token once (per_token)."""
     ids = ids[: cfg.max_tokens]
     return unique_tokens(ids, cfg.max_tokens) if cfg.mode == "per_token" else as_streams(ids, cfg.num_streams)
 
 
-def held_out_ids(ids: torch.Tensor, cfg: DictConfig, what: str = "validation") -> torch.Tensor:
+def held_out_ids(ids: torch.Tensor, cfg: Phase1Config, what: str = "validation") -> torch.Tensor:
     """The (S, N) held-out positions `evaluate_phase1` measures: val_streams streams, each read from c = 0
     (side by side, so the reference pass takes N steps, not S N), or each distinct token once (per_token)."""
     ids = ids[: cfg.max_tokens]
@@ -76,7 +76,7 @@ def held_out_ids(ids: torch.Tensor, cfg: DictConfig, what: str = "validation") -
     return streams
 
 
-def initial_contexts(model: torch.nn.Module, x: torch.Tensor, cfg: DictConfig) -> torch.Tensor:
+def initial_contexts(model: torch.nn.Module, x: torch.Tensor, cfg: Phase1Config) -> torch.Tensor:
     """Pass 0: the first guess P that the sweeps improve (the fixed point does not depend on it).
 
     A measurement of f, so in eval mode (no dropout) whatever mode training left the model in.
@@ -161,7 +161,7 @@ def sweep(model: torch.nn.Module, ids: torch.Tensor, c_in: torch.Tensor, target:
 class Phase1Loop:
     """Phase 1 as init / step / finish around `sweep`: the loop state lives in `self.state` (Phase1State)."""
 
-    def __init__(self, model: torch.nn.Module, ids: torch.Tensor, val: torch.Tensor, cfg: DictConfig,
+    def __init__(self, model: torch.nn.Module, ids: torch.Tensor, val: torch.Tensor, cfg: Phase1Config,
                  dist_reg_weight: float, diversity: Diversity, saved: dict | None) -> None:
         self.model, self.ids, self.val, self.cfg, self.w = model, ids, val, cfg, dist_reg_weight
         self.train = not cfg.untrained
@@ -266,7 +266,7 @@ class Phase1Loop:
         return Phase1Result(history=st.history, metrics=m, val_contexts=val_contexts.cpu())
 
 
-def train_phase1(model: torch.nn.Module, train_ids: torch.Tensor, val_ids: torch.Tensor, cfg: DictConfig,
+def train_phase1(model: torch.nn.Module, train_ids: torch.Tensor, val_ids: torch.Tensor, cfg: Phase1Config,
                  dist_reg_weight: float, diversity: Diversity, device: torch.device,
                  on_iteration: Callable[[dict], None] | None = None, progress: bool = True,
                  state: dict | None = None, checkpoint: Callable[[dict], None] | None = None,
@@ -311,7 +311,7 @@ class ColdStart(NamedTuple):
 
 
 @torch.no_grad()
-def cold_start_rates(model: torch.nn.Module, x: torch.Tensor, cfg: DictConfig, sweeps: int,
+def cold_start_rates(model: torch.nn.Module, x: torch.Tensor, cfg: Phase1Config, sweeps: int,
                      until: int | None = None) -> ColdStart:
     """Sweeps from c = 0 over embedded held-out tokens x (S, N, E), no optimizer (`ColdStart`).
 
@@ -382,7 +382,7 @@ def probe_metrics(ids: torch.Tensor, fixed: torch.Tensor, swept: torch.Tensor, s
             keys.p1_held_out(split, "converged_gain"): float((gain * converged).mean())}
 
 
-def held_out_converged(m: dict, cfg: DictConfig, split: str = "val") -> bool:
+def held_out_converged(m: dict, cfg: Phase1Config, split: str = "val") -> bool:
     """Phase 1's early stop: contexts reach their fixed point AND carry what the current token alone does not.
 
     A convergence_target fraction converged after val_iterations cold-start sweeps, and (stream mode) a
@@ -402,7 +402,7 @@ def memory_length(rates: list[float], target: float, cap: int) -> tuple[int, boo
 
 
 @torch.no_grad()
-def evaluate_phase1(model: torch.nn.Module, ids: torch.Tensor, cfg: DictConfig, split: str = "val",
+def evaluate_phase1(model: torch.nn.Module, ids: torch.Tensor, cfg: Phase1Config, split: str = "val",
                     memory: bool = True, return_contexts: bool = False):
     """The fixed-point property on held-out positions (S, N) from `held_out_ids`, from a cold start.
 

@@ -26,11 +26,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from omegaconf import DictConfig
 from torch import nn
 from torch.nn import functional as F
 
 from newllm import keys, metrics
+from newllm.config import Phase2Config  # what run.typed hands the training functions
 from newllm.errors import ConfigError, DataError, TrainingError
 from newllm.models import ContextModel, OptimizerRecipe, evaluating
 from newllm.runtime.lifecycle import Phase2State, TrainTally
@@ -143,7 +143,7 @@ def contexts_of(model: nn.Module, inputs: torch.Tensor, batch_size: int) -> torc
                           for i in range(0, inputs.shape[0], batch_size)])
 
 
-def eval_length(model: nn.Module, cfg: DictConfig) -> int:
+def eval_length(model: nn.Module, cfg: Phase2Config) -> int:
     """training.phase2.eval_seq_len (null = seq_len); both window lengths checked against a transformer's
     max_len before any step (not as a failure mid-training)."""
     length = cfg.eval_seq_len or cfg.seq_len
@@ -165,7 +165,7 @@ class Windows:
     eval_len: int
 
     @classmethod
-    def build(cls, model: nn.Module, data, cfg: DictConfig, device: torch.device) -> Windows:
+    def build(cls, model: nn.Module, data, cfg: Phase2Config, device: torch.device) -> Windows:
         targets = getattr(data, "targets", None) or {}
         train = [t.to(device) for t in make_windows(data.train_ids, data.train_mask, cfg.seq_len, "training",
                                                     targets.get("train"))]
@@ -188,13 +188,13 @@ class Windows:
         return cls(train, val, test, eval_len)
 
     @classmethod
-    def check(cls, model: nn.Module, data, cfg: DictConfig) -> None:
+    def check(cls, model: nn.Module, data, cfg: Phase2Config) -> None:
         """What `build` would refuse (a window longer than a stream, max_len, an empty loss mask), said before
         Phase 1 instead of after it: the windows are views of the streams, so this costs no copy."""
         cls.build(model, data, cfg, torch.device("cpu"))
 
 
-def make_optimizer(model: nn.Module, params: list[nn.Parameter], cfg: DictConfig) -> torch.optim.AdamW:
+def make_optimizer(model: nn.Module, params: list[nn.Parameter], cfg: Phase2Config) -> torch.optim.AdamW:
     """AdamW at training.phase2.lr / weight_decay; a model with its reference's recipe (OptimizerRecipe) sets
     the betas and which tensors decay, the others get AdamW's defaults with every tensor decayed."""
     if isinstance(model, OptimizerRecipe):
@@ -206,7 +206,7 @@ class Phase2Loop:
     """Phase 2 as init / step / finish: `step` is one optimizer step, `evaluation` one validation, the loop
     state lives in `self.state` (Phase2State)."""
 
-    def __init__(self, model: nn.Module, windows: Windows, cfg: DictConfig, device: torch.device, seed: int,
+    def __init__(self, model: nn.Module, windows: Windows, cfg: Phase2Config, device: torch.device, seed: int,
                  on_epoch: Callable[[dict], None] | None, contexts_cache: ContextsCache | None) -> None:
         self.model, self.windows, self.cfg, self.on_epoch = model, windows, cfg, on_epoch
         is_context = isinstance(model, ContextModel)
@@ -329,7 +329,7 @@ class Phase2Loop:
         }
 
 
-def train_phase2(model: nn.Module, data, cfg: DictConfig, device: torch.device, seed: int,
+def train_phase2(model: nn.Module, data, cfg: Phase2Config, device: torch.device, seed: int,
                  on_epoch: Callable[[dict], None] | None = None, progress: bool = True,
                  state: dict | None = None, checkpoint: Callable[[dict], None] | None = None,
                  contexts_cache: ContextsCache | None = None) -> Phase2Result:

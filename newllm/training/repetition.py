@@ -26,11 +26,11 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
-from omegaconf import DictConfig
 from torch import nn
 from torch.nn import functional as F
 
 from newllm import keys
+from newllm.config import RepetitionConfig
 from newllm.errors import TrainingError
 from newllm.training.diversity import Diversity
 from newllm.training.progress import Progress
@@ -78,7 +78,7 @@ def measure(model: nn.Module, stage: RepetitionStage, device: torch.device) -> d
     return {k: float(v) for k, v in cycle_stats(contexts, stage.phrase_length).items()}
 
 
-def train_repetition(model: nn.Module, stages: list[RepetitionStage], cfg: DictConfig, dist_reg_weight: float,
+def train_repetition(model: nn.Module, stages: list[RepetitionStage], cfg: RepetitionConfig, dist_reg_weight: float,
                      diversity: Diversity, device: torch.device, on_step: Callable[[dict], None] | None = None,
                      progress: bool = True, val_stages: list[RepetitionStage] | None = None,
                      test_stages: list[RepetitionStage] | None = None) -> RepetitionResult:
