@@ -18,6 +18,12 @@ import re
 SPLITS = ("train", "val", "test")
 HELD_OUT = ("val", "test")
 
+# ----------------------------------------------------------------------------- stages and history rows
+# The training stages: the metric-key prefixes, the run's checkpoint stages and the values of history.csv's
+# `phase` column (one type, so a reader filters with ==, never on 1 vs "1"); `step` numbers rows within one.
+PHASE1, PHASE2, REPETITION = "phase1", "phase2", "repetition"
+HISTORY_PHASE, HISTORY_STEP = "phase", "step"
+
 # ----------------------------------------------------------------------------- the run
 SEED = "seed"
 DEVICE = "device"

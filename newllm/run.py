@@ -36,11 +36,12 @@ from newllm.config import (
 )
 from newllm.data import load_data, phase1_sample
 from newllm.errors import NewllmError, describe, exit_one_line
+from newllm.keys import PHASE1, PHASE2
 from newllm.models import ContextModel, build_model, costs, count_parameters, pretrained
 from newllm.models.sizing import solve_core_params
 from newllm.runtime import checkpoint as ckpt
 from newllm.runtime.fileio import save_text
-from newllm.runtime.lifecycle import PHASE1, PHASE2, RunLifecycle, final_payload
+from newllm.runtime.lifecycle import RunLifecycle, final_payload
 from newllm.runtime.memory import check_model_fits, out_of_memory_guard
 from newllm.runtime.tracking import RunTracker
 from newllm.sweep.hooks import Pruned, TrialPruned, attach_trial
@@ -192,7 +193,7 @@ def phase1_stage(cfg: DictConfig, model, data, device: torch.device, tracker: Ru
                                                                p1.metrics[keys.P1_ITERATIONS])
     if cfg.save_contexts and p1.val_contexts is not None:
         ckpt.save(life.run_dir / ckpt.VAL_CONTEXTS_FILE, "val_contexts", {"contexts": p1.val_contexts})
-    ckpt.save(life.run_dir / ckpt.PHASE1_FILE, "phase1", {
+    ckpt.save(life.run_dir / ckpt.PHASE1_FILE, PHASE1, {
         "config": to_container(cfg), "model": model.state_dict(), "metrics": ckpt.primitive(p1.metrics),
         "tokenizer_hash": ckpt.tokenizer_hash(data.tokenizer), "vocab_size": data.vocab_size})
     m = p1.metrics

@@ -43,8 +43,8 @@ def test_many_loggers_record_metrics_params_and_artifacts(tmp_path):
                     "training.phase2.seq_len=16", "training.phase2.batch_size=8", "training.phase2.max_val_tokens=256",
                     f"hydra.run.dir={run_dir}", f"paths.output_root={outputs}"], cwd=tmp_path)
     history = pd.read_csv(run_dir / "history.csv")
-    phase1 = history[history["phase"] == 1]
-    phase2 = history[history["phase"] == 2]
+    phase1 = history[history["phase"] == "phase1"]
+    phase2 = history[history["phase"] == "phase2"]
     final = read_metrics(run_dir)
 
     # TensorBoard: event files in the run dir, read by TensorBoard's own accumulator

@@ -273,7 +273,7 @@ def test_architecture_by_training_multirun_cli(tmp_path, monkeypatch):
         arch, untrained = cfg.model.architecture, cfg.training.phase1.untrained
         m = read_metrics(job)
         with open(job / "history.csv") as f:
-            grads = [float(r["phase1/grad_norm"]) for r in csv.DictReader(f) if r["phase"] == "1"]
+            grads = [float(r["phase1/grad_norm"]) for r in csv.DictReader(f) if r["phase"] == "phase1"]
         assert len(grads) == m["phase1/iterations"]
         assert all(g == 0 for g in grads) if untrained else all(g > 0 for g in grads)
         assert 0 <= m["phase1/identity_score"] <= 1 and m["phase1/val_tokens"] > 0
@@ -396,7 +396,8 @@ def test_a_collapsed_f_converges_at_once_and_is_pruned_by_the_cvfp_rules():
     assert m["phase1/val_convergence_rate"] == 1.0 and m["phase1/val_memory_length"] <= 4
     assert m["phase1/val_effective_rank"] < 1.5 and m["phase1/val_pairwise_distance"] < 0.2  # one point (norms ~5)
     rules = OmegaConf.load(REPO / "sweeps" / "optuna_cvfp.yaml").hydra.sweeper.early_stop
-    row = {"phase": 1, "step": 10, "phase1/loss": 0.0, "phase1/val_effective_rank": m["phase1/val_effective_rank"]}
+    row = {"phase": "phase1", "step": 10, "phase1/loss": 0.0,
+           "phase1/val_effective_rank": m["phase1/val_effective_rank"]}
     reason = early_stop_reason(row, EarlyStopConfig(**OmegaConf.to_container(rules)), 24, lambda: 0.0)
     assert reason.startswith("effective_rank_collapse: held-out effective rank 1.")
 

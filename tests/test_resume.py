@@ -38,7 +38,7 @@ phase, step, pause_phase, pause_step = map(int, sys.argv[1:5])
 pause_s = float(sys.argv[5])
 log = t.RunTracker.log
 def at(row, phase, step):
-    return row.get("phase") == phase and row.get("step" if phase == 1 else "epoch") == step
+    return row.get("phase") == f"phase{phase}" and row.get("step" if phase == 1 else "epoch") == step
 def log_then_die(self, row):
     log(self, row)
     if at(row, pause_phase, pause_step):
@@ -117,7 +117,7 @@ def test_resumed_run_reports_total_times_and_rates(resumed):
     assert m["phase1/token_iterations_per_s"] == pytest.approx(iterations / m["phase1/train_time_s"])
     history = pd.read_csv(resumed / "history.csv")
     for phase in (1, 2):  # elapsed time per row keeps growing across the resumes
-        times = history[history["phase"] == phase][f"phase{phase}/time_s"]
+        times = history[history["phase"] == f"phase{phase}"][f"phase{phase}/time_s"]
         assert times.is_monotonic_increasing and times.iloc[-1] >= PAUSE_S
 
 

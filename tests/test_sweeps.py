@@ -252,15 +252,15 @@ def test_cvfp_preset_prunes_a_collapsed_trial(tmp_path):
 
 def test_early_stop_rules_on_rows():
     rules = EarlyStopConfig(nan_loss=True, min_effective_rank_ratio=0.25, max_identity_score=0.9, grace_iterations=2)
-    ok = {"phase": 1, "step": 3, "phase1/loss": 0.1, "phase1/effective_rank": 12.0}
+    ok = {"phase": "phase1", "step": 3, "phase1/loss": 0.1, "phase1/effective_rank": 12.0}
     assert early_stop_reason(ok, rules, 32, lambda: 0.5) is None
     assert early_stop_reason({**ok, "phase1/effective_rank": 7.9}, rules, 32, lambda: 0.5).startswith(
         "effective_rank_collapse: effective rank 7.90/32 = 0.247 < min_effective_rank_ratio=0.25")
     assert early_stop_reason({**ok, "step": 1, "phase1/effective_rank": 1.0}, rules, 32, lambda: 0.99) is None  # grace
     assert early_stop_reason(ok, rules, 32, lambda: 0.95).startswith("identity_mapping: identity score 0.950 > 0.9"
                                                                      .replace("> 0.9", "> max_identity_score=0.9"))
-    nan_row = {"phase": 2, "step": 10, "phase2/val_loss": math.nan, "phase2/train_loss": 2.0}
-    assert early_stop_reason(nan_row, rules, 32, lambda: 0.0) == "nan_loss: {'phase2/val_loss': nan} at phase 2 step 10"
+    nan_row = {"phase": "phase2", "step": 10, "phase2/val_loss": math.nan, "phase2/train_loss": 2.0}
+    assert early_stop_reason(nan_row, rules, 32, lambda: 0.0) == "nan_loss: {'phase2/val_loss': nan} at phase2 step 10"
     assert early_stop_reason(nan_row, dataclasses.replace(rules, nan_loss=False), 32, lambda: 0.0) is None
 
 

@@ -28,6 +28,7 @@ trial ids, a job's exception) are reached only through newllm.sweep.compat, whic
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -65,6 +66,29 @@ SAMPLERS = ("hydra_plugins.hydra_optuna_sweeper.*", "optuna.samplers.*")  # what
 OptunaSweeperImpl, create_params_from_overrides = compat.optuna_sweeper_impl()  # private in hydra-optuna-sweeper
 
 
+@dataclasses.dataclass
+class StudyPlan:
+    """One study of a sweep: what differs between the studies of one command (`studies`, `<study>_reruns`).
+
+    The sweeper's own attributes hold only what every study shares (storage, directions, launcher); each study's
+    name, search space, sampler, folder and trial count travel in its plan."""
+
+    name: str | None
+    sweep_dir: Path
+    params: dict[str, Any]  # the search space as in hydra.sweeper.params: key -> override grammar
+    sampler: Any
+    sampler_config: Any
+    n_trials: int
+    label: str | None = None
+
+    def search_overrides(self) -> list[str]:
+        return [f"{k!s}={v}" for k, v in self.params.items()]
+
+    def reruns(self) -> StudyPlan:
+        """Study <name>_reruns, folder <sweep_dir>/reruns: where the best trial is re-run per seed."""
+        return dataclasses.replace(self, name=f"{self.name}_reruns", sweep_dir=self.sweep_dir / "reruns")
+
+
 class NewllmOptunaSweeper(OptunaSweeper):
     def __init__(self, *, pruner: Any, early_stop: Any, report: Sequence[str], subdir: str, studies: Any = None,
                  rerun_best: Any = None, **official: Any) -> None:
@@ -96,64 +120,68 @@ class NewllmOptunaSweeperImpl(OptunaSweeperImpl):
     def sweep(self, arguments: list[str]) -> None:
         self._check_settings()
         self._process_searchspace_config()
-        base_dir = Path(str(self.config.hydra.sweep.dir)).absolute()
-        base_name, base_params, base_sampler = self.study_name, dict(self.params or {}), self.sampler_config
-        studies = self.studies or {None: {}}  # several (`studies`), one after another, or just this one
-        for label, study in studies.items():
-            name = base_name if label is None else f"{base_name}_{label}"
-            self.params = {**base_params, **(study.get("params") or {})}
-            self.sampler_config = _seeded_for(base_sampler, name)  # each study a sampler of its own seed
-            fresh = self.sampler_config and (label is not None or self.sampler_config is not base_sampler)
-            sampler = instantiate(self.sampler_config, _execution_whitelist_=SAMPLERS) if fresh else self.sampler
-            self._sweep_study([*arguments, *(study.get("overrides") or [])], name,
-                              base_dir if label is None else base_dir / label, sampler, label)
-        self.study_name, self.params, self.sampler_config = base_name, base_params, base_sampler
+        self.storage = _absolute_sqlite(self.storage)
+        for plan, overrides in self._plans():
+            self._sweep_study([*arguments, *overrides], plan)
 
-    def _sweep_study(self, arguments: list[str], name: str | None, sweep_dir: Path, sampler: Any,
-                     label: str | None = None) -> None:
-        self.study_name, self.sampler, self.sweep_dir = name, sampler, sweep_dir
-        space, fixed_params, fixed_overrides = create_params_from_overrides(
-            self._parse_sweeper_params_config() + list(arguments))
+    def _plans(self) -> list[tuple[StudyPlan, list[str]]]:
+        """Each study this command runs (several with `studies`, one after another, or just this one) with its
+        fixed overrides; each study's sampler seeded from its name (study_seed)."""
+        base_dir = Path(str(self.config.hydra.sweep.dir)).absolute()
+        plans = []
+        for label, study in (self.studies or {None: {}}).items():
+            name = self.study_name if label is None else f"{self.study_name}_{label}"
+            sampler_config = _seeded_for(self.sampler_config, name)
+            fresh = sampler_config and (label is not None or sampler_config is not self.sampler_config)
+            sampler = instantiate(sampler_config, _execution_whitelist_=SAMPLERS) if fresh else self.sampler
+            plan = StudyPlan(name=name, sweep_dir=base_dir if label is None else base_dir / label,
+                             params={**(self.params or {}), **(study.get("params") or {})}, sampler=sampler,
+                             sampler_config=sampler_config, n_trials=self.n_trials, label=label)
+            plans.append((plan, list(study.get("overrides") or [])))
+        return plans
+
+    def _sweep_study(self, arguments: list[str], plan: StudyPlan) -> None:
+        space, fixed_params, fixed_overrides = create_params_from_overrides(plan.search_overrides() + arguments)
         for name in fixed_params:
             space.pop(name, None)
-        if isinstance(self.sampler, functools.partial) and self.sampler.func is optuna.samplers.GridSampler:
+        if isinstance(plan.sampler, functools.partial) and plan.sampler.func is optuna.samplers.GridSampler:
             grid = {k: self._to_grid_sampler_choices(d) for k, d in space.items()}
-            self.sampler = self.sampler(grid)
-            self.n_trials = min(self.n_trials, math.prod(len(v) for v in grid.values()))
+            plan.sampler = plan.sampler(grid)
+            plan.n_trials = min(plan.n_trials, math.prod(len(v) for v in grid.values()))
         directions = self._get_directions()
         names = None if "objectives" in space else self._objective_names(directions)
-        self._check_sweep_dir_owner()  # before the study is opened: a refusal leaves no trace
-        study = self._open_study(directions, names)
-        if label is not None:
-            study.set_user_attr("label", label)
-        self._fail_abandoned(study)
-        self._continue_search(study)
-        self._claim_sweep_dir(study)
+        self._check_sweep_dir_owner(plan)  # before the study is opened: a refusal leaves no trace
+        study = self._open_study(plan, directions, names)
+        if plan.label is not None:
+            study.set_user_attr("label", plan.label)
+        self._fail_abandoned(plan, study)
+        self._continue_search(plan, study)
+        self._claim_sweep_dir(plan, study)
 
         launched = failures = 0
-        while (todo := self.n_trials - len(study.get_trials(deepcopy=False, states=COUNTED))) > 0:
-            trials = self._ask(study, min(todo, self.n_jobs))
+        while (todo := plan.n_trials - len(study.get_trials(deepcopy=False, states=COUNTED))) > 0:
+            trials = self._ask(plan, study, min(todo, self.n_jobs))
             if not trials:
                 continue
             overrides = self._configure_trials(trials, space, fixed_params, fixed_overrides)
-            failures += self._launch(study, trials, overrides, len(directions))
+            failures += self._launch(plan, study, trials, overrides, len(directions))
             launched += len(trials)
-            if failures > self.max_failure_rate * self.n_trials:
-                self._save_results(study, directions)
+            if failures > self.max_failure_rate * plan.n_trials:
+                self._save_results(plan, study, directions)
                 raise SweepAborted(
                     f"sweep stopped: {failures} of {launched} trials failed in this run, more than max_failure_rate="
-                    f"{self.max_failure_rate} x n_trials={self.n_trials} (last: {self.last_failure}); every reason "
+                    f"{self.max_failure_rate} x n_trials={plan.n_trials} (last: {self.last_failure}); every reason "
                     f"is in user attr fail_reason of study {study.study_name!r}")
-        self._save_results(study, directions)
+        self._save_results(plan, study, directions)
         if self.rerun_seeds:
-            self._rerun_best(study, space, fixed_params, fixed_overrides, directions, names, label)
+            self._rerun_best(plan, study, space, fixed_params, fixed_overrides, directions, names)
 
-    def _launch(self, study: optuna.Study, trials: list[optuna.Trial], overrides: Sequence[Sequence[str]],
-                n_objectives: int) -> int:
+    def _launch(self, plan: StudyPlan, study: optuna.Study, trials: list[optuna.Trial],
+                overrides: Sequence[Sequence[str]], n_objectives: int) -> int:
         """Run the trials' jobs in their own folders and tell the study; returns how many failed."""
-        folders = self._make_job_folders(study, trials)
-        overrides = [(*o, *self._job_overrides(study, t, f)) for o, t, f in zip(overrides, trials, folders,
-                                                                                 strict=True)]
+        folders = self._make_job_folders(plan, study, trials)
+        overrides = [(*o, *self._job_overrides(plan, study, t, f)) for o, t, f in zip(overrides, trials, folders,
+                                                                                       strict=True)]
         try:
             returns = self.launcher.launch(overrides, initial_job_idx=self.job_idx)
         except BaseException as err:  # launcher crash / Ctrl-C: no trial stays RUNNING
@@ -164,22 +192,21 @@ class NewllmOptunaSweeperImpl(OptunaSweeperImpl):
         return sum(self._tell(study, trial, ret, n_objectives, folder) == TrialState.FAIL
                    for trial, ret, folder in zip(trials, returns, folders, strict=True))
 
-    def _rerun_best(self, study: optuna.Study, space: dict, fixed_params: dict, fixed_overrides: list[str],
-                    directions: list[str], names: list[str] | None, label: str | None) -> None:
+    def _rerun_best(self, tuned: StudyPlan, study: optuna.Study, space: dict, fixed_params: dict,
+                    fixed_overrides: list[str], directions: list[str], names: list[str] | None) -> None:
         """The best trial's params once per seed in rerun_best.seeds: trials of study <study>_reruns (the same
         distributions, enqueued values), so they carry every metric in their user attrs like any trial."""
         complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
         if not complete or len(directions) != 1:
             raise ConfigError(f"hydra.sweeper.rerun_best.seeds={self.rerun_seeds} needs a single-objective study "
                               f"with a complete trial; study {study.study_name!r} has {len(complete)}")
-        best, tuned_name, tuned_dir = study.best_trial, study.study_name, self.sweep_dir
-        self.study_name, self.sweep_dir = f"{tuned_name}_reruns", tuned_dir / "reruns"
-        self._check_sweep_dir_owner()
-        reruns = self._open_study(directions, names, planned=len(self.rerun_seeds))
-        self._claim_sweep_dir(reruns)
+        best, plan = study.best_trial, tuned.reruns()
+        self._check_sweep_dir_owner(plan)
+        reruns = self._open_study(plan, directions, names, planned=len(self.rerun_seeds))
+        self._claim_sweep_dir(plan, reruns)
         done = {t.user_attrs.get("rerun_seed") for t in reruns.get_trials(deepcopy=False, states=COUNTED)}
         todo = [s for s in self.rerun_seeds if s not in done]
-        tag = {"rerun_of": best.number, "rerun_study": tuned_name, "rerun_label": label}
+        tag = {"rerun_of": best.number, "rerun_study": study.study_name, "rerun_label": tuned.label}
         for seed in todo:
             reruns.enqueue_trial(best.params, user_attrs={**tag, "rerun_seed": seed}, skip_if_exists=False)
         trials = [reruns.ask() for _ in todo]
@@ -188,12 +215,11 @@ class NewllmOptunaSweeperImpl(OptunaSweeperImpl):
                                                                              if k != "seed"}, fixed_overrides),
                                      trials, strict=True)]
         if trials:
-            self._launch(reruns, trials, overrides, len(directions))
-        record = {**tag, "label": label, "best_value": best.value, "params": best.params,
+            self._launch(plan, reruns, trials, overrides, len(directions))
+        record = {**tag, "label": tuned.label, "best_value": best.value, "params": best.params,
                   "fixed": {k: v for k, v in fixed_params.items() if k != "seed"}, "seeds": self.rerun_seeds}
-        save_text(self.sweep_dir / "rerun_best.json", json.dumps(record, indent=1, default=str) + "\n")
-        self._save_results(reruns, directions)
-        self.study_name, self.sweep_dir = tuned_name, tuned_dir
+        save_text(plan.sweep_dir / "rerun_best.json", json.dumps(record, indent=1, default=str) + "\n")
+        self._save_results(plan, reruns, directions)
 
     # ------------------------------------------------------------------ settings
     def _check_settings(self) -> None:
@@ -212,12 +238,11 @@ class NewllmOptunaSweeperImpl(OptunaSweeperImpl):
         return names
 
     # ------------------------------------------------------------------ study and trials
-    def _open_study(self, directions: list[str], names: list[str] | None, planned: int | None = None,
-                    ) -> optuna.Study:
+    def _open_study(self, plan: StudyPlan, directions: list[str], names: list[str] | None,
+                    planned: int | None = None) -> optuna.Study:
         """The study (created if new), checked against the directions and names; `planned`: its trial count
         as logged (n_trials; a reruns study runs one per seed)."""
-        self.storage = _absolute_sqlite(self.storage)
-        study = storages.create_study(study_name=self.study_name, storage=self.storage, sampler=self.sampler,
+        study = storages.create_study(study_name=plan.name, storage=self.storage, sampler=plan.sampler,
                                       directions=directions)  # many workers may start on a fresh database at once
         have = [d.name.lower() for d in study.directions]
         if have != list(directions):
@@ -234,24 +259,24 @@ class NewllmOptunaSweeperImpl(OptunaSweeperImpl):
             hooks.IN_PROCESS_STUDIES[study.study_name] = study
         done = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
         log.info("Study %s in %s: %d of %d trials done; sampler %s, directions %s", study.study_name,
-                 storages.masked(self.storage), done, planned or self.n_trials, type(self.sampler).__name__,
+                 storages.masked(self.storage), done, planned or plan.n_trials, type(plan.sampler).__name__,
                  directions)
         return study
 
-    def _continue_search(self, study: optuna.Study) -> None:
+    def _continue_search(self, plan: StudyPlan, study: optuna.Study) -> None:
         """A seeded sampler restarts its random stream in every process: re-running a study would propose again
         what the first run proposed (TPE's startup points, NSGA-II's first generation). Reseeding it from (seed,
         trials in the study) keeps a fresh study's seed, continues a resumed one, and both stay reproducible.
         QMC continues its sequence by sample id and a grid picks unvisited points: they keep their seed."""
-        seed = (self.sampler_config or {}).get("seed")
+        seed = (plan.sampler_config or {}).get("seed")
         trials = len(study.get_trials(deepcopy=False))
-        if seed is None or trials == 0 or isinstance(self.sampler, (optuna.samplers.QMCSampler,
+        if seed is None or trials == 0 or isinstance(plan.sampler, (optuna.samplers.QMCSampler,
                                                                      optuna.samplers.GridSampler)):
             return
         new_seed = int(np.random.SeedSequence([int(seed), trials]).generate_state(1)[0])
-        self.sampler = instantiate(OmegaConf.merge(self.sampler_config, {"seed": new_seed}),
+        plan.sampler = instantiate(OmegaConf.merge(plan.sampler_config, {"seed": new_seed}),
                                    _execution_whitelist_=SAMPLERS)
-        study.sampler = self.sampler
+        study.sampler = plan.sampler
         log.info("Sampler reseeded from seed %d to %d: the study holds %d trials, so this run continues its "
                  "search instead of replaying the seed's proposals", seed, new_seed, trials)
 
@@ -262,35 +287,34 @@ class NewllmOptunaSweeperImpl(OptunaSweeperImpl):
                   "study": study.study_name, "study_id": compat.study_id(study)}
         return record if trial is None else {**record, "trial": trial.number}
 
-    def _check_sweep_dir_owner(self) -> None:
-        owner = _read_owner(self.sweep_dir)
-        if owner and (owner.get("storage_id"), owner.get("study")) != (storages.identity(self.storage),
-                                                                        self.study_name):
-            raise FolderOwned(f"hydra.sweep.dir={self.sweep_dir} holds the job folders of study {owner.get('study')!r} "
+    def _check_sweep_dir_owner(self, plan: StudyPlan) -> None:
+        owner = _read_owner(plan.sweep_dir)
+        if owner and (owner.get("storage_id"), owner.get("study")) != (storages.identity(self.storage), plan.name):
+            raise FolderOwned(f"hydra.sweep.dir={plan.sweep_dir} holds the job folders of study {owner.get('study')!r} "
                               f"in {owner.get('storage')}: a sweep writes only into its own folders; pick another "
                               "hydra.sweep.dir")
 
-    def _claim_sweep_dir(self, study: optuna.Study) -> None:
+    def _claim_sweep_dir(self, plan: StudyPlan, study: optuna.Study) -> None:
         """Record this study as the sweep folder's owner. A folder without a record (made before newllm kept one)
         is claimed only if each job folder in it is the run_dir of one of this study's trials."""
-        owner = _read_owner(self.sweep_dir)
+        owner = _read_owner(plan.sweep_dir)
         if owner is None:
             made = {str(t.user_attrs.get("run_dir")) for t in study.get_trials(deepcopy=False)}
-            foreign = [p for p in _job_folders(self.sweep_dir) if str(p) not in made]
+            foreign = [p for p in _job_folders(plan.sweep_dir) if str(p) not in made]
             if foreign:
-                raise FolderOwned(f"hydra.sweep.dir={self.sweep_dir} holds job folders that are not trials of study "
+                raise FolderOwned(f"hydra.sweep.dir={plan.sweep_dir} holds job folders that are not trials of study "
                                   f"{study.study_name!r} (e.g. {foreign[0].name}): pick another hydra.sweep.dir")
-            _write_owner(self.sweep_dir, self._owner(study))
+            _write_owner(plan.sweep_dir, self._owner(study))
         elif owner.get("study_id") != compat.study_id(study):
-            raise FolderOwned(f"hydra.sweep.dir={self.sweep_dir} belongs to an earlier study {study.study_name!r} "
+            raise FolderOwned(f"hydra.sweep.dir={plan.sweep_dir} belongs to an earlier study {study.study_name!r} "
                               f"(id {owner.get('study_id')}) in {owner.get('storage')}, since deleted: pick another "
                               "hydra.sweep.dir")
 
-    def _make_job_folders(self, study: optuna.Study, trials: list[optuna.Trial]) -> list[Path]:
+    def _make_job_folders(self, plan: StudyPlan, study: optuna.Study, trials: list[optuna.Trial]) -> list[Path]:
         """Each trial's job folder, made here (it must not exist yet) with its owner record, before any job runs."""
         made: list[Path] = []
         for trial in trials:
-            folder = self.sweep_dir / self.subdir.format(number=trial.number)
+            folder = plan.sweep_dir / self.subdir.format(number=trial.number)
             try:
                 folder.mkdir(parents=True)
             except FileExistsError:
@@ -305,35 +329,35 @@ class NewllmOptunaSweeperImpl(OptunaSweeperImpl):
             made.append(folder)
         return made
 
-    def _ask(self, study: optuna.Study, n: int) -> list[optuna.Trial]:
+    def _ask(self, plan: StudyPlan, study: optuna.Study, n: int) -> list[optuna.Trial]:
         """Ask n trials; one that another worker made surplus in the meantime is dropped (FAIL, not counted)."""
         trials = []
         for _ in range(n):
             trial = study.ask()
             compat.set_trial_system_attr(study, trial, "newllm:owner", OWNER)
             ahead = sum(t.number < trial.number for t in study.get_trials(deepcopy=False, states=COUNTED))
-            if ahead >= self.n_trials:
-                self._tell_fail(study, trial, f"surplus: the study already held n_trials={self.n_trials} trials")
+            if ahead >= plan.n_trials:
+                self._tell_fail(study, trial, f"surplus: the study already held n_trials={plan.n_trials} trials")
             else:
                 trials.append(trial)
         return trials
 
-    def _fail_abandoned(self, study: optuna.Study) -> None:
+    def _fail_abandoned(self, plan: StudyPlan, study: optuna.Study) -> None:
         """RUNNING trials left by a sweep process on this host that no longer exists (killed, crashed): a trial
         whose job finished before the kill is recovered from its folder (`_recover`), the others are FAIL."""
         host = socket.gethostname()
         for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             owner = t.system_attrs.get("newllm:owner", "")
             h, _, pid = owner.rpartition(":")
-            if h == host and pid.isdigit() and not _alive(int(pid)) and not self._recover(study, t, owner):
+            if h == host and pid.isdigit() and not _alive(int(pid)) and not self._recover(plan, study, t, owner):
                 self._tell_fail(study, t, f"abandoned: sweep process {owner} is gone")
 
-    def _recover(self, study: optuna.Study, trial: FrozenTrial, owner: str) -> bool:
+    def _recover(self, plan: StudyPlan, study: optuna.Study, trial: FrozenTrial, owner: str) -> bool:
         """Tell the study a trial whose job finished although its sweep process was killed before telling it: the
         job folder this sweeper made for it (its owner record names this study and trial) holds the complete
         metrics.json (written atomically, last) and the overrides it ran with, which must hold the trial's params.
         Its values are the objectives of the job's own config, as the task returned them. False: not finished."""
-        folder = self.sweep_dir / self.subdir.format(number=trial.number)
+        folder = plan.sweep_dir / self.subdir.format(number=trial.number)
         record = _read_owner(folder) or {}
         job = _finished_job(folder)
         if job is None or (record.get("study_id"), record.get("trial")) != (compat.study_id(study), trial.number):
@@ -353,14 +377,14 @@ class NewllmOptunaSweeperImpl(OptunaSweeperImpl):
             log.info("Trial %d %s", trial.number, reason)
         return True
 
-    def _job_overrides(self, study: optuna.Study, trial: optuna.Trial, folder: Path) -> list[str]:
+    def _job_overrides(self, plan: StudyPlan, study: optuna.Study, trial: optuna.Trial, folder: Path) -> list[str]:
         compat.set_trial_system_attr(study, trial, hooks.SPEC_ATTR, self.task_spec)
         # Hydra writes env_set resolved into the job's .hydra/hydra.yaml: the storage goes there masked, and the
         # job resolves the real URL in its own environment (hooks.job_storage_url).
         env = {hooks.ENV_STORAGE: storages.masked(self.storage), hooks.ENV_STUDY: study.study_name,
                hooks.ENV_TRIAL: str(compat.trial_id(trial))}
-        return [f"hydra.sweep.dir={_quote(str(self.sweep_dir))}",  # the folder made above, wherever the job runs
-                f"hydra.sweep.subdir={_quote(str(folder.relative_to(self.sweep_dir)))}",
+        return [f"hydra.sweep.dir={_quote(str(plan.sweep_dir))}",  # the folder made above, wherever the job runs
+                f"hydra.sweep.subdir={_quote(str(folder.relative_to(plan.sweep_dir)))}",
                 *(f"++hydra.job.env_set.{k}={_quote(v)}" for k, v in env.items())]
 
     def _tell(self, study: optuna.Study, trial: optuna.Trial, ret: JobReturn, n_objectives: int,
@@ -410,7 +434,7 @@ class NewllmOptunaSweeperImpl(OptunaSweeperImpl):
         self.last_failure = reason
         return TrialState.FAIL
 
-    def _save_results(self, study: optuna.Study, directions: list[str]) -> None:
+    def _save_results(self, plan: StudyPlan, study: optuna.Study, directions: list[str]) -> None:
         """optimization_results.yaml in the official format, plus the study's trial counts."""
         results: dict[str, Any] = {"name": "optuna", "study_name": study.study_name,
                                    "storage": storages.masked(self.storage)}
@@ -421,7 +445,7 @@ class NewllmOptunaSweeperImpl(OptunaSweeperImpl):
             results["solutions"] = [{"params": t.params, "values": t.values} for t in study.best_trials]
         results["n_trials"] = {s.name.lower(): len(study.get_trials(deepcopy=False, states=(s,)))
                                for s in TrialState}
-        save_text(self.sweep_dir / "optimization_results.yaml", OmegaConf.to_yaml(OmegaConf.create(results)))
+        save_text(plan.sweep_dir / "optimization_results.yaml", OmegaConf.to_yaml(OmegaConf.create(results)))
 
 
 def _objective_values(ret: Any, n: int) -> tuple[list[float], str | None]:

@@ -324,7 +324,7 @@ def _need(path: Path, what: str) -> Path:
 
 
 def load_history(run_dir: str | Path) -> pd.DataFrame:
-    """history.csv: one row per Phase-1 iteration (phase=1) and Phase-2 epoch (phase=2)."""
+    """history.csv: one row per Phase-1 iteration (phase=phase1) and Phase-2 evaluation (phase=phase2)."""
     path = _need(Path(run_dir) / "history.csv", "the run did not finish (history.csv is written at the end)")
     return pd.read_csv(path)
 

@@ -20,10 +20,10 @@ import torch
 from omegaconf import DictConfig
 
 from newllm.config import retyped, to_container
+from newllm.keys import PHASE1, PHASE2
 from newllm.runtime import checkpoint as ckpt
 from newllm.runtime.fileio import remove_stale_temps
 
-PHASE1, PHASE2 = "phase1", "phase2"
 log = logging.getLogger("newllm")
 
 

@@ -19,6 +19,8 @@ from newllm import keys
 from newllm.config import instantiate
 from newllm.runtime.fileio import atomic_write, save_json, save_text
 
+ROW_IDS = (keys.HISTORY_PHASE, keys.HISTORY_STEP)  # which row a history entry is, not a measurement
+
 
 class CSVLogger:
     """history.csv is always written by RunTracker; this logger adds nothing else."""
@@ -141,8 +143,8 @@ class RunTracker:
 
     def log(self, row: dict) -> None:
         self.history.append(row)
-        step = int(row.get("step", len(self.history)))
-        numeric = {k: float(v) for k, v in row.items() if isinstance(v, (int, float)) and k not in ("phase", "step")}
+        step = int(row.get(keys.HISTORY_STEP, len(self.history)))
+        numeric = {k: float(v) for k, v in row.items() if isinstance(v, (int, float)) and k not in ROW_IDS}
         for lg in self.loggers:
             lg.log_metrics(numeric, step)
         for hook in self.hooks:
@@ -179,23 +181,23 @@ def plot_curves(history: list[dict], path: Path) -> Path:
     df = pd.DataFrame(history)
     fig, axes = plt.subplots(1, 4, figsize=(16, 3.4))
     panels = [
-        ("Phase 1 loss", [keys.P1_CVFP_LOSS, keys.P1_DIVERSITY_LOSS], 1),
+        ("Phase 1 loss", [keys.P1_CVFP_LOSS, keys.P1_DIVERSITY_LOSS], keys.PHASE1),
         ("Phase 1 convergence", [keys.P1_VAL_CONVERGENCE_RATE, keys.P1_VAL_CONVERGED_GAIN,
-                                 keys.P1_TRAIN_STEP_STABILITY], 1),
-        ("Phase 1 effective rank", [keys.P1_EFFECTIVE_RANK], 1),
-        ("Phase 2 perplexity", [keys.P2_TRAIN_PPL, keys.P2_VAL_PPL], 2),
+                                 keys.P1_TRAIN_STEP_STABILITY], keys.PHASE1),
+        ("Phase 1 effective rank", [keys.P1_EFFECTIVE_RANK], keys.PHASE1),
+        ("Phase 2 perplexity", [keys.P2_TRAIN_PPL, keys.P2_VAL_PPL], keys.PHASE2),
     ]
     for ax, (title, cols, phase) in zip(axes, panels, strict=True):
-        part = df[df["phase"] == phase] if "phase" in df else df.iloc[0:0]
+        part = df[df[keys.HISTORY_PHASE] == phase] if keys.HISTORY_PHASE in df else df.iloc[0:0]
         for col in cols:
             if col in part and part[col].notna().any():
-                s = part[["step", col]].dropna()
-                ax.plot(s["step"], s[col], marker="." if len(s) < 30 else None, label=col.split("/")[1])
+                s = part[[keys.HISTORY_STEP, col]].dropna()
+                ax.plot(s[keys.HISTORY_STEP], s[col], marker="." if len(s) < 30 else None, label=col.split("/")[1])
         ax.set_title(title)
-        ax.set_xlabel("iteration" if phase == 1 else "step")
+        ax.set_xlabel("iteration" if phase == keys.PHASE1 else "step")
         if ax.lines:
             ax.legend(fontsize=8)
-        if phase == 2 and ax.lines:
+        if phase == keys.PHASE2 and ax.lines:
             ax.set_yscale("log")
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))

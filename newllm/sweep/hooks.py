@@ -92,8 +92,8 @@ def early_stop_reason(row: dict, rules: EarlyStopConfig, context_dim: int, ident
     if rules.nan_loss:
         bad = {k: v for k, v in row.items() if k.endswith("loss") and isinstance(v, float) and not math.isfinite(v)}
         if bad:
-            return f"nan_loss: {bad} at phase {row.get('phase')} step {row.get('step')}"
-    if row.get("phase") != 1 or row.get("step", 0) < rules.grace_iterations:
+            return f"nan_loss: {bad} at {row.get(keys.HISTORY_PHASE)} step {row.get(keys.HISTORY_STEP)}"
+    if row.get(keys.HISTORY_PHASE) != keys.PHASE1 or row.get(keys.HISTORY_STEP, 0) < rules.grace_iterations:
         return None
     ratio = rules.min_effective_rank_ratio
     for key, which in ((keys.P1_EFFECTIVE_RANK, "effective rank"),
@@ -159,9 +159,10 @@ class TrialReporter:
         return None
 
     def intermediate(self, row: dict) -> tuple[float | None, int]:
-        if row.get("phase") == 1 and "phase1" in self.report and keys.P1_VAL_CONVERGED_GAIN in row:
-            return -self.sign * float(row[keys.P1_VAL_CONVERGED_GAIN]), int(row["step"])
-        if row.get("phase") == 2 and "phase2" in self.report and keys.P2_VAL_LOSS in row:
+        phase = row.get(keys.HISTORY_PHASE)
+        if phase == keys.PHASE1 and keys.PHASE1 in self.report and keys.P1_VAL_CONVERGED_GAIN in row:
+            return -self.sign * float(row[keys.P1_VAL_CONVERGED_GAIN]), int(row[keys.HISTORY_STEP])
+        if phase == keys.PHASE2 and keys.PHASE2 in self.report and keys.P2_VAL_LOSS in row:
             evaluation = int(row.get("evaluation", row.get("epoch", 0)))
             return self.sign * float(row[keys.P2_VAL_LOSS]), self.phase2_offset + evaluation
         return None, 0

@@ -211,7 +211,8 @@ class Phase1Loop:
         if not math.isfinite(mse) or not math.isfinite(div):
             raise TrainingError(f"phase 1 loss became non-finite at iteration {k} (mse={mse}, "
                                 f"diversity={div}); lower training.phase1.lr or training.dist_reg_weight")
-        return {"phase": 1, "step": k, keys.P1_CVFP_LOSS: mse, keys.P1_DIVERSITY_LOSS: div,
+        return {keys.HISTORY_PHASE: keys.PHASE1, keys.HISTORY_STEP: k,
+                keys.P1_CVFP_LOSS: mse, keys.P1_DIVERSITY_LOSS: div,
                 keys.P1_LOSS: (1 - self.w) * mse + self.w * div, keys.P1_TRAIN_STEP_STABILITY: stability,
                 keys.P1_RESIDUAL: residual, keys.P1_GRAD_NORM: grad,
                 keys.P1_TIME_S: self.state.elapsed()}

@@ -265,7 +265,8 @@ class Phase2Loop:
                                 f"{st.step - st.tally.steps + 1}-{st.step}; lower training.phase2.lr")
         train_loss = ce_sum / max(count, 1)
         val = evaluate(self.model, self.windows.val, self.cfg.batch_size * 4)
-        row = {"phase": 2, "step": st.step, "epoch": epoch, "evaluation": st.stop.evaluations + 1,
+        row = {keys.HISTORY_PHASE: keys.PHASE2, keys.HISTORY_STEP: st.step,
+               "epoch": epoch, "evaluation": st.stop.evaluations + 1,
                keys.P2_TRAIN_LOSS: train_loss, keys.P2_TRAIN_PPL: metrics.perplexity(train_loss),
                keys.P2_TRAIN_ACC: correct / max(count, 1),
                keys.P2_VAL_LOSS: val["loss"], keys.P2_VAL_PPL: val["ppl"], keys.P2_VAL_ACC: val["acc"],

@@ -104,7 +104,8 @@ def train_repetition(model: nn.Module, stages: list[RepetitionStage], cfg: Repet
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             optimizer.step()
             step += 1
-            row = {"phase": "repetition", "step": step, keys.REP_STAGE: p, keys.REP_LOSS: float(loss.detach()),
+            row = {keys.HISTORY_PHASE: keys.REPETITION, keys.HISTORY_STEP: step,
+                   keys.REP_STAGE: p, keys.REP_LOSS: float(loss.detach()),
                    **{keys.rep_part(k): v for k, v in parts.items()}, keys.REP_TIME_S: time.perf_counter() - t0}
             result.history.append(row)
             if on_step is not None:
