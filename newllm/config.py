@@ -207,6 +207,9 @@ class ContextModelConfig:
     # A core-parameter budget (everything but embedding and head): when set, context_dim (and an
     # explicit hidden_dim, in proportion) is solved to meet it within 2 % (newllm.models.sizing).
     core_params: int | None = ranged(None, "[1, inf)", null="no budget")
+    # A state budget: model/state_floats (floats carried per sequence at the evaluation window) within 2 % of it,
+    # by solving context_dim instead (newllm.models.sizing.solve_state_floats); not with core_params.
+    state_floats: int | None = ranged(None, "[1, inf)", null="no state budget")
     updater: Any = MISSING
     embedding: EmbeddingConfig = field(default_factory=EmbeddingConfig)
 
@@ -223,6 +226,9 @@ class GRUConfig:
     # A core-parameter budget (everything but embedding and head): when set, context_dim (and an
     # explicit hidden_dim, in proportion) is solved to meet it within 2 % (newllm.models.sizing).
     core_params: int | None = ranged(None, "[1, inf)", null="no budget")
+    # A state budget: model/state_floats (floats carried per sequence at the evaluation window) within 2 % of it,
+    # by solving context_dim instead (newllm.models.sizing.solve_state_floats); not with core_params.
+    state_floats: int | None = ranged(None, "[1, inf)", null="no state budget")
 
 
 @dataclass
@@ -242,6 +248,45 @@ class TransformerConfig:
     # A core-parameter budget (everything but embedding and head): when set, context_dim (and an
     # explicit hidden_dim, in proportion) is solved to meet it within 2 % (newllm.models.sizing).
     core_params: int | None = ranged(None, "[1, inf)", null="no budget")
+    # A state budget: model/state_floats (floats carried per sequence at the evaluation window) within 2 % of it,
+    # by solving context_dim instead (newllm.models.sizing.solve_state_floats); not with core_params.
+    state_floats: int | None = ranged(None, "[1, inf)", null="no state budget")
+
+
+class HFFamily(StrEnum):
+    """The transformers model families newllm wraps (newllm.models.hf_baselines.FAMILIES)."""
+
+    llama = "llama"
+    mamba = "mamba"
+    mamba2 = "mamba2"
+    rwkv = "rwkv"
+    recurrent_gemma = "recurrent_gemma"
+    xlstm = "xlstm"
+
+
+@dataclass
+class HFModelConfig:
+    """A transformers backbone trained from scratch (conf/model/{llama,mamba,mamba2,rwkv,recurrent_gemma,xlstm})."""
+
+    _target_: str = "newllm.models.hf_baselines.HFLM"
+    family: HFFamily = MISSING
+    layers: int = ranged(2, "[1, inf)")
+    context_dim: int = ranged(128, "[1, inf)")  # hidden_size (and lru_width, embedding_dim)
+    embed_dim: int = ranged(96, "[1, inf)")  # unused (tokens are embedded at context_dim): kept so sweeps compose
+    # FFN width: llama, rwkv, recurrent_gemma (null: 8/3 C, 4 C, 3 C); unused by mamba, mamba2, xlstm
+    hidden_dim: int | None = ranged(None, "[1, inf)", null="the family's default")
+    heads: int = ranged(4, "[1, inf)")  # attention heads (llama, recurrent_gemma), mLSTM heads, Mamba2 SSM heads
+    state_size: int = ranged(16, "[1, inf)")  # SSM state per channel (mamba, mamba2)
+    expand: int = ranged(2, "[1, inf)")  # inner width / context_dim (mamba, mamba2)
+    conv_kernel: int = ranged(4, "[1, inf)")  # short causal conv (mamba, mamba2, recurrent_gemma)
+    max_len: int = ranged(4096, "[1, inf)")  # llama's max_position_embeddings, rwkv's context_length
+    attention_window: int = ranged(2048, "[1, inf)")  # recurrent_gemma's local attention
+    # Further keys of the library's config class, passed as they are (e.g. {n_groups: 2} for mamba2).
+    options: dict[str, Any] = field(default_factory=dict)
+    core_params: int | None = ranged(None, "[1, inf)", null="no budget")
+    # A state budget: model/state_floats (floats carried per sequence at the evaluation window) within 2 % of it,
+    # by solving context_dim instead (newllm.models.sizing.solve_state_floats); not with core_params.
+    state_floats: int | None = ranged(None, "[1, inf)", null="no state budget")
 
 
 # ----------------------------------------------------------------------------- data
@@ -528,6 +573,7 @@ def register_configs() -> None:
         "context_model_schema": ContextModelConfig,
         "gru_schema": GRUConfig,
         "transformer_schema": TransformerConfig,
+        "hf_schema": HFModelConfig,
         "gated_schema": GatedUpdaterConfig,
         "residual_schema": ResidualUpdaterConfig,
         "frobenius_schema": DiversityConfig,
@@ -659,7 +705,16 @@ def validate(cfg: DictConfig) -> None:
 def _check_model(m: DictConfig) -> None:
     if "architecture" in m:
         _check_context_model(m)
-    if "heads" in m and m.get("core_params") is None:  # a budget solves context_dim as a multiple of heads
+    _check(m.get("core_params") is None or m.get("state_floats") is None, "model.state_floats", m.get("state_floats"),
+           f"null with model.core_params={m.get('core_params')} (a model is sized by parameters or by state, not both)")
+    sized = m.get("core_params") is not None or m.get("state_floats") is not None
+    if "family" in m and not sized:  # a budget solves context_dim as a multiple of the family's step
+        from newllm.models.hf_baselines import width_step
+
+        step = width_step(m.family, m.heads, m.expand)
+        _check(m.context_dim % step == 0, "model.context_dim", m.context_dim,
+               f"a multiple of {step} for model={m.family} (model.heads={m.heads}, model.expand={m.expand})")
+    elif "heads" in m and not sized:
         _check(m.context_dim % m.heads == 0, "model.heads", m.heads, "a divisor of model.context_dim")
 
 

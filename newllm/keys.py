@@ -78,8 +78,14 @@ MODEL_CORE_PARAMS_BUDGET = "model/core_params_budget"
 MODEL_PRETRAINED_ROWS = "model/pretrained_rows"
 MODEL_PRETRAINED_COVERAGE = "model/pretrained_coverage"
 # floats carried from one token to the next at the evaluation window (models.costs.state_floats): C for a
-# context LM, L x C for the GRU, the KV cache 2 x L x T x C for the transformer
+# context LM, L x C for the GRU, the KV cache 2 x L x T x C for the transformer and llama, the SSM and conv
+# states for Mamba/Mamba2, the recurrent states for RWKV, Griffin and xLSTM (models.hf_baselines)
 MODEL_STATE_FLOATS = "model/state_floats"
+MODEL_STATE_FLOATS_BUDGET = "model/state_floats_budget"  # model.state_floats: the state size a run was sized to
+# which implementation ran a transformers model (models.hf_baselines.HFLM.kernel): "reference" (the library's
+# PyTorch path, always on CPU), the fast kernels' packages on CUDA (e.g. "mamba_ssm+causal_conv1d"), llama's
+# attention implementation (e.g. "sdpa")
+MODEL_KERNEL = "model/kernel"
 
 
 def model_key(name: str) -> str:

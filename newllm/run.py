@@ -38,7 +38,7 @@ from newllm.data import load_data, phase1_sample
 from newllm.errors import NewllmError, describe, exit_one_line
 from newllm.keys import PHASE1, PHASE2
 from newllm.models import ContextModel, build_model, costs, count_parameters, pretrained
-from newllm.models.sizing import solve_core_params
+from newllm.models.sizing import solve_core_params, solve_state_floats
 from newllm.runtime import checkpoint as ckpt
 from newllm.runtime.fileio import save_text
 from newllm.runtime.lifecycle import RunLifecycle, final_payload
@@ -135,12 +135,17 @@ def prepare_config(cfg: DictConfig) -> dict[str, Path] | None:
         if not cfg.tokenizer.pretrained:
             cfg.tokenizer.pretrained = embedding["pretrained"]  # its vocabulary is what the matrix indexes
     validate(cfg)
-    budget = cfg.model.get("core_params")
+    budget, state = cfg.model.get("core_params"), cfg.model.get("state_floats")
     if budget is not None:  # the width that meets the budget; core parameters do not depend on the data
         solved = solve_core_params(cfg.model, budget)
         cfg.model.context_dim, cfg.model.hidden_dim = solved.context_dim, solved.hidden_dim
         log.info("model.core_params=%d: model.context_dim=%d, model.hidden_dim=%s", budget, solved.context_dim,
                  solved.hidden_dim)
+    elif state is not None:  # the state at the evaluation window (a KV cache grows with it)
+        p2 = cfg.training.phase2
+        solved = solve_state_floats(cfg.model, state, p2.eval_seq_len or p2.seq_len)
+        cfg.model.context_dim, cfg.model.hidden_dim = solved.context_dim, solved.hidden_dim
+        log.info("model.state_floats=%d: model.context_dim=%d", state, solved.context_dim)
     return files
 
 
@@ -165,6 +170,10 @@ def build(cfg: DictConfig, data, device: torch.device, pretrained_files) -> tupl
         metrics[keys.MODEL_HIDDEN_DIM] = model.hidden_dim
     if cfg.model.get("core_params") is not None:
         metrics[keys.MODEL_CORE_PARAMS_BUDGET] = cfg.model.core_params
+    if cfg.model.get("state_floats") is not None:
+        metrics[keys.MODEL_STATE_FLOATS_BUDGET] = cfg.model.state_floats
+    if hasattr(model, "kernel"):  # a transformers model: the library's reference path or a fast kernel
+        metrics[keys.MODEL_KERNEL] = model.kernel(device)
     if pretrained_files is not None:
         metrics.update(pretrained.apply_pretrained(model, cfg.model.embedding.pretrained, pretrained_files,
                                                    data.tokenizer))

@@ -11,15 +11,19 @@ from torch import nn
 from newllm.config import instantiate
 from newllm.models.interface import ContextModel, ContextUpdate, OptimizerRecipe
 
-__all__ = ["ContextModel", "ContextUpdate", "OptimizerRecipe", "build_model", "count_parameters", "evaluating"]
+# model.<key>s that ask newllm.models.sizing for a width instead of passing one to the constructor
+SIZING_KEYS = ("core_params", "state_floats")
+
+__all__ = ["SIZING_KEYS", "ContextModel", "ContextUpdate", "OptimizerRecipe", "build_model", "count_parameters",
+           "evaluating"]
 
 
 def build_model(model_cfg: DictConfig, vocab_size: int) -> nn.Module:
     """Instantiate conf/model/<name>.yaml for a tokenizer of `vocab_size` tokens.
 
-    model.core_params is a sizing request (newllm.models.sizing has already turned it into widths),
-    not a constructor argument."""
-    cfg = OmegaConf.masked_copy(model_cfg, [k for k in model_cfg if k != "core_params"])
+    model.core_params and model.state_floats are sizing requests (newllm.models.sizing has already turned them
+    into widths), not constructor arguments."""
+    cfg = OmegaConf.masked_copy(model_cfg, [k for k in model_cfg if k not in SIZING_KEYS])
     return instantiate(cfg, vocab_size=vocab_size)
 
 

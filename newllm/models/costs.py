@@ -34,6 +34,8 @@ def forward_macs(model: nn.Module, length: int) -> dict[str, int]:
     core = sum(p.numel() for p in model.parameters() if p.dim() >= 2 and id(p) not in tables | head)
     if isinstance(model, TransformerLM):
         core += 2 * model.layers * model.context_dim * (length + 1) // 2  # q.k and a.v, causal average
+    elif hasattr(model, "attention_macs"):  # a transformers model with attention layers (llama, Griffin)
+        core += model.attention_macs(length)
     return {"core": int(core), "head": int(model.head.weight.numel())}
 
 

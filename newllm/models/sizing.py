@@ -34,7 +34,8 @@ from omegaconf import DictConfig, open_dict
 
 from newllm.config import register_configs, validate
 from newllm.errors import ConfigError, NewllmError, exit_one_line
-from newllm.models import build_model, count_parameters
+from newllm.models import SIZING_KEYS, build_model, count_parameters
+from newllm.models.hf_baselines import default_hidden, width_step
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
 TOLERANCE = 0.02  # a budget is met when the core count is within 2 % of it
@@ -53,9 +54,18 @@ def _is_residual(model_cfg: DictConfig) -> bool:
 
 
 def _hidden_is_free(model_cfg: DictConfig) -> bool:
-    """The FFN width can be set on its own: the gated context LM and the transformer (GRU: unused;
-    residual updater: fixed at context_dim + embed_dim)."""
+    """The FFN width can be set on its own: the gated context LM, the transformer, and llama, rwkv and
+    recurrent_gemma (GRU, mamba, mamba2, xlstm: none; residual updater: fixed at context_dim + embed_dim)."""
+    if "family" in model_cfg:
+        return default_hidden(model_cfg.family, 1) is not None
     return "heads" in model_cfg or ("architecture" in model_cfg and not _is_residual(model_cfg))
+
+
+def width_step_of(model_cfg: DictConfig) -> int:
+    """context_dim moves in steps of this: a transformers family's shapes, the transformer's heads, else 1."""
+    if "family" in model_cfg:
+        return width_step(model_cfg.family, model_cfg.heads, model_cfg.expand)
+    return model_cfg.get("heads", 1) or 1
 
 
 def with_width(model_cfg: DictConfig, width: int, hidden: int | None = None) -> DictConfig:
@@ -66,7 +76,8 @@ def with_width(model_cfg: DictConfig, width: int, hidden: int | None = None) -> 
             hidden = max(1, round(cfg.hidden_dim * width / cfg.context_dim))
         cfg.context_dim = width
         cfg.hidden_dim = None if _is_residual(cfg) else hidden
-        cfg.core_params = None
+        for key in SIZING_KEYS:
+            cfg[key] = None
     return cfg
 
 
@@ -74,6 +85,8 @@ def params_hidden(model_cfg: DictConfig) -> int:
     """The FFN width a config builds: explicit hidden_dim, else the model's own default."""
     if model_cfg.get("hidden_dim") is not None:
         return int(model_cfg.hidden_dim)
+    if "family" in model_cfg:
+        return default_hidden(model_cfg.family, model_cfg.context_dim) or model_cfg.context_dim
     return 4 * model_cfg.context_dim if "heads" in model_cfg else model_cfg.context_dim
 
 
@@ -90,7 +103,7 @@ def match_width(baseline_cfg: DictConfig, target: int, vocab_size: int, key: str
                 max_width: int = MAX_WIDTH) -> tuple[int, int]:
     """(context_dim, its parameter count) of a model closest to `target`, the width alone varying;
     the transformer's widths step by model.heads (d_model must divide into heads)."""
-    step = baseline_cfg.get("heads", 1) or 1
+    step = width_step_of(baseline_cfg)
     count = lambda w: params_of(with_width(baseline_cfg, w), vocab_size, key)
     width = _closest(count, target, range(step, max_width + 1, step))
     return width, count(width)
@@ -105,7 +118,7 @@ def solve_core_params(model_cfg: DictConfig, budget: int, tolerance: float = TOL
     if abs(got - budget) > tolerance * budget and _hidden_is_free(model_cfg):
         # The width steps too coarsely here: try it and its neighbours with the FFN width trimmed
         # (much finer steps), keeping the one whose FFN width departs least from its usual ratio.
-        step = model_cfg.get("heads", 1) or 1
+        step = width_step_of(model_cfg)
         tries = []
         for w in sorted({max(step, width - step), width, min(max_width, width + step)}):
             nominal = params_hidden(with_width(model_cfg, w))
@@ -116,13 +129,36 @@ def solve_core_params(model_cfg: DictConfig, budget: int, tolerance: float = TOL
         solved = min(tries, key=lambda t: t[0])[1]
         got = params_of(solved)
     if abs(got - budget) > tolerance * budget:
-        step = model_cfg.get("heads", 1) or 1
+        step = width_step_of(model_cfg)
         smallest, largest = params_of(with_width(model_cfg, step)), params_of(with_width(model_cfg, max_width))
         raise ConfigError(f"model.core_params={budget} is not allowed for this model: the closest width, "
                           f"model.context_dim={solved.context_dim}, has {got} core parameters (more than "
                           f"{tolerance:.0%} off); expected a budget this model reaches within {tolerance:.0%}, "
                           f"about {smallest} to {largest} (model.layers={model_cfg.layers})")
     return solved
+
+
+def state_of(model_cfg: DictConfig, length: int) -> int:
+    """model/state_floats of a model config at an evaluation window of `length` tokens (built on meta)."""
+    with torch.device("meta"):
+        return int(build_model(model_cfg, 1).state_floats(length))
+
+
+def solve_state_floats(model_cfg: DictConfig, budget: int, length: int, tolerance: float = TOLERANCE,
+                       max_width: int = MAX_WIDTH) -> DictConfig:
+    """model_cfg with the context_dim whose state (model/state_floats at `length` tokens) is closest to `budget`;
+    a ConfigError (one line) when no width brings it within `tolerance` (the state steps too coarsely, or the
+    budget lies outside what the widths reach)."""
+    step = width_step_of(model_cfg)
+    count = lambda w: state_of(with_width(model_cfg, w), length)
+    width = _closest(count, budget, range(step, max_width + 1, step))
+    got = count(width)
+    if abs(got - budget) > tolerance * budget:
+        raise ConfigError(f"model.state_floats={budget} is not allowed for this model: the closest width, "
+                          f"model.context_dim={width}, carries {got} floats at {length} tokens (more than "
+                          f"{tolerance:.0%} off; widths step by {step}, from {count(step)} to {count(max_width)} "
+                          f"floats); expected a state this model reaches within {tolerance:.0%}")
+    return with_width(model_cfg, width)
 
 
 def compose_model(overrides: list[str]) -> tuple[DictConfig, int]:
