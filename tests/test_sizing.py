@@ -108,7 +108,8 @@ def test_budget_value_is_checked():
 
 @pytest.mark.parametrize(("args", "says"), [
     (["model=layerwise", "--baseline", "model=nonexistent"],
-     "Could not find 'model/nonexistent' Available options in 'model': gru layerwise sequential transformer"),
+     "Could not find 'model/nonexistent' Available options in 'model': gru layerwise llama mamba mamba2 "
+     "recurrent_gemma rwkv sequential transformer xlstm"),
     (["model.architecture=magic", "--baseline", "model=gru"],
      "Invalid value 'magic', expected one of [sequential, layerwise]"),
     (["model.nokey=3", "--baseline", "model=gru"], "Key 'nokey' not in 'ContextModelConfig'"),

@@ -1,0 +1,188 @@
+"""The field's models from transformers (newllm/models/hf_baselines.py): the wrapper is the library's model,
+causal, sized like the other baselines, and its state counted as the library's own cache holds it."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import transformers
+
+from newllm import keys
+from newllm.errors import ConfigError
+from newllm.models import build_model, count_parameters
+from newllm.models.hf_baselines import FAMILIES, HFLM
+from newllm.models.sizing import compose_model, params_of, solve_core_params, solve_state_floats, state_of
+
+FAMILY_NAMES = sorted(FAMILIES)
+V = 50
+# Building an RwkvModel asks once per process whether `ninja` runs (`ninja --version`, lru_cached: its CUDA kernel
+# loader). Asked here, at collection, so the fast tier's no-process guard sees no process in the tests themselves.
+transformers.utils.import_utils.is_ninja_available()
+
+
+def tiny(family: str, **kw) -> HFLM:
+    torch.manual_seed(0)
+    return HFLM(V, family, kw.pop("layers", 2), kw.pop("context_dim", 32), embed_dim=0, **kw).eval()
+
+
+def float_tensors(x, seen: set[int]) -> list[torch.Tensor]:
+    """Every floating-point tensor inside a library cache object, once."""
+    if isinstance(x, torch.Tensor):
+        fresh = x.is_floating_point() and id(x) not in seen
+        seen.add(id(x))
+        return [x] if fresh else []
+    if isinstance(x, (list, tuple)):
+        return [t for e in x for t in float_tensors(e, seen)]
+    if isinstance(x, dict):
+        return [t for e in x.values() for t in float_tensors(e, seen)]
+    if hasattr(x, "__dict__") and not isinstance(x, torch.nn.Module):
+        return [t for e in vars(x).values() for t in float_tensors(e, seen)]
+    return []
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_contexts_and_logits_are_the_library_models_own_on_the_same_weights(family):
+    """contexts_window is the library backbone's last hidden state; head(contexts) is the library's *ForCausalLM
+    logits, but for the logit soft cap that recurrent_gemma's and xlstm's LM classes add (30 tanh(z / 30))."""
+    model = tiny(family)
+    ids = torch.randint(0, V, (2, 19))
+    backbone = getattr(transformers, FAMILIES[family].backbone)(model.config).eval()
+    backbone.load_state_dict(model.backbone.state_dict())
+    lm = transformers.AutoModelForCausalLM.from_config(model.config).eval()
+    lm.base_model.load_state_dict(model.backbone.state_dict())
+    lm.get_output_embeddings().weight.data.copy_(model.head.weight)
+    with torch.no_grad():
+        contexts = model.contexts_window(ids)
+        assert contexts.shape == (2, 19, 32)
+        torch.testing.assert_close(contexts, backbone(input_ids=ids, use_cache=False).last_hidden_state)
+        ours, theirs = model(ids), lm(input_ids=ids, use_cache=False).logits
+    cap = {"recurrent_gemma": "logits_soft_cap", "xlstm": "output_logit_soft_cap"}.get(family)
+    cap = None if cap is None else getattr(model.config, cap)
+    torch.testing.assert_close(theirs, ours if cap is None else cap * torch.tanh(ours / cap))
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_a_later_token_changes_no_earlier_context(family):
+    model = tiny(family, layers=3)  # recurrent_gemma's third block is its local attention
+    ids = torch.randint(0, V, (2, 21))
+    changed = ids.clone()
+    changed[:, 13] = (changed[:, 13] + 1) % V
+    with torch.no_grad():
+        a, b = model.contexts_window(ids), model.contexts_window(changed)
+    assert torch.equal(a[:, :13], b[:, :13])
+    assert (a[:, 13:] - b[:, 13:]).abs().amax() > 1e-4  # ... and does change its own and later ones
+
+
+def test_library_initialisation_and_a_head_tied_where_the_family_ties_it():
+    mamba, llama = tiny("mamba"), tiny("llama")
+    assert mamba.head.weight is mamba.backbone.get_input_embeddings().weight  # MambaConfig ties, as MambaForCausalLM
+    assert count_parameters(mamba)["params_head"] == 0
+    assert llama.head.weight is not llama.backbone.get_input_embeddings().weight
+    # LlamaPreTrainedModel._init_weights: N(0, initializer_range = 0.02) for the head, as LlamaForCausalLM's
+    assert abs(float(llama.head.weight.std()) - 0.02) < 0.002
+    assert llama.backbone.get_input_embeddings().padding_idx is None  # no library special token: every row trains
+    assert mamba.backbone.get_input_embeddings().padding_idx is None
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+@pytest.mark.parametrize("budget", [50_000, 150_000])
+def test_core_params_budget_is_met_within_two_percent(family, budget):
+    model_cfg, _ = compose_model([f"model={family}", f"model.core_params={budget}"])
+    solved = solve_core_params(model_cfg, budget)
+    assert abs(params_of(solved) - budget) <= 0.02 * budget
+    assert solved.context_dim % FAMILIES[family].width_step(model_cfg.heads, model_cfg.expand) == 0
+
+
+# Hand counts for layers=2, context_dim=32, heads=4, state_size=16, expand=2, conv_kernel=4, after 10 tokens.
+HAND_COUNTED = {
+    "llama": 2 * 2 * 10 * 32,  # keys and values: layers x tokens x (4 heads x 8)
+    "mamba": 2 * 64 * (16 + 4),  # per layer: SSM state 64 x 16, conv state 64 x 4 (inner width 2 x 32)
+    "mamba2": 2 * (4 * 16 * 16 + (64 + 2 * 16) * 4),  # SSM 4 heads x 16 x 16; conv over x, B, C: 96 x 4
+    "rwkv": 2 * 5 * 32,  # five vectors of 32 per layer
+    "recurrent_gemma": 2 * 32 * 4,  # two recurrent blocks: RG-LRU 32 + conv 32 x 3
+    "xlstm": 2 * 4 * (4 * 8 + 4 + 1),  # per block and head: C 4 x 8 (qk = 16 / 4, v = 32 / 4), n 4, m 1
+}
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_state_floats_match_a_hand_count(family):
+    assert tiny(family).state_floats(10) == HAND_COUNTED[family]
+
+
+def test_state_floats_of_attention_grow_with_length_and_recurrent_states_do_not():
+    assert tiny("llama").state_floats(20) == 2 * tiny("llama").state_floats(10)
+    for family in ("mamba", "mamba2", "rwkv", "xlstm"):
+        assert tiny(family).state_floats(1000) == tiny(family).state_floats(10)
+    griffin = tiny("recurrent_gemma", layers=3, attention_window=16)  # recurrent, recurrent, local attention
+    assert griffin.state_floats(10) == 2 * 32 * 4 + 2 * 10 * 32
+    assert griffin.state_floats(40) == griffin.state_floats(1000) == 2 * 32 * 4 + 2 * 16 * 32  # the window caps it
+
+
+@pytest.mark.parametrize("family", ["llama", "mamba", "mamba2", "rwkv"])
+def test_state_floats_are_what_the_librarys_own_cache_holds(family):
+    model = tiny(family)
+    with torch.no_grad():
+        out = model.backbone(input_ids=torch.randint(0, V, (1, 10)), use_cache=True)
+    cache = out.get("cache") if family != "rwkv" else out.state
+    assert sum(t.numel() for t in float_tensors(cache, set())) == model.state_floats(10)
+
+
+def test_state_floats_budget_sizes_the_width_known_answers():
+    # mamba (layers 2, expand 2, state 16, conv 4) carries 2 x 2C x (16 + 4) = 80 C floats: 8000 -> C = 100
+    mamba, _ = compose_model(["model=mamba", "model.state_floats=8000"])
+    assert solve_state_floats(mamba, 8000, 64).context_dim == 100
+    # the GRU carries layers x C: 2 x 128
+    gru, _ = compose_model(["model=gru", "model.state_floats=256"])
+    assert solve_state_floats(gru, 256, 64).context_dim == 128
+    # llama's KV cache at 64 tokens: 2 x 2 x 64 x C, C a multiple of 8 -> C = 48 for 12288
+    llama, _ = compose_model(["model=llama", "model.state_floats=12288"])
+    solved = solve_state_floats(llama, 12288, 64)
+    assert (solved.context_dim, state_of(solved, 64)) == (48, 12288)
+
+
+def test_a_state_budget_no_width_reaches_is_one_line():
+    llama, _ = compose_model(["model=llama", "model.state_floats=5000"])
+    with pytest.raises(ConfigError) as err:  # 2 x 2 x 64 x C steps by 2048 floats (C by 8)
+        solve_state_floats(llama, 5000, 64)
+    msg = str(err.value)
+    assert "\n" not in msg and msg.startswith("model.state_floats=5000 is not allowed for this model")
+    assert "widths step by 8" in msg
+
+
+def test_sizing_by_parameters_and_by_state_at_once_is_refused():
+    with pytest.raises(ConfigError, match=r"^model.state_floats=4000 is not allowed: expected null with "
+                                          r"model.core_params=50000"):
+        compose_model(["model=mamba", "model.core_params=50000", "model.state_floats=4000"])
+
+
+def test_a_width_the_familys_shapes_cannot_divide_is_one_line():
+    with pytest.raises(ConfigError, match=r"^model.context_dim=36 is not allowed: expected a multiple of 8 for "
+                                          r"model=llama \(model.heads=4"):
+        compose_model(["model=llama", "model.context_dim=36"])
+
+
+def test_the_kernel_on_cpu_is_the_librarys_reference_path():
+    cpu = torch.device("cpu")
+    assert {f: tiny(f).kernel(cpu) for f in FAMILY_NAMES} == {
+        "llama": "sdpa", "mamba": "reference", "mamba2": "reference", "rwkv": "reference",
+        "recurrent_gemma": "reference", "xlstm": "reference"}
+
+
+def test_built_from_conf_like_every_model():
+    model_cfg, vocab = compose_model(["model=mamba2", "model.context_dim=48"])
+    with torch.device("meta"):
+        model = build_model(model_cfg, vocab)
+    assert isinstance(model, HFLM) and model.config.hidden_size == 48 and model.config.vocab_size == vocab
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_quick_run_end_to_end(family, tiny_run):
+    run_dir, _ = tiny_run(f"hf_{family}", f"model={family}", "model.context_dim=16")
+    m = json.loads((run_dir / "metrics.json").read_text())
+    assert m[keys.MODEL_KERNEL] == ("sdpa" if family == "llama" else "reference")
+    assert m[keys.MODEL_STATE_FLOATS] == tiny(family, context_dim=16).state_floats(32)  # training=quick: T 32
+    assert m[keys.P2_VAL_PPL] < m[keys.P2_UNIFORM_PPL]  # it learned something in its few steps
+    assert keys.P1_ITERATIONS not in m  # no Phase 1: a baseline
