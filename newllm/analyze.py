@@ -110,6 +110,11 @@ def cmd_instrument(args: argparse.Namespace) -> None:
         table = ia.recall_table(args.root)
         _print_table(table)
         fig, name = ia.plot_recall(table), "recall_vs_pairs.png"
+        frontier = ia.recall_frontier(args.root)  # accuracy against model/state_floats, one line per family
+        print("\nrecall against state size (model/state_floats):")
+        _print_table(frontier)
+        analysis.save_figure(ia.plot_recall_frontier(frontier), out / "recall_vs_state.png")
+        print(f"wrote {out / 'recall_vs_state.png'}")
     else:
         runs, fit = ia.scaling_fit(args.root, args.y, offset=args.offset)
         print(fit.summary(args.y) + f"\nN = {keys.DATA_TRAIN_TOKENS}; log residuals by N (a trend is a misfit):")
@@ -157,7 +162,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default="outputs/analysis", help="folder for the plots (default outputs/analysis)")
     s.set_defaults(func=cmd_studies)
     for name, text in (("positions", "loss by position per run, architectures overlaid"),
-                       ("recall", "recall accuracy vs num_pairs per architecture"),
+                       ("recall", "recall accuracy vs num_pairs and vs state size (log) per architecture"),
                        ("scaling", "power-law fit of loss against data/train_tokens")):
         c = sub.add_parser(name, help=text)
         c.add_argument("root", help="folder of runs (e.g. a sweep dir)")

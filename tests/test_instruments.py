@@ -1,5 +1,6 @@
 import math
 
+import pandas as pd
 import pytest
 import torch
 from torch.nn import functional as F
@@ -65,3 +66,45 @@ def test_eval_seq_len_beyond_transformer_max_len_is_one_line_error(tiny_run):
                        "training.phase2.seq_len=8", "training.phase2.eval_seq_len=32", check=False)
     assert proc.returncode == 2
     assert "training.phase2.eval_seq_len=32" in proc.stderr and "model.max_len=16" in proc.stderr
+
+
+# ----------------------------------------------------------------------------- recall against state size
+def frontier_table(chance: bool = True) -> pd.DataFrame:
+    """Hand-made recall_frontier output: two families, two pair counts, states out of order."""
+    rows = [("mamba", 5120, 4, 0.9), ("mamba", 2560, 4, 0.5), ("gru", 64, 4, 0.1), ("gru", 256, 4, 0.3),
+            ("mamba", 2560, 8, 0.2), ("gru", 64, 8, 0.05)]
+    table = pd.DataFrame(rows, columns=["choices/model", "state_floats", "num_pairs", "accuracy"])
+    table["n"] = 3
+    if chance:
+        table["chance"] = 1 / 63
+    return table
+
+
+def test_recall_frontier_plot_is_accuracy_against_log_state_one_line_per_family():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from newllm.analysis.instruments import plot_recall_frontier
+
+    fig = plot_recall_frontier(frontier_table())
+    four, eight = fig.axes
+    assert (four.get_xscale(), eight.get_xscale()) == ("log", "log")
+    assert (four.get_title(), eight.get_title()) == ("4 key-value pairs", "8 key-value pairs")
+    lines = {ln.get_label(): (list(ln.get_xdata()), list(ln.get_ydata())) for ln in four.get_lines()}
+    assert lines["gru"] == ([64, 256], [0.1, 0.3])
+    assert lines["mamba"] == ([2560, 5120], [0.5, 0.9])  # sorted by state size
+    assert lines["chance (no past)"][1] == [1 / 63, 1 / 63]
+    assert {ln.get_label() for ln in eight.get_lines()} == {"gru", "mamba", "chance (no past)"}
+    assert "model/state_floats" in four.get_xlabel()
+
+
+def test_recall_frontier_plot_without_chance_or_model_column():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from newllm.analysis.instruments import plot_recall_frontier
+
+    table = frontier_table(chance=False)
+    fig = plot_recall_frontier(table[table["choices/model"] == "gru"].drop(columns="choices/model"))
+    labels = [ln.get_label() for ax in fig.axes for ln in ax.get_lines()]
+    assert labels == ["runs", "runs"]

@@ -1,5 +1,5 @@
 """Tables and plots of the three instruments over a folder of runs (`python -m newllm.analyze
-positions|recall|scaling ROOT`): loss by position, recall accuracy vs pairs, data scaling."""
+positions|recall|scaling ROOT`): loss by position, recall accuracy vs pairs and vs state size, data scaling."""
 
 from __future__ import annotations
 
@@ -89,6 +89,42 @@ def plot_recall(table: pd.DataFrame):
     ax.set_ylabel("answer accuracy")
     ax.set_xscale("log", base=2)
     ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def recall_frontier(root: str | Path, split: str = "test") -> pd.DataFrame:
+    """Accuracy per (model, state size, num_pairs), mean and n over seeds: recall against the floats a model
+    carries per sequence (model/state_floats), the axis of Zoology and Based (Arora et al. 2023, 2024)."""
+    col = keys.recall_split(split, "accuracy")
+    runs = _completed(root, col)
+    if keys.MODEL_STATE_FLOATS not in runs:
+        raise AnalysisError(f"no completed run under {root} reports {keys.MODEL_STATE_FLOATS}")
+    runs["num_pairs"], runs["state_floats"] = runs[keys.DATA_NUM_PAIRS], runs[keys.MODEL_STATE_FLOATS]
+    group = [k for k in ("choices/model",) if k in runs] + ["state_floats", "num_pairs"]
+    chance = {"chance": (keys.RECALL_CHANCE_NO_PAST, "first")} if keys.RECALL_CHANCE_NO_PAST in runs else {}
+    table = runs.groupby(group, dropna=False).agg(accuracy=(col, "mean"), n=(col, "count"), **chance)
+    return table.reset_index()
+
+
+def plot_recall_frontier(table: pd.DataFrame):
+    """Accuracy against state size (log x), one line per model family, one panel per num_pairs."""
+    import matplotlib.pyplot as plt
+
+    pairs = sorted(table["num_pairs"].unique())
+    fig, axes = plt.subplots(1, len(pairs), figsize=(4 * len(pairs), 3.5), sharey=True, squeeze=False)
+    for ax, n in zip(axes[0], pairs, strict=True):
+        part = table[table["num_pairs"] == n]
+        for name, line in part.groupby("choices/model") if "choices/model" in part else [("runs", part)]:
+            line = line.sort_values("state_floats")
+            ax.plot(line["state_floats"], line["accuracy"], marker="o", label=str(name))
+        if "chance" in part:
+            ax.axhline(part["chance"].max(), color="k", ls="--", lw=1, label="chance (no past)")
+        ax.set_xscale("log")
+        ax.set_title(f"{n} key-value pairs", fontsize=9)
+        ax.set_xlabel(f"state size ({keys.MODEL_STATE_FLOATS})")
+    axes[0][0].set_ylabel("answer accuracy")
+    axes[0][-1].legend(fontsize=7)
     fig.tight_layout()
     return fig
 
