@@ -192,6 +192,7 @@ def test_quick_run_end_to_end(family, tiny_run):
 
 
 # ----------------------------------------------------------------------------- the comparison presets
+@pytest.mark.slow  # ~8 s each: ten width solves per preset; the fast tier stays under a minute
 @pytest.mark.parametrize("preset", ["compare_models_sota", "compare_models_sota_quick"])
 def test_compare_models_sota_has_a_study_per_family_and_each_reaches_the_budget(preset):
     import newllm.run  # noqa: F401 -- registers the sweeper's schema
