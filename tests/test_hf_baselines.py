@@ -12,9 +12,11 @@ from hydra import compose, initialize_config_dir
 
 from newllm import keys
 from newllm.analysis.instruments import recall_frontier
-from newllm.errors import ConfigError
+from newllm.analysis.runs import generate_text
+from newllm.errors import ConfigError, GenerationError
 from newllm.models import build_model, count_parameters
-from newllm.models.hf_baselines import FAMILIES, HFLM
+from newllm.models.hf_baselines import FAMILIES, HFLM, float_tensors
+from newllm.models.sampling import sample_token
 from newllm.models.sizing import compose_model, params_of, solve_core_params, solve_state_floats, state_of
 from tests.conftest import REPO, run_cli, run_in_process
 
@@ -28,21 +30,6 @@ transformers.utils.import_utils.is_ninja_available()
 def tiny(family: str, **kw) -> HFLM:
     torch.manual_seed(0)
     return HFLM(V, family, kw.pop("layers", 2), kw.pop("context_dim", 32), embed_dim=0, **kw).eval()
-
-
-def float_tensors(x, seen: set[int]) -> list[torch.Tensor]:
-    """Every floating-point tensor inside a library cache object, once."""
-    if isinstance(x, torch.Tensor):
-        fresh = x.is_floating_point() and id(x) not in seen
-        seen.add(id(x))
-        return [x] if fresh else []
-    if isinstance(x, (list, tuple)):
-        return [t for e in x for t in float_tensors(e, seen)]
-    if isinstance(x, dict):
-        return [t for e in x.values() for t in float_tensors(e, seen)]
-    if hasattr(x, "__dict__") and not isinstance(x, torch.nn.Module):
-        return [t for e in vars(x).values() for t in float_tensors(e, seen)]
-    return []
 
 
 @pytest.mark.parametrize("family", FAMILY_NAMES)
@@ -120,7 +107,8 @@ def test_state_floats_of_attention_grow_with_length_and_recurrent_states_do_not(
         assert tiny(family).state_floats(1000) == tiny(family).state_floats(10)
     griffin = tiny("recurrent_gemma", layers=3, attention_window=16)  # recurrent, recurrent, local attention
     assert griffin.state_floats(10) == 2 * 32 * 4 + 2 * 10 * 32
-    assert griffin.state_floats(40) == griffin.state_floats(1000) == 2 * 32 * 4 + 2 * 16 * 32  # the window caps it
+    # the window caps it: the library's sliding-window cache keeps the last attention_window - 1 positions
+    assert griffin.state_floats(40) == griffin.state_floats(1000) == 2 * 32 * 4 + 2 * 15 * 32
 
 
 @pytest.mark.parametrize("family", ["llama", "mamba", "mamba2", "rwkv"])
@@ -129,7 +117,80 @@ def test_state_floats_are_what_the_librarys_own_cache_holds(family):
     with torch.no_grad():
         out = model.backbone(input_ids=torch.randint(0, V, (1, 10)), use_cache=True)
     cache = out.get("cache") if family != "rwkv" else out.state
-    assert sum(t.numel() for t in float_tensors(cache, set())) == model.state_floats(10)
+    assert sum(t.numel() for t in float_tensors(cache)) == model.state_floats(10)
+
+
+# ----------------------------------------------------------------------------- generation with the library's cache
+PROMPT = torch.tensor([3, 14, 15, 9])
+# recurrent_gemma's third block is its local attention; with a window of 8 its cache is full (7 positions) before
+# 8 tokens are made
+GEN_KW = {"recurrent_gemma": {"layers": 3, "attention_window": 8}}
+
+
+def carried_floats_while_decoding(model: HFLM, counts: tuple[int, ...]) -> dict[int, int]:
+    """Floats of every tensor the decoding carries after each of `counts` generated tokens (greedy steps)."""
+    dec, seen = model.new_decoding(), {}
+    with torch.no_grad():
+        logits = model.step(PROMPT.view(1, -1), dec)
+        for i in range(1, max(counts) + 1):
+            logits = model.step(logits.argmax(-1, keepdim=True), dec)
+            if i in counts:
+                seen[i] = sum(t.numel() for t in model.state_tensors(dec))
+    return seen
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_generation_state_is_constant_for_the_recurrent_families_and_grows_linearly_for_llama(family):
+    model = tiny(family, **GEN_KW.get(family, {}))
+    carried = carried_floats_while_decoding(model, (8, 64))
+    p = PROMPT.numel()
+    # what the library's caches hold after L tokens is state_floats(L), the count every run records
+    assert carried == {8: model.state_floats(p + 8), 64: model.state_floats(p + 64)}
+    if family == "llama":  # keys and values of every position: 2 layers x 2 x 32 floats more per token
+        assert carried[64] - carried[8] == 56 * 2 * 2 * 32
+    elif family == "recurrent_gemma":  # two recurrent blocks + the window's 7 positions of one attention block
+        assert carried[64] == carried[8] == 2 * 32 * 4 + 2 * 7 * 32
+    else:  # the same config as the hand counts
+        assert carried[64] == carried[8] == HAND_COUNTED[family]
+
+
+def no_cache_decode(model: HFLM, n: int, pick) -> torch.Tensor:
+    """n tokens after PROMPT, the whole prefix recomputed by the plain forward (no cache) at every step."""
+    ids = PROMPT.clone()
+    with torch.no_grad():
+        for _ in range(n):
+            ids = torch.cat([ids, torch.tensor([pick(model(ids.view(1, -1))[0, -1])])])
+    return ids[PROMPT.numel():]
+
+
+# xlstm at C=32 steps a cache re-shaped to its layers (transformers 5.25 sizes xLSTMCache by widths rounded up to
+# 64); at C=128 the library's cache is used as it comes. A two-layer Griffin has no attention block (no mask built).
+CACHE_CASES = [(f, GEN_KW.get(f, {})) for f in FAMILY_NAMES] + [
+    ("xlstm", {"context_dim": 128}), ("recurrent_gemma", {"layers": 2})]
+
+
+@pytest.mark.parametrize(("family", "kw"), CACHE_CASES, ids=lambda x: "-".join(f"{k}{v}" for k, v in x.items())
+                         if isinstance(x, dict) else x)
+def test_cached_generation_makes_the_tokens_a_no_cache_decode_makes(family, kw):
+    model = tiny(family, **kw)
+    n = 24  # past recurrent_gemma's window of 8
+    greedy = model.generate(PROMPT, n, top_k=1)
+    assert torch.equal(greedy, no_cache_decode(model, n, lambda z: int(z.argmax())))
+    # sampled at temperature 1 (tokens vary even where an untrained model's argmax repeats): the same draws
+    sampled = model.generate(PROMPT, n, temperature=1.0, generator=torch.Generator().manual_seed(5))
+    g = torch.Generator().manual_seed(5)
+    assert torch.equal(sampled, no_cache_decode(model, n, lambda z: sample_token(z, 1.0, 0, g)))
+    assert sampled.unique().numel() > 3
+
+
+def test_generation_refusals_are_one_line():
+    model = tiny("mamba")
+    with pytest.raises(GenerationError, match=r"^generate\(prompt, n\): the prompt must hold at least one token$"):
+        model.generate(torch.tensor([], dtype=torch.long), 4)
+    with pytest.raises(GenerationError, match=r"^generate: top_k=0 is not allowed: expected an integer >= 1"):
+        model.generate(PROMPT, 4, top_k=0)
+    with pytest.raises(GenerationError, match=r"^generate: need prompt \+ n = 21 <= model.max_len=20$"):
+        tiny("llama", max_len=20).generate(PROMPT, 17)
 
 
 def test_state_floats_budget_sizes_the_width_known_answers():
@@ -189,6 +250,9 @@ def test_quick_run_end_to_end(family, tiny_run):
     assert m[keys.MODEL_STATE_FLOATS] == tiny(family, context_dim=16).state_floats(32)  # training=quick: T 32
     assert m[keys.P2_VAL_PPL] < m[keys.P2_UNIFORM_PPL]  # it learned something in its few steps
     assert keys.P1_ITERATIONS not in m  # no Phase 1: a baseline
+    # the trained run samples through newllm's own path (generate_text -> HFLM.generate), seeded
+    text = generate_text(run_dir, "hello", n=6, seed=1)
+    assert text and text == generate_text(run_dir, "hello", n=6, seed=1)
 
 
 # ----------------------------------------------------------------------------- the comparison presets

@@ -16,8 +16,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from newllm.errors import GenerationError
-from newllm.models.sampling import draw_device, sample_token
+from newllm.models.sampling import check_request, draw_device, sample_token
 from newllm.models.scripted import gated_layerwise_loop, gated_layerwise_sample, gated_layerwise_trainable
 from newllm.models.updaters import relu_fnn
 from newllm.models.weights import init_normal_
@@ -171,11 +170,7 @@ class ContextLM(nn.Module):
     def generate(self, prompt: torch.Tensor, n: int, temperature: float = 1.0, top_k: int | None = None,
                  generator: torch.Generator | None = None) -> torch.Tensor:
         """Sample n tokens after a 1-D prompt. State is one C-vector: O(1) memory per step."""
-        if prompt.numel() == 0:
-            raise GenerationError("generate(prompt, n): the prompt must hold at least one token")
-        if top_k is not None and top_k < 1:
-            raise GenerationError(f"generate: top_k={top_k} is not allowed: expected an integer >= 1, "
-                                  "or None (no top-k)")
+        check_request(prompt, top_k)
         # The prompt runs through the hoisted recurrence; each sampled token is embedded and projected on its
         # own (a vocabulary-sized table of projections would cost V x H per block, and more time to build than a
         # short generation takes).

@@ -30,8 +30,10 @@ from typing import Any
 import torch
 import transformers
 from torch import nn
+from transformers.models.xlstm.modeling_xlstm import xLSTMCache
 
-from newllm.errors import ConfigError
+from newllm.errors import ConfigError, GenerationError
+from newllm.models.sampling import check_request, draw_device, sample_token
 
 
 @dataclass(frozen=True)
@@ -157,19 +159,31 @@ def _rwkv_state(cfg: Any, length: int) -> int:
 
 def _recurrent_gemma_state(cfg: Any, length: int) -> int:
     """Recurrent blocks: the RG-LRU state (lru_width) and the conv state (lru_width x (conv1d_width - 1));
-    local-attention blocks: keys and values of the last min(length, attention_window_size) positions."""
-    types = [cfg.block_types[i % len(cfg.block_types)] for i in range(cfg.num_hidden_layers)]
+    local-attention blocks: keys and values of the last min(length, attention_window_size - 1) positions (the
+    library's sliding-window cache keeps those between tokens; the next token's own key makes the window)."""
+    types = _griffin_blocks(cfg)
     recurrent = cfg.lru_width * cfg.conv1d_width  # 1 + (conv1d_width - 1) vectors of lru_width
-    attention = _kv_floats(cfg, min(length, cfg.attention_window_size))
+    attention = _kv_floats(cfg, min(length, cfg.attention_window_size - 1))
     return sum(recurrent if t == "recurrent" else attention for t in types)
+
+
+def _griffin_blocks(cfg: Any) -> list[str]:
+    """RecurrentGemma's temporal block per layer ("recurrent" or "attention"): block_types repeated."""
+    return [cfg.block_types[i % len(cfg.block_types)] for i in range(cfg.num_hidden_layers)]
 
 
 def _xlstm_state(cfg: Any, length: int) -> int:
     """mLSTM per block and head: the matrix memory (qk_head_dim x v_head_dim), the normaliser (qk_head_dim)
     and the max-stabiliser (1)."""
-    qk = int(cfg.hidden_size * cfg.qk_dim_factor) // cfg.num_heads
-    v = int(cfg.hidden_size * cfg.v_dim_factor) // cfg.num_heads
+    qk, v = _xlstm_head_dims(cfg)
     return cfg.num_hidden_layers * cfg.num_heads * (qk * v + qk + 1)
+
+
+def _xlstm_head_dims(cfg: Any) -> tuple[int, int]:
+    """(qk, v) widths per head of the mLSTM layers as they are built (int(hidden_size x factor) / num_heads:
+    unrounded, unlike the config's qk_head_dim / v_head_dim)."""
+    return (int(cfg.hidden_size * cfg.qk_dim_factor) // cfg.num_heads,
+            int(cfg.hidden_size * cfg.v_dim_factor) // cfg.num_heads)
 
 
 FAMILIES: dict[str, Family] = {
@@ -199,6 +213,17 @@ def default_hidden(family: str, context_dim: int) -> int | None:
     """The FFN width at model.hidden_dim=null, or None where the family has no free FFN width."""
     fn = FAMILIES[family].default_hidden
     return None if fn is None else fn(context_dim)
+
+
+@dataclass
+class Decoding:
+    """What generation carries from one token to the next: the library's cache object (DynamicCache,
+    xLSTMCache; RWKV: the list of five state tensors RwkvModel returns, None before its first call) and how
+    many tokens it has seen. RecurrentGemma's recurrent blocks keep their RG-LRU and conv states on the blocks
+    themselves (`conv1d_state`, `rg_lru.recurrent_states`); HFLM.state_tensors counts them with the cache."""
+
+    cache: Any
+    seen: int = 0
 
 
 class HFLM(nn.Module):
@@ -248,9 +273,8 @@ class HFLM(nn.Module):
         if self.family == "llama":
             return 2 * self.layers * self.context_dim * (length + 1) // 2
         if self.family == "recurrent_gemma":
-            types = [self.config.block_types[i % len(self.config.block_types)] for i in range(self.layers)]
             kept = min(length, self.config.attention_window_size)
-            return 2 * types.count("attention") * self.context_dim * (kept + 1) // 2
+            return 2 * _griffin_blocks(self.config).count("attention") * self.context_dim * (kept + 1) // 2
         return 0
 
     def kernel(self, device: torch.device) -> str:
@@ -264,3 +288,100 @@ class HFLM(nn.Module):
             return "wkv-cuda" if device.type == "cuda" and modeling_rwkv.rwkv_cuda_kernel is not None else "reference"
         found = [p for p in FAMILIES[self.family].kernel_packages if importlib.util.find_spec(p) is not None]
         return "+".join(found) if device.type == "cuda" and found else "reference"
+
+    # ------------------------------------------------------------------ generation with the library's cache
+    def new_decoding(self, batch: int = 1) -> Decoding:
+        """An empty cache of the library's own kind for `batch` sequences."""
+        cfg, w = self.config, self.head.weight
+        if self.family == "rwkv":
+            return Decoding(None)  # RwkvModel allocates its state on the first call with use_cache
+        if self.family == "xlstm":
+            return Decoding(self._xlstm_cache(batch, w.device, w.dtype))
+        if self.family == "recurrent_gemma":  # zeros the states its recurrent blocks hold (the library's own)
+            self.backbone._setup_cache(cfg, batch, w.device, w.dtype)
+        # Llama: a KV layer per block (grows by a position per token); Mamba, Mamba2: LinearAttentionLayer (SSM +
+        # conv state); RecurrentGemma: LinearAttentionLayer placeholders + a sliding-window KV layer per local
+        # attention block (the last attention_window - 1 positions)
+        return Decoding(transformers.DynamicCache(config=cfg))
+
+    def _xlstm_cache(self, batch: int, device: torch.device, dtype: torch.dtype) -> Any:
+        """The library's xLSTMCache. transformers 5.25 sizes its matrix memory by the config's qk_head_dim /
+        v_head_dim, which round qk_dim / v_dim up to multiples of 64, while the mLSTM layers are built at the
+        unrounded widths: where the two differ (context_dim x 0.5 not a multiple of 64 at the default factors)
+        stepping the cache fails with "matC_old has wrong shape". There the same cache object gets its zeros at
+        the layers' shapes; nothing else of it changes."""
+        cfg = self.config
+        cache = xLSTMCache(cfg, batch, dtype=dtype, device=device)
+        qk, v = _xlstm_head_dims(cfg)
+        if (cfg.qk_head_dim, cfg.v_head_dim) != (qk, v):
+            h = cfg.num_heads
+            cache.rnn_state = {layer: (torch.zeros(batch, h, qk, v, dtype=dtype, device=device),
+                                       torch.zeros(batch, h, qk, dtype=dtype, device=device),
+                                       torch.zeros(batch, h, 1, dtype=dtype, device=device))
+                               for layer in cache.rnn_state}
+        return cache
+
+    def step(self, ids: torch.Tensor, dec: Decoding) -> torch.Tensor:
+        """Logits (B, V) after tokens `ids` (B, T) that follow the dec.seen tokens its cache holds (updated)."""
+        kw: dict[str, Any] = {"use_cache": True, "state" if self.family == "rwkv" else "cache": dec.cache}
+        if self.family == "recurrent_gemma":
+            # 5.25 derives positions from cache.get_seq_length(), which its first layer (a recurrent block's
+            # placeholder) answers with 0: every step would reset the RG-LRU and restart RoPE at position 0
+            t = ids.shape[1]
+            kw["position_ids"] = torch.arange(dec.seen, dec.seen + t, device=ids.device).expand(ids.shape[0], t)
+            if "attention" not in _griffin_blocks(self.config):
+                # no local-attention block (layers < 3): the mask would be unused, and building it from a cache
+                # of recurrent placeholders fails in 5.25 ("get_mask_sizes can only be called on Attention
+                # layers"); a prepared mask, as the library's own generate may pass, skips building it
+                kw["attention_mask"] = {"sliding_attention": None}
+        out = self.backbone(input_ids=ids, **kw)
+        if self.family == "rwkv":
+            dec.cache = out.state  # the others update their cache object in place
+        dec.seen += ids.shape[1]
+        return self.head(out.last_hidden_state[:, -1])
+
+    def state_tensors(self, dec: Decoding) -> list[torch.Tensor]:
+        """Every floating-point tensor generation carries to the next token: the cache, and RecurrentGemma's
+        block-held recurrent states."""
+        held = []
+        if self.family == "recurrent_gemma":
+            blocks = [layer.temporal_block for layer in self.backbone.layers]
+            held = [(b.conv1d_state, b.rg_lru.recurrent_states) for b in blocks if hasattr(b, "rg_lru")]
+        return float_tensors([dec.cache, held])
+
+    @torch.no_grad()
+    def generate(self, prompt: torch.Tensor, n: int, temperature: float = 1.0, top_k: int | None = None,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+        """Sample n tokens after a 1-D prompt, carrying the library's cache (the recurrent families' state is
+        constant in length; Llama's KV cache and RecurrentGemma's window up to attention_window grow)."""
+        check_request(prompt, top_k)
+        if self.max_len is not None and prompt.numel() + n > self.max_len:
+            raise GenerationError(f"generate: need prompt + n = {prompt.numel() + n} <= model.max_len={self.max_len}")
+        temperature, top_k = max(temperature, 1e-6), min(top_k or 0, self.vocab_size)
+        dec = self.new_decoding()
+        logits = self.step(prompt.view(1, -1).to(self.head.weight.device), dec)
+        out, draw = torch.empty(n, dtype=torch.long), draw_device(generator, logits.device)
+        for i in range(n):
+            out[i] = sample_token(logits[0], temperature, top_k, generator, draw)
+            if i + 1 < n:
+                logits = self.step(out[i : i + 1].view(1, 1).to(logits.device), dec)
+        return out
+
+
+def float_tensors(x: Any, seen: set[int] | None = None) -> list[torch.Tensor]:
+    """Every floating-point tensor inside a (nested) library cache object, once each."""
+    seen = set() if seen is None else seen
+    if id(x) in seen:
+        return []
+    seen.add(id(x))
+    if isinstance(x, torch.Tensor):
+        return [x] if x.is_floating_point() else []
+    if isinstance(x, (list, tuple)):
+        items = list(x)
+    elif isinstance(x, dict):
+        items = list(x.values())
+    elif hasattr(x, "__dict__") and not isinstance(x, (nn.Module, transformers.PretrainedConfig)):
+        items = list(vars(x).values())
+    else:
+        return []
+    return [t for e in items for t in float_tensors(e, seen)]

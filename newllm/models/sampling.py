@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from newllm.errors import GenerationError
+
 
 def sample_token(logits: torch.Tensor, temperature: float, top_k: int, generator: torch.Generator | None,
                  draw_device: torch.device | None = None) -> int:
@@ -34,3 +36,12 @@ def draw_device(generator: torch.Generator | None, default: torch.device) -> tor
     """Where sample_token must draw with `generator`: its own device (TorchScript cannot ask it, so the eager
     callers do, once per generate call)."""
     return default if generator is None else generator.device
+
+
+def check_request(prompt: torch.Tensor, top_k: int | None) -> None:
+    """The one-line refusals every generate(prompt, n, ..., top_k) shares: an empty prompt, a top_k below 1."""
+    if prompt.numel() == 0:
+        raise GenerationError("generate(prompt, n): the prompt must hold at least one token")
+    if top_k is not None and top_k < 1:
+        raise GenerationError(f"generate: top_k={top_k} is not allowed: expected an integer >= 1, "
+                              "or None (no top-k)")
