@@ -1,10 +1,15 @@
 """Phase 2 speed: training tokens/s of the context model (propagate: sequential loop or Jacobi
-sweeps; fixed contexts) against torch.nn.GRU of the same hidden size and the transformer baseline.
+sweeps; fixed contexts) against torch.nn.GRU of the same hidden size and the transformer baseline, and
+with --kinds the transformers families (llama, mamba, mamba2, rwkv, recurrent_gemma, xlstm: the library's
+backbone + newllm's head, at the model knobs' defaults: heads 4, state_size 16, expand 2, conv_kernel 4).
 
     python -m benchmarks.bench_phase2 --quick
     python -m benchmarks.bench_phase2 --dims 256 --layers 2 --batch 32 --seq-len 64
+    python -m benchmarks.bench_phase2 --kinds \
+        context/propagate,context/fixed,gru,transformer,llama,mamba,mamba2,rwkv,recurrent_gemma,xlstm
 
-Same vocab (4096), embed_dim (96), layers, hidden size C, batch and window for every model; one
+Same vocab (4096), embed_dim (96; the transformers families embed at C), layers, hidden size C, batch and
+window for every model (so not matched parameters: a width is what these rows hold equal); one
 training step = forward, masked CE, backward, grad clip, AdamW step, exactly as train_phase2 does
 (contexts from newllm.training.phase2.train_contexts_window). `fixed` trains the head on contexts
 computed once by f; that one-off cost is reported separately (`setup_tok_s`: no-grad contexts/s).
@@ -23,6 +28,7 @@ from newllm.config import Phase2Config
 from newllm.metrics import masked_cross_entropy
 from newllm.models.baselines import GRULM, TransformerLM
 from newllm.models.context_lm import ContextLM
+from newllm.models.hf_baselines import FAMILIES, HFLM
 from newllm.models.updaters import GatedUpdater
 from newllm.training.phase2 import contexts_of, train_contexts_window
 
@@ -35,6 +41,8 @@ def build(kind: str, c: int, layers: int, device: torch.device) -> torch.nn.Modu
         return GRULM(VOCAB, layers, c, EMBED, None, 0.02, 0.0).to(device)
     if kind == "transformer":
         return TransformerLM(VOCAB, layers, c, EMBED, None, 0.02, 0.0, heads=4).to(device)
+    if kind in FAMILIES:
+        return HFLM(VOCAB, kind, layers, c, EMBED, heads=4).to(device)
     return ContextLM(VOCAB, "layerwise", layers, c, EMBED, None, 0.02, 0.0,
                      functools.partial(GatedUpdater)).to(device)
 
@@ -72,7 +80,8 @@ def stepper(kind: str, c: int, layers: int, batch: int, seq_len: int, steps: int
     return run, setup_s
 
 
-KINDS = ("context/propagate", "context/propagate-jacobi", "context/fixed", "gru", "transformer")
+OURS = ("context/propagate", "context/propagate-jacobi", "context/fixed", "gru", "transformer")
+KINDS = (*OURS, *FAMILIES)  # the default stays OURS (the GPU check's bench step is sized for those)
 
 
 def main() -> None:
@@ -83,7 +92,7 @@ def main() -> None:
     p.add_argument("--seq-len", type=int, default=64)
     p.add_argument("--steps", type=int, default=5, help="training steps per repetition")
     p.add_argument("--jacobi-tol", type=float, default=1e-6)
-    p.add_argument("--kinds", default=",".join(KINDS))
+    p.add_argument("--kinds", default=",".join(OURS), help=f"comma-separated, from {','.join(KINDS)}")
     args = p.parse_args()
     unknown = [k for k in args.kinds.split(",") if k not in KINDS]
     if unknown:  # a short name (`fixed`) would otherwise build a context model and time propagate under it
