@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from newllm.errors import GenerationError
 from newllm.models import count_parameters
 from newllm.models.baselines import GRULM, TransformerLM
 from newllm.training.solvers import sequential_pass
@@ -117,6 +118,28 @@ def test_baselines_share_the_interface(cls):
     counts = count_parameters(m)
     assert counts["params"] == sum(p.numel() for p in m.parameters())
     assert counts["params_core"] == counts["params"] - counts["params_embedding"] - counts["params_head"]
+
+
+@pytest.mark.parametrize("cls", [GRULM, TransformerLM])
+def test_baselines_generate_what_a_full_recompute_decodes(cls):
+    """top_k=1 is greedy: the cached decode (GRU hidden state, transformer KV cache) makes the tokens an argmax
+    over a forward of the whole prefix makes, step by step; top_k=3 draws only among the 3 largest logits."""
+    torch.manual_seed(0)
+    m = cls(vocab_size=40, layers=2, context_dim=32, embed_dim=16, hidden_dim=None, init_std=0.3, dropout=0.0).eval()
+    prompt = torch.randint(0, 40, (5,))
+    made = m.generate(prompt, 12, temperature=1.0, top_k=1, generator=torch.Generator().manual_seed(0))
+    seq = prompt.clone()
+    with torch.no_grad():
+        for _ in range(12):
+            seq = torch.cat([seq, m(seq[None])[0, -1].argmax().view(1)])
+    assert made.tolist() == seq[5:].tolist() and len(set(made.tolist())) > 1
+    sampled = m.generate(prompt, 12, temperature=5.0, top_k=3, generator=torch.Generator().manual_seed(1))
+    seq = torch.cat([prompt, sampled])
+    with torch.no_grad():
+        logits = m(seq[None])[0, 4:-1]
+    assert all(tok in logits[i].topk(3).indices.tolist() for i, tok in enumerate(sampled.tolist()))
+    with pytest.raises(GenerationError, match="top_k=0 is not allowed"):
+        m.generate(prompt, 2, top_k=0)
 
 
 def test_transformer_is_causal():

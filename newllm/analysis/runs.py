@@ -363,12 +363,11 @@ def load_model(run_dir: str | Path, device: str = "cpu"):
 
 def generate_text(run_dir: str | Path, prompt: str, n: int = 40, temperature: float = 0.8, top_k: int | None = 20,
                   seed: int = 0) -> str:
-    """Sample `n` tokens after `prompt` with a run's model (ContextLM.generate); returns the decoded sample."""
+    """Sample `n` tokens after `prompt` with a run's model (every model's generate(prompt, n, temperature, top_k,
+    generator)); returns the decoded sample."""
     import torch
 
     model, tokenizer = load_model(run_dir)
-    if not hasattr(model, "generate"):
-        raise AnalysisError(f"{type(model).__name__} has no generate(): only context models sample here")
     ids = torch.tensor(tokenizer.encode(prompt).ids, dtype=torch.long)
     with torch.no_grad():
         out = model.generate(ids, n, temperature=temperature, top_k=top_k,

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from newllm.errors import ConfigError, GenerationError
-from newllm.models.sampling import draw_device, sample_token
+from newllm.models.sampling import check_request, draw_device, sample_token
 from newllm.models.weights import init_normal_
 
 
@@ -54,6 +54,22 @@ class GRULM(nn.Module):
     def state_floats(self, length: int) -> int:
         """Floats carried from one token to the next: one hidden vector per layer, whatever the length."""
         return self.layers * self.context_dim
+
+    @torch.no_grad()
+    def generate(self, prompt: torch.Tensor, n: int, temperature: float = 1.0, top_k: int | None = None,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+        """Sample n tokens after a 1-D prompt, carrying nn.GRU's hidden state (layers x C: O(1) memory)."""
+        check_request(prompt, top_k)
+        device = self.head.weight.device
+        out, h = self.rnn(self.embed_norm(self.embedding(prompt.to(device)[None])))
+        logits, tokens, draw = self.head(out[0, -1]), [], draw_device(generator, device)
+        for i in range(n):
+            tok = sample_token(logits, max(temperature, 1e-6), top_k or 0, generator, draw)
+            tokens.append(tok)
+            if i + 1 < n:
+                out, h = self.rnn(self.embed_norm(self.embedding(torch.tensor([[tok]], device=device))), h)
+                logits = self.head(out[0, -1])
+        return torch.tensor(tokens, dtype=torch.long)
 
 
 class TransformerLM(nn.Module):
@@ -142,18 +158,19 @@ class TransformerLM(nn.Module):
         return self.head(self.norm(h))
 
     @torch.no_grad()
-    def generate(self, prompt: torch.Tensor, n: int, temperature: float = 1.0,
+    def generate(self, prompt: torch.Tensor, n: int, temperature: float = 1.0, top_k: int | None = None,
                  generator: torch.Generator | None = None) -> torch.Tensor:
         """Sample n tokens after a 1-D prompt with a KV cache (the standard O(length) memory decoder)."""
+        check_request(prompt, top_k)
         total = prompt.numel() + n
-        if prompt.numel() == 0 or total > self.max_len:
+        if total > self.max_len:
             raise GenerationError(f"generate: need 1 <= prompt + n = {total} <= model.max_len={self.max_len}")
         cache = self.new_cache(1, total)
         for t, tok in enumerate(prompt.tolist()):
             logits = self.step(torch.tensor([tok], device=self.head.weight.device), t, cache)
         out, draw = [], draw_device(generator, logits.device)
         for t in range(prompt.numel(), total):
-            tok = sample_token(logits[0], max(temperature, 1e-6), 0, generator, draw)
+            tok = sample_token(logits[0], max(temperature, 1e-6), top_k or 0, generator, draw)
             out.append(tok)
             if t + 1 < total:
                 logits = self.step(torch.tensor([tok], device=logits.device), t, cache)
