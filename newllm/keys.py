@@ -138,7 +138,9 @@ P1_VAL_MEMORY_LENGTH_CAPPED = p1_held_out("val", "memory_length_capped")
 P1_VAL_EFFECTIVE_RANK = p1_held_out("val", "effective_rank")
 
 # ----------------------------------------------------------------------------- Phase 2
-P2_EVAL_MEASURES = ("loss", "ppl", "acc", "tokens", "loss_by_position", "tokens_by_position")
+# *_by_position: per position bucket within documents (newllm/training/instruments.py)
+P2_EVAL_MEASURES = ("loss", "ppl", "acc", "tokens", "loss_by_position", "tokens_by_position",
+                    "documents_by_position")
 
 
 def p2_split(split: str, measure: str) -> str:

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from newllm.training.instruments import PositionLoss, bucket_labels
+from newllm.training.instruments import PositionLoss, bucket_labels, document_positions
 from tests.conftest import read_metrics
 
 
@@ -45,6 +45,84 @@ def test_bucket_with_no_target_is_nan_with_zero_tokens():
     assert math.isclose(loss["1-8"], math.log(4), rel_tol=1e-6) and math.isnan(loss["9-16"])
 
 
+# ----------------------------------------------------------------------------- positions within documents
+def positions_by_reading(lengths: list[int], n_windows: int, seq_len: int) -> list[list[int]]:
+    """The definition, read token by token: how many of the window's inputs belong to the target's
+    document, plus one when the window also holds the token before that document (its first token is
+    then predicted right after the previous document's end, as in the stream)."""
+    doc_of = [d for d, n in enumerate(lengths) for _ in range(n)]
+    rows = []
+    for w in range(n_windows):
+        window = range(w * seq_len, w * seq_len + seq_len)
+        row = []
+        for s in (i + 1 for i in window):  # the target of input i is token i + 1
+            same = sum(doc_of[i] == doc_of[s] for i in window if i < s)
+            starts_inside = doc_of[s] > 0 and doc_of.index(doc_of[s]) > window[0]
+            row.append(same + starts_inside)
+        rows.append(row)
+    return rows
+
+
+def test_document_positions_restart_at_each_document_and_stop_at_the_window():
+    positions, documents = document_positions(torch.tensor([3, 10, 2, 20]), n_windows=4, seq_len=8)
+    assert positions[0].tolist() == [1, 2, 1, 2, 3, 4, 5, 6]  # tokens 1-2 of doc 0, then doc 1 from its start
+    assert documents[0].tolist() == [0, 0, 1, 1, 1, 1, 1, 1]
+    assert positions[1].tolist() == [1, 2, 3, 4, 1, 2, 1, 2]  # doc 1 began before the window: counted from it
+    assert positions.tolist() == positions_by_reading([3, 10, 2, 20], 4, 8)
+    rng = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        lengths = torch.randint(1, 30, (12,), generator=rng)
+        t = int(torch.randint(2, 20, (1,), generator=rng))
+        n = (int(lengths.sum()) - 1) // t
+        assert document_positions(lengths, n, t)[0].tolist() == positions_by_reading(lengths.tolist(), n, t)
+
+
+def test_position_loss_buckets_by_document_position_and_counts_documents():
+    positions = torch.tensor([[1, 2, 9, 10, 1, 17]])
+    documents = torch.tensor([[0, 0, 0, 0, 1, 1]])
+    ce = torch.tensor([[1.0, 3.0, 5.0, 7.0, 2.0, 4.0]])  # dense (B, T), as metrics.masked_token_losses gives
+    acc = PositionLoss(20, n_documents=3)
+    acc.add_losses(ce, torch.ones(1, 6, dtype=torch.bool), positions, documents)
+    masked = torch.tensor([[True, True, True, True, False, False]])  # a second batch: only doc 0's targets
+    acc.add_losses(ce * masked, masked, positions, documents)
+    loss, tokens = acc.result()
+    assert tokens == {"1-8": 5, "9-16": 4, "17-20": 1}
+    assert loss == {"1-8": (2 * 1 + 2 * 3 + 2) / 5, "9-16": 6.0, "17-20": 4.0}
+    assert acc.documents() == {"1-8": 2, "9-16": 1, "17-20": 1}
+
+
+def test_evaluation_of_short_documents_leaves_late_buckets_empty():
+    from newllm.models.baselines import GRULM
+    from newllm.training.evaluation import evaluate
+    from newllm.training.phase2 import make_windows, window_positions
+
+    torch.manual_seed(0)
+    model = GRULM(vocab_size=11, layers=1, context_dim=8, embed_dim=8, hidden_dim=None, init_std=0.02, dropout=0.0)
+    lengths = torch.tensor([5, 8, 3, 7, 6, 8, 2, 4, 7, 8] * 3)  # no document longer than 8 tokens
+    ids = torch.randint(0, 11, (int(lengths.sum()),))
+    windows = make_windows(ids, torch.ones_like(ids, dtype=torch.bool), 32, "validation")
+    within = evaluate(model, windows, 4, positions=window_positions(lengths, windows))
+    assert within["tokens_by_position"]["1-8"] == within["tokens"] == 32 * 5
+    assert all(n == 0 for k, n in within["tokens_by_position"].items() if k != "1-8")
+    assert all(math.isnan(v) for k, v in within["loss_by_position"].items() if k != "1-8")
+    assert math.isclose(within["loss_by_position"]["1-8"], within["loss"], rel_tol=1e-6)
+    assert within["documents_by_position"]["1-8"] == int((lengths.cumsum(0) <= 32 * 5 + 1).sum()) + 1
+    in_window = evaluate(model, windows, 4)  # positions in the window: later buckets hold other documents
+    assert in_window["tokens_by_position"]["17-32"] == 16 * 5 and in_window["loss"] == within["loss"]
+    assert window_positions(None, windows) is None
+
+
+def test_document_lengths_of_every_split_match_their_streams(tmp_path):
+    from newllm.data import load_data
+    from tests.test_data import data_cfg, tok_cfg
+
+    data = load_data(data_cfg(num_conversations=120), tok_cfg(), tmp_path)
+    eot = data.tokenizer.token_to_id("<|endoftext|>")
+    for ids, lengths in ((data.val_ids, data.val_doc_lengths), (data.test_ids, data.test_doc_lengths)):
+        assert int(lengths.sum()) == len(ids) and len(lengths) == 12
+        assert (ids[lengths.cumsum(0) - 1] == eot).all()  # every document ends with its own <|endoftext|>
+
+
 @pytest.mark.slow
 def test_run_reports_loss_by_position_at_eval_seq_len(tiny_run):
     run_dir, _ = tiny_run("pos", "model=gru", "training.phase1.enabled=false", "training.phase2.eval_seq_len=64",
@@ -53,6 +131,9 @@ def test_run_reports_loss_by_position_at_eval_seq_len(tiny_run):
     assert m["phase2/eval_seq_len"] == 64
     for split in ("val", "test"):
         assert sorted(m[f"phase2/{split}_loss_by_position"]) == ["1-8", "17-32", "33-64", "9-16"]  # json sorts keys
+        documents = m[f"phase2/{split}_documents_by_position"]
+        # assistant targets: a conversation may have none in 1-8 (its first user turn is longer)
+        assert all(0 < n <= m[f"data/{split}_documents"] for n in documents.values()) and len(documents) == 4
         tokens = m[f"phase2/{split}_tokens_by_position"]
         assert sum(tokens.values()) == m[f"phase2/{split}_tokens"]
         mean = sum(m[f"phase2/{split}_loss_by_position"][k] * n for k, n in tokens.items()) / sum(tokens.values())

@@ -205,7 +205,7 @@ def plot_loss_by_position(curves: dict[str, dict[str, float]], title: str = ""):
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for name, curve in curves.items():
         ax.plot(list(curve), list(curve.values()), marker="o", label=name)
-    ax.set_xlabel("position in window (bucket)")
+    ax.set_xlabel("position in document (bucket)")
     ax.set_ylabel("mean loss (nats)")
     ax.set_title(title)
     ax.legend(fontsize=8)

@@ -53,6 +53,8 @@ class TokenData:
     test_mask: torch.Tensor | None = None
     test_stages: list[RepetitionStage] | None = None  # data=repetition: held-out test phrases
     train_doc_lengths: torch.Tensor | None = None  # (D,) tokens per training document, in stream order
+    val_doc_lengths: torch.Tensor | None = None  # the same for validation and test: loss by position within
+    test_doc_lengths: torch.Tensor | None = None  # documents (newllm.training.instruments)
     recall: dict[str, recall.RecallSplit] | None = None  # data=recall: val/test sequences with answer distances
     # Per split, the target stream where it differs from the ids (aligned with them: targets[i] is scored
     # at position i - 1); None or a missing split: the ids themselves. data=recall's mqar answers exist
@@ -239,7 +241,8 @@ def _finish(d: DictConfig, tokenizer: Tokenizer, splits: dict[str, Split], min_t
     train, val, test = splits["train"], splits["val"], splits.get("test")
     return TokenData(train.ids, train.mask, val.ids, val.mask, tokenizer, info, stages.get("train"),
                      stages.get("val"), test.ids if test else None, test.mask if test else None,
-                     stages.get("test"), train.lengths,
+                     stages.get("test"), train.lengths, val_doc_lengths=val.lengths,
+                     test_doc_lengths=test.lengths if test else None,
                      targets={k: s.targets for k, s in splits.items() if s.targets is not None} or None)
 
 

@@ -34,19 +34,23 @@ def accuracy_by_distance(hit: torch.Tensor, distance: torch.Tensor) -> tuple[dic
 
 @torch.no_grad()
 def evaluate(model: nn.Module, windows: Windows | list[torch.Tensor], batch_size: int,
-             distance: torch.Tensor | None = None) -> dict:
-    """Masked CE, perplexity and top-1 accuracy over all windows, the loss and token counts by position
-    bucket, and with `distance` ((W, T), aligned with the targets) the accuracy and answers by distance."""
+             distance: torch.Tensor | None = None,
+             positions: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict:
+    """Masked CE, perplexity and top-1 accuracy over all windows, the loss, token and document counts by
+    position bucket (`positions`: each target's position within its document and the document, from
+    phase2.window_positions; None: the position in the window), and with `distance` ((W, T), aligned with
+    the targets) the accuracy and answers by distance."""
     model.eval()
     inputs, targets, mask = windows
     sums = torch.zeros(3, dtype=torch.float64, device=inputs.device)  # summed on the device, read once
     hits = []
-    by_pos = PositionLoss(inputs.shape[1])
+    by_pos = PositionLoss(inputs.shape[1], int(positions[1].max()) + 1 if positions is not None else 0)
     for i in range(0, inputs.shape[0], batch_size):
         m = mask[i : i + batch_size]
         logits = model.head(model.contexts_window(inputs[i : i + batch_size]))
         ce, hit = metrics.masked_token_losses(logits, targets[i : i + batch_size], m)  # dense (B, T)
-        by_pos.add_losses(ce, m)  # the same per-token CE, bucketed by position
+        where = [p[i : i + batch_size] for p in positions] if positions is not None else [None, None]
+        by_pos.add_losses(ce, m, *where)  # the same per-token CE, bucketed by position
         sums += torch.stack([ce.double().sum(), hit.sum().double(), m.sum().double()])
         if distance is not None:
             hits.append(hit)
@@ -55,7 +59,8 @@ def evaluate(model: nn.Module, windows: Windows | list[torch.Tensor], batch_size
     loss = ce_sum / max(count, 1)
     pos_loss, pos_tokens = by_pos.result()
     out = {"loss": loss, "ppl": metrics.perplexity(loss), "acc": correct / max(count, 1), "tokens": count,
-           "loss_by_position": pos_loss, "tokens_by_position": pos_tokens}
+           "loss_by_position": pos_loss, "tokens_by_position": pos_tokens,
+           "documents_by_position": by_pos.documents()}
     if distance is not None:  # row-major over mask's True entries, the order of the hits
         answers = mask.bool()
         out["acc_by_distance"], out["answers_by_distance"] = accuracy_by_distance(

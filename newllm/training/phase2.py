@@ -35,6 +35,7 @@ from newllm.errors import ConfigError, DataError, TrainingError
 from newllm.models import ContextModel, OptimizerRecipe, evaluating
 from newllm.runtime.lifecycle import Phase2State, TrainTally
 from newllm.training.evaluation import evaluate
+from newllm.training.instruments import document_positions
 from newllm.training.progress import Progress
 from newllm.training.solvers import jacobi_window
 
@@ -143,6 +144,16 @@ def contexts_of(model: nn.Module, inputs: torch.Tensor, batch_size: int) -> torc
                           for i in range(0, inputs.shape[0], batch_size)])
 
 
+def window_positions(lengths: torch.Tensor | None, windows: list[torch.Tensor] | None
+                     ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Each target's position within its document and the document (instruments.document_positions) for
+    windows cut from a stream with these document lengths, on the windows' device; None without them."""
+    if lengths is None or windows is None:
+        return None
+    positions = document_positions(lengths.cpu(), windows[0].shape[0], windows[0].shape[1])
+    return tuple(p.to(windows[0].device) for p in positions)
+
+
 def eval_length(model: nn.Module, cfg: Phase2Config) -> int:
     """training.phase2.eval_seq_len (null = seq_len); both window lengths checked against a transformer's
     max_len before any step (not as a failure mid-training)."""
@@ -157,12 +168,15 @@ def eval_length(model: nn.Module, cfg: Phase2Config) -> int:
 
 @dataclass
 class Windows:
-    """The (inputs, targets, mask) windows of each split, on the device; test is None without a test split."""
+    """The (inputs, targets, mask) windows of each split, on the device; test is None without a test split.
+    val/test_positions: each target's position within its document and the document (window_positions)."""
 
     train: list[torch.Tensor]
     val: list[torch.Tensor]
     test: list[torch.Tensor] | None
     eval_len: int
+    val_positions: tuple[torch.Tensor, torch.Tensor] | None = None
+    test_positions: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @classmethod
     def build(cls, model: nn.Module, data, cfg: Phase2Config, device: torch.device) -> Windows:
@@ -185,7 +199,8 @@ class Windows:
         if test_ids is not None and test_ids.numel() > 0:
             test = [t.to(device) for t in make_windows(test_ids, data.test_mask, eval_len, "test",
                                                        targets.get("test"), key)]
-        return cls(train, val, test, eval_len)
+        return cls(train, val, test, eval_len, window_positions(getattr(data, "val_doc_lengths", None), val),
+                   window_positions(getattr(data, "test_doc_lengths", None), test))
 
     @classmethod
     def check(cls, model: nn.Module, data, cfg: Phase2Config) -> None:
@@ -264,7 +279,8 @@ class Phase2Loop:
             raise TrainingError(f"phase 2 loss became non-finite in epoch {epoch}, within steps "
                                 f"{st.step - st.tally.steps + 1}-{st.step}; lower training.phase2.lr")
         train_loss = ce_sum / max(count, 1)
-        val = evaluate(self.model, self.windows.val, self.cfg.batch_size * 4)
+        val = evaluate(self.model, self.windows.val, self.cfg.batch_size * 4,
+                       positions=self.windows.val_positions)
         row = {keys.HISTORY_PHASE: keys.PHASE2, keys.HISTORY_STEP: st.step,
                "epoch": epoch, "evaluation": st.stop.evaluations + 1,
                keys.P2_TRAIN_LOSS: train_loss, keys.P2_TRAIN_PPL: metrics.perplexity(train_loss),
@@ -305,9 +321,9 @@ class Phase2Loop:
         self.model.load_state_dict(stop.best_state)  # report (and keep) the best validation evaluation
         result = Phase2Result(history=st.history, metrics=self.best_metrics(reason, train_time))
         if self.windows.test is not None:  # once, with the kept weights: the unbiased figure to report
-            test = evaluate(self.model, self.windows.test, self.cfg.batch_size * 4)
-            result.metrics.update({keys.p2_split("test", k): test[k] for k in (
-                "loss", "ppl", "acc", "tokens", "loss_by_position", "tokens_by_position")})
+            test = evaluate(self.model, self.windows.test, self.cfg.batch_size * 4,
+                            positions=self.windows.test_positions)
+            result.metrics.update({keys.p2_split("test", k): test[k] for k in keys.P2_EVAL_MEASURES})
         return result
 
     def best_metrics(self, reason: str, train_time: float) -> dict:
@@ -317,8 +333,8 @@ class Phase2Loop:
         return {
             **{keys.p2_split("val", k): best[k] for k in ("loss", "ppl", "acc", "tokens")},
             keys.P2_BEST_EPOCH: stop.best_epoch, keys.P2_EVAL_SEQ_LEN: self.windows.eval_len,
-            "phase2/val_loss_by_position": best["loss_by_position"],
-            "phase2/val_tokens_by_position": best["tokens_by_position"],
+            **{keys.p2_split("val", k): best[k] for k in ("loss_by_position", "tokens_by_position",
+                                                           "documents_by_position")},
             keys.P2_BEST_STEP: stop.best_step, keys.P2_BEST_EVALUATION: stop.best_evaluation,
             keys.P2_TIME_TO_BEST_S: stop.time_to_best_s, keys.P2_STOP_REASON: reason,
             keys.P2_EPOCHS: last["epoch"], keys.P2_STEPS: st.step, keys.P2_EVALUATIONS: stop.evaluations,
