@@ -117,6 +117,7 @@ class DataSource(StrEnum):
     text = "text"
     repetition = "repetition"
     recall = "recall"
+    hf = "hf"
 
 
 class SplitBy(StrEnum):
@@ -303,6 +304,11 @@ class DataConfig:
     name: DataSource = DataSource.chatterbot
     path: str | None = None  # data=ultrachat: a local JSON/JSONL/Parquet file with a `messages` column
     files: list[str] = field(default_factory=list)  # data=text: plain-text files
+    # data=hf (newllm.data.hf): a Hugging Face dataset by hub id (streamed) or a datasets.save_to_disk folder,
+    # its config name, and the column holding the text (one document per row)
+    dataset: str | None = None
+    config: str | None = None
+    text_column: str = "text"
     # data=text: documents are paragraphs (blank lines) | line | file; auto: paragraphs when the text
     # has blank lines, else lines. The unit used is data/split_by in metrics.json.
     split_by: SplitBy = SplitBy.auto

@@ -46,6 +46,9 @@ DATA_TRAIN_TOKENS = "data/train_tokens"
 DATA_DEDUP = "data/dedup"  # whether repeated documents were dropped before the split (data.dedup)
 DATA_DUPLICATES_REMOVED = "data/duplicates_removed"
 DATA_CONTAMINATION_NGRAM = "data/contamination/ngram"  # n of the n-gram overlap test (13, as GPT-3)
+DATA_HF_DATASET = "data/hf_dataset"  # data=hf: the hub id or save_to_disk folder,
+DATA_HF_CONFIG = "data/hf_config"  # its config name,
+DATA_HF_SPLITS = "data/hf_splits"  # and which of its splits became train/val/test (own=<name>: newllm split it)
 
 
 def data_contamination(split: str) -> str:

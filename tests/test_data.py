@@ -364,7 +364,7 @@ def test_conflicting_options_and_tokenizer_errors(tmp_path, kw, tok, expected):
 def test_every_data_source_choice_has_a_loader_and_nothing_else_does():
     # data.name is checked once, by its Enum at compose time; the loader table must list the same names.
     assert set(SOURCES) == {s.value for s in DataSource}
-    assert set(DOCUMENT_SOURCES) == set(DIALOGUE) | {"text"}  # the sources split by document
+    assert set(DOCUMENT_SOURCES) == set(DIALOGUE) | {"text", "hf"}  # the sources split by document
 
 
 # ----------------------------------------------------------------------------- repetition

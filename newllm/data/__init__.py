@@ -1,6 +1,6 @@
 """Data: every source produces the same thing -- token streams, loss masks and a tokenizer.
 
-    source (chatterbot | ultrachat | text)  -> documents (ChatML text + assistant spans, or plain text)
+    source (chatterbot | ultrachat | text | hf)  -> documents (ChatML text + assistant spans, or plain text)
     -> duplicates removed (data.dedup, newllm.data.dedup: normalised text, first occurrence kept)
     -> seeded split by document (data.split_seed) into train / validation / test
     -> tokenizer (BPE trained on the training split, cached)
@@ -29,6 +29,7 @@ from newllm import keys
 from newllm.data import recall, repetition
 from newllm.data.corpora import TEXT_UNITS, chatterbot_conversations, text_documents, ultrachat_conversations
 from newllm.data.dedup import NGRAM, contamination, first_occurrences
+from newllm.data.hf import hf_documents
 from newllm.data.repetition import RepetitionStage
 from newllm.data.streams import Spans, encode_cached, render_chatml
 from newllm.data.tokenizer import check_vocab_size, load_or_train, load_pretrained
@@ -111,20 +112,35 @@ def check_options(d: DictConfig, tok: DictConfig) -> None:
         raise DataError(f"data.path={d.path!r} is read by data=ultrachat only, not data={d.name}: {hint}")
     if d.files and d.name != "text":
         raise DataError(f"data.files is read by data=text only, not data={d.name}: drop data.files")
+    for key in ("dataset", "config"):
+        if d[key] and d.name != "hf":
+            raise DataError(f"data.{key}={d[key]!r} is read by data=hf only, not data={d.name}: drop data.{key}")
 
 
-Documents = tuple[list[str], list[Spans], dict]  # texts, assistant spans per text, source info for metrics
+@dataclass
+class Documents:
+    """What a document source reads: texts, assistant spans per text, source info for metrics, and the
+    split each text comes from ('train' / 'val' / 'test') when the source has its own (data=hf), else None."""
+
+    texts: list[str]
+    spans: list[Spans]
+    info: dict = field(default_factory=dict)
+    given: list[str] | None = None
+
+    def subset(self, kept: list[int]) -> Documents:
+        pick = lambda xs: [xs[i] for i in kept]
+        return Documents(pick(self.texts), pick(self.spans), self.info, pick(self.given) if self.given else None)
 
 
 def _text_documents(d: DictConfig, cache_dir: Path) -> Documents:
     pieces, unit = text_documents(list(d.files), d.split_by, d.num_conversations, cache_dir)
     docs = [t + TEXT_UNITS[unit] for t in pieces]
-    return docs, [[] for _ in docs], {keys.DATA_SPLIT_BY: str(unit)}
+    return Documents(docs, [[] for _ in docs], {keys.DATA_SPLIT_BY: str(unit)})
 
 
 def _chatml(conversations: list) -> Documents:
     rendered = [render_chatml(c) for c in conversations]
-    return [t for t, _ in rendered], [s for _, s in rendered], {}
+    return Documents([t for t, _ in rendered], [s for _, s in rendered])
 
 
 def _chatterbot_documents(d: DictConfig, cache_dir: Path) -> Documents:
@@ -135,9 +151,15 @@ def _ultrachat_documents(d: DictConfig, cache_dir: Path) -> Documents:
     return _chatml(ultrachat_conversations(d.path, d.num_conversations, cache_dir))
 
 
+def _hf_documents(d: DictConfig, cache_dir: Path) -> Documents:
+    texts, given, info = hf_documents(d.dataset, d.config, d.text_column, d.num_conversations)
+    return Documents(texts, [[] for _ in texts], info, given)
+
+
 # The document sources (data.name): each reads its documents; splitting and tokenising are shared.
 DOCUMENT_SOURCES: dict[str, Callable[[DictConfig, Path], Documents]] = {
     "chatterbot": _chatterbot_documents, "ultrachat": _ultrachat_documents, "text": _text_documents,
+    "hf": _hf_documents,
 }
 
 
@@ -163,6 +185,25 @@ def _split(n: int, val_fraction: float, test_fraction: float, seed: int, hold_ou
                         f"and data.test_fraction={test_fraction} for test and keep some for training: use more "
                         "data (data.num_conversations) or smaller fractions")
     return order[n_val + n_test:], order[:n_val], order[n_val : n_val + n_test]
+
+
+def _assign(n: int, given: list[str] | None, d: DictConfig) -> tuple[list[int], list[int], list[int]]:
+    """(train, val, test) indices of n documents: newllm's seeded split, or the source's own splits (given),
+    where a held-out split the source lacks is cut from its training documents the same way."""
+    by_conversation = d.val_protocol == "by_conversation"
+    if given is None:
+        return _split(n, d.val_fraction, d.test_fraction, d.split_seed, hold_out_val=by_conversation)
+    own = {k: [i for i, g in enumerate(given) if g == k] for k in ("train", "val", "test")}
+    need_val, need_test = by_conversation and not own["val"], d.test_fraction > 0 and not own["test"]
+    train = own["train"]
+    cut = _split(len(train), d.val_fraction if need_val else 0, d.test_fraction if need_test else 0, d.split_seed,
+                 hold_out_val=need_val)
+    held = []
+    for ours, keep, part in (("val", by_conversation, cut[1]), ("test", d.test_fraction > 0, cut[2])):
+        docs = own[ours] if keep else []
+        random.Random(d.split_seed).shuffle(docs)  # a seeded order, as _split gives: caps keep a random sample
+        held.append(docs + [train[i] for i in part])
+    return [train[i] for i in cut[0]], held[0], held[1]
 
 
 def _tokenizer(tok: DictConfig, train_texts: list[str], cache_dir: Path) -> tuple[Tokenizer, dict]:
@@ -298,21 +339,19 @@ def load_data(data_cfg: DictConfig, tok_cfg: DictConfig, cache_dir: str | Path, 
 
 def _load_documents(d: DictConfig, tok_cfg: DictConfig, cache_dir: Path, min_tokens: int) -> TokenData:
     """A document source: seeded split by document, tokenizer trained on train, ids cached per split."""
-    texts, spans, source_info = DOCUMENT_SOURCES[d.name](d, cache_dir)
-    read = len(texts)
+    docs = DOCUMENT_SOURCES[d.name](d, cache_dir)
+    read = len(docs.texts)
     if d.dedup:  # before the split, so no document can be both trained on and held out
-        kept = first_occurrences(texts)
-        texts, spans = [texts[i] for i in kept], [spans[i] for i in kept]
-    indices = dict(zip(("train", "val", "test"), _split(len(texts), d.val_fraction, d.test_fraction, d.split_seed,
-                                                        hold_out_val=d.val_protocol == "by_conversation"),
-                       strict=True))
+        docs = docs.subset(first_occurrences(docs.texts))
+    texts, spans = docs.texts, docs.spans
+    indices = dict(zip(("train", "val", "test"), _assign(len(texts), docs.given, d), strict=True))
     tokenizer, tok_info = _tokenizer(tok_cfg, [texts[i] for i in indices["train"]], cache_dir)
     splits, hits = {}, []
     for name, idx in indices.items():
         *encoded, hit = encode_cached(tokenizer, [texts[i] for i in idx], [spans[i] for i in idx], cache_dir)
         splits[name], hits = Split(*encoded, torch.tensor(idx, dtype=torch.long)), [*hits, hit]
     info = {keys.DATA_DOCUMENTS: len(texts), keys.DATA_DEDUP: bool(d.dedup),
-            keys.DATA_DUPLICATES_REMOVED: read - len(texts), **source_info, **tok_info,
+            keys.DATA_DUPLICATES_REMOVED: read - len(texts), **docs.info, **tok_info,
             keys.DATA_TOKENS_CACHE_HIT: all(hits)}
     return _finish(d, tokenizer, splits, min_tokens, info, texts=texts)
 
