@@ -297,6 +297,10 @@ class TokenizerConfig:
     min_frequency: int = ranged(2, "[0, inf)")
     # A hub tokenizer name (needs network); null trains a byte-level BPE locally.
     pretrained: str | None = None
+    # BPE training reads at most this many bytes of training documents (in split order); null: 16 bytes per
+    # data.max_train_tokens when that cap is set, else the whole training split (newllm.data.prepare).
+    # A data-scaling study sets it, so that every budget shares one tokenizer.
+    max_train_bytes: int | None = ranged(None, "[1, inf)", null="derived from data.max_train_tokens, else all")
 
 
 @dataclass

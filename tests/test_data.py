@@ -6,6 +6,7 @@ import json
 import random
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -15,7 +16,7 @@ from newllm.config import DataConfig, DataSource, TokenizerConfig
 from newllm.data import DIALOGUE, DOCUMENT_SOURCES, SOURCES, _split, load_data
 from newllm.data.corpora import chatterbot_conversations
 from newllm.data.repetition import WORD_TOKEN
-from newllm.data.streams import encode_cached, render_chatml, spans_to_mask
+from newllm.data.streams import read_split, render_chatml, spans_to_mask, write_split
 from newllm.data.tokenizer import IM_END, train_bpe
 from newllm.errors import DataError
 
@@ -74,7 +75,9 @@ def test_assistant_mask_covers_exactly_the_assistant_turns(tmp_path):
     conversations = chatterbot_conversations(40)
     rendered = [render_chatml(c) for c in conversations]
     tok = train_bpe([t for t, _ in rendered], 320, 2)
-    ids, mask, lengths, _ = encode_cached(tok, [t for t, _ in rendered], [s for _, s in rendered], tmp_path)
+    write_split(tmp_path, "x", tok, [t for t, _ in rendered], [s for _, s in rendered], range(40), None)
+    n = int(np.load(tmp_path / "x.lengths.npy").sum())
+    ids, mask, lengths = read_split(tmp_path, "x", tok.get_vocab_size(), n, with_mask=True)
     expected = "".join(t["content"] + IM_END for c in conversations for t in c if t["role"] == "assistant")
     assert tok.decode(ids[mask].tolist(), skip_special_tokens=False) == expected
     assert lengths.tolist() == [len(tok.encode(t, add_special_tokens=False).ids) for t, _ in rendered]
@@ -98,11 +101,33 @@ def test_spans_to_mask_matches_a_direct_definition():
 
 def test_loss_on_all_and_budgets(tmp_path):
     base = load_data(data_cfg(num_conversations=150), tok_cfg(), tmp_path)
+    one_tokenizer = tok_cfg(max_train_bytes=10**9)  # BPE on the whole training split, as `base`
     capped = load_data(data_cfg(num_conversations=150, max_train_tokens=1000, max_val_tokens=300, loss_on="all"),
-                       tok_cfg(), tmp_path)
+                       one_tokenizer, tmp_path)
     assert torch.equal(capped.train_ids, base.train_ids[:1000]) and torch.equal(capped.val_ids, base.val_ids[:300])
     assert bool(capped.train_mask.all()) and bool(capped.val_mask.all())
     assert capped.info["data/train_loss_tokens"] == 1000 and capped.info["data/val_loss_tokens"] == 300
+
+
+def test_caps_apply_before_bpe_training_and_tokenization(tmp_path, monkeypatch):
+    import newllm.data.prepare as prepare
+    import newllm.data.streams as streams
+
+    bpe_bytes, encoded = [], []
+    real_bpe, real_encode = prepare.train_bpe, streams._encode
+    monkeypatch.setattr(prepare, "train_bpe", lambda texts, *a: real_bpe(
+        (bpe_bytes.append(len(t.encode())) or t for t in texts), *a))
+    monkeypatch.setattr(streams, "_encode", lambda tok, texts, *a: encoded.append(len(texts)) or real_encode(
+        tok, texts, *a))
+    monkeypatch.setattr(streams, "BATCH_DOCUMENTS", 8)
+    data = load_data(data_cfg(num_conversations=600, max_train_tokens=1000, max_val_tokens=200,
+                              max_test_tokens=200), tok_cfg(), tmp_path)
+    longest = max(len(render_chatml(c)[0].encode()) for c in chatterbot_conversations(600))
+    assert 16 * 1000 <= sum(bpe_bytes) < 16 * 1000 + longest  # BPE_BYTES_PER_CAPPED_TOKEN per capped token
+    assert len(data.train_ids) == 1000 and len(data.val_ids) == len(data.test_ids) == 200
+    # tokenization stopped at each cap: a batch of 8 documents past the ones kept, at most
+    used = sum(data.info[f"data/{k}_documents"] for k in ("train", "val", "test"))
+    assert used <= sum(encoded) < used + 3 * 8 and sum(encoded) < 400
 
 
 def test_subset_of_train_is_the_tail_of_the_budgeted_training_stream(tmp_path):
@@ -120,60 +145,64 @@ def test_subset_of_train_is_the_tail_of_the_budgeted_training_stream(tmp_path):
 
 
 # ----------------------------------------------------------------------------- caches
-def test_second_load_is_served_from_the_token_cache_and_corrupt_entries_are_rebuilt(tmp_path):
+def entry_of(cache: Path) -> Path:
+    entries = [p for p in (cache / "prepared").iterdir()]
+    assert len(entries) == 1 and entries[0].is_dir(), entries  # one entry, no temporary folder left behind
+    return entries[0]
+
+
+def test_second_load_is_served_from_the_prepared_cache_and_damaged_entries_are_rebuilt(tmp_path):
     d = data_cfg(num_conversations=60)
     first = load_data(d, tok_cfg(), tmp_path)
     second = load_data(d, tok_cfg(), tmp_path)
     assert not first.info["data/tokens_cache_hit"] and not first.info["data/tokenizer_cache_hit"]
     assert second.info["data/tokens_cache_hit"] and second.info["data/tokenizer_cache_hit"]
     assert torch.equal(first.train_ids, second.train_ids) and torch.equal(first.val_mask, second.val_mask)
+    assert second.info["data/fingerprint"] == first.info["data/fingerprint"]
+    assert first.train_ids.dtype == torch.int16  # vocab 320: two bytes a token, memory-mapped
 
-    entries = sorted((tmp_path / "tokens").glob("*.arrow"))
-    assert len(entries) == 3  # train + validation + test, nothing else left behind
-    entries[0].write_bytes(entries[0].read_bytes()[:100])  # truncated
-    entries[1].write_bytes(b"not arrow at all")
-    Path(first.info["data/tokenizer"]).write_text('{"version": "1.0", "trunc', encoding="utf-8")
-    third = load_data(d, tok_cfg(), tmp_path)
-    assert not third.info["data/tokens_cache_hit"] and not third.info["data/tokenizer_cache_hit"]
-    assert torch.equal(first.train_ids, third.train_ids) and torch.equal(first.val_ids, third.val_ids)
-    assert load_data(d, tok_cfg(), tmp_path).info["data/tokens_cache_hit"]
-
-
-def rewrite_cache_entry(path: Path, ids: list[list[int]], mask: list[list[bool]]) -> None:
-    """Replace a token-cache entry by a well-formed table with these rows (as datasets writes one)."""
-    from datasets.arrow_writer import ArrowWriter
-
-    from newllm.data.streams import FEATURES
-
-    path.unlink()
-    with ArrowWriter(path=str(path), features=FEATURES) as writer:
-        writer.write_batch({"ids": ids, "mask": mask})
-        writer.finalize()
+    entry = entry_of(tmp_path)
+    # copies: the damage below rewrites files in place, which the first load still maps (newllm never
+    # rewrites an entry in place: a rebuilt one is a new folder renamed over the removed one)
+    train_ids, val_ids = first.train_ids.clone(), first.val_ids.clone()
+    for damage in ("truncated ids", "tokenizer", "info"):
+        if damage == "truncated ids":
+            (entry / "train.ids").write_bytes((entry / "train.ids").read_bytes()[:100])
+        elif damage == "tokenizer":
+            (entry / "tokenizer.json").write_text('{"version": "1.0", "trunc', encoding="utf-8")
+        else:
+            (entry / "info.json").write_text("{", encoding="utf-8")
+        again = load_data(d, tok_cfg(), tmp_path)
+        assert not again.info["data/tokens_cache_hit"] and not again.info["data/tokenizer_cache_hit"], damage
+        assert torch.equal(train_ids, again.train_ids) and torch.equal(val_ids, again.val_ids)
+        assert load_data(d, tok_cfg(), tmp_path).info["data/tokens_cache_hit"]
 
 
-@pytest.mark.parametrize("damage", ["id_too_large", "negative_id", "row_lengths_differ", "empty_row"])
-def test_token_cache_entries_that_parse_but_hold_bad_rows_are_rebuilt(tmp_path, damage):
+@pytest.mark.parametrize("damage", ["id_too_large", "negative_id", "lengths_do_not_add_up", "empty_document",
+                                    "short_mask"])
+def test_cache_entries_that_read_but_hold_bad_streams_are_rebuilt(tmp_path, damage):
     d = data_cfg(num_conversations=60)
     first = load_data(d, tok_cfg(), tmp_path)
-    import datasets
-
-    entry = max((tmp_path / "tokens").glob("*.arrow"), key=lambda p: p.stat().st_size)  # the training split
-    table = datasets.Dataset.from_file(str(entry))
-    ids, mask = list(table["ids"]), list(table["mask"])
+    train_ids, train_mask = first.train_ids.clone(), first.train_mask.clone()  # damage rewrites mapped files
+    entry = entry_of(tmp_path)
+    ids = np.fromfile(entry / "train.ids", dtype=np.int16)
+    lengths = np.load(entry / "train.lengths.npy")
     if damage == "id_too_large":
-        ids[3][0] = first.vocab_size  # one past the last embedding row: an IndexError in a later epoch
+        ids[3] = first.vocab_size  # one past the last embedding row: an IndexError in a later epoch
     elif damage == "negative_id":
-        ids[3][0] = -1
-    elif damage == "row_lengths_differ":  # same total length, so only a per-row check sees it
-        ids[0], ids[1] = ids[0] + ids[1][:1], ids[1][1:]
+        ids[3] = -1
+    elif damage == "lengths_do_not_add_up":
+        lengths[0] += 1
+    elif damage == "empty_document":  # same total, so only a per-document check sees it
+        lengths[1], lengths[0] = lengths[1] + lengths[0], 0
     else:
-        ids[2], mask[2] = [], []
-    rewrite_cache_entry(entry, ids, mask)
-    assert datasets.Dataset.from_file(str(entry)).num_rows == len(ids)  # it still parses, with the same rows
+        (entry / "train.mask").write_bytes((entry / "train.mask").read_bytes()[:-1])
+    ids.tofile(entry / "train.ids")
+    np.save(entry / "train.lengths.npy", lengths)
 
     again = load_data(d, tok_cfg(), tmp_path)
     assert not again.info["data/tokens_cache_hit"]
-    assert torch.equal(again.train_ids, first.train_ids) and torch.equal(again.train_mask, first.train_mask)
+    assert torch.equal(again.train_ids, train_ids) and torch.equal(again.train_mask, train_mask)
     assert load_data(d, tok_cfg(), tmp_path).info["data/tokens_cache_hit"]  # rebuilt entry is good
 
 
@@ -182,19 +211,29 @@ def test_a_failing_tokenization_leaves_no_cache_entry(tmp_path, monkeypatch):
 
     calls = []
 
-    def fail_on_second_batch(tokenizer, batch):
+    def fail_on_second_batch(*args):
         calls.append(1)
         if len(calls) == 2:
             raise RuntimeError("disk full")
-        return real(tokenizer, batch)
+        return real(*args)
 
-    real = streams._encode_batch
-    monkeypatch.setattr(streams, "_encode_batch", fail_on_second_batch)
-    texts = [render_chatml(c)[0] for c in chatterbot_conversations(600)]
-    tok = train_bpe(texts, 320, 2)
+    real = streams._encode
+    monkeypatch.setattr(streams, "_encode", fail_on_second_batch)
+    monkeypatch.setattr(streams, "BATCH_DOCUMENTS", 16)
     with pytest.raises(RuntimeError, match="disk full"):
-        encode_cached(tok, texts, [[] for _ in texts], tmp_path)
-    assert list((tmp_path / "tokens").iterdir()) == []
+        load_data(data_cfg(num_conversations=200), tok_cfg(), tmp_path)
+    assert list((tmp_path / "prepared").iterdir()) == []
+
+
+def test_the_cache_key_holds_every_setting_that_changes_the_streams(tmp_path):
+    base = load_data(data_cfg(num_conversations=150), tok_cfg(), tmp_path)
+    for change in ({"dedup": False}, {"split_seed": 1}, {"max_train_tokens": 3000}, {"val_fraction": 0.2}):
+        other = load_data(data_cfg(num_conversations=150, **change), tok_cfg(), tmp_path)
+        assert not other.info["data/tokens_cache_hit"], change
+    assert not load_data(data_cfg(num_conversations=150), tok_cfg(vocab_size=300), tmp_path).info[
+        "data/tokens_cache_hit"]
+    same = load_data(data_cfg(num_conversations=150, loss_on="all"), tok_cfg(), tmp_path)  # the mask, after
+    assert same.info["data/tokens_cache_hit"] and torch.equal(same.train_ids, base.train_ids)
 
 
 # ----------------------------------------------------------------------------- ultrachat
@@ -291,11 +330,26 @@ def test_text_held_out_paragraphs(tmp_path):
     data = load_data(data_cfg(name="text", files=[str(path)], loss_on="all"), tok_cfg(), tmp_path)
     assert (data.info["data/documents"], data.info["data/val_documents"]) == (44, 4)
     assert data.info["data/train_loss_tokens"] == data.info["data/train_tokens"] > 1000
-    built = list((tmp_path / "datasets").rglob("*.arrow"))  # the text builder's own cache entry
-    assert len(built) == 1
-    built[0].write_bytes(b"garbage")  # a corrupt entry is rebuilt, not used
-    again = load_data(data_cfg(name="text", files=[str(path)], loss_on="all"), tok_cfg(), tmp_path)
-    assert torch.equal(again.train_ids, data.train_ids) and again.info["data/tokens_cache_hit"]
+    assert not list(entry_of(tmp_path).glob("*.mask"))  # text: every token predicted, no mask stored
+
+
+def test_a_cached_text_rerun_reads_no_text_and_a_changed_file_is_read_again(tmp_path, monkeypatch):
+    import newllm.data.textfiles as textfiles
+
+    path = write_wiki(tmp_path / "wiki.txt", 40)
+    d = data_cfg(name="text", files=[str(path)], loss_on="all")
+    first = load_data(d, tok_cfg(), tmp_path)
+
+    def no_reading(*args, **kwargs):
+        raise AssertionError("the text was read")
+
+    with monkeypatch.context() as m:
+        m.setattr(textfiles, "_open", no_reading)
+        again = load_data(d, tok_cfg(), tmp_path)
+    assert again.info["data/tokens_cache_hit"] and torch.equal(again.train_ids, first.train_ids)
+    path.write_text(path.read_text(encoding="utf-8") + "\n\n One more paragraph here.\n", encoding="utf-8")
+    changed = load_data(d, tok_cfg(), tmp_path)
+    assert not changed.info["data/tokens_cache_hit"] and changed.info["data/documents"] == 45
 
 
 def _bad_text_inputs(tmp_path: Path) -> list[tuple[list[str], str]]:
@@ -320,7 +374,7 @@ def test_bad_text_files_fail_with_one_line_naming_the_file(tmp_path):
         with pytest.raises(DataError) as e:
             load_data(data_cfg(name="text", files=files, loss_on="all"), tok_cfg(), tmp_path / "cache")
         assert expected in one_line_error(e), (files, str(e.value))
-    assert not (tmp_path / "cache" / "tokens").exists()  # failed before tokenizing: nothing cached
+    assert not list((tmp_path / "cache" / "prepared").glob("*"))  # failed before tokenizing: nothing cached
 
 
 # ----------------------------------------------------------------------------- sizes, options, tokenizer
@@ -425,3 +479,19 @@ def test_pretrained_tokenizer_from_the_local_hub_cache_gains_our_special_tokens(
     assert data.vocab_size == hub_tok.get_vocab_size() + 4  # <|pad|>, <|endoftext|>, <|im_start|>, <|im_end|>
     decoded = data.tokenizer.decode(data.train_ids.tolist(), skip_special_tokens=False)
     assert decoded == "".join(texts[i] for i in _split(100, 0.1, 0.0, seed=0, hold_out_val=False)[0])
+
+
+@pytest.mark.parametrize(("vocab", "stored", "read_as"), [(320, np.int16, torch.int16), (32768, np.int16, torch.int16),
+                                                          (40000, np.uint16, torch.int32),
+                                                          (70000, np.int32, torch.int32)])
+def test_streams_are_stored_in_the_smallest_dtype_that_holds_the_vocabulary(tmp_path, vocab, stored, read_as):
+    from newllm.data.streams import id_dtype
+
+    assert id_dtype(vocab) == stored
+    ids = np.array([0, vocab - 1, 7, vocab // 2], dtype=stored)
+    ids.tofile(tmp_path / "s.ids")
+    np.save(tmp_path / "s.lengths.npy", np.array([3, 1], dtype=np.int64))
+    got, mask, lengths = read_split(tmp_path, "s", vocab, 4, with_mask=False)
+    assert got.dtype == read_as and got.tolist() == [0, vocab - 1, 7, vocab // 2] and lengths.tolist() == [3, 1]
+    assert mask.tolist() == [True] * 4 and mask.stride() == (0,)  # all predicted: no bytes behind it
+    assert (tmp_path / "s.ids").stat().st_size == 4 * np.dtype(stored).itemsize

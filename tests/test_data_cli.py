@@ -49,7 +49,7 @@ def test_bad_data_input_is_one_error_line_and_exit_2(tiny_run, tmp_path):
     assert [line for line in proc.stderr.splitlines() if line.startswith("error:")] == [
         "error: data.files='nowhere/missing.txt' does not exist (or is not a file)"]
     assert "Traceback" not in proc.stderr
-    assert not (tmp_path / "outputs" / "cache" / "tokens").exists()
+    assert not (tmp_path / "outputs" / "cache" / "prepared").exists()
 
 
 def test_data_values_are_checked_at_compose_time():

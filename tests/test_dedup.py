@@ -114,3 +114,28 @@ def test_without_dedup_the_default_data_is_mostly_contaminated_and_cached_apart(
     again = load_data(data_cfg(), tok_cfg(), tmp_path)
     assert again.info["data/tokens_cache_hit"] and again.info["data/fingerprint"] == deduped.info["data/fingerprint"]
 
+
+
+def test_vectorised_dedup_keys_agree_with_normalise_on_tricky_text():
+    from newllm.data.dedup import dedup_keys
+
+    rng = random.Random(0)
+    pieces = ["a", "B", "ß", "SS", " ", "\t", "\n", "\u3000", "\xa0", "é", "É", "x", "\x1c", ".", "<|im_end|>"]
+    texts = ["".join(rng.choice(pieces) for _ in range(rng.randint(0, 8))) for _ in range(20000)]
+    keys = dedup_keys(texts).tolist()
+    by_key, by_text = {}, {}
+    for text, key in zip(texts, keys, strict=True):  # equal keys exactly when the normalised texts are equal
+        assert by_key.setdefault(key, normalise(text)) == normalise(text)
+        assert by_text.setdefault(normalise(text), key) == key
+    assert 1000 < len(by_key) < 20000
+
+
+def test_words_are_runs_of_word_bytes_and_never_cross_documents():
+    from newllm.data.dedup import word_stream
+
+    hashes, lengths = word_stream(["Café au-lait, don’t", "stop", "", "<|im_start|>user\nHi<|im_end|>"])
+    assert lengths.tolist() == [4, 1, 0, 1]  # café | au | lait | don’t ; stop ; (none) ; hi
+    again, _ = word_stream(["CAFÉ", "café"])
+    assert again[0] == again[1] == hashes[0]
+    first_doc_end, second = word_stream(["a stop", "stop"])[0][1:]
+    assert first_doc_end == second

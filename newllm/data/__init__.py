@@ -1,12 +1,15 @@
 """Data: every source produces the same thing -- token streams, loss masks and a tokenizer.
 
-    source (chatterbot | ultrachat | text | hf)  -> documents (ChatML text + assistant spans, or plain text)
-    -> duplicates removed (data.dedup, newllm.data.dedup: normalised text, first occurrence kept)
-    -> seeded split by document (data.split_seed) into train / validation / test
-    -> tokenizer (BPE trained on the training split, cached)
-    -> token ids + assistant masks (tokenized once, cached by `datasets`) -> budgets
-    -> contamination report (held-out documents sharing a 13-token n-gram with train) -> TokenData
-    repetition: generated phrases (newllm.data.repetition) -> stages + the same streams.
+    source (chatterbot | ultrachat | text | hf)  -> documents (ChatML text + assistant spans, or plain text;
+        text files are indexed, not loaded: newllm.data.textfiles)
+    -> prepared once and cached (newllm.data.prepare): duplicates removed (data.dedup, newllm.data.dedup)
+       -> seeded split by document (data.split_seed) -> BPE trained on training documents (bounded by the
+       caps) -> token streams written up to their caps (data.max_*_tokens), memory-mapped in the smallest id
+       dtype (newllm.data.streams) -> contamination report (held-out documents sharing a 13-word n-gram
+       with train)
+    -> budgets, loss masks, counts -> TokenData (its streams are views of the memory maps: nothing copies
+       a whole stream; Phase 1 and Phase 2 make int64 ids one piece or batch at a time)
+    repetition / recall: generated data (newllm.data.repetition, newllm.data.recall) -> the same streams.
 
 Every data choice (which documents are held out, their order, the Phase-1 sample) is drawn from
 data.split_seed, never from the run's `seed`: a seed grid varies initialisation and batch order on
@@ -15,8 +18,6 @@ one fixed split.
 
 from __future__ import annotations
 
-import hashlib
-import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,11 +28,14 @@ from tokenizers import Tokenizer
 
 from newllm import keys
 from newllm.data import recall, repetition
-from newllm.data.corpora import TEXT_UNITS, chatterbot_conversations, text_documents, ultrachat_conversations
-from newllm.data.dedup import NGRAM, contamination, first_occurrences
+from newllm.data.corpora import TEXT_UNITS, chatterbot_conversations, check_text_files, ultrachat_conversations
 from newllm.data.hf import hf_documents
+from newllm.data.prepare import Documents, file_identity, prepare_documents
 from newllm.data.repetition import RepetitionStage
-from newllm.data.streams import Spans, encode_cached, render_chatml
+from newllm.data.splits import Split, fingerprint, held_out_count
+from newllm.data.splits import split_indices as _split  # noqa: F401 -- the tests' name for the seeded split
+from newllm.data.streams import render_chatml
+from newllm.data.textfiles import index_text_files
 from newllm.data.tokenizer import check_vocab_size, load_or_train, load_pretrained
 from newllm.errors import DataError
 
@@ -39,9 +43,17 @@ DIALOGUE = ("chatterbot", "ultrachat")
 SUBSET_OF_TRAIN_FRACTION = 0.2  # val_protocol=subset_of_train: validation = this tail of the training stream
 
 
+def _tokenizer(tok: DictConfig, train_texts: list[str], cache_dir: Path) -> tuple[Tokenizer, dict]:
+    """data=repetition's tokenizer: a hub one, or a BPE of the embedded dialogues (cached by content)."""
+    if tok.pretrained:
+        return load_pretrained(tok.pretrained), {keys.DATA_TOKENIZER: tok.pretrained}
+    tokenizer, path, hit = load_or_train(train_texts, tok.vocab_size, tok.min_frequency, cache_dir)
+    return tokenizer, {keys.DATA_TOKENIZER: str(path), keys.DATA_TOKENIZER_CACHE_HIT: hit}
+
+
 @dataclass
 class TokenData:
-    train_ids: torch.Tensor  # (N,) long
+    train_ids: torch.Tensor  # (N,) int64 (generated data) or the stored dtype (int16/int32, memory-mapped)
     train_mask: torch.Tensor  # (N,) bool: tokens Phase 2 learns to predict
     val_ids: torch.Tensor
     val_mask: torch.Tensor
@@ -67,35 +79,6 @@ class TokenData:
         return self.tokenizer.get_vocab_size()
 
 
-@dataclass
-class Split:
-    """One split's documents, concatenated: ids (N,), loss mask (N,), tokens per document (D,), for
-    a document source each document's index in the source's (deduplicated) list (D,), and the targets
-    (N,) where they differ from the ids (TokenData.targets)."""
-
-    ids: torch.Tensor
-    mask: torch.Tensor
-    lengths: torch.Tensor
-    docs: torch.Tensor | None = None
-    targets: torch.Tensor | None = None
-
-    @classmethod
-    def of_rows(cls, stages: list[RepetitionStage]) -> Split:
-        """data=repetition: every phrase row (a phrase repeated n times) is one document."""
-        ids = repetition.stream(stages)
-        lengths = torch.cat([torch.full((s.ids.shape[0],), s.ids.shape[1], dtype=torch.long) for s in stages])
-        return cls(ids, torch.ones_like(ids, dtype=torch.bool), lengths)
-
-    def tokens(self, start: int = 0, stop: int | None = None) -> Split:
-        """Tokens [start, stop); documents cut by either end keep their remaining part."""
-        stop = len(self.ids) if stop is None else min(stop, len(self.ids))
-        ends = self.lengths.cumsum(0)
-        kept = (torch.minimum(ends, torch.tensor(stop)) - torch.clamp(ends - self.lengths, min=start)).clamp(min=0)
-        return Split(self.ids[start:stop], self.mask[start:stop], kept[kept > 0],
-                     None if self.docs is None else self.docs[kept > 0],
-                     None if self.targets is None else self.targets[start:stop])
-
-
 def check_options(d: DictConfig, tok: DictConfig) -> None:
     """Combinations that would silently do something else than asked (before any work)."""
     if not tok.pretrained:
@@ -117,25 +100,9 @@ def check_options(d: DictConfig, tok: DictConfig) -> None:
             raise DataError(f"data.{key}={d[key]!r} is read by data=hf only, not data={d.name}: drop data.{key}")
 
 
-@dataclass
-class Documents:
-    """What a document source reads: texts, assistant spans per text, source info for metrics, and the
-    split each text comes from ('train' / 'val' / 'test') when the source has its own (data=hf), else None."""
-
-    texts: list[str]
-    spans: list[Spans]
-    info: dict = field(default_factory=dict)
-    given: list[str] | None = None
-
-    def subset(self, kept: list[int]) -> Documents:
-        pick = lambda xs: [xs[i] for i in kept]
-        return Documents(pick(self.texts), pick(self.spans), self.info, pick(self.given) if self.given else None)
-
-
 def _text_documents(d: DictConfig, cache_dir: Path) -> Documents:
-    pieces, unit = text_documents(list(d.files), d.split_by, d.num_conversations, cache_dir)
-    docs = [t + TEXT_UNITS[unit] for t in pieces]
-    return Documents(docs, [[] for _ in docs], {keys.DATA_SPLIT_BY: str(unit)})
+    files = index_text_files(check_text_files(list(d.files)), d.split_by, d.num_conversations, TEXT_UNITS)
+    return Documents(files, None, {keys.DATA_SPLIT_BY: files.unit})
 
 
 def _chatml(conversations: list) -> Documents:
@@ -153,7 +120,7 @@ def _ultrachat_documents(d: DictConfig, cache_dir: Path) -> Documents:
 
 def _hf_documents(d: DictConfig, cache_dir: Path) -> Documents:
     texts, given, info = hf_documents(d.dataset, d.config, d.text_column, d.num_conversations)
-    return Documents(texts, [[] for _ in texts], info, given)
+    return Documents(texts, None, info, given)
 
 
 # The document sources (data.name): each reads its documents; splitting and tokenising are shared.
@@ -161,56 +128,6 @@ DOCUMENT_SOURCES: dict[str, Callable[[DictConfig, Path], Documents]] = {
     "chatterbot": _chatterbot_documents, "ultrachat": _ultrachat_documents, "text": _text_documents,
     "hf": _hf_documents,
 }
-
-
-def held_out_count(n: int, fraction: float) -> int:
-    """Documents (or phrases) a fraction holds out of n: at least one unless the fraction is 0."""
-    return max(1, round(n * fraction)) if fraction > 0 else 0
-
-
-def _split(n: int, val_fraction: float, test_fraction: float, seed: int, hold_out_val: bool = True
-           ) -> tuple[list[int], list[int], list[int]]:
-    """Seeded disjoint (train, val, test) document indices.
-
-    Each split lists its documents in a seeded random order, so a token cap (data.max_*_tokens) keeps
-    a random sample of documents rather than the first topics of a corpus stored topic by topic.
-    hold_out_val=False (val_protocol=subset_of_train): validation is cut from the training stream later.
-    """
-    order = list(range(n))
-    random.Random(seed).shuffle(order)
-    n_val = held_out_count(n, val_fraction) if hold_out_val else 0
-    n_test = held_out_count(n, test_fraction)
-    if n_val + n_test >= n:
-        raise DataError(f"{n} documents are too few to hold out data.val_fraction={val_fraction} for validation "
-                        f"and data.test_fraction={test_fraction} for test and keep some for training: use more "
-                        "data (data.num_conversations) or smaller fractions")
-    return order[n_val + n_test:], order[:n_val], order[n_val : n_val + n_test]
-
-
-def _assign(n: int, given: list[str] | None, d: DictConfig) -> tuple[list[int], list[int], list[int]]:
-    """(train, val, test) indices of n documents: newllm's seeded split, or the source's own splits (given),
-    where a held-out split the source lacks is cut from its training documents the same way."""
-    by_conversation = d.val_protocol == "by_conversation"
-    if given is None:
-        return _split(n, d.val_fraction, d.test_fraction, d.split_seed, hold_out_val=by_conversation)
-    own = {k: [i for i, g in enumerate(given) if g == k] for k in ("train", "val", "test")}
-    need_val, need_test = by_conversation and not own["val"], d.test_fraction > 0 and not own["test"]
-    train = own["train"]
-    cut = _split(len(train), d.val_fraction if need_val else 0, d.test_fraction if need_test else 0, d.split_seed,
-                 hold_out_val=need_val)
-    held = []
-    for ours, keep, part in (("val", by_conversation, cut[1]), ("test", d.test_fraction > 0, cut[2])):
-        docs = own[ours] if keep else []
-        random.Random(d.split_seed).shuffle(docs)  # a seeded order, as _split gives: caps keep a random sample
-        held.append(docs + [train[i] for i in part])
-    return [train[i] for i in cut[0]], held[0], held[1]
-
-
-def _tokenizer(tok: DictConfig, train_texts: list[str], cache_dir: Path) -> tuple[Tokenizer, dict]:
-    if tok.pretrained:
-        return load_pretrained(tok.pretrained), {keys.DATA_TOKENIZER: tok.pretrained}
-    tokenizer, path, hit = load_or_train(train_texts, tok.vocab_size, tok.min_frequency, cache_dir)
-    return tokenizer, {keys.DATA_TOKENIZER: str(path), keys.DATA_TOKENIZER_CACHE_HIT: hit}
 
 
 def _check_sizes(d: DictConfig, splits: dict[str, Split], min_tokens: int) -> None:
@@ -233,30 +150,9 @@ def _check_sizes(d: DictConfig, splits: dict[str, Split], min_tokens: int) -> No
                             "with data.loss_on=assistant): hold out more data or use data.loss_on=all")
 
 
-def fingerprint(splits: dict[str, Split]) -> str:
-    """A short hash of every split's token ids and loss mask: equal fingerprints, identical data."""
-    h = hashlib.sha256()
-    for name in sorted(splits):
-        s = splits[name]
-        h.update(name.encode() + s.ids.numpy().tobytes() + s.mask.numpy().tobytes())
-        if s.targets is not None:
-            h.update(s.targets.numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
-def contamination_info(texts: list[str], splits: dict[str, Split]) -> dict:
-    """data/contamination/<split>_documents: the share of each held-out split's documents that share a
-    13-word n-gram with a training document (newllm.data.dedup holds the definition)."""
-    of = lambda s: (texts[i] for i in s.docs.tolist())
-    counts = contamination(of(splits["train"]), {k: list(of(s)) for k, s in splits.items() if k != "train"})
-    return {keys.DATA_CONTAMINATION_NGRAM: NGRAM,
-            **{keys.data_contamination(k): hit / max(total, 1) for k, (hit, total) in counts.items()}}
-
-
 def _finish(d: DictConfig, tokenizer: Tokenizer, splits: dict[str, Split], min_tokens: int, info: dict,
-            stages: dict[str, list[RepetitionStage]] | None = None, texts: list[str] | None = None) -> TokenData:
-    """Budgets, loss masks, size checks and the counts every option reports; the contamination report
-    of a document source (`texts`: its documents, which Split.docs index)."""
+            stages: dict[str, list[RepetitionStage]] | None = None) -> TokenData:
+    """Budgets, loss masks, size checks and the counts every option reports."""
     splits = dict(splits)
     splits["train"] = splits["train"].tokens(0, d.max_train_tokens)
     if d.val_protocol == "subset_of_train":  # the original protocol: the tail of what is trained on
@@ -267,7 +163,7 @@ def _finish(d: DictConfig, tokenizer: Tokenizer, splits: dict[str, Split], min_t
     else:
         splits.pop("test", None)
     if d.loss_on == "all":
-        splits = {k: Split(s.ids, torch.ones_like(s.mask), s.lengths, s.docs, s.targets)
+        splits = {k: Split(s.ids, torch.ones(1, dtype=torch.bool).expand(len(s.ids)), s.lengths, s.targets)
                   for k, s in splits.items()}
     _check_sizes(d, splits, min_tokens)
     counts = {}
@@ -277,7 +173,7 @@ def _finish(d: DictConfig, tokenizer: Tokenizer, splits: dict[str, Split], min_t
     info = {keys.DATA_NAME: str(d.name), **counts, keys.DATA_VAL_PROTOCOL: str(d.val_protocol),
             keys.DATA_TEST_FRACTION: d.test_fraction, keys.DATA_SPLIT_SEED: d.split_seed,
             keys.DATA_FINGERPRINT: fingerprint(splits), keys.DATA_VOCAB_SIZE: tokenizer.get_vocab_size(),
-            **(contamination_info(texts, splits) if texts is not None else {}), **info}
+            **info}
     stages = stages or {}
     train, val, test = splits["train"], splits["val"], splits.get("test")
     return TokenData(train.ids, train.mask, val.ids, val.mask, tokenizer, info, stages.get("train"),
@@ -338,22 +234,14 @@ def load_data(data_cfg: DictConfig, tok_cfg: DictConfig, cache_dir: str | Path, 
 
 
 def _load_documents(d: DictConfig, tok_cfg: DictConfig, cache_dir: Path, min_tokens: int) -> TokenData:
-    """A document source: seeded split by document, tokenizer trained on train, ids cached per split."""
-    docs = DOCUMENT_SOURCES[d.name](d, cache_dir)
-    read = len(docs.texts)
-    if d.dedup:  # before the split, so no document can be both trained on and held out
-        docs = docs.subset(first_occurrences(docs.texts))
-    texts, spans = docs.texts, docs.spans
-    indices = dict(zip(("train", "val", "test"), _assign(len(texts), docs.given, d), strict=True))
-    tokenizer, tok_info = _tokenizer(tok_cfg, [texts[i] for i in indices["train"]], cache_dir)
-    splits, hits = {}, []
-    for name, idx in indices.items():
-        *encoded, hit = encode_cached(tokenizer, [texts[i] for i in idx], [spans[i] for i in idx], cache_dir)
-        splits[name], hits = Split(*encoded, torch.tensor(idx, dtype=torch.long)), [*hits, hit]
-    info = {keys.DATA_DOCUMENTS: len(texts), keys.DATA_DEDUP: bool(d.dedup),
-            keys.DATA_DUPLICATES_REMOVED: read - len(texts), **docs.info, **tok_info,
-            keys.DATA_TOKENS_CACHE_HIT: all(hits)}
-    return _finish(d, tokenizer, splits, min_tokens, info, texts=texts)
+    """A document source, prepared once (newllm.data.prepare: dedup, split, tokenizer, token streams with
+    their caps, contamination) and read back from its memory-mapped cache entry."""
+    identity = None  # text files are known by path, size and time, so a cached rerun reads none of them
+    if d.name == "text":
+        identity = file_identity(check_text_files(list(d.files)), str(d.split_by), d.num_conversations)
+    splits, tokenizer, info = prepare_documents(d, tok_cfg, cache_dir, identity,
+                                                lambda: DOCUMENT_SOURCES[d.name](d, cache_dir))
+    return _finish(d, tokenizer, splits, min_tokens, info)
 
 
 # data.name -> loader (newllm.config.DataSource lists the same names; Hydra refuses any other at compose).
@@ -378,4 +266,4 @@ def phase1_sample(data: TokenData, max_tokens: int, seed: int) -> tuple[torch.Te
     taken = lengths[order].cumsum(0)
     n_docs = min(len(order), int((taken < max_tokens).sum()) + 1)  # the last one may be cut
     pieces = [data.train_ids[starts[i] : starts[i] + lengths[i]] for i in order[:n_docs].tolist()]
-    return torch.cat(pieces)[:max_tokens], n_docs
+    return torch.cat(pieces)[:max_tokens].long(), n_docs

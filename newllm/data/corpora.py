@@ -1,12 +1,12 @@
 """Raw sources -> conversations (lists of {role, content}) or documents (plain strings).
 
 A conversation is rendered to ChatML by `streams.render_chatml`; documents are used as they are.
-Files are read with `datasets` builders (json / parquet / text), cached under <cache_dir>/datasets.
+JSON / Parquet files are read with `datasets` builders, cached under <cache_dir>/datasets; plain text
+files by newllm.data.textfiles.
 """
 
 from __future__ import annotations
 
-import re
 from importlib import resources
 from pathlib import Path
 
@@ -25,7 +25,6 @@ MESSAGE_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 # data=text: how a file is cut into documents (the unit held out for validation) and the
 # separator that joins them back into a stream -- the one that cut them.
 TEXT_UNITS = {"paragraph": "\n\n", "line": "\n", "file": END_OF_TEXT}
-BLANK_LINES = re.compile(r"\n[ \t\r\f\v]*\n\s*")  # WikiText's blank lines hold a space
 
 datasets.disable_progress_bars()
 
@@ -169,29 +168,8 @@ def ultrachat_conversations(path: str | None, limit: int | None, cache_dir: Path
     return [check_conversation(r["messages"], f"{where} conversation {i}") for i, r in enumerate(rows)]
 
 
-def text_documents(files: list[str], unit: str, limit: int | None, cache_dir: Path) -> tuple[list[str], str]:
-    """Plain-text files -> (documents, the unit used): paragraphs (split at blank lines), lines, or whole files.
-
-    unit=auto: paragraphs when the text has blank lines between its lines, otherwise lines (a file of
-    one sentence per line would otherwise be a single document).
-    """
+def check_text_files(files: list[str]) -> list[Path]:
+    """data.files as paths, each an existing non-empty file (reading them: newllm.data.textfiles)."""
     if not files:
         raise DataError("data=text needs data.files=[path, ...]: one or more UTF-8 plain-text files")
-    paths = [check_file(f, "data.files") for f in files]
-    ds = load_local("text", paths, "data.files", cache_dir, sample_by="document")
-    texts = ds["text"]  # one row per file, in order
-    for path, text in zip(paths, texts, strict=True):
-        if not text.strip():
-            raise DataError(f"data.files: {str(path)!r} holds only whitespace")
-    if unit == "auto":
-        unit = "paragraph" if any(BLANK_LINES.search(t.strip()) for t in texts) else "line"
-    documents: list[str] = []
-    for text in texts:
-        if unit == "paragraph":
-            pieces = BLANK_LINES.split(text)
-        elif unit == "line":
-            pieces = text.splitlines()
-        else:
-            pieces = [text]
-        documents.extend(p.strip() for p in pieces if p.strip())
-    return (documents[:limit] if limit else documents), unit
+    return [check_file(f, "data.files") for f in files]

@@ -1,35 +1,35 @@
-"""Documents -> token id streams and per-token loss masks, tokenized once and cached by `datasets`.
+"""Documents -> token id streams and loss masks, written once as memory-mapped files and read back
+without copying.
+
+A split's stream is one flat file of token ids in the smallest dtype that holds the vocabulary
+(int16 up to 32,768 ids, uint16 up to 65,536 -- read back as int32, since torch computes little in
+uint16 -- else int32), one file of tokens per document (int64) and, for dialogue, one of loss-mask
+bytes (the assistant tokens; text needs none: every token is predicted). Documents are tokenized in
+batches of about BATCH_BYTES of text, in the split's order, and tokenization stops at the split's
+token cap (data.max_*_tokens): no token past a cap is ever computed.
 
 The assistant mask comes from exact character spans of the assistant turns, mapped through the
-tokenizer's offsets -- never by matching decoded text.
-
-Cache: one Arrow file per (tokenizer, documents) under <cache_dir>/tokens/, written by
-`Dataset.map(cache_file_name=...)`, which writes a temp file and moves it into place only when the
-whole map succeeded. A file that does not read back as the expected table (one row per document,
-ids and mask of equal length, every id below the vocabulary size) is deleted and rebuilt.
+tokenizer's offsets -- never by matching decoded text. Text without spans is encoded with
+`encode_batch_fast` (no offsets).
 """
 
 from __future__ import annotations
 
-import hashlib
-import logging
+from collections.abc import Callable, Sequence
+from contextlib import ExitStack
 from pathlib import Path
 
-import datasets
 import numpy as np
-import pyarrow.compute as pc
 import torch
 from tokenizers import Tokenizer
 
 from newllm.data.corpora import Conversation
 from newllm.data.tokenizer import END_OF_TEXT, IM_END, IM_START
-from newllm.runtime.fileio import writing
+from newllm.runtime.fileio import atomic_write
 
-log = logging.getLogger(__name__)
 Spans = list[tuple[int, int]]
-FEATURES = datasets.Features({"ids": datasets.List(datasets.Value("int32")),
-                              "mask": datasets.List(datasets.Value("bool"))})
-CACHE_VERSION = "tokens-v1"  # bump when the encoding below changes
+BATCH_BYTES = 4 << 20  # text encoded per call: large enough for the tokenizer's threads, bounded in memory
+BATCH_DOCUMENTS = 4096
 
 
 def render_chatml(conversation: Conversation) -> tuple[str, Spans]:
@@ -62,72 +62,104 @@ def spans_to_mask(offsets: np.ndarray, spans: np.ndarray) -> np.ndarray:
     return inside & (spans[k, 0] <= start) & (end <= spans[k, 1]) & (end > start)
 
 
-def _encode_batch(tokenizer: Tokenizer, batch: dict) -> dict:
-    encodings = tokenizer.encode_batch(batch["text"], add_special_tokens=False)
-    masks = [spans_to_mask(np.asarray(enc.offsets, dtype=np.int64).reshape(-1, 2),
-                           np.asarray(spans, dtype=np.int64).reshape(-1, 2))
-             for enc, spans in zip(encodings, batch["spans"], strict=True)]
-    return {"ids": [enc.ids for enc in encodings], "mask": masks}
+def id_dtype(vocab_size: int) -> np.dtype:
+    """The smallest dtype of the stored ids for this vocabulary."""
+    if vocab_size <= 1 << 15:
+        return np.dtype(np.int16)
+    return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.int32)
 
 
-def _content_key(tokenizer: Tokenizer, texts: list[str], spans: list[Spans]) -> str:
-    h = hashlib.sha256(CACHE_VERSION.encode())
-    h.update(tokenizer.to_str().encode())
-    for text, sp in zip(texts, spans, strict=True):
-        h.update(b"\0" + text.encode("utf-8", "surrogatepass") + b"\0" + repr(sp).encode())
-    return h.hexdigest()[:20]
+def _batches(docs: Sequence[str], order: Sequence[int]) -> Callable:
+    """Yield lists of document indices of about BATCH_BYTES of text (at most BATCH_DOCUMENTS), in order."""
+    def gen():
+        batch, size = [], 0
+        for i in order:
+            batch.append(i)
+            size += len(docs[i]) if not hasattr(docs, "nbytes") else docs.nbytes(i)
+            if size >= BATCH_BYTES or len(batch) >= BATCH_DOCUMENTS:
+                yield batch
+                batch, size = [], 0
+        if batch:
+            yield batch
+    return gen
 
 
-def _rows_are_valid(ds: datasets.Dataset, n_docs: int, vocab_size: int) -> bool:
-    """One row per document, ids and mask of equal non-zero length per row, every id an embedding row.
-
-    A table can parse and still be wrong (an entry written by another tokenizer version, a damaged
-    file): an out-of-range id would only fail epochs later, as an IndexError in the embedding.
-    """
-    if ds.features != FEATURES or ds.num_rows != n_docs:
-        return False
-    ids, mask = ds.data.column("ids"), ds.data.column("mask")
-    lengths = pc.list_value_length(ids)
-    if not pc.all(pc.equal(lengths, pc.list_value_length(mask))).as_py() or pc.min(lengths).as_py() < 1:
-        return False
-    low, high = pc.min_max(pc.list_flatten(ids)).values()
-    return low.as_py() >= 0 and high.as_py() < vocab_size
+def _encode(tokenizer: Tokenizer, texts: list[str], spans: list[Spans] | None, dtype: np.dtype
+            ) -> list[tuple[np.ndarray, np.ndarray | None]]:
+    """(ids, assistant mask or None) per text."""
+    if spans is None:
+        return [(np.asarray(e.ids, dtype=dtype), None)
+                for e in tokenizer.encode_batch_fast(texts, add_special_tokens=False)]
+    out = []
+    for e, sp in zip(tokenizer.encode_batch(texts, add_special_tokens=False), spans, strict=True):
+        offsets = np.asarray(e.offsets, dtype=np.int64).reshape(-1, 2)
+        mask = spans_to_mask(offsets, np.asarray(sp, dtype=np.int64).reshape(-1, 2))
+        out.append((np.asarray(e.ids, dtype=dtype), mask))
+    return out
 
 
-def _read_cached(path: Path, n_docs: int, vocab_size: int) -> datasets.Dataset | None:
-    """The cached table, or None (and the file removed) when it is missing, unreadable or not ours."""
-    if not path.exists():
-        return None
-    try:
-        ds = datasets.Dataset.from_file(str(path))
-        if _rows_are_valid(ds, n_docs, vocab_size):
-            return ds
-    except Exception as err:  # noqa: BLE001 -- any read failure means a corrupt entry: rebuild it
-        log.warning("tokenized-data cache %s is unreadable (%s): rebuilding it", path, type(err).__name__)
+def write_split(folder: Path, name: str, tokenizer: Tokenizer, docs: Sequence[str], spans: Sequence[Spans] | None,
+                order: Sequence[int], cap: int | None, seen: Callable[[list[str]], None] | None = None) -> list[int]:
+    """Tokenize docs[order] into <folder>/<name>.ids (+ .mask with spans, + .lengths.npy), stopping at
+    `cap` tokens (the last document cut). `seen(texts)` gets each batch of the documents used.
+    Returns the indices of the documents used (the last one possibly cut). The ids and mask files grow
+    as batches are encoded: `folder` is a temporary folder that prepare renames into place whole."""
+    dtype, total, used, lengths = id_dtype(tokenizer.get_vocab_size()), 0, [], []
+    with ExitStack() as files:
+        ids_f = files.enter_context((folder / f"{name}.ids").open("wb"))
+        mask_f = files.enter_context((folder / f"{name}.mask").open("wb")) if spans is not None else None
+        for batch in _batches(docs, order)():
+            texts = [docs[i] for i in batch]
+            encoded = _encode(tokenizer, texts, [spans[i] for i in batch] if spans is not None else None, dtype)
+            for k, (i, (ids, mask)) in enumerate(zip(batch, encoded, strict=True)):
+                keep = len(ids) if cap is None else min(len(ids), cap - total)
+                ids_f.write(ids[:keep].tobytes())
+                if mask_f is not None:
+                    mask_f.write(mask[:keep].astype(np.uint8).tobytes())
+                total += keep
+                used.append(i)
+                lengths.append(keep)
+                if cap is not None and total >= cap:
+                    if seen is not None:
+                        seen(texts[: k + 1])
+                    return _finish_split(folder, name, lengths, used)
+            if seen is not None:
+                seen(texts)
+    return _finish_split(folder, name, lengths, used)
+
+
+def _finish_split(folder: Path, name: str, lengths: list[int], used: list[int]) -> list[int]:
+    array = np.asarray(lengths, dtype=np.int64)
+    atomic_write(folder / f"{name}.lengths.npy", lambda tmp: np.save(open(tmp, "wb"), array))  # noqa: SIM115
+    return used
+
+
+def _memmap(path: Path, dtype: np.dtype, n: int) -> np.ndarray:
+    if n == 0:
+        return np.zeros(0, dtype)
+    return np.memmap(path, dtype=dtype, mode="c", shape=(n,))  # copy-on-write: writable for torch, never written
+
+
+def read_split(folder: Path, name: str, vocab_size: int, tokens: int, with_mask: bool
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(ids, loss mask, tokens per document) of a written split, memory-mapped (uint16 ids as an int32 copy).
+    Raises ValueError when the files do not match what was written (sizes, lengths, ids past the vocabulary)."""
+    dtype = id_dtype(vocab_size)
+    path = folder / f"{name}.ids"
+    if path.stat().st_size != tokens * dtype.itemsize:
+        raise ValueError(f"{path.name}: {path.stat().st_size} bytes, expected {tokens * dtype.itemsize}")
+    ids = _memmap(path, dtype, tokens)
+    lengths = np.load(folder / f"{name}.lengths.npy", mmap_mode="c")  # mapped like the ids, not read
+    if lengths.dtype != np.int64 or int(lengths.sum()) != tokens or (tokens and int(lengths.min()) < 1):
+        raise ValueError(f"{name}.lengths.npy does not add up to {tokens} tokens of non-empty documents")
+    if tokens and not 0 <= int(ids.min()) <= int(ids.max()) < vocab_size:
+        raise ValueError(f"{path.name} holds ids outside [0, {vocab_size})")
+    if with_mask:
+        mask_path = folder / f"{name}.mask"
+        if mask_path.stat().st_size != tokens:
+            raise ValueError(f"{mask_path.name}: {mask_path.stat().st_size} bytes, expected {tokens}")
+        mask = torch.from_numpy(_memmap(mask_path, np.dtype(np.bool_), tokens))
     else:
-        log.warning("tokenized-data cache %s does not match its documents or vocabulary: rebuilding it", path)
-    path.unlink(missing_ok=True)
-    return None
-
-
-def encode_cached(tokenizer: Tokenizer, texts: list[str], spans: list[Spans], cache_dir: Path
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
-    """Concatenated documents: ids (N,) long, assistant mask (N,) bool, tokens per document (D,) long,
-    and whether the cache served them."""
-    if not texts:
-        empty = torch.empty(0, dtype=torch.long)
-        return empty, torch.empty(0, dtype=torch.bool), empty.clone(), True
-    path = Path(cache_dir) / "tokens" / f"{_content_key(tokenizer, texts, spans)}.arrow"
-    ds = _read_cached(path, len(texts), tokenizer.get_vocab_size())
-    hit = ds is not None
-    if ds is None:
-        with writing(path):  # datasets writes the cache file itself (a temp file, renamed): no atomic_write here
-            path.parent.mkdir(parents=True, exist_ok=True)
-            docs = datasets.Dataset.from_dict({"text": texts, "spans": [[list(s) for s in sp] for sp in spans]})
-            ds = docs.map(lambda b: _encode_batch(tokenizer, b), batched=True, batch_size=256,
-                          remove_columns=["text", "spans"], features=FEATURES, cache_file_name=str(path),
-                          load_from_cache_file=False, new_fingerprint=path.stem)
-    ids = pc.list_flatten(ds.data.column("ids")).to_numpy().astype(np.int64)
-    mask = pc.list_flatten(ds.data.column("mask")).to_numpy(zero_copy_only=False)
-    lengths = pc.list_value_length(ds.data.column("ids")).to_numpy().astype(np.int64)
-    return torch.from_numpy(ids), torch.from_numpy(mask.astype(bool)), torch.from_numpy(lengths), hit
+        mask = torch.ones(1, dtype=torch.bool).expand(tokens)  # every token predicted: no bytes at all
+    as_torch = torch.from_numpy(ids.astype(np.int32) if dtype == np.uint16 else ids)
+    return as_torch, mask, torch.from_numpy(lengths)

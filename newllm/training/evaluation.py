@@ -47,8 +47,9 @@ def evaluate(model: nn.Module, windows: Windows | list[torch.Tensor], batch_size
     by_pos = PositionLoss(inputs.shape[1], int(positions[1].max()) + 1 if positions is not None else 0)
     for i in range(0, inputs.shape[0], batch_size):
         m = mask[i : i + batch_size]
-        logits = model.head(model.contexts_window(inputs[i : i + batch_size]))
-        ce, hit = metrics.masked_token_losses(logits, targets[i : i + batch_size], m)  # dense (B, T)
+        # windows keep the stream's stored dtype (int16/int32, memory-mapped): int64 one batch at a time
+        logits = model.head(model.contexts_window(inputs[i : i + batch_size].long()))
+        ce, hit = metrics.masked_token_losses(logits, targets[i : i + batch_size].long(), m)  # dense (B, T)
         where = [p[i : i + batch_size] for p in positions] if positions is not None else [None, None]
         by_pos.add_losses(ce, m, *where)  # the same per-token CE, bucketed by position
         sums += torch.stack([ce.double().sum(), hit.sum().double(), m.sum().double()])

@@ -58,14 +58,14 @@ def as_streams(ids: torch.Tensor, num_streams: int) -> torch.Tensor:
 
 def phase1_ids(ids: torch.Tensor, cfg: Phase1Config) -> torch.Tensor:
     """The (S, N) training positions Phase 1 iterates over: streams, or each distinct token once (per_token)."""
-    ids = ids[: cfg.max_tokens]
+    ids = ids[: cfg.max_tokens].long()  # stored ids may be int16/int32 (memory-mapped): only this piece is copied
     return unique_tokens(ids, cfg.max_tokens) if cfg.mode == "per_token" else as_streams(ids, cfg.num_streams)
 
 
 def held_out_ids(ids: torch.Tensor, cfg: Phase1Config, what: str = "validation") -> torch.Tensor:
     """The (S, N) held-out positions `evaluate_phase1` measures: val_streams streams, each read from c = 0
     (side by side, so the reference pass takes N steps, not S N), or each distinct token once (per_token)."""
-    ids = ids[: cfg.max_tokens]
+    ids = ids[: cfg.max_tokens].long()
     if cfg.mode == "per_token":
         return unique_tokens(ids, cfg.max_tokens)
     streams = as_streams(ids, cfg.val_streams)

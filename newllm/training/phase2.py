@@ -86,7 +86,8 @@ def make_windows(ids: torch.Tensor, mask: torch.Tensor, seq_len: int, what: str,
                  targets: torch.Tensor | None = None, key: str = "training.phase2.seq_len") -> tuple[torch.Tensor, ...]:
     """(inputs (W, T), targets (W, T), target mask (W, T)) from non-overlapping windows; `key` names the
     setting of the window length. `targets`: the target stream where it differs from the ids
-    (TokenData.targets; None: the ids)."""
+    (TokenData.targets; None: the ids). Views of the stream: a memory-mapped one is not copied; ids keep
+    its dtype, made int64 one batch at a time."""
     w = (ids.numel() - 1) // seq_len
     if w < 1:
         raise DataError(f"the {what} stream has {ids.numel()} tokens, fewer than one window of "
@@ -140,7 +141,7 @@ def train_contexts_window(model: nn.Module, inputs: torch.Tensor, cfg: Any) -> t
 def contexts_of(model: nn.Module, inputs: torch.Tensor, batch_size: int) -> torch.Tensor:
     """Fixed contexts (context=fixed): features of f, so computed in eval mode (no dropout)."""
     with evaluating(model):
-        return torch.cat([model.contexts_window(inputs[i : i + batch_size])
+        return torch.cat([model.contexts_window(inputs[i : i + batch_size].long())
                           for i in range(0, inputs.shape[0], batch_size)])
 
 
@@ -256,6 +257,7 @@ class Phase2Loop:
         """One optimizer step on the windows `idx`."""
         cfg, st = self.cfg, self.state
         inputs, targets, mask = (t[idx] for t in self.windows.train)
+        inputs, targets = inputs.long(), targets.long()  # windows keep the stored dtype (int16/int32)
         contexts = self.train_contexts[idx] if self.fixed else train_contexts_window(self.model, inputs, cfg)
         logits = self.model.head(contexts)
         loss = metrics.masked_cross_entropy(logits, targets, mask)
