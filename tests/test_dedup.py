@@ -139,3 +139,13 @@ def test_words_are_runs_of_word_bytes_and_never_cross_documents():
     assert again[0] == again[1] == hashes[0]
     first_doc_end, second = word_stream(["a stop", "stop"])[0][1:]
     assert first_doc_end == second
+
+
+@pytest.mark.parametrize("texts", [["Ab", "", "ÉSS\x00x", "q"], ["Straße", "", "İX", "q"], ["AB", "c"], [], ["x"]])
+def test_texts_are_casefolded_to_utf8_bytes_with_their_starts(texts):
+    from newllm.data.dedup import _utf8
+
+    b, start = _utf8(texts)
+    ends = [*start[1:].tolist(), len(b)][: len(texts)]
+    assert [bytes(b[s:e]) for s, e in zip(start.tolist(), ends, strict=True)] == [
+        t.casefold().encode() for t in texts]

@@ -61,11 +61,26 @@ _UNICODE_SPACE = re.compile("[\x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205
 _P = np.uint64(0x100000001B3)  # odd: a bijection mod 2^64
 
 
-def _utf8(texts: Iterable[str]) -> tuple[np.ndarray, np.ndarray]:
-    """(bytes of the casefolded texts, concatenated (B,) uint8; start of each text (D,) int64)."""
-    encoded = [t.casefold().encode("utf-8", "surrogatepass") for t in texts]
-    sizes = np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded))
-    return np.frombuffer(b"".join(encoded), dtype=np.uint8), np.cumsum(sizes) - sizes
+_LOWER = np.arange(256, dtype=np.uint8)
+_LOWER[65:91] += 32  # ASCII casefolding is lowercasing
+
+
+def _utf8(texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(bytes of the casefolded texts, concatenated (B,) uint8; start of each text (D,) int64). The texts
+    are joined by NUL, casefolded and encoded in one call each (ASCII lowercased by a table), then the NULs
+    are dropped; texts holding a NUL themselves are casefolded one by one."""
+    joined = "\x00".join(texts)
+    if joined.count("\x00") != max(len(texts) - 1, 0):
+        encoded = [t.casefold().encode("utf-8", "surrogatepass") for t in texts]
+        sizes = np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded))
+        return np.frombuffer(b"".join(encoded), dtype=np.uint8), np.cumsum(sizes) - sizes
+    if joined.isascii():
+        b = _LOWER[np.frombuffer(joined.encode("ascii"), dtype=np.uint8)]
+    else:
+        b = np.frombuffer(joined.casefold().encode("utf-8", "surrogatepass"), dtype=np.uint8)
+    nul = np.flatnonzero(b == 0)
+    start = np.concatenate([[0], nul + 1]).astype(np.int64) - np.arange(len(texts))
+    return np.delete(b, nul), start if len(texts) else np.zeros(0, np.int64)
 
 
 def segment_hashes(b: np.ndarray, begin: np.ndarray, length: np.ndarray) -> np.ndarray:
