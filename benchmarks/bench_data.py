@@ -30,6 +30,7 @@ the --reps alternated rounds.
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
 import statistics
@@ -130,8 +131,15 @@ def corpus(workdir: Path, mb: int) -> Path:
     return path
 
 
+THREADS: int | None = None  # --threads: the rayon pool of every child (None: all cores)
+
+
 def child(script: str, *args: str) -> dict:
-    proc = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, check=False)
+    env = dict(os.environ)
+    if THREADS:
+        env.update({"RAYON_NUM_THREADS": str(THREADS), "RAYON_RS_NUM_CPUS": str(THREADS)})
+    proc = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, check=False,
+                          env=env)
     if proc.returncode != 0:
         raise RuntimeError(proc.stderr[-2000:])
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -167,9 +175,16 @@ def measure(path: Path, workdir: Path, reps: int) -> dict:
             "rounds": reps}
 
 
+def commit() -> str:
+    proc = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False,
+                          cwd=Path(__file__).parent)
+    return proc.stdout.strip() or "unknown"
+
+
 def main() -> None:
     import argparse
-    import os
+
+    global THREADS
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", default="10,100", help="MB of text, comma-separated (1000 = 1 GB: ~1 GB of disk)")
@@ -177,14 +192,17 @@ def main() -> None:
     p.add_argument("--workdir", type=Path, default=Path("/tmp/newllm_bench_data"))
     p.add_argument("--out", type=Path, default=RESULTS / "data_prep.csv")
     p.add_argument("--keep", action="store_true", help="keep the generated corpora and the cache")
+    p.add_argument("--threads", type=int, default=None, help="tokenizers' threads in every child (default: all)")
     args = p.parse_args()
+    THREADS = args.threads
     args.workdir.mkdir(parents=True, exist_ok=True)
     rows = []
     for mb in ints(args.sizes):
         t0 = time.perf_counter()
         row = measure(corpus(args.workdir, mb), args.workdir, args.reps)
         load1, load5, _ = os.getloadavg()
-        row.update({"load1": round(load1, 1), "load5": round(load5, 1),
+        row.update({"threads": THREADS or os.cpu_count(), "load1": round(load1, 1), "load5": round(load5, 1),
+                    "commit": commit(),
                     "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())})
         rows.append(row)
         print(json.dumps(row), f"({time.perf_counter() - t0:.0f} s)", flush=True)
