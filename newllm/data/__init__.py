@@ -166,10 +166,10 @@ def _finish(d: DictConfig, tokenizer: Tokenizer, splits: dict[str, Split], min_t
         splits = {k: Split(s.ids, torch.ones(1, dtype=torch.bool).expand(len(s.ids)), s.lengths, s.targets)
                   for k, s in splits.items()}
     _check_sizes(d, splits, min_tokens)
-    counts = {}
+    counts = {}  # count_nonzero, not sum: a bool sum makes an int64 copy of the whole mask (8 B a token)
     for name, s in splits.items():
         counts.update({keys.data_split(name, "tokens"): len(s.ids), keys.data_split(name, "documents"): len(s.lengths),
-                       keys.data_split(name, "loss_tokens"): int(s.mask.sum())})
+                       keys.data_split(name, "loss_tokens"): int(s.mask.count_nonzero())})
     info = {keys.DATA_NAME: str(d.name), **counts, keys.DATA_VAL_PROTOCOL: str(d.val_protocol),
             keys.DATA_TEST_FRACTION: d.test_fraction, keys.DATA_SPLIT_SEED: d.split_seed,
             keys.DATA_FINGERPRINT: fingerprint(splits), keys.DATA_VOCAB_SIZE: tokenizer.get_vocab_size(),

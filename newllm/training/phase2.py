@@ -192,7 +192,7 @@ class Windows:
         eval_len = eval_length(model, cfg)
         key = "training.phase2.eval_seq_len" if cfg.eval_seq_len else "training.phase2.seq_len"
         val = [t.to(device) for t in make_windows(val_ids, val_mask, eval_len, "validation", val_targets, key)]
-        if int(val[2].sum()) == 0:
+        if not bool(val[2].any()):  # not sum(): that makes an int64 copy of the windows' mask
             raise DataError("the validation windows hold no tokens to predict (loss mask all false); "
                             "use data.loss_on=all or more validation data")
         test_ids = getattr(data, "test_ids", None)
