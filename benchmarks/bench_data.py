@@ -17,7 +17,7 @@ of it, paragraphs whole. For each size, in fresh child processes, alternated --r
   timed); the documents are read as the trainer and the encoder ask for them, from the same file index
   (os.pread + decode: a few % of its time, which any reader of the file pays). A reference that held
   every document as a Python string first was slower, and more so the bigger the text (CPU +20 % at
-  100 MB, x2.6 at 1 GB at 21285e5), which flattered the ratio;
+  100 MB, x2.6 at 1 GB at 3e6facb), which flattered the ratio;
 - cached: `load_data` again in a new process (the cache now full): its time, and `read_kb`, the bytes it
   read through read(2) (/proc/self/io rchar, minus the same count after imports): the memory-mapped
   streams come in by page faults, not read(2), so this counts everything else it read -- the corpus is
