@@ -96,11 +96,12 @@ class PositionLoss:
 
     def result(self) -> tuple[dict[str, float], dict[str, int]]:
         """({bucket: mean loss (NaN when no target there)}, {bucket: token count}): one read of the device."""
-        total = torch.zeros(2, len(self.labels), dtype=torch.float64)
+        parts = []  # summed where they live, so the device is read once (tolist), not once per part
         if self.position_sums is not None:
-            total = total + (self.position_sums @ self.buckets.to(self.position_sums.device)).cpu()
+            parts.append(self.position_sums @ self.buckets.to(self.position_sums.device))
         if self.bucket_sums is not None:
-            total = total + self.bucket_sums.cpu()
+            parts.append(self.bucket_sums)
+        total = sum(parts[1:], parts[0]) if parts else torch.zeros(2, len(self.labels), dtype=torch.float64)
         sums, counts = total.tolist()
         return ({k: s / n if n else math.nan for k, s, n in zip(self.labels, sums, counts, strict=True)},
                 {k: int(n) for k, n in zip(self.labels, counts, strict=True)})
