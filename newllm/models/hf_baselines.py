@@ -30,7 +30,6 @@ from typing import Any
 import torch
 import transformers
 from torch import nn
-from transformers.models.xlstm.modeling_xlstm import xLSTMCache
 
 from newllm.errors import ConfigError, GenerationError
 from newllm.models.sampling import check_request, draw_device, sample_token
@@ -310,6 +309,8 @@ class HFLM(nn.Module):
         unrounded widths: where the two differ (context_dim x 0.5 not a multiple of 64 at the default factors)
         stepping the cache fails with "matC_old has wrong shape". There the same cache object gets its zeros at
         the layers' shapes; nothing else of it changes."""
+        from transformers.models.xlstm.modeling_xlstm import xLSTMCache  # here: importing it costs seconds
+
         cfg = self.config
         cache = xLSTMCache(cfg, batch, dtype=dtype, device=device)
         qk, v = _xlstm_head_dims(cfg)

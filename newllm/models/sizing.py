@@ -35,7 +35,6 @@ from omegaconf import DictConfig, open_dict
 from newllm.config import register_configs, validate
 from newllm.errors import ConfigError, NewllmError, exit_one_line
 from newllm.models import SIZING_KEYS, build_model, count_parameters
-from newllm.models.hf_baselines import default_hidden, width_step
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
 TOLERANCE = 0.02  # a budget is met when the core count is within 2 % of it
@@ -57,6 +56,8 @@ def _hidden_is_free(model_cfg: DictConfig) -> bool:
     """The FFN width can be set on its own: the gated context LM, the transformer, and llama, rwkv and
     recurrent_gemma (GRU, mamba, mamba2, xlstm: none; residual updater: fixed at context_dim + embed_dim)."""
     if "family" in model_cfg:
+        from newllm.models.hf_baselines import default_hidden  # only transformers models: it imports transformers
+
         return default_hidden(model_cfg.family, 1) is not None
     return "heads" in model_cfg or ("architecture" in model_cfg and not _is_residual(model_cfg))
 
@@ -64,6 +65,8 @@ def _hidden_is_free(model_cfg: DictConfig) -> bool:
 def width_step_of(model_cfg: DictConfig) -> int:
     """context_dim moves in steps of this: a transformers family's shapes, the transformer's heads, else 1."""
     if "family" in model_cfg:
+        from newllm.models.hf_baselines import width_step
+
         return width_step(model_cfg.family, model_cfg.heads, model_cfg.expand)
     return model_cfg.get("heads", 1) or 1
 
@@ -86,6 +89,8 @@ def params_hidden(model_cfg: DictConfig) -> int:
     if model_cfg.get("hidden_dim") is not None:
         return int(model_cfg.hidden_dim)
     if "family" in model_cfg:
+        from newllm.models.hf_baselines import default_hidden
+
         return default_hidden(model_cfg.family, model_cfg.context_dim) or model_cfg.context_dim
     return 4 * model_cfg.context_dim if "heads" in model_cfg else model_cfg.context_dim
 
