@@ -153,7 +153,7 @@ CHOICES = [
     ("training.phase2.solver=newton", "Invalid value 'newton', expected one of [sequential, jacobi]"),
     ("model.architecture=deep", "Invalid value 'deep', expected one of [sequential, layerwise]"),
     ("data.name=wikipedia", "Invalid value 'wikipedia', expected one of [chatterbot, ultrachat, text, repetition, "
-                            "recall]"),
+                            "recall, hf]"),
     ("training.phase1.init=magic", "Invalid value 'magic', expected one of [sequential, zeros, chunked, burn_in]"),
 ]
 
