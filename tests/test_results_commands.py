@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.conftest import CLI_ENV, REPO, run_in_process
 
@@ -61,9 +62,16 @@ def test_the_parser_finds_indented_commands_only():
 
 
 def _preset_text(args: list[str]) -> str:
-    """The sweep presets a command names (+sweep=x or +sweep=[x,y]), concatenated."""
-    names = [n for a in args if a.startswith("+sweep=") for n in a.removeprefix("+sweep=").strip("[]").split(",")]
-    return "".join((REPO / "sweeps" / f"{n}.yaml").read_text() for n in names)
+    """The sweep presets a command names (+sweep=x or +sweep=[x,y]) and the presets their defaults list,
+    concatenated (compare_models_sota is compare_models plus studies)."""
+    todo = [n for a in args if a.startswith("+sweep=") for n in a.removeprefix("+sweep=").strip("[]").split(",")]
+    texts = []
+    while todo:
+        path = REPO / "sweeps" / f"{todo.pop()}.yaml"
+        if path.is_file():
+            texts.append(path.read_text())
+            todo += [d for d in (yaml.safe_load(texts[-1]) or {}).get("defaults", []) if isinstance(d, str)]
+    return "".join(texts)
 
 
 def _first_value(arg: str) -> str:
