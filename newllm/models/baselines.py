@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from newllm.errors import ConfigError, GenerationError
-from newllm.models.sampling import check_request, draw_device, sample_token
+from newllm.models.sampling import check_request, sample_tokens
 from newllm.models.weights import init_normal_
 
 
@@ -62,14 +62,13 @@ class GRULM(nn.Module):
         check_request(prompt, top_k)
         device = self.head.weight.device
         out, h = self.rnn(self.embed_norm(self.embedding(prompt.to(device)[None])))
-        logits, tokens, draw = self.head(out[0, -1]), [], draw_device(generator, device)
-        for i in range(n):
-            tok = sample_token(logits, max(temperature, 1e-6), top_k or 0, generator, draw)
-            tokens.append(tok)
-            if i + 1 < n:
-                out, h = self.rnn(self.embed_norm(self.embedding(torch.tensor([[tok]], device=device))), h)
-                logits = self.head(out[0, -1])
-        return torch.tensor(tokens, dtype=torch.long)
+
+        def step(tok: int) -> torch.Tensor:
+            nonlocal h
+            out, h = self.rnn(self.embed_norm(self.embedding(torch.tensor([[tok]], device=device))), h)
+            return self.head(out[0, -1])
+
+        return sample_tokens(self.head(out[0, -1]), n, step, temperature, top_k, generator)
 
 
 class TransformerLM(nn.Module):
@@ -165,13 +164,9 @@ class TransformerLM(nn.Module):
         total = prompt.numel() + n
         if total > self.max_len:
             raise GenerationError(f"generate: need 1 <= prompt + n = {total} <= model.max_len={self.max_len}")
-        cache = self.new_cache(1, total)
+        cache, device = self.new_cache(1, total), self.head.weight.device
         for t, tok in enumerate(prompt.tolist()):
-            logits = self.step(torch.tensor([tok], device=self.head.weight.device), t, cache)
-        out, draw = [], draw_device(generator, logits.device)
-        for t in range(prompt.numel(), total):
-            tok = sample_token(logits[0], max(temperature, 1e-6), top_k or 0, generator, draw)
-            out.append(tok)
-            if t + 1 < total:
-                logits = self.step(torch.tensor([tok], device=logits.device), t, cache)
-        return torch.tensor(out, dtype=torch.long)
+            logits = self.step(torch.tensor([tok], device=device), t, cache)
+        position = iter(range(prompt.numel(), total))  # where each drawn token goes in the cache
+        return sample_tokens(logits[0], n, lambda tok: self.step(torch.tensor([tok], device=device), next(position),
+                                                                 cache)[0], temperature, top_k, generator)

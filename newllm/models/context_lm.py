@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from newllm.models.sampling import check_request, draw_device, sample_token
+from newllm.models.sampling import check_request, sample_tokens
 from newllm.models.scripted import gated_layerwise_loop, gated_layerwise_sample, gated_layerwise_trainable
 from newllm.models.updaters import relu_fnn
 from newllm.models.weights import init_normal_
@@ -180,13 +180,14 @@ class ContextLM(nn.Module):
         if self._scriptable():  # the whole loop, sampling included, without the interpreter
             return gated_layerwise_sample(self._token_inputs(), c, self._scripted_params(weights), self.head,
                                           n, temperature, top_k, generator)
-        out, draw = torch.empty(n, dtype=torch.long), draw_device(generator, c.device)
-        for i in range(n):
-            tok = sample_token(self.head(c)[0], temperature, top_k, generator, draw)
-            out[i] = tok
+
+        def step(tok: int) -> torch.Tensor:
+            nonlocal c
             x = self.embed(prompt.new_tensor([[tok]]))
             c = self._step(c, x[:, 0], [None if p is None else p[:, 0] for p in self._hoisted_inputs(x)], weights)
-        return out
+            return self.head(c)[0]
+
+        return sample_tokens(self.head(c)[0], n, step, temperature, top_k, generator)
 
     def _token_inputs(self) -> tuple:
         """What gated_layerwise_sample embeds one token with: the embedding and its LayerNorm, and per block the

@@ -32,7 +32,7 @@ import transformers
 from torch import nn
 
 from newllm.errors import ConfigError, GenerationError
-from newllm.models.sampling import check_request, draw_device, sample_token
+from newllm.models.sampling import check_request, sample_tokens
 
 
 @dataclass(frozen=True)
@@ -358,15 +358,10 @@ class HFLM(nn.Module):
         check_request(prompt, top_k)
         if self.max_len is not None and prompt.numel() + n > self.max_len:
             raise GenerationError(f"generate: need prompt + n = {prompt.numel() + n} <= model.max_len={self.max_len}")
-        temperature, top_k = max(temperature, 1e-6), min(top_k or 0, self.vocab_size)
-        dec = self.new_decoding()
-        logits = self.step(prompt.view(1, -1).to(self.head.weight.device), dec)
-        out, draw = torch.empty(n, dtype=torch.long), draw_device(generator, logits.device)
-        for i in range(n):
-            out[i] = sample_token(logits[0], temperature, top_k, generator, draw)
-            if i + 1 < n:
-                logits = self.step(out[i : i + 1].view(1, 1).to(logits.device), dec)
-        return out
+        dec, device = self.new_decoding(), self.head.weight.device
+        logits = self.step(prompt.view(1, -1).to(device), dec)
+        return sample_tokens(logits[0], n, lambda tok: self.step(torch.tensor([[tok]], device=device), dec)[0],
+                             temperature, top_k, generator)
 
 
 def float_tensors(x: Any, seen: set[int] | None = None) -> list[torch.Tensor]:

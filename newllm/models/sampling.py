@@ -8,6 +8,8 @@ so the TorchScript sampling loop (newllm/models/scripted.py) calls the same func
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from newllm.errors import GenerationError
@@ -30,6 +32,20 @@ def sample_token(logits: torch.Tensor, temperature: float, top_k: int, generator
     # right=True: the first index whose cdf exceeds u, so a token of probability 0 (a flat step) is never drawn;
     # the clamp covers u rounding up to cdf[-1] itself.
     return int(torch.searchsorted(cdf, u, right=True).clamp(max=logits.numel() - 1))
+
+
+def sample_tokens(logits: torch.Tensor, n: int, step: Callable[[int], torch.Tensor], temperature: float,
+                  top_k: int | None, generator: torch.Generator | None) -> torch.Tensor:
+    """The eager decode loop every generate shares: n tokens, the first drawn from `logits` (V,) after the prompt,
+    each next one from step(token just drawn), which advances the model's state and returns its logits (V,);
+    the last token is not stepped. temperature is clamped above 0, top_k to the vocabulary (None or 0: all)."""
+    temperature, top_k = max(temperature, 1e-6), min(top_k or 0, logits.numel())
+    out, draw = torch.empty(n, dtype=torch.long), draw_device(generator, logits.device)
+    for i in range(n):
+        out[i] = sample_token(logits, temperature, top_k, generator, draw)
+        if i + 1 < n:
+            logits = step(int(out[i]))
+    return out
 
 
 def draw_device(generator: torch.Generator | None, default: torch.device) -> torch.device:
