@@ -27,6 +27,7 @@ from tokenizers import Tokenizer
 
 from newllm.config import flatten
 from newllm.errors import CheckpointError, first_line
+from newllm.keys import PHASE1
 from newllm.runtime.fileio import save_checkpoint
 
 FORMAT = "newllm-checkpoint"
@@ -148,7 +149,7 @@ def load_phase1(source: str | Path, model_cfg: dict, tokenizer: Tokenizer) -> di
     if not path.is_file():
         raise CheckpointError(f"training.phase1.from_run={str(source)!r}: no Phase-1 checkpoint at {path}")
     state = load(path)
-    if state.get("kind") != "phase1":
+    if state.get("kind") != PHASE1:  # what run.py saves the Phase-1 checkpoint as
         raise CheckpointError(f"training.phase1.from_run={str(source)!r}: {path} holds a {state.get('kind')!r} "
                               f"checkpoint; point it at a run dir or its {PHASE1_FILE}")
     theirs, ours = flatten(state["config"]["model"]), flatten(model_cfg)

@@ -287,7 +287,7 @@ def train_phase1(model: torch.nn.Module, train_ids: torch.Tensor, val_ids: torch
     val = held_out_ids(val_ids, cfg).to(device)
     test = held_out_ids(test_ids, cfg, "test").to(device) if test_ids is not None else None
     loop = Phase1Loop(model, ids, val, cfg, dist_reg_weight, diversity, state)
-    bar = Progress(range(loop.state.iteration + 1, cfg.max_iterations + 1), "phase1", progress)
+    bar = Progress(range(loop.state.iteration + 1, cfg.max_iterations + 1), keys.PHASE1, progress)
     for k in bar:
         row, last = loop.step(k)
         if on_iteration is not None:
