@@ -230,8 +230,23 @@ def test_a_width_the_familys_shapes_cannot_divide_is_one_line():
 def test_the_kernel_on_cpu_is_the_librarys_reference_path():
     cpu = torch.device("cpu")
     assert {f: tiny(f).kernel(cpu) for f in FAMILY_NAMES} == {
-        "llama": "sdpa", "mamba": "reference", "mamba2": "reference", "rwkv": "reference",
+        "llama": "sdpa", "mamba": "mambapy", "mamba2": "reference", "rwkv": "reference",
         "recurrent_gemma": "reference", "xlstm": "reference"}
+
+
+def test_mambas_parallel_scan_is_its_per_token_scan_within_float_tolerance():
+    """use_mambapy only trades speed: logits and every gradient equal the library's per-token loop's, on a
+    length that is not a power of two (mamba.py pads to one)."""
+    fast = tiny("mamba")
+    slow = tiny("mamba", options={"use_mambapy": False})
+    slow.load_state_dict(fast.state_dict())
+    assert (fast.kernel(torch.device("cpu")), slow.kernel(torch.device("cpu"))) == ("mambapy", "reference")
+    ids = torch.randint(0, V, (3, 23), generator=torch.Generator().manual_seed(1))
+    losses = [m(ids).logsumexp(-1).mean() for m in (fast, slow)]
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-5)
+    grads = [torch.autograd.grad(loss, list(m.parameters())) for loss, m in zip(losses, (fast, slow), strict=True)]
+    for (name, _), g, h in zip(fast.named_parameters(), *grads, strict=True):
+        torch.testing.assert_close(g, h, rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_built_from_conf_like_every_model():
@@ -246,7 +261,7 @@ def test_built_from_conf_like_every_model():
 def test_quick_run_end_to_end(family, tiny_run):
     run_dir, _ = tiny_run(f"hf_{family}", f"model={family}", "model.context_dim=16")
     m = json.loads((run_dir / "metrics.json").read_text())
-    assert m[keys.MODEL_KERNEL] == ("sdpa" if family == "llama" else "reference")
+    assert m[keys.MODEL_KERNEL] == {"llama": "sdpa", "mamba": "mambapy"}.get(family, "reference")
     assert m[keys.MODEL_STATE_FLOATS] == tiny(family, context_dim=16).state_floats(32)  # training=quick: T 32
     assert m[keys.P2_VAL_PPL] < m[keys.P2_UNIFORM_PPL]  # it learned something in its few steps
     assert keys.P1_ITERATIONS not in m  # no Phase 1: a baseline

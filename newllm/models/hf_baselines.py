@@ -15,7 +15,8 @@ RWKV's `rescale_every` (halving weights in place at inference, an fp16 overflow 
 weights on every train/eval switch, and newllm copies the best weights at evaluation time.
 
 Kernels: on CUDA the library calls mamba-ssm / causal-conv1d when they are importable (Mamba, Mamba2),
-RWKV's wkv kernel when it could load it, and otherwise its reference PyTorch path (always on CPU).
+RWKV's wkv kernel when it could load it, and otherwise its reference PyTorch path (always on CPU); for Mamba
+that path scans with mamba.py's parallel scan (`use_mambapy`, "mambapy"), the library's own fallback.
 `kernel` says which ran (model/kernel in metrics.json).
 """
 
@@ -79,9 +80,13 @@ def _llama(k: Knobs) -> transformers.PretrainedConfig:
 
 
 def _mamba(k: Knobs) -> transformers.PretrainedConfig:
+    # use_mambapy: where mamba-ssm's fused scan does not run (CPU; CUDA without it), the library scans with
+    # mamba.py's parallel (Blelloch) scan instead of its per-token loop, whose backward writes a full-size zero
+    # gradient per position (benchmarks/README.md): 4x faster on CPU here, the same outputs within float
+    # tolerance. The library reads it only when the `mambapy` package imports; a pinned dependency of newllm.
     return transformers.MambaConfig(
         **NO_SPECIAL_TOKENS, vocab_size=k.vocab_size, hidden_size=k.context_dim, num_hidden_layers=k.layers,
-        state_size=k.state_size, expand=k.expand, conv_kernel=k.conv_kernel, **k.options)
+        state_size=k.state_size, expand=k.expand, conv_kernel=k.conv_kernel, **{"use_mambapy": True, **k.options})
 
 
 def _mamba2(k: Knobs) -> transformers.PretrainedConfig:
@@ -286,7 +291,11 @@ class HFLM(nn.Module):
 
             return "wkv-cuda" if device.type == "cuda" and modeling_rwkv.rwkv_cuda_kernel is not None else "reference"
         found = [p for p in FAMILIES[self.family].kernel_packages if importlib.util.find_spec(p) is not None]
-        return "+".join(found) if device.type == "cuda" and found else "reference"
+        if device.type == "cuda" and found:
+            return "+".join(found)
+        if getattr(self.config, "use_mambapy", False) and importlib.util.find_spec("mambapy") is not None:
+            return "mambapy"  # the library's parallel-scan fallback (_mamba)
+        return "reference"
 
     # ------------------------------------------------------------------ generation with the library's cache
     def new_decoding(self, batch: int = 1) -> Decoding:
