@@ -131,12 +131,18 @@ def analysis_scaling_plot(runs, y, fit):
 
 
 def cmd_compare(args: argparse.Namespace) -> None:
-    from newllm.analysis.compare import compare_models
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from newllm.analysis.compare import compare_models, plot_compare
 
     table = compare_models(args.root, reference=args.reference)
     print(f"compare_models below {args.root}: test ppl over seeds (mean, 95 % t-interval), paired by seed "
           f"against {args.reference}; wrote {Path(args.root) / 'compare_models.csv'}")
     _print_table(table)
+    figure = Path(args.root) / "analysis" / "compare_models.png"
+    analysis.save_figure(plot_compare(table), figure)
+    print(f"wrote {figure} (test ppl against state size and training FLOPs)")
 
 
 def parser() -> argparse.ArgumentParser:

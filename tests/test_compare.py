@@ -129,6 +129,7 @@ def test_compare_models_quick_end_to_end(compare_outputs):
     assert {r["label"] for r in reruns} == MODELS and all(r["seeds"] == [1, 2] for r in reruns)
     proc = run_in_process(["compare", str(compare_outputs)], cwd=compare_outputs, module="newllm.analyze")
     assert "test_ppl_minus_layerwise" in proc.stdout
+    assert (compare_outputs / "analysis/compare_models.png").stat().st_size > 0 and "compare_models.png" in proc.stdout
     table = pd.read_csv(compare_outputs / "compare_models.csv")
     assert list(table.model) == ["layerwise", "gru", "sequential", "transformer"]  # reference first
     assert (table.seeds == 2).all() and (table.stopped_plateau + table.stopped_cap == 2).all()

@@ -11,14 +11,13 @@ import transformers
 from hydra import compose, initialize_config_dir
 
 from newllm import keys
-from newllm.analysis.instruments import recall_frontier
 from newllm.analysis.runs import generate_text
 from newllm.errors import ConfigError, GenerationError
 from newllm.models import build_model, count_parameters
 from newllm.models.hf_baselines import FAMILIES, HFLM, float_tensors
 from newllm.models.sampling import sample_token
 from newllm.models.sizing import compose_model, params_of, solve_core_params, solve_state_floats, state_of
-from tests.conftest import REPO, run_cli, run_in_process
+from tests.conftest import REPO
 
 FAMILY_NAMES = sorted(FAMILIES)
 V = 50
@@ -284,18 +283,3 @@ def test_compare_models_sota_has_a_study_per_family_and_each_reaches_the_budget(
         for name, study in studies.items():
             model_cfg = compose("config", [f"+sweep={preset}", *study.overrides]).model
             assert abs(params_of(solve_core_params(model_cfg, budget)) - budget) <= 0.02 * budget, name
-
-
-@pytest.mark.slow
-def test_recall_capacity_state_quick_draws_the_frontier(tmp_path):
-    """8 tiny mqar runs (4 models x 2 widths) and `analyze recall`: a state size per run, the frontier plot."""
-    out = tmp_path / "out"
-    run_cli(["-m", "+sweep=recall_capacity_state_quick", f"paths.output_root={out}",
-             f"hydra.sweep.dir={out}/recall"], cwd=tmp_path)
-    table = recall_frontier(out / "recall").set_index(["choices/model", "state_floats"])
-    # T = 32 (data.seq_len): layerwise C, GRU 2 C, transformer 2 x 2 x 32 x C, mamba 2 x 2C x (16 + 4)
-    assert sorted(table.index) == sorted((m, k * c) for c in (16, 32) for m, k in
-                                         (("layerwise", 1), ("gru", 2), ("transformer", 128), ("mamba", 80)))
-    assert table["accuracy"].between(0, 1).all() and (table["n"] == 1).all()
-    proc = run_in_process(["recall", str(out / "recall")], cwd=tmp_path, module="newllm.analyze")
-    assert "recall_vs_state.png" in proc.stdout and (out / "recall/analysis/recall_vs_state.png").exists()

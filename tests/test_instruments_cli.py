@@ -1,5 +1,5 @@
-"""The long-context presets (recall_capacity_quick, data_scaling_quick) end to end through the real CLI, and
-the analyze subcommands on them."""
+"""The long-context presets (recall_capacity_quick, data_scaling_quick, recall_capacity_state_quick) end to end
+through the real CLI, the analyze subcommands on them, and notebook 04 on their folders."""
 
 import json
 import shutil
@@ -7,7 +7,7 @@ import shutil
 import pytest
 
 from newllm import keys
-from newllm.analysis.instruments import position_table, recall_table, scaling_fit
+from newllm.analysis.instruments import position_table, recall_frontier, recall_table, scaling_fit
 from newllm.errors import ScalingError
 from tests.conftest import run_cli, run_in_process
 
@@ -21,6 +21,8 @@ def sweeps(tmp_path_factory):
     run_cli(["-m", "+sweep=recall_capacity_quick", f"paths.output_root={out}",
              f"hydra.sweep.dir={out}/recall"], cwd=tmp)
     run_cli(["-m", "+sweep=data_scaling_quick", f"paths.output_root={out}", f"hydra.sweep.dir={out}/scaling"],
+            cwd=tmp)
+    run_cli(["-m", "+sweep=recall_capacity_state_quick", f"paths.output_root={out}", f"hydra.sweep.dir={out}/state"],
             cwd=tmp)
     return tmp, out
 
@@ -38,6 +40,19 @@ def test_recall_capacity_quick_and_analyze_recall(sweeps):
     assert list(positions.columns[-2:]) == ["9-16", "17-32"]
     proc = run_in_process(["positions", str(out / "recall")], cwd=tmp, module="newllm.analyze")
     assert (out / "recall/analysis/loss_by_position.png").exists()
+
+
+def test_recall_capacity_state_quick_draws_the_frontier(sweeps):
+    """8 tiny mqar runs (4 models x 2 widths) and `analyze recall`: a state size per run, the frontier plot."""
+    tmp, out = sweeps
+    table = recall_frontier(out / "state").set_index(["choices/model", "state_floats"])
+    # T = 32 (data.seq_len): layerwise C, GRU 2 C, transformer 2 x 2 x 32 x C, mamba 2 x 2C x (16 + 4)
+    assert sorted(table.index) == sorted((m, k * c) for c in (16, 32) for m, k in
+                                         (("layerwise", 1), ("gru", 2), ("transformer", 128), ("mamba", 80)))
+    assert table["accuracy"].between(0, 1).all() and (table["n"] == 1).all()
+    assert (table["chance"] == 1 / 23).all()  # recall_task: vocabulary 48, 23 value ids
+    proc = run_in_process(["recall", str(out / "state")], cwd=tmp, module="newllm.analyze")
+    assert "recall_vs_state.png" in proc.stdout and (out / "state/analysis/recall_vs_state.png").exists()
 
 
 def test_data_scaling_quick_and_analyze_scaling(sweeps):
@@ -81,12 +96,17 @@ def test_notebook_04_executes_on_the_quick_sweeps(sweeps, monkeypatch):
     _, out = sweeps
     monkeypatch.setenv("NEWLLM_RECALL_SWEEP", str(out / "recall"))
     monkeypatch.setenv("NEWLLM_SCALING_SWEEP", str(out / "scaling"))
+    monkeypatch.setenv("NEWLLM_STATE_SWEEP", str(out / "state"))
+    monkeypatch.delenv("NEWLLM_COMPARE", raising=False)  # the comparison section: notebooks 02's test and test_compare
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     nb = nbformat.read(REPO / "notebooks/04_long_context_and_memory.ipynb", as_version=4)
     NotebookClient(nb, kernel_name="python3", timeout=180,
                    resources={"metadata": {"path": str(REPO / "notebooks")}}).execute()
     figures = sum("image/png" in o.get("data", {}) for c in nb.cells for o in c.get("outputs", []))
-    assert figures >= 3
+    assert figures >= 4  # positions, recall vs pairs, scaling, recall vs state
     text = "".join(o.get("text", "") for c in nb.cells for o in c.get("outputs", []))
     assert "with offset: no offset fit" in text and "curve downward" in text and "10 runs" in text
+    assert "set COMPARE to a compare_models(_sota) sweep folder" in text
+    frontier = "".join(str(o.get("data", {}).get("text/plain", "")) for c in nb.cells for o in c.get("outputs", []))
+    assert "state_floats" in frontier and "mamba" in frontier

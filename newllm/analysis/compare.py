@@ -98,3 +98,23 @@ def compare_models(root: str | Path, reference: str = REFERENCE) -> pd.DataFrame
     table = table[["model", *tuned, *(c for c in table.columns if c != "model" and c not in tuned)]]
     atomic_write(Path(root) / "compare_models.csv", lambda tmp: table.to_csv(tmp, index=False))
     return table
+
+
+def plot_compare(table: pd.DataFrame):
+    """Test perplexity (mean, 95 % t-interval over seeds) of each model in a compare_models table against
+    the state it carries per sequence and against its training FLOPs (log x): where each family sits on
+    the two costs the field compares at, beside the matched core parameters every row shares."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
+    for ax, (x, label) in zip(axes, [("state_floats", f"state per sequence ({keys.MODEL_STATE_FLOATS})"),
+                                     ("train_flops/mean", "training FLOPs (Phase 1 + Phase 2)")], strict=True):
+        for _, row in table.iterrows():
+            ax.errorbar(row[x], row["test_ppl/mean"], yerr=row["test_ppl/ci95"], fmt="o", capsize=3)
+            ax.annotate(str(row["model"]), (row[x], row["test_ppl/mean"]), fontsize=7,
+                        xytext=(4, 4), textcoords="offset points")
+        ax.set_xscale("log")
+        ax.set_xlabel(label)
+    axes[0].set_ylabel("test perplexity (seeds: mean, 95 % CI)")
+    fig.tight_layout()
+    return fig
