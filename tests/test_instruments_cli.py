@@ -51,6 +51,7 @@ def test_recall_capacity_state_quick_draws_the_frontier(sweeps):
                                          (("layerwise", 1), ("gru", 2), ("transformer", 128), ("mamba", 80)))
     assert table["accuracy"].between(0, 1).all() and (table["n"] == 1).all()
     assert (table["chance"] == 1 / 23).all()  # recall_task: vocabulary 48, 23 value ids
+    assert (table["chance_stored_value"] == 1 / 2).all()  # the quick twin's 2 pairs
     proc = run_in_process(["recall", str(out / "state")], cwd=tmp, module="newllm.analyze")
     assert "recall_vs_state.png" in proc.stdout and (out / "state/analysis/recall_vs_state.png").exists()
 

@@ -95,14 +95,18 @@ def plot_recall(table: pd.DataFrame):
 
 def recall_frontier(root: str | Path, split: str = "test") -> pd.DataFrame:
     """Accuracy per (model, state size, num_pairs), mean and n over seeds: recall against the floats a model
-    carries per sequence (model/state_floats), the axis of Zoology and Based (Arora et al. 2023, 2024)."""
+    carries per sequence (model/state_floats), the axis of Zoology and Based (Arora et al. 2023, 2024). Beside
+    it the two levels reached without recall: no access to the past (chance) and a uniform pick among the
+    sequence's stored values (chance_stored_value = 1/P), the plateau MQAR learners sit on first."""
     col = keys.recall_split(split, "accuracy")
     runs = _completed(root, col)
     if keys.MODEL_STATE_FLOATS not in runs:
         raise AnalysisError(f"no completed run under {root} reports {keys.MODEL_STATE_FLOATS}")
     runs["num_pairs"], runs["state_floats"] = runs[keys.DATA_NUM_PAIRS], runs[keys.MODEL_STATE_FLOATS]
     group = [k for k in ("choices/model",) if k in runs] + ["state_floats", "num_pairs"]
-    chance = {"chance": (keys.RECALL_CHANCE_NO_PAST, "first")} if keys.RECALL_CHANCE_NO_PAST in runs else {}
+    chance = {name: (key, "first") for name, key in (("chance", keys.RECALL_CHANCE_NO_PAST),
+                                                     ("chance_stored_value", keys.RECALL_CHANCE_STORED_VALUE))
+              if key in runs}
     table = runs.groupby(group, dropna=False).agg(accuracy=(col, "mean"), n=(col, "count"), **chance)
     return table.reset_index()
 
@@ -120,6 +124,8 @@ def plot_recall_frontier(table: pd.DataFrame):
             ax.plot(line["state_floats"], line["accuracy"], marker="o", label=str(name))
         if "chance" in part:
             ax.axhline(part["chance"].max(), color="k", ls="--", lw=1, label="chance (no past)")
+        if "chance_stored_value" in part:  # knows the answer is a stored value, not which: no association
+            ax.axhline(part["chance_stored_value"].max(), color="k", ls=":", lw=1, label="a stored value (1/P)")
         ax.set_xscale("log")
         ax.set_title(f"{n} key-value pairs", fontsize=9)
         ax.set_xlabel(f"state size ({keys.MODEL_STATE_FLOATS})")
