@@ -127,7 +127,7 @@ def plot_recall_frontier(table: pd.DataFrame):
         if "chance_stored_value" in part:  # knows the answer is a stored value, not which: no association
             ax.axhline(part["chance_stored_value"].max(), color="k", ls=":", lw=1, label="a stored value (1/P)")
         ax.set_xscale("log")
-        ax.set_title(f"{n} key-value pairs", fontsize=9)
+        ax.set_title(f"{n:g} key-value pairs", fontsize=9)
         ax.set_xlabel(f"state size ({keys.MODEL_STATE_FLOATS})")
     axes[0][0].set_ylabel("answer accuracy")
     axes[0][-1].legend(fontsize=7)
