@@ -25,6 +25,7 @@ from tests.conftest import CLI_ENV, REPO, run_in_process
 RESULTS = REPO / "docs" / "results.md"
 COMMAND = re.compile(r"^ {4}((?:[A-Z_]+=\S+ )*python .*)$")
 QUICK = ["training=quick", "training.phase2.max_steps=10", "training.phase2.eval_every=5", "progress=false"]
+RECALL_QUICK = ["data.num_train=200", "data.num_val=50", "data.num_test=50"]
 QUICK_CONTROLS = ["training=quick", "data.num_conversations=300", "tokenizer.vocab_size=512"]
 
 
@@ -93,6 +94,8 @@ def _newllm_run(args: list[str], tmp: Path) -> None:
             args = [_first_value(a) for a in args]
         if "rerun_best" in preset:
             tail.append("hydra.sweeper.rerun_best.seeds=[1]")
+        if "override /data: recall" in preset:  # generated sequences: a few hundred, not 20,000 per job
+            tail += RECALL_QUICK
     run_in_process([*args, *_unset(tail, args)], cwd=tmp)
 
 
