@@ -13,9 +13,10 @@ import torch
 from omegaconf import OmegaConf
 
 from newllm.config import DataConfig, DataSource, TokenizerConfig
-from newllm.data import DIALOGUE, DOCUMENT_SOURCES, SOURCES, _split, load_data
+from newllm.data import DIALOGUE, DOCUMENT_SOURCES, SOURCES, load_data
 from newllm.data.corpora import chatterbot_conversations
 from newllm.data.repetition import WORD_TOKEN
+from newllm.data.splits import split_indices
 from newllm.data.streams import read_split, render_chatml, spans_to_mask, write_split
 from newllm.data.tokenizer import IM_END, train_bpe
 from newllm.errors import DataError
@@ -55,7 +56,7 @@ def test_chatterbot_split_is_disjoint_seeded_and_streams_decode_to_the_documents
     d = data_cfg(num_conversations=120, split_seed=3)
     data = load_data(d, tok_cfg(), tmp_path)
     texts = [render_chatml(c)[0] for c in chatterbot_conversations(120)]
-    train_idx, val_idx, test_idx = _split(len(texts), 0.1, 0.1, seed=3)
+    train_idx, val_idx, test_idx = split_indices(len(texts), 0.1, 0.1, seed=3)
     assert len(val_idx) == len(test_idx) == 12 and not set(train_idx) & set(val_idx)
     assert not (set(train_idx) | set(val_idx)) & set(test_idx)
     dec = lambda ids: data.tokenizer.decode(ids.tolist(), skip_special_tokens=False)
@@ -316,7 +317,7 @@ def test_text_paragraphs_lines_and_files(tmp_path):
     by_par = load_data(data_cfg(**kw), tok, tmp_path)
     decode = lambda data: data.tokenizer.decode(data.train_ids.tolist(), skip_special_tokens=False)
     assert by_par.info["data/documents"] == 4 and by_par.info["data/split_by"] == "paragraph"  # auto: blank lines
-    order = _split(4, 0.1, 0.0, seed=0, hold_out_val=False)[0]
+    order = split_indices(4, 0.1, 0.0, seed=0, hold_out_val=False)[0]
     paragraphs = ["= Title =", "First paragraph,\n two lines.", "Second one.", "Another file."]
     assert decode(by_par) == "".join(paragraphs[i] + "\n\n" for i in order)
     by_file = load_data(data_cfg(**kw, split_by="file"), tok, tmp_path)
@@ -478,7 +479,7 @@ def test_pretrained_tokenizer_from_the_local_hub_cache_gains_our_special_tokens(
     assert data.info["data/tokenizer"] == "acme/tiny" and "data/tokenizer_cache_hit" not in data.info
     assert data.vocab_size == hub_tok.get_vocab_size() + 4  # <|pad|>, <|endoftext|>, <|im_start|>, <|im_end|>
     decoded = data.tokenizer.decode(data.train_ids.tolist(), skip_special_tokens=False)
-    assert decoded == "".join(texts[i] for i in _split(100, 0.1, 0.0, seed=0, hold_out_val=False)[0])
+    assert decoded == "".join(texts[i] for i in split_indices(100, 0.1, 0.0, seed=0, hold_out_val=False)[0])
 
 
 @pytest.mark.parametrize(("vocab", "stored", "read_as"), [(320, np.int16, torch.int16), (32768, np.int16, torch.int16),

@@ -7,8 +7,9 @@ import random
 import pytest
 import torch
 
-from newllm.data import _split, load_data
+from newllm.data import load_data
 from newllm.data.dedup import NGRAM, contamination, first_occurrences, normalise
+from newllm.data.splits import split_indices
 from tests.test_data import data_cfg, tok_cfg
 
 
@@ -82,7 +83,7 @@ def test_text_duplicates_are_removed_before_the_split_and_counted(tmp_path):
 
     kept = load_data(data_cfg(**{**d, "dedup": False}), tok_cfg(), tmp_path)
     assert (kept.info["data/documents"], kept.info["data/duplicates_removed"]) == (55, 0)
-    train, val, test = _split(55, 0.2, 0.2, seed=0)
+    train, val, test = split_indices(55, 0.2, 0.2, seed=0)
     twin = dict(zip(range(40, 55), range(15), strict=True)) | dict(zip(range(15), range(40, 55), strict=True))
     for name, held in (("val", val), ("test", test)):
         want = sum(twin.get(i, -1) in set(train) for i in held) / len(held)

@@ -33,7 +33,6 @@ from newllm.data.hf import hf_documents
 from newllm.data.prepare import Documents, file_identity, prepare_documents
 from newllm.data.repetition import RepetitionStage
 from newllm.data.splits import Split, fingerprint, held_out_count
-from newllm.data.splits import split_indices as _split  # noqa: F401 -- the tests' name for the seeded split
 from newllm.data.streams import render_chatml
 from newllm.data.textfiles import index_text_files
 from newllm.data.tokenizer import check_vocab_size, load_or_train, load_pretrained

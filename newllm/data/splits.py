@@ -86,7 +86,7 @@ def assign(n: int, given: list[str] | None, d: DictConfig) -> tuple[list[int], l
     held = []
     for ours, keep, part in (("val", by_conversation, cut[1]), ("test", d.test_fraction > 0, cut[2])):
         docs = own[ours] if keep else []
-        random.Random(d.split_seed).shuffle(docs)  # a seeded order, as _split gives: caps keep a random sample
+        random.Random(d.split_seed).shuffle(docs)  # a seeded order, as split_indices gives: caps keep a random sample
         held.append(docs + [train[i] for i in part])
     return [train[i] for i in cut[0]], held[0], held[1]
 
