@@ -86,7 +86,7 @@ t0 = time.perf_counter(); c0 = time.process_time()
 tokenizer = train_bpe((files[i] for i in order["train"]), tok.vocab_size, tok.min_frequency)
 tokens = 0
 for k, idx in order.items():
-    for batch in _batches(files, idx)():
+    for batch in _batches(files, idx):
         for e in tokenizer.encode_batch_fast([files[i] for i in batch], add_special_tokens=False):
             tokens += len(np.asarray(e.ids, dtype=np.int16))
 print(json.dumps({"seconds": time.perf_counter() - t0, "cpu_s": time.process_time() - c0, "tokens": tokens}))

@@ -15,7 +15,7 @@ tokenizer's offsets -- never by matching decoded text. Text without spans is enc
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -69,19 +69,17 @@ def id_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.int32)
 
 
-def _batches(docs: Sequence[str], order: Sequence[int]) -> Callable:
-    """Yield lists of document indices of about BATCH_BYTES of text (at most BATCH_DOCUMENTS), in order."""
-    def gen():
-        batch, size = [], 0
-        for i in order:
-            batch.append(i)
-            size += len(docs[i]) if not hasattr(docs, "nbytes") else docs.nbytes(i)
-            if size >= BATCH_BYTES or len(batch) >= BATCH_DOCUMENTS:
-                yield batch
-                batch, size = [], 0
-        if batch:
+def _batches(docs: Sequence[str], order: Sequence[int]) -> Iterator[list[int]]:
+    """Lists of document indices of about BATCH_BYTES of text (at most BATCH_DOCUMENTS), in order."""
+    batch, size = [], 0
+    for i in order:
+        batch.append(i)
+        size += len(docs[i]) if not hasattr(docs, "nbytes") else docs.nbytes(i)
+        if size >= BATCH_BYTES or len(batch) >= BATCH_DOCUMENTS:
             yield batch
-    return gen
+            batch, size = [], 0
+    if batch:
+        yield batch
 
 
 def _encode(tokenizer: Tokenizer, texts: list[str], spans: list[Spans] | None, dtype: np.dtype
@@ -108,7 +106,7 @@ def write_split(folder: Path, name: str, tokenizer: Tokenizer, docs: Sequence[st
     with ExitStack() as files:
         ids_f = files.enter_context((folder / f"{name}.ids").open("wb"))
         mask_f = files.enter_context((folder / f"{name}.mask").open("wb")) if spans is not None else None
-        for batch in _batches(docs, order)():
+        for batch in _batches(docs, order):
             texts = [docs[i] for i in batch]
             encoded = _encode(tokenizer, texts, [spans[i] for i in batch] if spans is not None else None, dtype)
             for k, (i, (ids, mask)) in enumerate(zip(batch, encoded, strict=True)):
