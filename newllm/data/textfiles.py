@@ -124,7 +124,8 @@ class TextFiles:
 
 
 def index_text_files(paths: list[Path], unit: str, limit: int | None, separators: dict[str, str]) -> TextFiles:
-    """Index every document of the files (at most `limit`), checking UTF-8 and emptiness as it goes."""
+    """Index every document of the files (at most `limit`), refusing a file with no text as it goes (UTF-8 is
+    checked when a document is read: TextFiles.__getitem__)."""
     unit = resolve_unit(paths, unit)
     # compact arrays, not lists of Python ints: 20 bytes per document however many there are
     files, offsets, lengths, handles = array("i"), array("q"), array("q"), []
