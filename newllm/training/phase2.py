@@ -333,10 +333,8 @@ class Phase2Loop:
         # train_* of the same evaluation as the kept weights and val_*; the last one's under last_epoch_*
         best_row, last = st.history[stop.best_evaluation - 1], st.history[-1]
         return {
-            **{keys.p2_split("val", k): best[k] for k in ("loss", "ppl", "acc", "tokens")},
+            **{keys.p2_split("val", k): best[k] for k in keys.P2_EVAL_MEASURES},  # what the test split reports
             keys.P2_BEST_EPOCH: stop.best_epoch, keys.P2_EVAL_SEQ_LEN: self.windows.eval_len,
-            **{keys.p2_split("val", k): best[k] for k in ("loss_by_position", "tokens_by_position",
-                                                           "documents_by_position")},
             keys.P2_BEST_STEP: stop.best_step, keys.P2_BEST_EVALUATION: stop.best_evaluation,
             keys.P2_TIME_TO_BEST_S: stop.time_to_best_s, keys.P2_STOP_REASON: reason,
             keys.P2_EPOCHS: last["epoch"], keys.P2_STEPS: st.step, keys.P2_EVALUATIONS: stop.evaluations,
