@@ -85,17 +85,17 @@ def _first_value(arg: str) -> str:
 
 def _newllm_run(args: list[str], tmp: Path) -> None:
     tail = [*QUICK, f"paths.output_root={tmp / 'outputs'}"]
+    preset = _preset_text(args)
+    if "override /data: recall" in preset:  # generated sequences: a few hundred, not 20,000 per job
+        tail += RECALL_QUICK
     if "-m" in args or "--multirun" in args:
         tail.append(f"hydra.sweep.dir={tmp / 'sweep'}")
-        preset = _preset_text(args)
         if "newllm_optuna" in preset:
             tail.append("hydra.sweeper.n_trials=1")
         else:
             args = [_first_value(a) for a in args]
         if "rerun_best" in preset:
             tail.append("hydra.sweeper.rerun_best.seeds=[1]")
-        if "override /data: recall" in preset:  # generated sequences: a few hundred, not 20,000 per job
-            tail += RECALL_QUICK
     run_in_process([*args, *_unset(tail, args)], cwd=tmp)
 
 
